@@ -1,0 +1,7 @@
+//! kiln: a static-graph compiler for training small neural networks on any GPU.
+//!
+//! This crate is the facade over the stage crates; see ARCHITECTURE.md for the map.
+
+pub use kiln_data as data;
+pub use kiln_ir as ir;
+pub use kiln_reference as reference;
