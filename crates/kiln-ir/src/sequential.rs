@@ -252,7 +252,7 @@ impl Sequential {
     }
 
     /// Appends a layer; its index is its position, as in PyTorch.
-    pub fn add(mut self, layer: impl Into<Layer>) -> Self {
+    pub fn append(mut self, layer: impl Into<Layer>) -> Self {
         self.layers.push(layer.into());
         self
     }
@@ -470,18 +470,18 @@ fn lower_layer(
 /// LeNet-5 exactly as in "Dive into Deep Learning" (PyTorch edition), section 7.6.
 pub fn lenet() -> Sequential {
     Sequential::new()
-        .add(Conv2d::new(1, 6, 5).padding(2))
-        .add(Layer::Sigmoid)
-        .add(Layer::avg_pool2d(2, 2))
-        .add(Conv2d::new(6, 16, 5))
-        .add(Layer::Sigmoid)
-        .add(Layer::avg_pool2d(2, 2))
-        .add(Layer::Flatten)
-        .add(Layer::linear(16 * 5 * 5, 120))
-        .add(Layer::Sigmoid)
-        .add(Layer::linear(120, 84))
-        .add(Layer::Sigmoid)
-        .add(Layer::linear(84, 10))
+        .append(Conv2d::new(1, 6, 5).padding(2))
+        .append(Layer::Sigmoid)
+        .append(Layer::avg_pool2d(2, 2))
+        .append(Conv2d::new(6, 16, 5))
+        .append(Layer::Sigmoid)
+        .append(Layer::avg_pool2d(2, 2))
+        .append(Layer::Flatten)
+        .append(Layer::linear(16 * 5 * 5, 120))
+        .append(Layer::Sigmoid)
+        .append(Layer::linear(120, 84))
+        .append(Layer::Sigmoid)
+        .append(Layer::linear(84, 10))
 }
 
 #[cfg(test)]
@@ -539,8 +539,8 @@ mod tests {
     #[test]
     fn pool_larger_than_input_names_the_layer() {
         let model = Sequential::new()
-            .add(Conv2d::new(1, 2, 3))
-            .add(Layer::avg_pool2d(4, 4));
+            .append(Conv2d::new(1, 2, 3))
+            .append(Layer::avg_pool2d(4, 4));
         let e = model.build("m", TensorType::f32([1, 1, 5, 5])).unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -551,7 +551,7 @@ mod tests {
 
     #[test]
     fn conv_with_empty_output_names_the_layer() {
-        let model = Sequential::new().add(Conv2d::new(1, 2, 7));
+        let model = Sequential::new().append(Conv2d::new(1, 2, 7));
         let e = model.build("m", TensorType::f32([1, 1, 5, 5])).unwrap_err();
         assert_eq!(e.index, 0);
         assert!(e.to_string().starts_with(
@@ -562,14 +562,14 @@ mod tests {
 
     #[test]
     fn linear_after_conv_suggests_flatten() {
-        let model = Sequential::new().add(Layer::linear(4, 2));
+        let model = Sequential::new().append(Layer::linear(4, 2));
         let e = model.build("m", TensorType::f32([1, 1, 2, 2])).unwrap_err();
         assert!(e.message.ends_with("add a Flatten before it"), "{e}");
     }
 
     #[test]
     fn huge_layers_are_refused_not_overflowed() {
-        let model = Sequential::new().add(Conv2d::new(1, usize::MAX, usize::MAX / 2));
+        let model = Sequential::new().append(Conv2d::new(1, usize::MAX, usize::MAX / 2));
         let e = model.build("m", TensorType::f32([1, 1, 5, 5])).unwrap_err();
         assert!(e.message.contains("too many elements"), "{e}");
     }

@@ -1,0 +1,137 @@
+//! The `lenet_fashion` example as a user runs it: flags, output, and errors.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The example binary that `cargo test` builds next to the test binaries.
+fn example() -> Command {
+    let mut dir = std::env::current_exe().unwrap();
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let exe = dir
+        .join("examples")
+        .join(format!("lenet_fashion{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        exe.exists(),
+        "{} is missing; `cargo test` builds it",
+        exe.display()
+    );
+    let mut cmd = Command::new(exe);
+    cmd.env_remove("FASHION_MNIST_DIR");
+    cmd
+}
+
+fn run(args: &[&str]) -> Output {
+    example().args(args).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+#[test]
+fn summary_flag_prints_the_layer_table() {
+    let o = run(&["--summary"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("2   AvgPool2d  [1, 6, 14, 14]           0\n"),
+        "{out}"
+    );
+    assert!(out.ends_with("total params: 61,706\n"), "{out}");
+}
+
+#[test]
+fn emit_ir_prints_text_that_parses_back() {
+    let o = run(&["--emit", "ir", "--batch-size", "96"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g = kiln::ir::parse(&stdout(&o)).unwrap();
+    assert_eq!(g.ty(g.output("output").unwrap()).shape, [96, 10]);
+    assert_eq!(g.param_count(), 61_706);
+}
+
+#[test]
+fn bad_flags_get_clap_errors() {
+    let o = run(&["--emit", "wgsl-typo"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("invalid value 'wgsl-typo' for '--emit <EMIT>'"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["--batch-size", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--batch-size"), "{}", stderr(&o));
+    let o = run(&["--frobnicate"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn missing_data_lists_where_it_looked() {
+    let dir = tempfile_dir("missing");
+    let o = run(&["--data", dir.join("nowhere").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("Fashion-MNIST not found. Looked in:"), "{err}");
+    assert!(err.contains("nowhere (--data): no such directory"), "{err}");
+    assert!(
+        err.contains("apt-get install dataset-fashion-mnist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn corrupt_data_names_the_file() {
+    let dir = tempfile_dir("corrupt");
+    for name in [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ] {
+        std::fs::write(dir.join(name), b"\0\0\x08\x03garbage").unwrap();
+    }
+    let o = run(&["--data", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "{}: truncated in the header",
+            dir.join("train-images-idx3-ubyte").display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn plain_run_says_training_is_not_built_yet() {
+    let Ok(data) = kiln::data::locate(None) else {
+        eprintln!("SKIPPED: no Fashion-MNIST installed");
+        return;
+    };
+    let o = run(&["--data", data.to_str().unwrap(), "--limit", "1000"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("1000 training and 10000 test images"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        stderr(&o).contains("training is not implemented yet"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+fn tempfile_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
