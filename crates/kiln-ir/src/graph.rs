@@ -252,6 +252,11 @@ impl Graph {
         Ok(())
     }
 
+    /// Removes every output (nodes stay); for passes that rebuild the result set.
+    pub fn clear_outputs(&mut self) {
+        self.outputs.clear();
+    }
+
     /// Builds a graph from parts without checking anything; for passes and the parser, which run
     /// [`crate::verify`] on the result.
     pub fn from_parts(name: String, nodes: Vec<Node>, outputs: Vec<GraphOutput>) -> Self {

@@ -7,13 +7,15 @@
 
 mod graph;
 mod op;
+mod passes;
 mod sequential;
 mod text;
 mod types;
 mod verify;
 
 pub use graph::{Graph, GraphError, GraphOutput, LayerRef, Node, NodeId};
-pub use op::{AttrValue, OP_NAMES, Op};
+pub use op::{AttrValue, Op, Scalar, op_names, without_axes};
+pub use passes::{eliminate_common_subexpressions, eliminate_dead_code};
 pub use sequential::{
     Conv2d, Layer, LayerSummary, Sequential, ShapeError, Summary, lenet, thousands,
 };

@@ -2,9 +2,40 @@
 //!
 //! Ops are kept primitive (a `Linear` layer is `matmul` + `bias_add`) so that autodiff and fusion
 //! see few, simple cases, yet named after what they do so the printed IR reads like the model.
-//! Each op's meaning is defined by the CPU reference executor (`kiln-reference`).
+//! The backward ops (`*_grad`) are what autodiff emits; they are ordinary ops with shapes, so a
+//! training step prints, parses and runs like any other graph. Each op's meaning is defined by
+//! the CPU reference executor (`kiln-reference`).
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
 
 use crate::types::{DType, ShapeDisplay, TensorType};
+
+/// A finite f32 attribute (learning rate, scale factor, fill value). Compared and hashed by bit
+/// pattern so ops can be keys (common-subexpression elimination); printed in Rust's shortest
+/// round-trip form so the text form is exact.
+#[derive(Clone, Copy, Debug)]
+pub struct Scalar(pub f32);
+
+impl PartialEq for Scalar {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+
+impl Eq for Scalar {}
+
+impl Hash for Scalar {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.to_bits().hash(state);
+    }
+}
+
+impl fmt::Display for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
 
 /// One IR operation with its compile-time attributes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -62,6 +93,63 @@ pub enum Op {
     },
     /// `u8 -> f32` scaled to `[0, 1]`: `x / 255`, as torchvision's `ToTensor`.
     ScaleU8,
+    /// A constant tensor of `shape` filled with `value`; takes no operands.
+    Full {
+        shape: Vec<usize>,
+        value: Scalar,
+    },
+    /// The inverse of a reduction: inserts `axes` (positions in `shape`) by repeating `x`.
+    Broadcast {
+        shape: Vec<usize>,
+        axes: Vec<usize>,
+    },
+    /// `x * factor`.
+    Scale {
+        factor: Scalar,
+    },
+    /// Elementwise `a + b` (same shapes); autodiff accumulates gradients with it.
+    Add,
+    /// Elementwise `a - b` (same shapes); the SGD update is `sub(p, scale(g, lr))`.
+    Sub,
+    /// `sigmoid_grad(y, dy) = dy * y * (1 - y)`, where `y` is the sigmoid's output.
+    SigmoidGrad,
+    /// `relu_grad(y, dy) = dy` where `y > 0`, else 0; `y` is the ReLU's output.
+    ReluGrad,
+    /// `tanh_grad(y, dy) = dy * (1 - y^2)`, where `y` is the tanh's output.
+    TanhGrad,
+    /// Gradient of `conv2d` with respect to its input: `(dy: f32[N,O,H',W'], w) -> f32[N,C,H,W]`.
+    /// `input_size` is `[H, W]`, which strides make ambiguous from `dy` alone.
+    Conv2dGradInput {
+        stride: [usize; 2],
+        padding: [usize; 2],
+        input_size: [usize; 2],
+    },
+    /// Gradient of `conv2d` with respect to its weight: `(x, dy) -> f32[O,C,KH,KW]`, summed
+    /// over the batch.
+    Conv2dGradWeight {
+        stride: [usize; 2],
+        padding: [usize; 2],
+        kernel: [usize; 2],
+    },
+    /// Gradient of `avg_pool2d`: `(dy) -> f32[N,C,H,W]`, each window's gradient spread evenly.
+    AvgPool2dGrad {
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        input_size: [usize; 2],
+    },
+    /// Gradient of `max_pool2d`: `(x, dy) -> f32[N,C,H,W]`; each window's gradient goes to the
+    /// element `max_pool2d` picked (the first maximum), accumulating where windows overlap.
+    MaxPool2dGrad {
+        kernel: [usize; 2],
+        stride: [usize; 2],
+    },
+    /// Gradient of `softmax_cross_entropy`: `(logits, labels, dloss: f32[N]) -> f32[N,C]`,
+    /// `(softmax(logits[n]) - onehot(labels[n])) * dloss[n]`.
+    SoftmaxCrossEntropyGrad,
+    /// Index of the first maximum of each row: `f32[N,C] -> u32[N]`.
+    Argmax,
+    /// Number of positions where two integer tensors agree: `-> u32[]`.
+    CountEqual,
 }
 
 /// An attribute value in the text form.
@@ -70,36 +158,58 @@ pub enum AttrValue {
     Int(usize),
     Bool(bool),
     Ints(Vec<usize>),
+    Float(Scalar),
 }
 
-impl std::fmt::Display for AttrValue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for AttrValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             AttrValue::Int(i) => write!(f, "{i}"),
             AttrValue::Bool(b) => write!(f, "{b}"),
             AttrValue::Ints(v) => write!(f, "{}", ShapeDisplay(v)),
+            AttrValue::Float(x) => write!(f, "{x}"),
         }
     }
 }
 
-/// Every op's text-form name, in the order ops are documented.
-pub const OP_NAMES: &[&str] = &[
-    "input",
-    "param",
-    "conv2d",
-    "bias_add",
-    "avg_pool2d",
-    "max_pool2d",
-    "sigmoid",
-    "relu",
-    "tanh",
-    "reshape",
-    "matmul",
-    "softmax_cross_entropy",
-    "reduce_sum",
-    "reduce_mean",
-    "scale_u8",
+/// Every op's text-form name with its attribute names, in the order ops are documented.
+const SIGNATURES: &[(&str, &[&str])] = &[
+    ("input", &[]),
+    ("param", &[]),
+    ("conv2d", &["stride", "padding"]),
+    ("bias_add", &["axis"]),
+    ("avg_pool2d", &["kernel", "stride"]),
+    ("max_pool2d", &["kernel", "stride"]),
+    ("sigmoid", &[]),
+    ("relu", &[]),
+    ("tanh", &[]),
+    ("reshape", &["shape"]),
+    ("matmul", &["transpose_a", "transpose_b"]),
+    ("softmax_cross_entropy", &[]),
+    ("reduce_sum", &["axes"]),
+    ("reduce_mean", &["axes"]),
+    ("scale_u8", &[]),
+    ("full", &["shape", "value"]),
+    ("broadcast", &["shape", "axes"]),
+    ("scale", &["factor"]),
+    ("add", &[]),
+    ("sub", &[]),
+    ("sigmoid_grad", &[]),
+    ("relu_grad", &[]),
+    ("tanh_grad", &[]),
+    ("conv2d_grad_input", &["stride", "padding", "input_size"]),
+    ("conv2d_grad_weight", &["stride", "padding", "kernel"]),
+    ("avg_pool2d_grad", &["kernel", "stride", "input_size"]),
+    ("max_pool2d_grad", &["kernel", "stride"]),
+    ("softmax_cross_entropy_grad", &[]),
+    ("argmax", &[]),
+    ("count_equal", &[]),
 ];
+
+/// Every op's text-form name.
+pub fn op_names() -> impl Iterator<Item = &'static str> {
+    SIGNATURES.iter().map(|(n, _)| *n)
+}
 
 impl Op {
     /// The op's name in the text form.
@@ -120,6 +230,21 @@ impl Op {
             Op::ReduceSum { .. } => "reduce_sum",
             Op::ReduceMean { .. } => "reduce_mean",
             Op::ScaleU8 => "scale_u8",
+            Op::Full { .. } => "full",
+            Op::Broadcast { .. } => "broadcast",
+            Op::Scale { .. } => "scale",
+            Op::Add => "add",
+            Op::Sub => "sub",
+            Op::SigmoidGrad => "sigmoid_grad",
+            Op::ReluGrad => "relu_grad",
+            Op::TanhGrad => "tanh_grad",
+            Op::Conv2dGradInput { .. } => "conv2d_grad_input",
+            Op::Conv2dGradWeight { .. } => "conv2d_grad_weight",
+            Op::AvgPool2dGrad { .. } => "avg_pool2d_grad",
+            Op::MaxPool2dGrad { .. } => "max_pool2d_grad",
+            Op::SoftmaxCrossEntropyGrad => "softmax_cross_entropy_grad",
+            Op::Argmax => "argmax",
+            Op::CountEqual => "count_equal",
         }
     }
 
@@ -131,11 +256,7 @@ impl Op {
     /// Number of operands the op takes.
     pub fn arity(&self) -> usize {
         match self {
-            Op::Input { .. } | Op::Param { .. } => 0,
-            Op::Conv2d { .. }
-            | Op::BiasAdd { .. }
-            | Op::MatMul { .. }
-            | Op::SoftmaxCrossEntropy => 2,
+            Op::Input { .. } | Op::Param { .. } | Op::Full { .. } => 0,
             Op::AvgPool2d { .. }
             | Op::MaxPool2d { .. }
             | Op::Sigmoid
@@ -144,22 +265,43 @@ impl Op {
             | Op::Reshape { .. }
             | Op::ReduceSum { .. }
             | Op::ReduceMean { .. }
-            | Op::ScaleU8 => 1,
+            | Op::ScaleU8
+            | Op::Broadcast { .. }
+            | Op::Scale { .. }
+            | Op::AvgPool2dGrad { .. }
+            | Op::Argmax => 1,
+            Op::Conv2d { .. }
+            | Op::BiasAdd { .. }
+            | Op::MatMul { .. }
+            | Op::SoftmaxCrossEntropy
+            | Op::Add
+            | Op::Sub
+            | Op::SigmoidGrad
+            | Op::ReluGrad
+            | Op::TanhGrad
+            | Op::Conv2dGradInput { .. }
+            | Op::Conv2dGradWeight { .. }
+            | Op::MaxPool2dGrad { .. }
+            | Op::CountEqual => 2,
+            Op::SoftmaxCrossEntropyGrad => 3,
         }
     }
 
     /// The op's attributes in text-form order (leaf names are not attributes).
     pub fn attrs(&self) -> Vec<(&'static str, AttrValue)> {
-        let pair = |v: [usize; 2]| AttrValue::Ints(v.to_vec());
+        let pair = |v: &[usize; 2]| AttrValue::Ints(v.to_vec());
+        let ints = |v: &Vec<usize>| AttrValue::Ints(v.clone());
         match self {
             Op::Conv2d { stride, padding } => {
-                vec![("stride", pair(*stride)), ("padding", pair(*padding))]
+                vec![("stride", pair(stride)), ("padding", pair(padding))]
             }
             Op::BiasAdd { axis } => vec![("axis", AttrValue::Int(*axis))],
-            Op::AvgPool2d { kernel, stride } | Op::MaxPool2d { kernel, stride } => {
-                vec![("kernel", pair(*kernel)), ("stride", pair(*stride))]
+            Op::AvgPool2d { kernel, stride }
+            | Op::MaxPool2d { kernel, stride }
+            | Op::MaxPool2dGrad { kernel, stride } => {
+                vec![("kernel", pair(kernel)), ("stride", pair(stride))]
             }
-            Op::Reshape { shape } => vec![("shape", AttrValue::Ints(shape.clone()))],
+            Op::Reshape { shape } => vec![("shape", ints(shape))],
             Op::MatMul {
                 transpose_a,
                 transpose_b,
@@ -167,28 +309,77 @@ impl Op {
                 ("transpose_a", AttrValue::Bool(*transpose_a)),
                 ("transpose_b", AttrValue::Bool(*transpose_b)),
             ],
-            Op::ReduceSum { axes } | Op::ReduceMean { axes } => {
-                vec![("axes", AttrValue::Ints(axes.clone()))]
+            Op::ReduceSum { axes } | Op::ReduceMean { axes } => vec![("axes", ints(axes))],
+            Op::Full { shape, value } => {
+                vec![("shape", ints(shape)), ("value", AttrValue::Float(*value))]
             }
+            Op::Broadcast { shape, axes } => vec![("shape", ints(shape)), ("axes", ints(axes))],
+            Op::Scale { factor } => vec![("factor", AttrValue::Float(*factor))],
+            Op::Conv2dGradInput {
+                stride,
+                padding,
+                input_size,
+            } => vec![
+                ("stride", pair(stride)),
+                ("padding", pair(padding)),
+                ("input_size", pair(input_size)),
+            ],
+            Op::Conv2dGradWeight {
+                stride,
+                padding,
+                kernel,
+            } => vec![
+                ("stride", pair(stride)),
+                ("padding", pair(padding)),
+                ("kernel", pair(kernel)),
+            ],
+            Op::AvgPool2dGrad {
+                kernel,
+                stride,
+                input_size,
+            } => vec![
+                ("kernel", pair(kernel)),
+                ("stride", pair(stride)),
+                ("input_size", pair(input_size)),
+            ],
             Op::Input { .. }
             | Op::Param { .. }
             | Op::Sigmoid
             | Op::Relu
             | Op::Tanh
             | Op::SoftmaxCrossEntropy
-            | Op::ScaleU8 => vec![],
+            | Op::ScaleU8
+            | Op::Add
+            | Op::Sub
+            | Op::SigmoidGrad
+            | Op::ReluGrad
+            | Op::TanhGrad
+            | Op::SoftmaxCrossEntropyGrad
+            | Op::Argmax
+            | Op::CountEqual => vec![],
         }
     }
 
     /// Builds a non-leaf op from its text-form name and attributes. Every attribute the op has
     /// must be given exactly once; the error says which one is missing, unknown or ill-typed.
     pub fn from_attrs(name: &str, attrs: &[(String, AttrValue)]) -> Result<Op, String> {
+        let Some((_, known)) = SIGNATURES.iter().find(|(n, _)| *n == name) else {
+            let names: Vec<&str> = op_names().collect();
+            return Err(format!(
+                "unknown op `{name}`; expected one of {}",
+                names.join(", ")
+            ));
+        };
         let mut a = Attrs {
             op: name,
+            known,
             given: attrs,
             used: vec![false; attrs.len()],
         };
         let op = match name {
+            "input" | "param" => {
+                return Err(format!("`{name}` takes a quoted name, not operands"));
+            }
             "conv2d" => Op::Conv2d {
                 stride: a.pair("stride")?,
                 padding: a.pair("padding")?,
@@ -222,15 +413,45 @@ impl Op {
                 axes: a.ints("axes")?,
             },
             "scale_u8" => Op::ScaleU8,
-            "input" | "param" => {
-                return Err(format!("`{name}` takes a quoted name, not operands"));
-            }
-            _ => {
-                return Err(format!(
-                    "unknown op `{name}`; expected one of {}",
-                    OP_NAMES.join(", ")
-                ));
-            }
+            "full" => Op::Full {
+                shape: a.ints("shape")?,
+                value: a.float("value")?,
+            },
+            "broadcast" => Op::Broadcast {
+                shape: a.ints("shape")?,
+                axes: a.ints("axes")?,
+            },
+            "scale" => Op::Scale {
+                factor: a.float("factor")?,
+            },
+            "add" => Op::Add,
+            "sub" => Op::Sub,
+            "sigmoid_grad" => Op::SigmoidGrad,
+            "relu_grad" => Op::ReluGrad,
+            "tanh_grad" => Op::TanhGrad,
+            "conv2d_grad_input" => Op::Conv2dGradInput {
+                stride: a.pair("stride")?,
+                padding: a.pair("padding")?,
+                input_size: a.pair("input_size")?,
+            },
+            "conv2d_grad_weight" => Op::Conv2dGradWeight {
+                stride: a.pair("stride")?,
+                padding: a.pair("padding")?,
+                kernel: a.pair("kernel")?,
+            },
+            "avg_pool2d_grad" => Op::AvgPool2dGrad {
+                kernel: a.pair("kernel")?,
+                stride: a.pair("stride")?,
+                input_size: a.pair("input_size")?,
+            },
+            "max_pool2d_grad" => Op::MaxPool2dGrad {
+                kernel: a.pair("kernel")?,
+                stride: a.pair("stride")?,
+            },
+            "softmax_cross_entropy_grad" => Op::SoftmaxCrossEntropyGrad,
+            "argmax" => Op::Argmax,
+            "count_equal" => Op::CountEqual,
+            _ => unreachable!("every name in SIGNATURES is matched above"),
         };
         a.finish()?;
         Ok(op)
@@ -357,23 +578,11 @@ impl Op {
             Op::ReduceSum { axes } | Op::ReduceMean { axes } => {
                 let x = operands[0];
                 expect_f32(x, "input")?;
-                if axes.windows(2).any(|w| w[0] >= w[1]) {
-                    return Err(format!(
-                        "axes {} must be strictly increasing",
-                        ShapeDisplay(axes)
-                    ));
-                }
-                if let Some(&bad) = axes.iter().find(|&&a| a >= x.rank()) {
-                    return Err(format!("axis {bad} is out of range for input {x}"));
-                }
+                check_axes(axes, x.rank(), x)?;
                 if matches!(self, Op::ReduceMean { .. }) && axes.iter().any(|&a| x.shape[a] == 0) {
                     return Err(format!("mean over an empty axis of {x}"));
                 }
-                let shape: Vec<usize> = (0..x.rank())
-                    .filter(|a| !axes.contains(a))
-                    .map(|a| x.shape[a])
-                    .collect();
-                Ok(TensorType::f32(shape))
+                Ok(TensorType::f32(without_axes(&x.shape, axes)))
             }
             Op::ScaleU8 => {
                 let x = operands[0];
@@ -382,7 +591,169 @@ impl Op {
                 }
                 Ok(TensorType::f32(x.shape.clone()))
             }
+            Op::Full { shape, value } => {
+                finite(*value, "value")?;
+                let ty = TensorType::f32(shape.clone());
+                if ty.checked_numel().is_none() {
+                    return Err(format!("type {ty} has too many elements"));
+                }
+                Ok(ty)
+            }
+            Op::Broadcast { shape, axes } => {
+                let x = operands[0];
+                expect_f32(x, "input")?;
+                let to = TensorType::f32(shape.clone());
+                check_axes(axes, shape.len(), &to)?;
+                if to.checked_numel().is_none() {
+                    return Err(format!("type {to} has too many elements"));
+                }
+                let kept = without_axes(shape, axes);
+                if x.shape != kept {
+                    return Err(format!(
+                        "input {x} must have shape {} to broadcast to {to} along axes {}",
+                        ShapeDisplay(&kept),
+                        ShapeDisplay(axes)
+                    ));
+                }
+                Ok(to)
+            }
+            Op::Scale { factor } => {
+                finite(*factor, "factor")?;
+                expect_f32(operands[0], "input")?;
+                Ok(operands[0].clone())
+            }
+            Op::Add | Op::Sub | Op::SigmoidGrad | Op::ReluGrad | Op::TanhGrad => {
+                let (a, b) = (operands[0], operands[1]);
+                expect_f32(a, "first operand")?;
+                expect_f32(b, "second operand")?;
+                if a.shape != b.shape {
+                    return Err(format!("operands differ in shape: {a} and {b}"));
+                }
+                Ok(a.clone())
+            }
+            Op::Conv2dGradInput {
+                stride,
+                padding,
+                input_size,
+            } => {
+                let (dy, w) = (operands[0], operands[1]);
+                let [n, _, _, _] = rank4(dy, "output gradient", "[N,O,H',W']")?;
+                let [_, c, _, _] = rank4(w, "weight", "[O,C,KH,KW]")?;
+                let x = TensorType::f32([n, c, input_size[0], input_size[1]]);
+                let conv = Op::Conv2d {
+                    stride: *stride,
+                    padding: *padding,
+                };
+                expect_forward(&conv, &[&x, w], dy)?;
+                Ok(x)
+            }
+            Op::Conv2dGradWeight {
+                stride,
+                padding,
+                kernel,
+            } => {
+                let (x, dy) = (operands[0], operands[1]);
+                let [_, c, _, _] = rank4(x, "input", "[N,C,H,W]")?;
+                let [_, o, _, _] = rank4(dy, "output gradient", "[N,O,H',W']")?;
+                let w = TensorType::f32([o, c, kernel[0], kernel[1]]);
+                let conv = Op::Conv2d {
+                    stride: *stride,
+                    padding: *padding,
+                };
+                expect_forward(&conv, &[x, &w], dy)?;
+                Ok(w)
+            }
+            Op::AvgPool2dGrad {
+                kernel,
+                stride,
+                input_size,
+            } => {
+                let dy = operands[0];
+                let [n, c, _, _] = rank4(dy, "output gradient", "[N,C,H',W']")?;
+                let x = TensorType::f32([n, c, input_size[0], input_size[1]]);
+                let pool = Op::AvgPool2d {
+                    kernel: *kernel,
+                    stride: *stride,
+                };
+                expect_forward(&pool, &[&x], dy)?;
+                Ok(x)
+            }
+            Op::MaxPool2dGrad { kernel, stride } => {
+                let (x, dy) = (operands[0], operands[1]);
+                let pool = Op::MaxPool2d {
+                    kernel: *kernel,
+                    stride: *stride,
+                };
+                expect_forward(&pool, &[x], dy)?;
+                Ok(x.clone())
+            }
+            Op::SoftmaxCrossEntropyGrad => {
+                let (logits, labels, dloss) = (operands[0], operands[1], operands[2]);
+                expect_forward(&Op::SoftmaxCrossEntropy, &[logits, labels], dloss)?;
+                Ok(logits.clone())
+            }
+            Op::Argmax => {
+                let x = operands[0];
+                expect_f32(x, "input")?;
+                let [n, c] = rank2(x, "input")?;
+                if c == 0 {
+                    return Err(format!("input {x} has empty rows"));
+                }
+                Ok(TensorType::new(DType::U32, [n]))
+            }
+            Op::CountEqual => {
+                let (a, b) = (operands[0], operands[1]);
+                if !a.dtype.is_integer_label() || !b.dtype.is_integer_label() || a.shape != b.shape
+                {
+                    return Err(format!(
+                        "operands must be integer tensors (u32 or i32) of one shape, got {a} and {b}"
+                    ));
+                }
+                Ok(TensorType::new(DType::U32, []))
+            }
         }
+    }
+}
+
+/// Checks that a gradient op's operands are consistent with the forward op it differentiates:
+/// applying `forward` to `inputs` must give exactly `dy`'s type.
+fn expect_forward(forward: &Op, inputs: &[&TensorType], dy: &TensorType) -> Result<(), String> {
+    let y = forward.infer_type(inputs)?;
+    if &y != dy {
+        return Err(format!(
+            "gradient {dy} does not match {}'s output {y}",
+            forward.name()
+        ));
+    }
+    Ok(())
+}
+
+fn check_axes(axes: &[usize], rank: usize, of: &TensorType) -> Result<(), String> {
+    if axes.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(format!(
+            "axes {} must be strictly increasing",
+            ShapeDisplay(axes)
+        ));
+    }
+    if let Some(&bad) = axes.iter().find(|&&a| a >= rank) {
+        return Err(format!("axis {bad} is out of range for {of}"));
+    }
+    Ok(())
+}
+
+/// `shape` with the listed axes removed.
+pub fn without_axes(shape: &[usize], axes: &[usize]) -> Vec<usize> {
+    (0..shape.len())
+        .filter(|a| !axes.contains(a))
+        .map(|a| shape[a])
+        .collect()
+}
+
+fn finite(v: Scalar, what: &str) -> Result<(), String> {
+    if v.0.is_finite() {
+        Ok(())
+    } else {
+        Err(format!("{what} must be finite, got {}", v.0))
     }
 }
 
@@ -423,6 +794,7 @@ fn positive(v: [usize; 2], what: &str) -> Result<(), String> {
 /// Attribute lookup for [`Op::from_attrs`] that remembers which were consumed.
 struct Attrs<'a> {
     op: &'a str,
+    known: &'a [&'a str],
     given: &'a [(String, AttrValue)],
     used: Vec<bool>,
 }
@@ -458,6 +830,14 @@ impl Attrs<'_> {
         }
     }
 
+    fn float(&mut self, key: &str) -> Result<Scalar, String> {
+        match self.take(key)? {
+            AttrValue::Float(x) => Ok(*x),
+            AttrValue::Int(i) => Ok(Scalar(*i as f32)),
+            other => Err(format!("attribute `{key}` must be a number, got {other}")),
+        }
+    }
+
     fn ints(&mut self, key: &str) -> Result<Vec<usize>, String> {
         match self.take(key)? {
             AttrValue::Ints(v) => Ok(v.clone()),
@@ -480,33 +860,15 @@ impl Attrs<'_> {
     fn finish(self) -> Result<(), String> {
         match self.given.iter().zip(&self.used).find(|(_, used)| !**used) {
             None => Ok(()),
-            Some(((k, _), _)) => {
-                let known: Vec<&str> = Op::from_attrs_names(self.op);
-                Err(if known.is_empty() {
-                    format!("{} takes no attributes, got `{k}`", self.op)
-                } else {
-                    format!(
-                        "unknown attribute `{k}` for {}; expected {}",
-                        self.op,
-                        known.join(", ")
-                    )
-                })
-            }
-        }
-    }
-}
-
-impl Op {
-    /// The attribute names an op takes, for error messages.
-    fn from_attrs_names(name: &str) -> Vec<&'static str> {
-        match name {
-            "conv2d" => vec!["stride", "padding"],
-            "bias_add" => vec!["axis"],
-            "avg_pool2d" | "max_pool2d" => vec!["kernel", "stride"],
-            "reshape" => vec!["shape"],
-            "matmul" => vec!["transpose_a", "transpose_b"],
-            "reduce_sum" | "reduce_mean" => vec!["axes"],
-            _ => vec![],
+            Some(((k, _), _)) => Err(if self.known.is_empty() {
+                format!("{} takes no attributes, got `{k}`", self.op)
+            } else {
+                format!(
+                    "unknown attribute `{k}` for {}; expected {}",
+                    self.op,
+                    self.known.join(", ")
+                )
+            }),
         }
     }
 }
@@ -563,6 +925,80 @@ mod tests {
         );
         let err = op.infer_type(&[&t(&[4, 3]), &t(&[5, 7])]).unwrap_err();
         assert!(err.starts_with("inner dimensions differ"), "{err}");
+    }
+
+    #[test]
+    fn gradient_ops_check_against_their_forward_op() {
+        let op = Op::Conv2dGradInput {
+            stride: [2, 2],
+            padding: [1, 1],
+            input_size: [7, 7],
+        };
+        // conv of [2,3,7,7] with [4,3,3,3], stride 2, pad 1 gives [2,4,4,4].
+        assert_eq!(
+            op.infer_type(&[&t(&[2, 4, 4, 4]), &t(&[4, 3, 3, 3])])
+                .unwrap(),
+            t(&[2, 3, 7, 7])
+        );
+        let op = Op::Conv2dGradInput {
+            stride: [2, 2],
+            padding: [1, 1],
+            input_size: [9, 9],
+        };
+        assert_eq!(
+            op.infer_type(&[&t(&[2, 4, 4, 4]), &t(&[4, 3, 3, 3])])
+                .unwrap_err(),
+            "gradient f32[2,4,4,4] does not match conv2d's output f32[2,4,5,5]"
+        );
+        let op = Op::Conv2dGradWeight {
+            stride: [1, 1],
+            padding: [0, 0],
+            kernel: [3, 3],
+        };
+        assert_eq!(
+            op.infer_type(&[&t(&[2, 3, 5, 5]), &t(&[2, 4, 3, 3])])
+                .unwrap(),
+            t(&[4, 3, 3, 3])
+        );
+        let op = Op::AvgPool2dGrad {
+            kernel: [2, 2],
+            stride: [2, 2],
+            input_size: [5, 5],
+        };
+        assert_eq!(
+            op.infer_type(&[&t(&[1, 2, 2, 2])]).unwrap(),
+            t(&[1, 2, 5, 5])
+        );
+        let labels = TensorType::new(DType::U32, [3]);
+        assert_eq!(
+            Op::SoftmaxCrossEntropyGrad
+                .infer_type(&[&t(&[3, 4]), &labels, &t(&[3])])
+                .unwrap(),
+            t(&[3, 4])
+        );
+        assert_eq!(Op::Argmax.infer_type(&[&t(&[3, 4])]).unwrap(), labels);
+        assert_eq!(
+            Op::CountEqual.infer_type(&[&labels, &labels]).unwrap(),
+            TensorType::new(DType::U32, [])
+        );
+        let op = Op::Broadcast {
+            shape: vec![2, 3, 4],
+            axes: vec![0, 2],
+        };
+        assert_eq!(op.infer_type(&[&t(&[3])]).unwrap(), t(&[2, 3, 4]));
+        assert!(
+            op.infer_type(&[&t(&[2])])
+                .unwrap_err()
+                .starts_with("input f32[2] must have shape [3]")
+        );
+        assert_eq!(
+            Op::Scale {
+                factor: Scalar(f32::NAN)
+            }
+            .infer_type(&[&t(&[1])])
+            .unwrap_err(),
+            "factor must be finite, got NaN"
+        );
     }
 
     #[test]
@@ -627,7 +1063,50 @@ mod tests {
             Op::ReduceSum { axes: vec![0] },
             Op::ReduceMean { axes: vec![] },
             Op::ScaleU8,
+            Op::Full {
+                shape: vec![2],
+                value: Scalar(0.5),
+            },
+            Op::Broadcast {
+                shape: vec![2, 3],
+                axes: vec![1],
+            },
+            Op::Scale {
+                factor: Scalar(-0.9),
+            },
+            Op::Add,
+            Op::Sub,
+            Op::SigmoidGrad,
+            Op::ReluGrad,
+            Op::TanhGrad,
+            Op::Conv2dGradInput {
+                stride: [1, 2],
+                padding: [0, 1],
+                input_size: [5, 6],
+            },
+            Op::Conv2dGradWeight {
+                stride: [1, 1],
+                padding: [2, 2],
+                kernel: [5, 5],
+            },
+            Op::AvgPool2dGrad {
+                kernel: [2, 2],
+                stride: [2, 2],
+                input_size: [4, 4],
+            },
+            Op::MaxPool2dGrad {
+                kernel: [2, 2],
+                stride: [1, 1],
+            },
+            Op::SoftmaxCrossEntropyGrad,
+            Op::Argmax,
+            Op::CountEqual,
         ];
+        assert_eq!(
+            ops.len() + 2,
+            op_names().count(),
+            "every non-leaf op is listed here"
+        );
         for op in ops {
             let attrs: Vec<(String, AttrValue)> = op
                 .attrs()
@@ -635,7 +1114,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();
             assert_eq!(Op::from_attrs(op.name(), &attrs).unwrap(), op);
-            assert!(OP_NAMES.contains(&op.name()));
+            assert!(op_names().any(|n| n == op.name()));
         }
     }
 }

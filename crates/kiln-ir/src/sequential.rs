@@ -258,7 +258,7 @@ impl Sequential {
     }
 
     /// Lowers the model to a forward graph named `name` with one input `x` of type `input` and one
-    /// output `output`, inferring every shape. Any shape a layer cannot take is a [`ShapeError`]
+    /// output `output`, inferring every shape. A u8 input is first scaled to [0, 1] (`scale_u8`). Any shape a layer cannot take is a [`ShapeError`]
     /// naming the layer; no input makes this panic.
     pub fn build(&self, name: &str, input: TensorType) -> Result<Graph, ShapeError> {
         self.lower(name, input).map(|(g, _)| g)
@@ -302,6 +302,15 @@ impl Sequential {
                 input: input.clone(),
                 message: e.to_string(),
             })?;
+        if input.dtype == DType::U8 {
+            // Raw image bytes are scaled to [0, 1] first, as torchvision's ToTensor does.
+            x = graph.add(Op::ScaleU8, &[x]).map_err(|e| ShapeError {
+                index: 0,
+                layer: "input".into(),
+                input: input.clone(),
+                message: e.to_string(),
+            })?;
+        }
         let mut layer_outputs = Vec::with_capacity(self.layers.len());
         for (index, layer) in self.layers.iter().enumerate() {
             let x_ty = graph.ty(x).clone();
@@ -572,6 +581,19 @@ mod tests {
         let model = Sequential::new().append(Conv2d::new(1, usize::MAX, usize::MAX / 2));
         let e = model.build("m", TensorType::f32([1, 1, 5, 5])).unwrap_err();
         assert!(e.message.contains("too many elements"), "{e}");
+    }
+
+    #[test]
+    fn u8_input_is_scaled_first() {
+        let g = lenet()
+            .build("lenet", TensorType::new(DType::U8, [2, 1, 28, 28]))
+            .unwrap();
+        assert_eq!(g.nodes()[1].op, Op::ScaleU8);
+        assert_eq!(g.ty(g.output("output").unwrap()), &TensorType::f32([2, 10]));
+        let e = lenet()
+            .build("m", TensorType::new(DType::U32, [2, 1, 28, 28]))
+            .unwrap_err();
+        assert!(e.to_string().ends_with("needs f32 input, got u32"), "{e}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::fmt::{self, Write as _};
 use std::path::Path;
 
 use crate::graph::{Graph, GraphError, LayerRef, NodeId};
-use crate::op::{AttrValue, Op};
+use crate::op::{AttrValue, Op, Scalar};
 use crate::types::{DType, TensorType};
 use crate::verify::verify;
 
@@ -132,6 +132,7 @@ enum Tok {
     Value(String),
     Ident(String),
     Int(String),
+    Float(String),
     Str(String),
     Punct(char),
     Eof,
@@ -142,7 +143,7 @@ impl fmt::Display for Tok {
         match self {
             Tok::Value(v) => write!(f, "`%{v}`"),
             Tok::Ident(i) => write!(f, "`{i}`"),
-            Tok::Int(i) => write!(f, "`{i}`"),
+            Tok::Int(i) | Tok::Float(i) => write!(f, "`{i}`"),
             Tok::Str(s) => write!(f, "{}", quote(s)),
             Tok::Punct(c) => write!(f, "`{c}`"),
             Tok::Eof => f.write_str("end of input"),
@@ -245,6 +246,36 @@ impl Cursor<'_> {
     }
 }
 
+/// An integer (`42`) or a float (`-0.5`, `1e-3`, `2.0`); a float is anything with a sign, a
+/// point or an exponent.
+fn number(cur: &mut Cursor) -> Tok {
+    let mut s = String::new();
+    if cur.peek() == Some('-') {
+        s.push('-');
+        cur.bump();
+    }
+    s.push_str(&cur.take_while(|c| c.is_ascii_digit()));
+    if cur.peek() == Some('.') {
+        cur.bump();
+        s.push('.');
+        s.push_str(&cur.take_while(|c| c.is_ascii_digit()));
+    }
+    if let Some(e) = cur.peek().filter(|&c| c == 'e' || c == 'E') {
+        cur.bump();
+        s.push(e);
+        if let Some(sign) = cur.peek().filter(|&c| c == '-' || c == '+') {
+            cur.bump();
+            s.push(sign);
+        }
+        s.push_str(&cur.take_while(|c| c.is_ascii_digit()));
+    }
+    if s.chars().all(|c| c.is_ascii_digit()) {
+        Tok::Int(s)
+    } else {
+        Tok::Float(s)
+    }
+}
+
 fn lex(text: &str) -> Result<Vec<Token>, ParseError> {
     let mut cur = Cursor {
         chars: text.chars().peekable(),
@@ -273,8 +304,8 @@ fn lex(text: &str) -> Result<Vec<Token>, ParseError> {
                 return Err(cur.error(line, col, "expected a value name after `%`".into()));
             }
             Tok::Value(name)
-        } else if c.is_ascii_digit() {
-            Tok::Int(cur.take_while(|c| c.is_ascii_digit()))
+        } else if c.is_ascii_digit() || c == '-' {
+            number(&mut cur)
         } else if c.is_ascii_alphabetic() || c == '_' {
             Tok::Ident(cur.take_while(is_ident))
         } else if c == '"' {
@@ -487,12 +518,24 @@ impl Parser {
             self.punct('=')?;
             let value = match self.peek().tok.clone() {
                 Tok::Int(_) => AttrValue::Int(self.int()?),
+                Tok::Float(text) => {
+                    let t = self.next();
+                    match text.parse::<f32>() {
+                        Ok(x) if x.is_finite() => AttrValue::Float(Scalar(x)),
+                        _ => {
+                            let m = format!("`{text}` is not a finite f32 number");
+                            return Err(self.error_at(&t, m));
+                        }
+                    }
+                }
                 Tok::Ident(b) if b == "true" || b == "false" => {
                     self.next();
                     AttrValue::Bool(b == "true")
                 }
                 Tok::Punct('[') => AttrValue::Ints(self.int_list()?),
-                _ => return Err(self.expected("an attribute value (integer, true/false or [..])")),
+                _ => {
+                    return Err(self.expected("an attribute value (number, true/false or [..])"));
+                }
             };
             attrs.push((key, value));
         }
@@ -665,6 +708,28 @@ mod tests {
             "{missing}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn float_attributes_round_trip_exactly() {
+        let mut g = Graph::new("f");
+        let x = g.add_input("x", TensorType::f32([2])).unwrap();
+        for v in [0.9f32, -1e-7, 1.0 / 255.0, 3.0e38, -0.0, 1.0 / 3.0] {
+            g.add(Op::Scale { factor: Scalar(v) }, &[x]).unwrap();
+        }
+        let text = print(&g);
+        assert!(text.contains("scale(%0) factor=0.9 : f32[2]"), "{text}");
+        assert!(text.contains("factor=-1e-7"), "{text}");
+        let parsed = parse(&text).unwrap();
+        assert_eq!(parsed, g);
+        assert_eq!(
+            err("graph \"g\" {\n  %0 = full() shape=[1] value=1e39 : f32[1]\n}"),
+            "2:31: `1e39` is not a finite f32 number"
+        );
+        assert_eq!(
+            err("graph \"g\" {\n  %0 = full() shape=[1] value=true : f32[1]\n}"),
+            "2:8: attribute `value` must be a number, got true"
+        );
     }
 
     #[test]

@@ -302,7 +302,7 @@ fn feeds_are_checked_by_name_and_type() {
     let g = lenet()
         .build("lenet", TensorType::f32([1, 1, 28, 28]))
         .unwrap();
-    let x = Tensor::zeros(&TensorType::f32([1, 1, 28, 28]));
+    let x = Tensor::<f32>::zeros(&TensorType::f32([1, 1, 28, 28]));
     let inputs = HashMap::from([("x".to_string(), x)]);
     let e = execute(&g, &inputs, &HashMap::new()).unwrap_err();
     assert_eq!(
@@ -311,7 +311,7 @@ fn feeds_are_checked_by_name_and_type() {
     );
     let wrong = HashMap::from([(
         "x".to_string(),
-        Tensor::zeros(&TensorType::new(DType::U8, [1, 1, 28, 28])),
+        Tensor::<f32>::zeros(&TensorType::new(DType::U8, [1, 1, 28, 28])),
     )]);
     let e = execute(&g, &wrong, &HashMap::new()).unwrap_err();
     assert_eq!(

@@ -1,0 +1,10 @@
+//! Reverse-mode autodiff over kiln's graph IR. The backward pass is derived from the forward
+//! graph, never written by hand per layer: [`gradients`] differentiates any scalar, and
+//! [`training_step`] turns a forward model into one SGD step graph (forward, loss, gradients,
+//! parameter updates), cleaned by dead-code and common-subexpression elimination and verified.
+
+mod grad;
+mod step;
+
+pub use grad::{AutodiffError, gradients};
+pub use step::{CORRECT, LABELS, LOSS_SUM, MODEL_OUTPUT, evaluation_graph, training_step};
