@@ -1,22 +1,27 @@
 //! Train d2l's LeNet-5 on Fashion-MNIST with kiln.
 //!
-//! `cargo run --release --example lenet_fashion -- --summary` prints the layer table,
-//! `--emit ir` prints the model's graph IR. The training stages (autodiff, fusion, WGSL
-//! codegen, the wgpu runtime) are not built yet; until they are, a plain run says so.
+//! `--summary` prints the layer table, `--emit ir` / `--emit train-ir` print the forward graph
+//! and the derived training-step graph. Training runs the derived step graph; until the GPU
+//! runtime lands it runs on kiln's CPU reference executor, and says so.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 use kiln::data;
-use kiln::ir::{self, TensorType};
+use kiln::ir::{self, DType, TensorType, thousands};
+use kiln::train::{CpuTrainer, epoch_order};
 
 /// A compiler stage whose output `--emit` prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Stage {
-    /// The forward graph IR, with every shape (the text parses back with `kiln::ir::parse`).
+    /// The forward graph IR at --batch-size, with every shape (parses back with `kiln::ir::parse`).
     Ir,
+    /// The training-step graph at --batch-size: forward, loss, derived gradients, SGD update.
+    TrainIr,
 }
 
 #[derive(Parser, Debug)]
@@ -41,6 +46,9 @@ struct Args {
     /// Train on the first N training examples only.
     #[arg(long)]
     limit: Option<usize>,
+    /// Evaluate on the first N test examples only.
+    #[arg(long)]
+    eval_limit: Option<usize>,
     /// Print a compiler stage's output instead of training.
     #[arg(long, value_enum)]
     emit: Option<Stage>,
@@ -61,16 +69,28 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let model = ir::lenet();
+    let side = data::SIDE;
     if args.summary {
         let summary = model
-            .summary(TensorType::f32([1, 1, data::SIDE, data::SIDE]))
+            .summary(TensorType::f32([1, 1, side, side]))
             .context("building LeNet")?;
         print!("{summary}");
     }
-    if let Some(Stage::Ir) = args.emit {
-        let input = TensorType::f32([args.batch_size as usize, 1, data::SIDE, data::SIDE]);
-        let graph = model.build("lenet", input).context("building LeNet")?;
-        print!("{}", ir::print(&graph));
+    let batch = args.batch_size as usize;
+    match args.emit {
+        Some(Stage::Ir) => {
+            let input = TensorType::f32([batch, 1, side, side]);
+            let graph = model.build("lenet", input).context("building LeNet")?;
+            print!("{}", ir::print(&graph));
+        }
+        Some(Stage::TrainIr) => {
+            let input = TensorType::new(DType::U8, [batch, 1, side, side]);
+            let forward = model.build("lenet", input).context("building LeNet")?;
+            let step = kiln::autodiff::training_step(&forward, args.lr)
+                .context("deriving the training step")?;
+            print!("{}", ir::print(&step));
+        }
+        None => {}
     }
     if args.summary || args.emit.is_some() {
         return Ok(());
@@ -82,19 +102,73 @@ fn run(args: Args) -> Result<()> {
         Some(n) => fashion.train.truncated(n),
         None => fashion.train,
     };
+    let test = match args.eval_limit {
+        Some(n) => fashion.test.truncated(n),
+        None => fashion.test,
+    };
+    let trainer_model = model.clone();
+    let mut trainer = CpuTrainer::new(trainer_model, [1, side, side], args.lr, args.seed)?;
+    let params: usize = trainer
+        .params
+        .values()
+        .map(|t| t.shape().iter().product::<usize>())
+        .sum();
     println!(
-        "Fashion-MNIST from {}: {} training and {} test images",
+        "LeNet-5 ({} parameters) on Fashion-MNIST from {}: {} training, {} test images",
+        thousands(params),
         dir.display(),
         train.count,
-        fashion.test.count
+        test.count
     );
-    bail!(
-        "training is not implemented yet: kiln can build, check and print LeNet (--summary, \
-         --emit ir), but the autodiff, fusion, WGSL codegen and GPU runtime stages are still to \
-         come (epochs {}, batch size {}, lr {}, seed {} were accepted)",
-        args.epochs,
-        args.batch_size,
-        args.lr,
-        args.seed
-    )
+    println!(
+        "note: the GPU runtime is not built yet, so the derived training step runs on kiln's \
+         CPU reference executor (correct, but slow)"
+    );
+    let mut train_time = Duration::ZERO;
+    let mut examples = 0usize;
+    let mut last = None;
+    for epoch in 0..args.epochs {
+        let order = epoch_order(train.count, args.seed, epoch, true);
+        let bar = ProgressBar::new(train.count as u64).with_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta} left)",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix((epoch + 1).to_string());
+        let start = Instant::now();
+        let stats = trainer.train_epoch(&train, &order, batch, |s| {
+            bar.set_position(s.examples as u64);
+            let rate = s.examples as f64 / start.elapsed().as_secs_f64();
+            bar.set_message(format!("loss {:.3}, {rate:.0} ex/s", s.loss()));
+        })?;
+        let epoch_time = start.elapsed();
+        train_time += epoch_time;
+        examples += stats.examples;
+        bar.finish_and_clear();
+        let eval = trainer.evaluate(&test, batch)?;
+        println!(
+            "epoch {}: loss {:.3}, train acc {:.3}, test acc {:.3}, {} examples/sec",
+            epoch + 1,
+            stats.loss(),
+            stats.accuracy(),
+            eval.accuracy(),
+            thousands((stats.examples as f64 / epoch_time.as_secs_f64()) as usize)
+        );
+        last = Some((stats, eval));
+    }
+    if let Some((stats, eval)) = last {
+        println!(
+            "loss {:.3}, train acc {:.3}, test acc {:.3}",
+            stats.loss(),
+            stats.accuracy(),
+            eval.accuracy()
+        );
+        println!(
+            "{} examples/sec on the CPU reference executor",
+            thousands((examples as f64 / train_time.as_secs_f64()) as usize)
+        );
+    }
+    Ok(())
 }

@@ -90,3 +90,47 @@ fn shape_error_in_a_model_file_names_line_and_layer() {
          gives K=401 (transpose_a=false, transpose_b=true)"
     );
 }
+
+#[test]
+fn lenet_training_step_ir_at_batch_256() {
+    let forward = lenet()
+        .build("lenet", TensorType::new(ir::DType::U8, [256, 1, 28, 28]))
+        .unwrap();
+    let step = kiln::autodiff::training_step(&forward, 0.9).unwrap();
+    verify(&step).unwrap();
+    let text = print(&step);
+    insta::assert_snapshot!("lenet_train_step_ir_b256", text);
+    assert_eq!(parse(&text).unwrap(), step);
+    // Outputs: the loss sum, the correct count and every parameter, updated.
+    let outputs: Vec<&str> = step.outputs().iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(
+        outputs,
+        [
+            "loss_sum",
+            "correct",
+            "0.weight",
+            "0.bias",
+            "3.weight",
+            "3.bias",
+            "7.weight",
+            "7.bias",
+            "9.weight",
+            "9.bias",
+            "11.weight",
+            "11.bias"
+        ]
+    );
+    // The backward pass is derived: one gradient op per differentiable forward op, no more.
+    let count = |name: &str| step.nodes().iter().filter(|n| n.op.name() == name).count();
+    assert_eq!(count("conv2d_grad_weight"), 2);
+    assert_eq!(count("conv2d_grad_input"), 1, "the image needs no gradient");
+    assert_eq!(count("avg_pool2d_grad"), 2);
+    assert_eq!(count("sigmoid_grad"), 4);
+    assert_eq!(count("softmax_cross_entropy_grad"), 1);
+    assert_eq!(
+        count("matmul"),
+        3 + 3 + 3,
+        "forward, weight gradients, input gradients"
+    );
+    assert_eq!(count("sub"), 10);
+}

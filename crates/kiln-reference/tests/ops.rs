@@ -379,3 +379,145 @@ fn lenet_forward_is_per_example() {
     // Different examples give different logits (the model is not constant).
     assert_ne!(values(logits)[0..10], values(logits)[10..20]);
 }
+
+#[test]
+fn max_pool_grad_routes_to_the_first_maximum_and_accumulates_overlaps() {
+    // Window values tie (5, 5): the first in row-major order gets the gradient.
+    let x = f(&[1, 1, 2, 4], &[5.0, 5.0, 1.0, 2.0, 0.0, 1.0, 3.0, 2.0]);
+    let dy = f(&[1, 1, 1, 2], &[10.0, 20.0]);
+    let dx = run(
+        Op::MaxPool2dGrad {
+            kernel: [2, 2],
+            stride: [2, 2],
+        },
+        vec![x, dy],
+    )
+    .unwrap();
+    assert_eq!(values(&dx), [10.0, 0.0, 0.0, 0.0, 0.0, 0.0, 20.0, 0.0]);
+    // Overlapping 2x2 windows with stride 1 over a peak at the centre: all four send it theirs.
+    let x = f(
+        &[1, 1, 3, 3],
+        &[0.0, 0.0, 0.0, 0.0, 9.0, 0.0, 0.0, 0.0, 0.0],
+    );
+    let dy = f(&[1, 1, 2, 2], &[1.0, 2.0, 3.0, 4.0]);
+    let dx = run(
+        Op::MaxPool2dGrad {
+            kernel: [2, 2],
+            stride: [1, 1],
+        },
+        vec![x, dy],
+    )
+    .unwrap();
+    assert_eq!(values(&dx), [0.0, 0.0, 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 0.0]);
+}
+
+#[test]
+fn avg_pool_grad_spreads_evenly_and_skips_the_remainder() {
+    let dy = f(&[1, 1, 1, 1], &[4.0]);
+    let op = Op::AvgPool2dGrad {
+        kernel: [2, 2],
+        stride: [2, 2],
+        input_size: [3, 3],
+    };
+    let dx = run(op, vec![dy]).unwrap();
+    assert_eq!(values(&dx), [1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+}
+
+#[test]
+fn conv_gradients_of_a_single_tap() {
+    // y = conv(x, w) with a 1x1x2x2 input and a 1x1x1x1 kernel of 3: dx = 3 dy, dw = sum(x dy).
+    let dy = f(&[1, 1, 2, 2], &[1.0, 2.0, 3.0, 4.0]);
+    let op = Op::Conv2dGradInput {
+        stride: [1, 1],
+        padding: [0, 0],
+        input_size: [2, 2],
+    };
+    let dx = run(op, vec![dy.clone(), f(&[1, 1, 1, 1], &[3.0])]).unwrap();
+    assert_eq!(values(&dx), [3.0, 6.0, 9.0, 12.0]);
+    let op = Op::Conv2dGradWeight {
+        stride: [1, 1],
+        padding: [0, 0],
+        kernel: [1, 1],
+    };
+    let dw = run(op, vec![ramp(&[1, 1, 2, 2]), dy]).unwrap();
+    assert_eq!(values(&dw), [1.0 + 4.0 + 9.0 + 16.0]);
+}
+
+#[test]
+fn softmax_cross_entropy_grad_is_softmax_minus_onehot() {
+    let logits = f(&[2, 3], &[0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    let labels = Tensor::from_u32([2], vec![1, 2]).unwrap();
+    let dloss = f(&[2], &[1.0, 0.5]);
+    let g = run(Op::SoftmaxCrossEntropyGrad, vec![logits, labels, dloss]).unwrap();
+    let third = 1.0 / 3.0;
+    assert_close(
+        &values(&g),
+        &[
+            third,
+            third - 1.0,
+            third,
+            0.5 * third,
+            0.5 * third,
+            0.5 * (third - 1.0),
+        ],
+        1e-7,
+    );
+}
+
+#[test]
+fn argmax_takes_the_first_maximum_and_count_equal_counts() {
+    let x = f(&[3, 3], &[1.0, 3.0, 3.0, -1.0, -2.0, -3.0, 0.0, 0.0, 7.0]);
+    let a = run(Op::Argmax, vec![x]).unwrap();
+    assert_eq!(a, Tensor::from_u32([3], vec![1, 0, 2]).unwrap());
+    let b = Tensor::from_i32([3], vec![1, 2, 2]).unwrap();
+    let c = run(Op::CountEqual, vec![a, b]).unwrap();
+    assert_eq!(c, Tensor::from_u32([], vec![2]).unwrap());
+}
+
+#[test]
+fn elementwise_constants_and_broadcast() {
+    let a = f(&[2], &[1.0, 2.0]);
+    let b = f(&[2], &[0.5, 4.0]);
+    assert_eq!(
+        values(&run(Op::Add, vec![a.clone(), b.clone()]).unwrap()),
+        [1.5, 6.0]
+    );
+    assert_eq!(
+        values(&run(Op::Sub, vec![a.clone(), b]).unwrap()),
+        [0.5, -2.0]
+    );
+    let s = run(
+        Op::Scale {
+            factor: kiln_ir::Scalar(-2.0),
+        },
+        vec![a.clone()],
+    )
+    .unwrap();
+    assert_eq!(values(&s), [-2.0, -4.0]);
+    let y = run(
+        Op::Broadcast {
+            shape: vec![2, 2, 3],
+            axes: vec![0, 2],
+        },
+        vec![a],
+    )
+    .unwrap();
+    assert_eq!(
+        values(&y),
+        [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0]
+    );
+    let y = f(&[3], &[0.5, 0.0, 2.0]);
+    let dy = f(&[3], &[4.0, 4.0, 4.0]);
+    assert_eq!(
+        values(&run(Op::SigmoidGrad, vec![y.clone(), dy.clone()]).unwrap()),
+        [1.0, 0.0, -8.0]
+    );
+    assert_eq!(
+        values(&run(Op::ReluGrad, vec![y.clone(), dy.clone()]).unwrap()),
+        [4.0, 0.0, 4.0]
+    );
+    assert_eq!(
+        values(&run(Op::TanhGrad, vec![y, dy]).unwrap()),
+        [3.0, 4.0, -12.0]
+    );
+}
