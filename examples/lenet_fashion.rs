@@ -22,6 +22,11 @@ enum Stage {
     Ir,
     /// The training-step graph at --batch-size: forward, loss, derived gradients, SGD update.
     TrainIr,
+    /// The fused kernels of the training step and the evaluation graph: the IR ops each
+    /// covers, what it reads and writes, buffer sizes.
+    Kernels,
+    /// The WGSL module of every kernel (with --emit-dir, one file per kernel).
+    Wgsl,
 }
 
 #[derive(Parser, Debug)]
@@ -52,6 +57,9 @@ struct Args {
     /// Print a compiler stage's output instead of training.
     #[arg(long, value_enum)]
     emit: Option<Stage>,
+    /// With `--emit wgsl`: write one .wgsl file per kernel into this directory.
+    #[arg(long, requires = "emit")]
+    emit_dir: Option<PathBuf>,
     /// Print the per-layer output shapes and parameter counts for one 1x28x28 image.
     #[arg(long)]
     summary: bool,
@@ -65,6 +73,66 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Compiles the training step and the evaluation graph for the portable target and prints
+/// (or writes) the requested stage.
+fn emit_compiled(model: &ir::Sequential, args: &Args, stage: Stage) -> Result<()> {
+    use kiln::autodiff::{evaluation_graph, read_batches_from_dataset, training_step};
+    use kiln::compiler::{Target, compile};
+    let side = data::SIDE;
+    let batch = args.batch_size as usize;
+    let train_rows = args.limit.unwrap_or(60_000).min(60_000);
+    let input = TensorType::new(DType::U8, [batch, 1, side, side]);
+    let forward = model.build("lenet", input).context("building LeNet")?;
+    let target = Target::portable();
+    let step = read_batches_from_dataset(&training_step(&forward, args.lr)?, train_rows)?;
+    let eval = read_batches_from_dataset(&evaluation_graph(&forward)?, 10_000)?;
+    let compiled = [compile(&step, &target)?, compile(&eval, &target)?];
+    match stage {
+        Stage::Kernels => {
+            for c in &compiled {
+                print!("{}", c.describe());
+            }
+            println!(
+                "training step: {} kernels per step of {batch} examples ({} ops in the step graph); \
+                 evaluation: {} kernels per batch",
+                compiled[0].modules.len(),
+                step.nodes().iter().filter(|n| !n.op.is_leaf()).count(),
+                compiled[1].modules.len()
+            );
+        }
+        _ => match &args.emit_dir {
+            None => {
+                for c in &compiled {
+                    print!("{}", c.wgsl());
+                }
+            }
+            Some(dir) => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                let mut written = 0;
+                for c in &compiled {
+                    for m in &c.modules {
+                        let path = dir.join(format!("{}_{}.wgsl", c.graph.name, m.name));
+                        write_atomically(&path, &m.wgsl)?;
+                        written += 1;
+                    }
+                }
+                println!("wrote {written} WGSL files to {}", dir.display());
+            }
+        },
+    }
+    Ok(())
+}
+
+/// Writes `text` to a temporary file beside `path`, then renames it into place, so a reader
+/// never sees a half-written file.
+fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("wgsl.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
 }
 
 fn run(args: Args) -> Result<()> {
@@ -89,6 +157,9 @@ fn run(args: Args) -> Result<()> {
             let step = kiln::autodiff::training_step(&forward, args.lr)
                 .context("deriving the training step")?;
             print!("{}", ir::print(&step));
+        }
+        Some(stage @ (Stage::Kernels | Stage::Wgsl)) => {
+            emit_compiled(&model, &args, stage)?;
         }
         None => {}
     }

@@ -121,6 +121,59 @@ fn emit_train_ir_prints_the_step_graph() {
 }
 
 #[test]
+fn emit_kernels_lists_the_fused_plan() {
+    let o = run(&["--emit", "kernels"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("plan \"lenet_step\": 19 kernels for 67 ops"),
+        "{out}"
+    );
+    assert!(
+        out.contains("k04_classifier_head: classifier head over the rows of f32[256,10]"),
+        "{out}"
+    );
+    assert!(
+        out.contains("writes: 0.weight f32[6,1,5,5] (600 B) in place"),
+        "{out}"
+    );
+    assert!(out.trim_end().ends_with(
+        "training step: 19 kernels per step of 256 examples (67 ops in the step graph); evaluation: 5 kernels per batch"
+    ), "{out}");
+}
+
+#[test]
+fn emit_wgsl_prints_or_writes_one_module_per_kernel() {
+    let o = run(&["--emit", "wgsl", "--batch-size", "96"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.matches("// kiln kernel ").count(), 24);
+    assert!(out.contains("// dispatch: "), "{out}");
+    let dir = tempfile_dir("wgsl");
+    let o = run(&["--emit", "wgsl", "--emit-dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("wrote 24 WGSL files to"),
+        "{}",
+        stdout(&o)
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 24, "{names:?}");
+    assert!(
+        names.contains(&"lenet_step_k00_avg_pool2d_l2.wgsl".to_string()),
+        "{names:?}"
+    );
+    let text = std::fs::read_to_string(dir.join("lenet_step_k00_avg_pool2d_l2.wgsl")).unwrap();
+    kiln::compiler::validate_wgsl("k00", &text).unwrap();
+    let o = run(&["--emit-dir", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "--emit-dir needs --emit");
+}
+
+#[test]
 fn trains_on_a_small_subset_and_reports_like_d2l() {
     let Ok(data) = kiln::data::locate(None) else {
         assert!(

@@ -251,6 +251,12 @@ fn vjp(e: &mut Emitter, id: NodeId, g: NodeId) -> Result<Vec<(usize, NodeId)>, A
         }
         // Integer-valued results never carry a gradient, and u8 inputs have none to receive.
         Op::ScaleU8 | Op::Argmax | Op::CountEqual => vec![],
+        // Only float rows can need one, and their gradient would be a scatter-add.
+        Op::Gather => {
+            return Err(unsupported(
+                "the gradient of gather (a scatter-add) is not supported",
+            ));
+        }
         Op::SigmoidGrad
         | Op::ReluGrad
         | Op::TanhGrad

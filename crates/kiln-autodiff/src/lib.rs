@@ -7,4 +7,7 @@ mod grad;
 mod step;
 
 pub use grad::{AutodiffError, gradients};
-pub use step::{CORRECT, LABELS, LOSS_SUM, MODEL_OUTPUT, evaluation_graph, training_step};
+pub use step::{
+    CORRECT, DATASET_IMAGES, DATASET_LABELS, LABELS, LOSS_SUM, MODEL_OUTPUT, evaluation_graph,
+    read_batches_from_dataset, training_step,
+};

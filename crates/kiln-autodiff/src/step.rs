@@ -2,8 +2,8 @@
 //! the evaluation graph.
 
 use kiln_ir::{
-    DType, Graph, NodeId, Op, Scalar, TensorType, eliminate_common_subexpressions,
-    eliminate_dead_code, verify,
+    DType, GatherInput, Graph, NodeId, Op, Scalar, TensorType, eliminate_common_subexpressions,
+    eliminate_dead_code, gather_inputs, verify,
 };
 
 use crate::grad::{AutodiffError, gradients};
@@ -88,4 +88,38 @@ pub fn evaluation_graph(forward: &Graph) -> Result<Graph, AutodiffError> {
     verify(&g)?;
     add_loss(&mut g)?;
     clean(g)
+}
+
+/// The data-set inputs of a graph rewritten by [`read_batches_from_dataset`].
+pub const DATASET_IMAGES: &str = "dataset.x";
+pub const DATASET_LABELS: &str = "dataset.labels";
+
+/// Rewrites a step or evaluation graph to read its batch from a data set of `rows` examples
+/// kept on the device: `x` becomes `gather(dataset.x: u8[rows,...], batch.indices)` and
+/// `labels` becomes `gather(dataset.labels: u8[rows], batch.indices)`. Each step then needs
+/// only its slice of the epoch's permutation (`batch.indices: u32[B]`).
+pub fn read_batches_from_dataset(graph: &Graph, rows: usize) -> Result<Graph, AutodiffError> {
+    let x_dtype = graph
+        .inputs()
+        .find(|(_, n, _)| *n == "x")
+        .map(|(_, _, t)| t.dtype)
+        .unwrap_or(DType::U8);
+    let g = gather_inputs(
+        graph,
+        rows,
+        &[
+            GatherInput {
+                input: "x".into(),
+                dataset: DATASET_IMAGES.into(),
+                dtype: x_dtype,
+            },
+            GatherInput {
+                input: LABELS.into(),
+                dataset: DATASET_LABELS.into(),
+                dtype: DType::U8,
+            },
+        ],
+    )?;
+    verify(&g)?;
+    Ok(g)
 }

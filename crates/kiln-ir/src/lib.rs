@@ -15,7 +15,9 @@ mod verify;
 
 pub use graph::{Graph, GraphError, GraphOutput, LayerRef, Node, NodeId};
 pub use op::{AttrValue, Op, Scalar, op_names, without_axes};
-pub use passes::{eliminate_common_subexpressions, eliminate_dead_code};
+pub use passes::{
+    BATCH_INDICES, GatherInput, eliminate_common_subexpressions, eliminate_dead_code, gather_inputs,
+};
 pub use sequential::{
     Conv2d, Layer, LayerSummary, Sequential, ShapeError, Summary, lenet, thousands,
 };

@@ -80,7 +80,7 @@ pub enum Op {
         transpose_a: bool,
         transpose_b: bool,
     },
-    /// `softmax_cross_entropy(logits: f32[N,C], labels: u32|i32[N]) -> f32[N]`, the per-example
+    /// `softmax_cross_entropy(logits: f32[N,C], labels: u8|u32|i32[N]) -> f32[N]`, the per-example
     /// loss `logsumexp(logits[n]) - logits[n, labels[n]]`.
     SoftmaxCrossEntropy,
     /// Sum over the listed axes (strictly increasing), which are removed from the shape.
@@ -148,6 +148,9 @@ pub enum Op {
     SoftmaxCrossEntropyGrad,
     /// Index of the first maximum of each row: `f32[N,C] -> u32[N]`.
     Argmax,
+    /// Rows of `data` picked by `indices`: `(data: T[M, ...], indices: u32[B]) -> T[B, ...]`.
+    /// This is how a batch is read from a data set that stays on the device.
+    Gather,
     /// Number of positions where two integer tensors agree: `-> u32[]`.
     CountEqual,
 }
@@ -204,6 +207,7 @@ const SIGNATURES: &[(&str, &[&str])] = &[
     ("softmax_cross_entropy_grad", &[]),
     ("argmax", &[]),
     ("count_equal", &[]),
+    ("gather", &[]),
 ];
 
 /// Every op's text-form name.
@@ -245,6 +249,7 @@ impl Op {
             Op::SoftmaxCrossEntropyGrad => "softmax_cross_entropy_grad",
             Op::Argmax => "argmax",
             Op::CountEqual => "count_equal",
+            Op::Gather => "gather",
         }
     }
 
@@ -282,7 +287,8 @@ impl Op {
             | Op::Conv2dGradInput { .. }
             | Op::Conv2dGradWeight { .. }
             | Op::MaxPool2dGrad { .. }
-            | Op::CountEqual => 2,
+            | Op::CountEqual
+            | Op::Gather => 2,
             Op::SoftmaxCrossEntropyGrad => 3,
         }
     }
@@ -356,7 +362,8 @@ impl Op {
             | Op::TanhGrad
             | Op::SoftmaxCrossEntropyGrad
             | Op::Argmax
-            | Op::CountEqual => vec![],
+            | Op::CountEqual
+            | Op::Gather => vec![],
         }
     }
 
@@ -451,6 +458,7 @@ impl Op {
             "softmax_cross_entropy_grad" => Op::SoftmaxCrossEntropyGrad,
             "argmax" => Op::Argmax,
             "count_equal" => Op::CountEqual,
+            "gather" => Op::Gather,
             _ => unreachable!("every name in SIGNATURES is matched above"),
         };
         a.finish()?;
@@ -570,7 +578,7 @@ impl Op {
                 }
                 if !labels.dtype.is_integer_label() || labels.shape != [n] {
                     return Err(format!(
-                        "labels must be u32[{n}] or i32[{n}] to match logits {logits}, got {labels}"
+                        "labels must be integers (u8, u32 or i32) of shape [{n}] to match logits {logits}, got {labels}"
                     ));
                 }
                 Ok(TensorType::f32([n]))
@@ -706,10 +714,22 @@ impl Op {
                 if !a.dtype.is_integer_label() || !b.dtype.is_integer_label() || a.shape != b.shape
                 {
                     return Err(format!(
-                        "operands must be integer tensors (u32 or i32) of one shape, got {a} and {b}"
+                        "operands must be integer tensors (u8, u32 or i32) of one shape, got {a} and {b}"
                     ));
                 }
                 Ok(TensorType::new(DType::U32, []))
+            }
+            Op::Gather => {
+                let (data, indices) = (operands[0], operands[1]);
+                if data.rank() == 0 {
+                    return Err(format!("data {data} has no rows to gather"));
+                }
+                if indices.dtype != DType::U32 || indices.rank() != 1 {
+                    return Err(format!("indices must be u32[B], got {indices}"));
+                }
+                let mut shape = data.shape.clone();
+                shape[0] = indices.shape[0];
+                Ok(TensorType::new(data.dtype, shape))
             }
         }
     }
@@ -1101,6 +1121,7 @@ mod tests {
             Op::SoftmaxCrossEntropyGrad,
             Op::Argmax,
             Op::CountEqual,
+            Op::Gather,
         ];
         assert_eq!(
             ops.len() + 2,

@@ -132,3 +132,72 @@ mod tests {
         );
     }
 }
+
+/// Which graph input becomes a gather from which whole-data-set input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatherInput {
+    /// The batch input to replace, e.g. `x: u8[B,1,28,28]`.
+    pub input: String,
+    /// The data-set input that replaces it, e.g. `dataset.x: u8[M,1,28,28]`.
+    pub dataset: String,
+    /// The data set's element type (labels are u8 on disk and u32 in a CPU batch).
+    pub dtype: crate::types::DType,
+}
+
+/// Name of the index input [`gather_inputs`] adds.
+pub const BATCH_INDICES: &str = "batch.indices";
+
+/// Rewrites batch inputs `T[B, ...]` into `gather(dataset: T'[rows, ...], batch.indices: u32[B])`,
+/// so a batch is read straight from a data set that stays on the device. Every node is re-added
+/// (and re-typed), so consumers of a changed element type are checked again.
+pub fn gather_inputs(
+    graph: &Graph,
+    rows: usize,
+    inputs: &[GatherInput],
+) -> Result<Graph, crate::graph::GraphError> {
+    use crate::types::{DType, TensorType};
+    let batch = inputs
+        .iter()
+        .find_map(|g| graph.inputs().find(|(_, n, _)| *n == g.input))
+        .map(|(_, _, t)| t.shape.first().copied().unwrap_or(1))
+        .unwrap_or(1);
+    let mut out = Graph::new(graph.name.clone());
+    let mut map: Vec<NodeId> = Vec::with_capacity(graph.nodes().len());
+    let mut indices = None;
+    for (_, node) in graph.iter() {
+        let id = match &node.op {
+            Op::Input { name } => match inputs.iter().find(|g| &g.input == name) {
+                Some(g) => {
+                    let idx = match indices {
+                        Some(i) => i,
+                        None => {
+                            let i =
+                                out.add_input(BATCH_INDICES, TensorType::new(DType::U32, [batch]))?;
+                            indices = Some(i);
+                            i
+                        }
+                    };
+                    let mut shape = node.ty.shape.clone();
+                    if let Some(first) = shape.first_mut() {
+                        *first = rows;
+                    }
+                    let data = out.add_input(g.dataset.clone(), TensorType::new(g.dtype, shape))?;
+                    out.add(Op::Gather, &[data, idx])?
+                }
+                None => out.add_input(name.clone(), node.ty.clone())?,
+            },
+            Op::Param { name } => {
+                out.add_param(name.clone(), node.ty.clone(), node.layer.clone())?
+            }
+            op => {
+                let ins: Vec<NodeId> = node.inputs.iter().map(|i| map[i.0]).collect();
+                out.add_in_layer(op.clone(), &ins, node.layer.clone())?
+            }
+        };
+        map.push(id);
+    }
+    for o in graph.outputs() {
+        out.add_output(o.name.clone(), map[o.node.0])?;
+    }
+    Ok(out)
+}

@@ -32,9 +32,9 @@ impl DType {
         DType::ALL.into_iter().find(|d| d.name() == name)
     }
 
-    /// Whether the type can hold class labels.
+    /// Whether the type can hold class labels (any integer type; data sets store them as u8).
     pub fn is_integer_label(self) -> bool {
-        matches!(self, DType::U32 | DType::I32)
+        matches!(self, DType::U8 | DType::U32 | DType::I32)
     }
 
     pub fn size_bytes(self) -> usize {

@@ -25,6 +25,13 @@ pub enum ExecError {
         expected: TensorType,
         got: TensorType,
     },
+    #[error("{node} (gather): index {index} at position {position} is outside the {rows} rows")]
+    BadIndex {
+        node: NodeId,
+        position: usize,
+        index: u32,
+        rows: usize,
+    },
     #[error("{node} ({op}): label {label} of example {row} is not a class in 0..{classes}")]
     BadLabel {
         node: NodeId,
@@ -269,6 +276,7 @@ pub fn eval<T: Real>(
                 .collect();
             Tensor::from_u32([n], idx).expect("one index per row")
         }
+        Op::Gather => gather(id, args[0], args[1])?,
         Op::CountEqual => {
             let a = args[0].to_i64().expect("integer operand");
             let b = args[1].to_i64().expect("integer operand");
@@ -276,6 +284,45 @@ pub fn eval<T: Real>(
             Tensor::from_u32([], vec![n as u32]).expect("a scalar")
         }
     })
+}
+
+/// Rows of `data` picked by `indices`, any element type.
+fn gather<T: Real>(
+    id: NodeId,
+    data: &Tensor<T>,
+    indices: &Tensor<T>,
+) -> Result<Tensor<T>, ExecError> {
+    let rows = data.shape()[0];
+    let row_len: usize = data.shape()[1..].iter().product();
+    let Data::U32(idx) = indices.data() else {
+        unreachable!("the verifier guarantees u32 indices")
+    };
+    if let Some((position, &index)) = idx.iter().enumerate().find(|(_, i)| **i as usize >= rows) {
+        return Err(ExecError::BadIndex {
+            node: id,
+            position,
+            index,
+            rows,
+        });
+    }
+    fn pick<E: Clone>(v: &[E], idx: &[u32], row_len: usize) -> Vec<E> {
+        idx.iter()
+            .flat_map(|&i| {
+                v[i as usize * row_len..(i as usize + 1) * row_len]
+                    .iter()
+                    .cloned()
+            })
+            .collect()
+    }
+    let out = match data.data() {
+        Data::Float(v) => Data::Float(pick(v, idx, row_len)),
+        Data::U8(v) => Data::U8(pick(v, idx, row_len)),
+        Data::U32(v) => Data::U32(pick(v, idx, row_len)),
+        Data::I32(v) => Data::I32(pick(v, idx, row_len)),
+    };
+    let mut shape = data.shape().to_vec();
+    shape[0] = idx.len();
+    Ok(Tensor::new(shape, out).expect("row_len elements per index"))
 }
 
 /// Position of the first maximum, NaN counting as the maximum (as PyTorch's max pool and argmax

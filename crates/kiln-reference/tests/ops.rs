@@ -521,3 +521,19 @@ fn elementwise_constants_and_broadcast() {
         [3.0, 4.0, -12.0]
     );
 }
+
+#[test]
+fn gather_picks_rows_and_checks_indices() {
+    let data = Tensor::from_u8([3, 2], vec![1, 2, 3, 4, 5, 6]).unwrap();
+    let idx = Tensor::from_u32([4], vec![2, 0, 2, 1]).unwrap();
+    let y = run(Op::Gather, vec![data.clone(), idx]).unwrap();
+    assert_eq!(
+        y,
+        Tensor::from_u8([4, 2], vec![5, 6, 1, 2, 5, 6, 3, 4]).unwrap()
+    );
+    let bad = Tensor::from_u32([2], vec![0, 3]).unwrap();
+    assert_eq!(
+        run(Op::Gather, vec![data, bad]).unwrap_err().to_string(),
+        "%2 (gather): index 3 at position 1 is outside the 3 rows"
+    );
+}

@@ -1,0 +1,53 @@
+//! The whole back half as one function: graph in, verified plan and validated WGSL out.
+
+use kiln_ir::Graph;
+
+use crate::plan::{FuseError, Plan, fuse};
+use crate::report::describe;
+use crate::target::Target;
+use crate::verify_plan::{PlanError, verify_plan};
+use crate::wgsl::{CodegenError, KernelModule, emit_wgsl};
+
+/// A graph compiled for one target.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub graph: Graph,
+    pub plan: Plan,
+    /// One validated module per kernel, in execution order.
+    pub modules: Vec<KernelModule>,
+}
+
+impl Compiled {
+    /// The `--emit kernels` listing.
+    pub fn describe(&self) -> String {
+        describe(&self.graph, &self.plan)
+    }
+
+    /// Every module's WGSL, one after another (`--emit wgsl`).
+    pub fn wgsl(&self) -> String {
+        let texts: Vec<&str> = self.modules.iter().map(|m| m.wgsl.as_str()).collect();
+        texts.join("\n")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    Fuse(#[from] FuseError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Codegen(#[from] CodegenError),
+}
+
+/// Fuses `graph`, checks the plan with the plan verifier and generates naga-validated WGSL.
+pub fn compile(graph: &Graph, target: &Target) -> Result<Compiled, CompileError> {
+    let plan = fuse(graph, target)?;
+    verify_plan(graph, &plan, target)?;
+    let modules = emit_wgsl(graph, &plan, target)?;
+    Ok(Compiled {
+        graph: graph.clone(),
+        plan,
+        modules,
+    })
+}

@@ -1,0 +1,22 @@
+//! kiln's back half: fusion of a step graph into kernels ([`fuse`]), their order, the plan
+//! verifier ([`verify_plan`]) and WGSL generation ([`emit_wgsl`]), validated by naga;
+//! [`compile`] runs them all.
+
+mod compile;
+mod plan;
+mod report;
+mod target;
+mod verify_plan;
+mod wgsl;
+
+pub use compile::{CompileError, Compiled, compile};
+pub use plan::{
+    Buffer, BufferKind, FuseError, Head, Kernel, KernelKind, MAX_HEAD_CLASSES, MAX_INLINE_READS,
+    Placement, Plan, fuse, is_anchor,
+};
+pub use report::describe;
+pub use target::{DeviceClass, Target};
+pub use verify_plan::{PlanError, verify_plan};
+pub use wgsl::{
+    Access, Binding, CodegenError, KernelModule, emit_kernel, emit_wgsl, validate_wgsl,
+};

@@ -1,0 +1,675 @@
+//! Fusion: partitions a graph into kernels and orders them.
+//!
+//! Every non-leaf node is placed:
+//! - **stored** — written to a buffer by the kernel whose *root* it is. Graph outputs, values
+//!   that several kernels need and are expensive to recompute, and anything forced by limits.
+//! - **inline** — computed on the fly inside each kernel that reads it. Cheap ops (elementwise,
+//!   injective, pooling windows, pool gradients; TVM's injective/broadcast patterns) are always
+//!   inlined into their readers — recomputed, never stored — as long as one element costs at
+//!   most [`MAX_INLINE_READS`] reads. This is how the batch gather and u8 scaling land in the
+//!   first convolution's reads, and pool-gradient upsampling and activation derivatives land in
+//!   the reads of the gradient kernels (XLA's input fusion).
+//! - Expensive ops (*anchors*: convolutions and their gradients, matmul, reductions, softmax
+//!   cross-entropy and its gradient, argmax, count) are inlined only into a single consumer that
+//!   reads each of their elements exactly once (elementwise, reshape, a pooling whose windows
+//!   tile the input, a reduction): the epilogue fusion of conv + bias + activation + pool,
+//!   matmul + bias + activation, and weight gradient + SGD update (XLA's loop/output fusion).
+//! - **side output** — an expensive value several kernels need, computed inside the kernel of
+//!   the one consumer that reads it exactly once, and stored as that kernel reads it (the
+//!   sigmoid output that the pooled conv kernel passes through, which backward needs). Saving
+//!   it costs one store per element; recomputing it would cost a whole convolution.
+//!
+//! A logits node read only by softmax cross-entropy (summed over the batch), argmax (counted
+//! against labels) and the cross-entropy gradient becomes one *classifier head* kernel that
+//! writes the loss sum, the correct count and the logits gradient.
+//!
+//! Parameter updates (an output named like a parameter) are written in place into the
+//! parameter's buffer, after every kernel that reads the old value.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
+
+use kiln_ir::{DType, Graph, NodeId, Op, TensorType, VerifyError, verify};
+
+use crate::target::Target;
+
+/// Most reads one element of an inlined cheap value may cost before it is stored instead.
+pub const MAX_INLINE_READS: usize = 64;
+
+/// Largest class count the classifier head keeps in registers.
+pub const MAX_HEAD_CLASSES: usize = 64;
+
+/// Where a node's value lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// An input or parameter: a buffer filled by the caller.
+    Leaf,
+    /// Computed inside each kernel that reads it.
+    Inline,
+    /// Stored by the kernel it is the root of.
+    Stored,
+    /// Computed inside the kernel of `consumer` and stored as it is read there.
+    Side { consumer: NodeId },
+}
+
+/// The ops of a classifier head kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    /// Logits `f32[N,C]`, computed per row in registers.
+    pub logits: NodeId,
+    /// `softmax_cross_entropy` and the `reduce_sum` over the batch it feeds.
+    pub loss: Option<(NodeId, NodeId)>,
+    /// `argmax` and the `count_equal` it feeds.
+    pub correct: Option<(NodeId, NodeId)>,
+    /// `softmax_cross_entropy_grad` of the logits.
+    pub grad: Option<NodeId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelKind {
+    /// One invocation per element of `root`.
+    Map { root: NodeId },
+    /// One workgroup looping over the rows of a classifier head.
+    Head(Head),
+}
+
+/// One GPU kernel: the nodes it computes, what it reads and what it writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kernel {
+    pub name: String,
+    pub kind: KernelKind,
+    /// Every node computed here, in definition order.
+    pub nodes: Vec<NodeId>,
+    /// Nodes whose values this kernel writes to their buffers.
+    pub stores: Vec<NodeId>,
+    /// Leaves and stored nodes this kernel reads from buffers.
+    pub reads: Vec<NodeId>,
+    /// Nodes computed here that other kernels compute too (cheap, recomputed on purpose).
+    pub recomputed: Vec<NodeId>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BufferKind {
+    Input,
+    Param,
+    Intermediate,
+    Output,
+}
+
+/// A device buffer. u8 inputs are packed four to a word; every other element is one 32-bit
+/// word (u8 values a kernel writes are widened to u32).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Buffer {
+    pub name: String,
+    pub ty: TensorType,
+    pub kind: BufferKind,
+    pub packed_u8: bool,
+}
+
+impl Buffer {
+    /// Size in bytes, at least 4 (wgpu does not bind empty buffers).
+    pub fn bytes(&self) -> u64 {
+        let n = self.ty.numel() as u64;
+        let words = if self.packed_u8 { n.div_ceil(4) } else { n };
+        words.max(1) * 4
+    }
+}
+
+/// The fused, ordered kernels of one graph and the buffers they share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub graph: String,
+    /// Kernels in execution order.
+    pub kernels: Vec<Kernel>,
+    pub buffers: Vec<Buffer>,
+    /// Per node: its buffer, for leaves and stored nodes.
+    pub buffer_of: Vec<Option<usize>>,
+    pub placement: Vec<Placement>,
+    /// Parameter updates written in place: `(update node, parameter node)`.
+    pub updates: Vec<(NodeId, NodeId)>,
+}
+
+impl Plan {
+    pub fn buffer(&self, node: NodeId) -> Option<&Buffer> {
+        self.buffer_of[node.0].map(|b| &self.buffers[b])
+    }
+
+    /// The kernel that stores `node`, if any.
+    pub fn producer(&self, node: NodeId) -> Option<usize> {
+        self.kernels.iter().position(|k| k.stores.contains(&node))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FuseError {
+    #[error(transparent)]
+    Invalid(#[from] VerifyError),
+    #[error(
+        "kernel {kernel} needs {needed} storage buffers but the device allows {limit} \
+         (max_storage_buffers_per_shader_stage), and it cannot be split further"
+    )]
+    TooManyBuffers {
+        kernel: String,
+        needed: usize,
+        limit: u32,
+    },
+    #[error("{0}")]
+    Schedule(String),
+}
+
+/// Whether `op` is expensive enough to be worth storing rather than recomputing.
+pub fn is_anchor(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Conv2d { .. }
+            | Op::Conv2dGradInput { .. }
+            | Op::Conv2dGradWeight { .. }
+            | Op::MatMul { .. }
+            | Op::ReduceSum { .. }
+            | Op::ReduceMean { .. }
+            | Op::SoftmaxCrossEntropy
+            | Op::SoftmaxCrossEntropyGrad
+            | Op::Argmax
+            | Op::CountEqual
+    )
+}
+
+/// Whether the op can carry an anchor's epilogue (it reads its first operand elementwise).
+fn is_epilogue(op: &Op) -> bool {
+    !is_anchor(op) && !op.is_leaf()
+}
+
+/// Whether `consumer` reads every element of its operand `k` exactly once over its whole domain.
+fn reads_once(graph: &Graph, consumer: NodeId, k: usize) -> bool {
+    let node = graph.node(consumer);
+    match &node.op {
+        Op::Sigmoid
+        | Op::Relu
+        | Op::Tanh
+        | Op::ScaleU8
+        | Op::Scale { .. }
+        | Op::Add
+        | Op::Sub
+        | Op::SigmoidGrad
+        | Op::ReluGrad
+        | Op::TanhGrad
+        | Op::Reshape { .. }
+        | Op::ReduceSum { .. }
+        | Op::ReduceMean { .. }
+        | Op::CountEqual => true,
+        Op::BiasAdd { .. } => k == 0,
+        Op::AvgPool2d { kernel, stride } | Op::MaxPool2d { kernel, stride } => {
+            let x = &graph.ty(node.inputs[0]).shape;
+            kernel == stride && x[2] % kernel[0] == 0 && x[3] % kernel[1] == 0
+        }
+        _ => false,
+    }
+}
+
+/// Reads of operand `k` per output element of a cheap op (for the inline cost bound).
+fn reads_per_element(op: &Op, k: usize) -> usize {
+    let windows = |kernel: &[usize; 2], stride: &[usize; 2]| {
+        kernel[0].div_ceil(stride[0]) * kernel[1].div_ceil(stride[1])
+    };
+    match op {
+        Op::AvgPool2d { kernel, .. } | Op::MaxPool2d { kernel, .. } => kernel[0] * kernel[1],
+        Op::AvgPool2dGrad { kernel, stride, .. } => windows(kernel, stride),
+        Op::MaxPool2dGrad { kernel, stride } => {
+            let w = windows(kernel, stride);
+            if k == 0 { w * kernel[0] * kernel[1] } else { w }
+        }
+        _ => 1,
+    }
+}
+
+/// Places every node (see the module docs). `forced` nodes are stored regardless.
+fn place(graph: &Graph, forced: &HashSet<NodeId>, allow_side: bool) -> Vec<Placement> {
+    let n = graph.nodes().len();
+    let mut consumers: Vec<Vec<(NodeId, usize)>> = vec![Vec::new(); n];
+    for (id, node) in graph.iter() {
+        for (k, i) in node.inputs.iter().enumerate() {
+            consumers[i.0].push((id, k));
+        }
+    }
+    let mut is_output = vec![false; n];
+    for o in graph.outputs() {
+        is_output[o.node.0] = true;
+    }
+    let mut placement = vec![Placement::Leaf; n];
+    let mut heavy = vec![false; n];
+    let mut cost = vec![1usize; n];
+    for (id, node) in graph.iter() {
+        if node.op.is_leaf() {
+            continue;
+        }
+        let computed_here = |i: &NodeId| match placement[i.0] {
+            Placement::Inline => true,
+            Placement::Side { consumer } => consumer == id,
+            _ => false,
+        };
+        heavy[id.0] =
+            is_anchor(&node.op) || node.inputs.iter().any(|i| computed_here(i) && heavy[i.0]);
+        cost[id.0] = 1 + node
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(k, i)| {
+                let per = if computed_here(i) { cost[i.0] } else { 1 };
+                reads_per_element(&node.op, k).saturating_mul(per)
+            })
+            .sum::<usize>();
+        let cons = &consumers[id.0];
+        placement[id.0] = if is_output[id.0] || forced.contains(&id) || cons.is_empty() {
+            Placement::Stored
+        } else if !heavy[id.0] {
+            if cost[id.0] <= MAX_INLINE_READS {
+                Placement::Inline
+            } else {
+                Placement::Stored
+            }
+        } else if cons.len() == 1 && reads_once(graph, cons[0].0, cons[0].1) {
+            Placement::Inline
+        } else {
+            // The first reader (the forward epilogue, in a step graph) carries the value and
+            // saves it for the others.
+            let (first, k) = cons[0];
+            let distinct: BTreeSet<NodeId> = cons.iter().map(|(c, _)| *c).collect();
+            if allow_side
+                && distinct.len() == cons.len()
+                && reads_once(graph, first, k)
+                && is_epilogue(&graph.node(first).op)
+            {
+                Placement::Side { consumer: first }
+            } else {
+                Placement::Stored
+            }
+        };
+    }
+    placement
+}
+
+/// The nodes a kernel rooted at `roots` computes, and the nodes it reads from buffers.
+fn closure(graph: &Graph, placement: &[Placement], roots: &[NodeId]) -> (Vec<NodeId>, Vec<NodeId>) {
+    let mut nodes = BTreeSet::new();
+    let mut reads = BTreeSet::new();
+    let mut stack: Vec<NodeId> = roots.to_vec();
+    while let Some(id) = stack.pop() {
+        if !nodes.insert(id) {
+            continue;
+        }
+        for &i in &graph.node(id).inputs {
+            let here = match placement[i.0] {
+                Placement::Inline => true,
+                Placement::Side { consumer } => consumer == id,
+                _ => false,
+            };
+            if here {
+                stack.push(i);
+            } else {
+                reads.insert(i);
+            }
+        }
+    }
+    (nodes.into_iter().collect(), reads.into_iter().collect())
+}
+
+/// Finds classifier heads among the stored nodes (see the module docs).
+fn find_heads(graph: &Graph, placement: &[Placement]) -> Vec<Head> {
+    let mut consumers: Vec<Vec<(NodeId, usize)>> = vec![Vec::new(); graph.nodes().len()];
+    for (id, node) in graph.iter() {
+        for (k, i) in node.inputs.iter().enumerate() {
+            consumers[i.0].push((id, k));
+        }
+    }
+    let outputs: HashSet<NodeId> = graph.outputs().iter().map(|o| o.node).collect();
+    let single = |id: NodeId| match consumers[id.0].as_slice() {
+        [(c, _)] => Some(*c),
+        _ => None,
+    };
+    let mut heads = Vec::new();
+    for (id, node) in graph.iter() {
+        let ty = &node.ty;
+        if placement[id.0] != Placement::Stored
+            || outputs.contains(&id)
+            || ty.dtype != DType::F32
+            || ty.rank() != 2
+            || ty.shape[1] == 0
+            || ty.shape[1] > MAX_HEAD_CLASSES
+        {
+            continue;
+        }
+        let mut head = Head {
+            logits: id,
+            loss: None,
+            correct: None,
+            grad: None,
+        };
+        let mut ok = !consumers[id.0].is_empty();
+        for &(c, k) in &consumers[id.0] {
+            let op = &graph.node(c).op;
+            ok &= k == 0;
+            match op {
+                Op::SoftmaxCrossEntropy if head.loss.is_none() => match single(c) {
+                    Some(r)
+                        if graph.node(r).op == (Op::ReduceSum { axes: vec![0] })
+                            && placement[r.0] == Placement::Stored =>
+                    {
+                        head.loss = Some((c, r))
+                    }
+                    _ => ok = false,
+                },
+                Op::Argmax if head.correct.is_none() => match single(c) {
+                    Some(r)
+                        if graph.node(r).op == Op::CountEqual
+                            && placement[r.0] == Placement::Stored
+                            && graph.node(r).inputs[1] != c =>
+                    {
+                        head.correct = Some((c, r))
+                    }
+                    _ => ok = false,
+                },
+                Op::SoftmaxCrossEntropyGrad if head.grad.is_none() => {
+                    ok &= placement[c.0] == Placement::Stored;
+                    head.grad = Some(c);
+                }
+                _ => ok = false,
+            }
+        }
+        if ok {
+            heads.push(head);
+        }
+    }
+    heads
+}
+
+fn kernel_label(graph: &Graph, plan_updates: &[(NodeId, NodeId)], kind: &KernelKind) -> String {
+    match kind {
+        KernelKind::Head(_) => "classifier_head".into(),
+        KernelKind::Map { root } => {
+            if let Some((_, p)) = plan_updates.iter().find(|(u, _)| u == root) {
+                if let Op::Param { name } = &graph.node(*p).op {
+                    return format!("update_{name}");
+                }
+            }
+            let node = graph.node(*root);
+            match &node.layer {
+                Some(l) => format!("{}_l{}", node.op.name(), l.index),
+                None => node.op.name().to_string(),
+            }
+        }
+    }
+}
+
+/// Parameter updates: outputs named like a parameter, of its type, computed by some op.
+fn find_updates(graph: &Graph) -> Vec<(NodeId, NodeId)> {
+    let params: HashMap<&str, (NodeId, &TensorType)> =
+        graph.params().map(|(id, n, t)| (n, (id, t))).collect();
+    graph
+        .outputs()
+        .iter()
+        .filter_map(|o| {
+            let (p, ty) = params.get(o.name.as_str())?;
+            (o.node != *p && graph.ty(o.node) == *ty && !graph.node(o.node).op.is_leaf())
+                .then_some((o.node, *p))
+        })
+        .collect()
+}
+
+/// Partitions `graph` into kernels and orders them. The result satisfies [`crate::verify_plan`].
+pub fn fuse(graph: &Graph, target: &Target) -> Result<Plan, FuseError> {
+    verify(graph)?;
+    let updates = find_updates(graph);
+    let mut forced: HashSet<NodeId> = HashSet::new();
+    let mut allow_side = true;
+    let mut no_head: HashSet<NodeId> = HashSet::new();
+    loop {
+        let mut placement = place(graph, &forced, allow_side);
+        let mut heads = find_heads(graph, &placement);
+        heads.retain(|h| !no_head.contains(&h.logits));
+        for head in &heads {
+            // The head computes its logits row by row in registers; nothing else reads them.
+            placement[head.logits.0] = Placement::Inline;
+        }
+        let mut in_head: HashMap<NodeId, usize> = HashMap::new();
+        for (h, head) in heads.iter().enumerate() {
+            for id in [head.loss.map(|l| l.1), head.correct.map(|c| c.1), head.grad]
+                .into_iter()
+                .flatten()
+            {
+                in_head.insert(id, h);
+            }
+        }
+        // One kernel per stored node, heads merged.
+        let mut kernels: Vec<Kernel> = Vec::new();
+        let mut head_done = vec![false; heads.len()];
+        for (id, _) in graph.iter() {
+            if placement[id.0] != Placement::Stored {
+                continue;
+            }
+            let (kind, roots, stores) = match in_head.get(&id) {
+                Some(&h) => {
+                    if head_done[h] {
+                        continue;
+                    }
+                    head_done[h] = true;
+                    let head = &heads[h];
+                    let stores: Vec<NodeId> =
+                        [head.loss.map(|l| l.1), head.correct.map(|c| c.1), head.grad]
+                            .into_iter()
+                            .flatten()
+                            .collect();
+                    let mut roots = stores.clone();
+                    roots.push(head.logits);
+                    (KernelKind::Head(head.clone()), roots, stores)
+                }
+                None => (KernelKind::Map { root: id }, vec![id], vec![id]),
+            };
+            let (nodes, reads) = closure(graph, &placement, &roots);
+            let mut stores = stores;
+            stores.extend(
+                nodes
+                    .iter()
+                    .filter(|n| matches!(placement[n.0], Placement::Side { .. })),
+            );
+            stores.sort();
+            stores.dedup();
+            kernels.push(Kernel {
+                name: String::new(),
+                kind,
+                nodes,
+                stores,
+                reads,
+                recomputed: Vec::new(),
+            });
+        }
+        // Cheap nodes that several kernels compute.
+        let mut count: HashMap<NodeId, usize> = HashMap::new();
+        for k in &kernels {
+            for n in &k.nodes {
+                *count.entry(*n).or_default() += 1;
+            }
+        }
+        for k in &mut kernels {
+            k.recomputed = k.nodes.iter().copied().filter(|n| count[n] > 1).collect();
+        }
+        // In-place updates need the update kernel to read its parameter only where it writes.
+        let mut retry = false;
+        for &(u, p) in &updates {
+            if let Some(k) = kernels.iter().find(|k| k.stores.contains(&u)) {
+                let other_reader = k
+                    .nodes
+                    .iter()
+                    .any(|&n| n != u && graph.node(n).inputs.contains(&p))
+                    || graph.node(u).op != Op::Sub
+                    || graph.node(u).inputs[0] != p
+                    || graph.node(u).inputs[1] == p;
+                if other_reader && forced.insert(graph.node(u).inputs.get(1).copied().unwrap_or(u))
+                {
+                    retry = true;
+                }
+            }
+        }
+        if retry {
+            continue;
+        }
+        // Binding limit: store the inlined operand that brings in the most buffers.
+        let buffers_of = |k: &Kernel| {
+            let mut b: BTreeSet<NodeId> = k.reads.iter().copied().collect();
+            for s in &k.stores {
+                let alias = updates.iter().find(|(u, _)| u == s).map(|(_, p)| *p);
+                b.insert(alias.unwrap_or(*s));
+            }
+            b.len()
+        };
+        let limit = target.max_storage_buffers_per_stage as usize;
+        if let Some(k) = kernels.iter().find(|k| buffers_of(k) > limit) {
+            if let KernelKind::Head(h) = &k.kind {
+                // Too wide for one kernel here: fall back to the generic kernels.
+                no_head.insert(h.logits);
+                continue;
+            }
+            let candidate = k
+                .nodes
+                .iter()
+                .filter(|n| !k.stores.contains(n) && !forced.contains(n))
+                .max_by_key(|n| closure(graph, &placement, &[**n]).1.len());
+            match candidate {
+                Some(&n) => {
+                    forced.insert(n);
+                    continue;
+                }
+                None => {
+                    return Err(FuseError::TooManyBuffers {
+                        kernel: kernel_label(graph, &updates, &k.kind),
+                        needed: buffers_of(k),
+                        limit: target.max_storage_buffers_per_stage,
+                    });
+                }
+            }
+        }
+        match schedule(graph, &kernels, &updates) {
+            Ok(order) => {
+                let mut ordered: Vec<Kernel> =
+                    order.into_iter().map(|i| kernels[i].clone()).collect();
+                for (i, k) in ordered.iter_mut().enumerate() {
+                    k.name = format!("k{i:02}_{}", kernel_label(graph, &updates, &k.kind));
+                }
+                let (buffers, buffer_of) = assign_buffers(graph, &placement, &updates);
+                return Ok(Plan {
+                    graph: graph.name.clone(),
+                    kernels: ordered,
+                    buffers,
+                    buffer_of,
+                    placement,
+                    updates,
+                });
+            }
+            Err(_) if allow_side => allow_side = false,
+            Err(e) => return Err(FuseError::Schedule(e)),
+        }
+    }
+}
+
+/// Orders kernels so every stored value is written before it is read, and every kernel that
+/// reads a parameter's old value runs before the kernel updating it in place. Ties keep
+/// definition order.
+fn schedule(
+    graph: &Graph,
+    kernels: &[Kernel],
+    updates: &[(NodeId, NodeId)],
+) -> Result<Vec<usize>, String> {
+    let producer: HashMap<NodeId, usize> = kernels
+        .iter()
+        .enumerate()
+        .flat_map(|(k, kern)| kern.stores.iter().map(move |s| (*s, k)))
+        .collect();
+    let mut edges: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); kernels.len()];
+    for (k, kern) in kernels.iter().enumerate() {
+        for r in &kern.reads {
+            if let Some(&p) = producer.get(r) {
+                if p != k {
+                    edges[p].insert(k);
+                }
+            }
+        }
+    }
+    for &(u, p) in updates {
+        let Some(&uk) = producer.get(&u) else {
+            continue;
+        };
+        for (k, kern) in kernels.iter().enumerate() {
+            if k != uk && kern.reads.contains(&p) {
+                edges[k].insert(uk);
+            }
+        }
+    }
+    let mut indegree = vec![0usize; kernels.len()];
+    for e in &edges {
+        for &t in e {
+            indegree[t] += 1;
+        }
+    }
+    let key = |k: usize| kernels[k].stores.first().map_or(0, |n| n.0);
+    let mut ready: BinaryHeap<Reverse<(usize, usize)>> = (0..kernels.len())
+        .filter(|&k| indegree[k] == 0)
+        .map(|k| Reverse((key(k), k)))
+        .collect();
+    let mut order = Vec::with_capacity(kernels.len());
+    while let Some(Reverse((_, k))) = ready.pop() {
+        order.push(k);
+        for &t in &edges[k] {
+            indegree[t] -= 1;
+            if indegree[t] == 0 {
+                ready.push(Reverse((key(t), t)));
+            }
+        }
+    }
+    if order.len() == kernels.len() {
+        Ok(order)
+    } else {
+        Err(format!(
+            "graph `{}`: kernels cannot be ordered: a parameter's updated value is read in the \
+             same step as its old value",
+            graph.name
+        ))
+    }
+}
+
+fn assign_buffers(
+    graph: &Graph,
+    placement: &[Placement],
+    updates: &[(NodeId, NodeId)],
+) -> (Vec<Buffer>, Vec<Option<usize>>) {
+    let mut buffers = Vec::new();
+    let mut buffer_of = vec![None; graph.nodes().len()];
+    let output_name: HashMap<NodeId, &str> = graph
+        .outputs()
+        .iter()
+        .map(|o| (o.node, o.name.as_str()))
+        .collect();
+    for (id, node) in graph.iter() {
+        let (name, kind) = match (&node.op, placement[id.0]) {
+            (Op::Input { name }, _) => (name.clone(), BufferKind::Input),
+            (Op::Param { name }, _) => (name.clone(), BufferKind::Param),
+            (_, Placement::Stored | Placement::Side { .. }) => {
+                if let Some((_, p)) = updates.iter().find(|(u, _)| *u == id) {
+                    buffer_of[id.0] = buffer_of[p.0];
+                    continue;
+                }
+                match output_name.get(&id) {
+                    Some(n) => (n.to_string(), BufferKind::Output),
+                    None => (format!("{id}"), BufferKind::Intermediate),
+                }
+            }
+            _ => continue,
+        };
+        buffer_of[id.0] = Some(buffers.len());
+        buffers.push(Buffer {
+            name,
+            ty: node.ty.clone(),
+            kind,
+            packed_u8: node.ty.dtype == DType::U8 && node.op.is_leaf(),
+        });
+    }
+    (buffers, buffer_of)
+}

@@ -1,0 +1,54 @@
+//! What the code generator may assume about the device it compiles for.
+
+use std::fmt;
+
+/// The broad class of device, which decides the kernel schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeviceClass {
+    /// A CPU emulating a GPU (lavapipe, SwiftShader, WARP): caches act as shared memory.
+    Cpu,
+    IntegratedGpu,
+    DiscreteGpu,
+    /// Unknown or virtual devices get the portable defaults.
+    Other,
+}
+
+/// The device facts codegen needs, derived from the adapter by the runtime (or a portable
+/// default for `--emit` without a device).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub name: String,
+    pub class: DeviceClass,
+    /// Storage buffers one kernel may bind (WebGPU guarantees 8).
+    pub max_storage_buffers_per_stage: u32,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_workgroup_size_x: u32,
+    pub max_workgroups_per_dimension: u32,
+    pub min_storage_buffer_offset_alignment: u32,
+}
+
+impl Target {
+    /// WebGPU's guaranteed limits on an unknown device: what `--emit` assumes.
+    pub fn portable() -> Target {
+        Target {
+            name: "portable WebGPU defaults".into(),
+            class: DeviceClass::Other,
+            max_storage_buffers_per_stage: 8,
+            max_storage_buffer_binding_size: 128 << 20,
+            max_workgroup_size_x: 256,
+            max_workgroups_per_dimension: 65_535,
+            min_storage_buffer_offset_alignment: 256,
+        }
+    }
+
+    /// Invocations per workgroup for elementwise-domain kernels.
+    pub fn workgroup_size(&self) -> u32 {
+        64.min(self.max_workgroup_size_x)
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({:?})", self.name, self.class)
+    }
+}

@@ -1,0 +1,915 @@
+//! WGSL generation: one compute module per kernel, shapes and hyper-parameters baked in.
+//!
+//! Every node a kernel touches becomes a WGSL function `v<id>(i: u32)` returning element `i`
+//! (flat, row-major) of its value: a buffer load for values read from memory, the op's formula
+//! over its operands' functions for values computed here. A kernel's entry point evaluates its
+//! root's function once per element and stores it; a saved (side-output) value stores itself
+//! as it is computed. Inlining is therefore just calling a function, and fusion decisions stay
+//! in the planner. Reductions (convolutions, matmuls, sums) are loops inside their function.
+//!
+//! The classifier head has its own entry point: one workgroup loops over the rows, keeps a
+//! row's logits in registers, and writes the loss sum, correct count and logits gradient.
+
+use std::fmt::Write as _;
+
+use kiln_ir::{DType, Graph, NodeId, Op, TensorType};
+
+use crate::plan::{Head, Kernel, KernelKind, Placement, Plan};
+use crate::target::Target;
+
+const UNPACK_U8: &str = include_str!("../../../shaders/unpack_u8.wgsl");
+const WORKGROUP_SUM: &str = include_str!("../../../shaders/workgroup_sum.wgsl");
+
+/// Invocations of the classifier head's single workgroup (a power of two).
+const HEAD_WORKGROUP: u32 = 64;
+
+/// How a kernel may use a bound buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    ReadWrite,
+}
+
+/// One `@group(0) @binding(n)` of a kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    pub binding: u32,
+    /// Index into [`Plan::buffers`].
+    pub buffer: usize,
+    pub access: Access,
+}
+
+/// A generated kernel: its WGSL and how to launch it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelModule {
+    pub name: String,
+    pub wgsl: String,
+    pub bindings: Vec<Binding>,
+    /// Workgroups to dispatch in x, y, z.
+    pub dispatch: [u32; 3],
+    pub workgroup_size: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodegenError {
+    #[error("kernel {kernel}: {message}")]
+    Unsupported { kernel: String, message: String },
+    #[error("kernel {kernel} failed WGSL validation:\n{diagnostic}")]
+    Invalid { kernel: String, diagnostic: String },
+}
+
+/// Parses and validates WGSL with naga (all validation flags, WebGPU core capabilities).
+pub fn validate_wgsl(kernel: &str, src: &str) -> Result<naga::Module, CodegenError> {
+    use naga::valid::{Capabilities, ValidationFlags, Validator};
+    let invalid = |diagnostic| CodegenError::Invalid {
+        kernel: kernel.to_string(),
+        diagnostic,
+    };
+    let module = naga::front::wgsl::parse_str(src).map_err(|e| invalid(e.emit_to_string(src)))?;
+    Validator::new(ValidationFlags::all(), Capabilities::empty())
+        .validate(&module)
+        .map_err(|e| invalid(e.emit_to_string(src)))?;
+    Ok(module)
+}
+
+/// Generates and validates the modules of every kernel of `plan`, in execution order.
+pub fn emit_wgsl(
+    graph: &Graph,
+    plan: &Plan,
+    target: &Target,
+) -> Result<Vec<KernelModule>, CodegenError> {
+    plan.kernels
+        .iter()
+        .map(|k| {
+            let m = emit_kernel(graph, plan, k, target)?;
+            validate_wgsl(&m.name, &m.wgsl)?;
+            Ok(m)
+        })
+        .collect()
+}
+
+fn wgsl_type(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::U8 | DType::U32 => "u32",
+        DType::I32 => "i32",
+    }
+}
+
+/// An f32 literal that round-trips exactly.
+fn f32_lit(x: f32) -> String {
+    format!("{x:?}f")
+}
+
+fn u(n: usize) -> String {
+    format!("{n}u")
+}
+
+fn i(n: usize) -> String {
+    format!("{n}i")
+}
+
+fn v(id: NodeId) -> String {
+    format!("v{}", id.0)
+}
+
+/// `let` statements decoding flat index `i` into named coordinates of `shape`.
+fn decode(names: &[&str], shape: &[usize]) -> String {
+    let mut s = String::new();
+    let mut stride = 1usize;
+    let mut parts = Vec::new();
+    for d in (0..shape.len()).rev() {
+        let expr = if d == 0 {
+            format!("i / {}", u(stride))
+        } else if stride == 1 {
+            format!("i % {}", u(shape[d]))
+        } else {
+            format!("(i / {}) % {}", u(stride), u(shape[d]))
+        };
+        parts.push(format!("    let {} = {};\n", names[d], expr));
+        stride *= shape[d];
+    }
+    for p in parts.into_iter().rev() {
+        s.push_str(&p);
+    }
+    s
+}
+
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1usize; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        s[d] = s[d + 1] * shape[d + 1];
+    }
+    s
+}
+
+/// The body of node `id`'s element function (statements ending in `return`).
+fn body(graph: &Graph, id: NodeId) -> String {
+    let node = graph.node(id);
+    let ins = &node.inputs;
+    let shape = |k: usize| graph.ty(ins[k]).shape.clone();
+    let out = &node.ty.shape;
+    let x = |k: usize| v(ins[k]);
+    match &node.op {
+        Op::Input { .. } | Op::Param { .. } => unreachable!("leaves are loaded, not computed"),
+        Op::Full { value, .. } => format!("    return {};\n", f32_lit(value.0)),
+        Op::Reshape { .. } => format!("    return {}(i);\n", x(0)),
+        Op::ScaleU8 => format!("    return f32({}(i)) / 255.0f;\n", x(0)),
+        Op::Sigmoid => format!("    return 1.0f / (1.0f + exp(-{}(i)));\n", x(0)),
+        Op::Relu => format!(
+            "    let a = {}(i);\n    return select(a, 0.0f, a < 0.0f);\n",
+            x(0)
+        ),
+        Op::Tanh => format!("    return tanh({}(i));\n", x(0)),
+        Op::SigmoidGrad => format!(
+            "    let y = {}(i);\n    return {}(i) * y * (1.0f - y);\n",
+            x(0),
+            x(1)
+        ),
+        Op::ReluGrad => format!(
+            "    return select(0.0f, {}(i), {}(i) > 0.0f);\n",
+            x(1),
+            x(0)
+        ),
+        Op::TanhGrad => format!(
+            "    let y = {}(i);\n    return {}(i) * (1.0f - y * y);\n",
+            x(0),
+            x(1)
+        ),
+        Op::Add => format!("    return {}(i) + {}(i);\n", x(0), x(1)),
+        Op::Sub => format!("    return {}(i) - {}(i);\n", x(0), x(1)),
+        Op::Scale { factor } => format!("    return {}(i) * {};\n", x(0), f32_lit(factor.0)),
+        Op::BiasAdd { axis } => {
+            let inner: usize = out[axis + 1..].iter().product();
+            format!(
+                "    return {}(i) + {}((i / {}) % {});\n",
+                x(0),
+                x(1),
+                u(inner),
+                u(out[*axis])
+            )
+        }
+        Op::Broadcast { shape: to, axes } => {
+            let names: Vec<String> = (0..to.len()).map(|d| format!("c{d}")).collect();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let kept: Vec<usize> = (0..to.len()).filter(|d| !axes.contains(d)).collect();
+            let kept_shape: Vec<usize> = kept.iter().map(|&d| to[d]).collect();
+            let ks = strides(&kept_shape);
+            let terms: Vec<String> = kept
+                .iter()
+                .zip(&ks)
+                .map(|(&d, &s)| format!("c{d} * {}", u(s)))
+                .collect();
+            let index = if terms.is_empty() {
+                "0u".to_string()
+            } else {
+                terms.join(" + ")
+            };
+            format!("{}    return {}({index});\n", decode(&refs, to), x(0))
+        }
+        Op::Gather => {
+            let data = shape(0);
+            let row: usize = data[1..].iter().product();
+            format!(
+                "    let row = i / {r};\n    let offset = i % {r};\n    return {}({}(row) * {r} + offset);\n",
+                x(0),
+                x(1),
+                r = u(row)
+            )
+        }
+        Op::Conv2d { stride, padding } => {
+            let [_, c, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
+            let [o, _, kh, kw] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
+            format!(
+                "{}    var acc = 0.0f;
+    for (var c = 0u; c < {C}; c++) {{
+        for (var ky = 0u; ky < {KH}; ky++) {{
+            let iy = i32(oy * {SY} + ky) - {PY};
+            if (iy < 0i || iy >= {Hi}) {{ continue; }}
+            for (var kx = 0u; kx < {KW}; kx++) {{
+                let ix = i32(ox * {SX} + kx) - {PX};
+                if (ix < 0i || ix >= {Wi}) {{ continue; }}
+                acc += {x}(((n * {C} + c) * {H} + u32(iy)) * {W} + u32(ix)) * {w}(((o * {C} + c) * {KH} + ky) * {KW} + kx);
+            }}
+        }}
+    }}
+    return acc;
+",
+                decode(&["n", "o", "oy", "ox"], out),
+                C = u(c),
+                H = u(h),
+                W = u(w),
+                Hi = i(h),
+                Wi = i(w),
+                KH = u(kh),
+                KW = u(kw),
+                SY = u(stride[0]),
+                SX = u(stride[1]),
+                PY = i(padding[0]),
+                PX = i(padding[1]),
+                x = x(0),
+                w = x(1),
+            )
+            .replace("{O}", &u(o))
+        }
+        Op::Conv2dGradInput {
+            stride, padding, ..
+        } => {
+            let [_, o, oh, ow] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
+            let [_, c, kh, kw] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
+            format!(
+                "{}    var acc = 0.0f;
+    for (var o = 0u; o < {O}; o++) {{
+        for (var ky = 0u; ky < {KH}; ky++) {{
+            let ty = i32(h) + {PY} - i32(ky);
+            if (ty < 0i || u32(ty) % {SY} != 0u) {{ continue; }}
+            let oy = u32(ty) / {SY};
+            if (oy >= {OH}) {{ continue; }}
+            for (var kx = 0u; kx < {KW}; kx++) {{
+                let tx = i32(w) + {PX} - i32(kx);
+                if (tx < 0i || u32(tx) % {SX} != 0u) {{ continue; }}
+                let ox = u32(tx) / {SX};
+                if (ox >= {OW}) {{ continue; }}
+                acc += {dy}(((n * {O} + o) * {OH} + oy) * {OW} + ox) * {wt}(((o * {C} + c) * {KH} + ky) * {KW} + kx);
+            }}
+        }}
+    }}
+    return acc;
+",
+                decode(&["n", "c", "h", "w"], out),
+                O = u(o),
+                OH = u(oh),
+                OW = u(ow),
+                C = u(c),
+                KH = u(kh),
+                KW = u(kw),
+                SY = u(stride[0]),
+                SX = u(stride[1]),
+                PY = i(padding[0]),
+                PX = i(padding[1]),
+                dy = x(0),
+                wt = x(1),
+            )
+        }
+        Op::Conv2dGradWeight {
+            stride, padding, ..
+        } => {
+            let [n, c, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
+            let [_, o, oh, ow] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
+            format!(
+                "{}    var acc = 0.0f;
+    for (var n = 0u; n < {N}; n++) {{
+        for (var oy = 0u; oy < {OH}; oy++) {{
+            let iy = i32(oy * {SY} + ky) - {PY};
+            if (iy < 0i || iy >= {Hi}) {{ continue; }}
+            for (var ox = 0u; ox < {OW}; ox++) {{
+                let ix = i32(ox * {SX} + kx) - {PX};
+                if (ix < 0i || ix >= {Wi}) {{ continue; }}
+                acc += {x}(((n * {C} + c) * {H} + u32(iy)) * {W} + u32(ix)) * {dy}(((n * {O} + o) * {OH} + oy) * {OW} + ox);
+            }}
+        }}
+    }}
+    return acc;
+",
+                decode(&["o", "c", "ky", "kx"], out),
+                N = u(n),
+                C = u(c),
+                H = u(h),
+                W = u(w),
+                Hi = i(h),
+                Wi = i(w),
+                O = u(o),
+                OH = u(oh),
+                OW = u(ow),
+                SY = u(stride[0]),
+                SX = u(stride[1]),
+                PY = i(padding[0]),
+                PX = i(padding[1]),
+                x = x(0),
+                dy = x(1),
+            )
+        }
+        Op::AvgPool2d { kernel, stride } | Op::MaxPool2d { kernel, stride } => {
+            let [_, _, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
+            let base = format!(
+                "{}    let base = (nc * {H} + oy * {SY}) * {W} + ox * {SX};\n",
+                decode(&["nc", "oy", "ox"], &[out[0] * out[1], out[2], out[3]]),
+                H = u(h),
+                W = u(w),
+                SY = u(stride[0]),
+                SX = u(stride[1]),
+            );
+            let at = |ky: usize, kx: usize| format!("{}(base + {})", x(0), u(ky * w + kx));
+            let mut s = base;
+            if matches!(node.op, Op::AvgPool2d { .. }) {
+                let terms: Vec<String> = (0..kernel[0])
+                    .flat_map(|ky| (0..kernel[1]).map(move |kx| (ky, kx)))
+                    .map(|(ky, kx)| at(ky, kx))
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "    return ({}) / {};",
+                    terms.join(" + "),
+                    f32_lit((kernel[0] * kernel[1]) as f32)
+                );
+            } else {
+                let _ = writeln!(s, "    var best = {};", at(0, 0));
+                for ky in 0..kernel[0] {
+                    for kx in 0..kernel[1] {
+                        if ky + kx > 0 {
+                            let _ = writeln!(s, "    let a{ky}_{kx} = {};", at(ky, kx));
+                            // Keep the first maximum; NaN wins, as in the reference.
+                            let _ = writeln!(
+                                s,
+                                "    if (!(best != best) && !(a{ky}_{kx} <= best)) {{ best = a{ky}_{kx}; }}"
+                            );
+                        }
+                    }
+                }
+                s.push_str("    return best;\n");
+            }
+            s
+        }
+        Op::AvgPool2dGrad { kernel, stride, .. } | Op::MaxPool2dGrad { kernel, stride } => {
+            let dy_shape = shape(if matches!(node.op, Op::MaxPool2dGrad { .. }) {
+                1
+            } else {
+                0
+            });
+            let (oh, ow) = (dy_shape[2], dy_shape[3]);
+            let (h, w) = (out[2], out[3]);
+            let mut s = decode(&["nc", "h", "w"], &[out[0] * out[1], h, w]);
+            s.push_str("    var acc = 0.0f;\n");
+            let _ = write!(
+                s,
+                "    for (var ky = 0u; ky < {KH}; ky++) {{
+        let ty = i32(h) - i32(ky);
+        if (ty < 0i || u32(ty) % {SY} != 0u) {{ continue; }}
+        let oy = u32(ty) / {SY};
+        if (oy >= {OH}) {{ continue; }}
+        for (var kx = 0u; kx < {KW}; kx++) {{
+            let tx = i32(w) - i32(kx);
+            if (tx < 0i || u32(tx) % {SX} != 0u) {{ continue; }}
+            let ox = u32(tx) / {SX};
+            if (ox >= {OW}) {{ continue; }}
+",
+                KH = u(kernel[0]),
+                KW = u(kernel[1]),
+                SY = u(stride[0]),
+                SX = u(stride[1]),
+                OH = u(oh),
+                OW = u(ow),
+            );
+            let g = |k: usize| format!("{}((nc * {} + oy) * {} + ox)", x(k), u(oh), u(ow));
+            match &node.op {
+                Op::AvgPool2dGrad { .. } => {
+                    let _ = writeln!(s, "            acc += {};", g(0));
+                    s.push_str("        }\n    }\n");
+                    let _ = writeln!(
+                        s,
+                        "    return acc / {};",
+                        f32_lit((kernel[0] * kernel[1]) as f32)
+                    );
+                }
+                _ => {
+                    // Recompute the window's first maximum; the gradient goes to it alone.
+                    let _ = write!(
+                        s,
+                        "            let base = (nc * {H} + oy * {SY}) * {W} + ox * {SX};
+            var best = {xf}(base);
+            var by = 0u;
+            var bx = 0u;
+            for (var wy = 0u; wy < {KH}; wy++) {{
+                for (var wx = 0u; wx < {KW}; wx++) {{
+                    let a = {xf}(base + wy * {W} + wx);
+                    if (!(best != best) && !(a <= best)) {{ best = a; by = wy; bx = wx; }}
+                }}
+            }}
+            if (by == ky && bx == kx) {{ acc += {g}; }}
+        }}
+    }}
+    return acc;
+",
+                        H = u(h),
+                        W = u(w),
+                        SY = u(stride[0]),
+                        SX = u(stride[1]),
+                        KH = u(kernel[0]),
+                        KW = u(kernel[1]),
+                        xf = x(0),
+                        g = g(1),
+                    );
+                }
+            }
+            s
+        }
+        Op::MatMul {
+            transpose_a,
+            transpose_b,
+        } => {
+            let (a, b) = (shape(0), shape(1));
+            let k = if *transpose_a { a[0] } else { a[1] };
+            let ai = if *transpose_a {
+                format!("p * {} + r", u(a[1]))
+            } else {
+                format!("r * {} + p", u(a[1]))
+            };
+            let bi = if *transpose_b {
+                format!("c * {} + p", u(b[1]))
+            } else {
+                format!("p * {} + c", u(b[1]))
+            };
+            format!(
+                "{}    var acc = 0.0f;\n    for (var p = 0u; p < {}; p++) {{\n        acc += {}({ai}) * {}({bi});\n    }}\n    return acc;\n",
+                decode(&["r", "c"], out),
+                u(k),
+                x(0),
+                x(1)
+            )
+        }
+        Op::ReduceSum { axes } | Op::ReduceMean { axes } => {
+            let xs = shape(0);
+            let st = strides(&xs);
+            let kept: Vec<usize> = (0..xs.len()).filter(|d| !axes.contains(d)).collect();
+            let names: Vec<String> = kept.iter().map(|d| format!("k{d}")).collect();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let kept_shape: Vec<usize> = kept.iter().map(|&d| xs[d]).collect();
+            let mut s = decode(&refs, &kept_shape);
+            s.push_str("    var acc = 0.0f;\n");
+            let mut indent = String::from("    ");
+            for &a in axes {
+                let _ = writeln!(
+                    s,
+                    "{indent}for (var r{a} = 0u; r{a} < {}; r{a}++) {{",
+                    u(xs[a])
+                );
+                indent.push_str("    ");
+            }
+            let terms: Vec<String> = (0..xs.len())
+                .map(|d| {
+                    let var = if axes.contains(&d) {
+                        format!("r{d}")
+                    } else {
+                        format!("k{d}")
+                    };
+                    format!("{var} * {}", u(st[d]))
+                })
+                .collect();
+            let index = if terms.is_empty() {
+                "0u".into()
+            } else {
+                terms.join(" + ")
+            };
+            let _ = writeln!(s, "{indent}acc += {}({index});", x(0));
+            for _ in axes {
+                indent.truncate(indent.len() - 4);
+                let _ = writeln!(s, "{indent}}}");
+            }
+            if matches!(node.op, Op::ReduceMean { .. }) {
+                let count: usize = axes.iter().map(|&a| xs[a]).product();
+                let _ = writeln!(s, "    return acc / {};", f32_lit(count as f32));
+            } else {
+                s.push_str("    return acc;\n");
+            }
+            s
+        }
+        Op::SoftmaxCrossEntropy | Op::SoftmaxCrossEntropyGrad => {
+            let c = shape(0)[1];
+            let row = if matches!(node.op, Op::SoftmaxCrossEntropy) {
+                "i"
+            } else {
+                "i / CLASSES"
+            };
+            let mut s = format!(
+                "    let row = {row};
+    let base = row * CLASSES;
+    var m = {z}(base);
+    for (var c = 1u; c < CLASSES; c++) {{ m = max(m, {z}(base + c)); }}
+    var s = 0.0f;
+    for (var c = 0u; c < CLASSES; c++) {{ s += exp({z}(base + c) - m); }}
+    let label = min(u32({l}(row)), CLASSES - 1u);
+",
+                z = x(0),
+                l = x(1),
+            );
+            if matches!(node.op, Op::SoftmaxCrossEntropy) {
+                let _ = writeln!(s, "    return m + log(s) - {}(base + label);", x(0));
+            } else {
+                let _ = writeln!(
+                    s,
+                    "    let c = i % CLASSES;\n    let p = exp({}(i) - m) / s;\n    return (p - select(0.0f, 1.0f, c == label)) * {}(row);",
+                    x(0),
+                    x(2)
+                );
+            }
+            s.replace("CLASSES", &u(c))
+        }
+        Op::Argmax => {
+            let c = shape(0)[1];
+            format!(
+                "    let base = i * {C};
+    var best = {z}(base);
+    var at = 0u;
+    for (var c = 1u; c < {C}; c++) {{
+        let a = {z}(base + c);
+        if (!(best != best) && !(a <= best)) {{ best = a; at = c; }}
+    }}
+    return at;
+",
+                C = u(c),
+                z = x(0)
+            )
+        }
+        Op::CountEqual => {
+            let n = graph.ty(ins[0]).numel();
+            format!(
+                "    var count = 0u;
+    for (var j = 0u; j < {}; j++) {{
+        if (i32({}(j)) == i32({}(j))) {{ count += 1u; }}
+    }}
+    return count;
+",
+                u(n),
+                x(0),
+                x(1)
+            )
+        }
+    }
+}
+
+/// The element functions for `kernel`: loads for what it reads, formulas for what it computes.
+fn functions(
+    graph: &Graph,
+    plan: &Plan,
+    kernel: &Kernel,
+    binding_of: &dyn Fn(usize) -> u32,
+) -> String {
+    let mut s = String::new();
+    for &r in &kernel.reads {
+        let b = plan.buffer_of[r.0].expect("reads have buffers");
+        let buf = &plan.buffers[b];
+        if buf.packed_u8 {
+            let f = UNPACK_U8
+                .replace("{{FN}}", &v(r))
+                .replace("{{BUF}}", &format!("buf{}", binding_of(b)));
+            s.push_str(&f);
+        } else {
+            let _ = writeln!(
+                s,
+                "fn {}(i: u32) -> {} {{\n    return buf{}[i];\n}}",
+                v(r),
+                wgsl_type(graph.ty(r).dtype),
+                binding_of(b)
+            );
+        }
+    }
+    // The head's entry point computes these itself, row by row.
+    let in_head_main: Vec<NodeId> = match &kernel.kind {
+        KernelKind::Head(h) => [
+            h.loss.map(|l| l.0),
+            h.loss.map(|l| l.1),
+            h.correct.map(|c| c.0),
+            h.correct.map(|c| c.1),
+            h.grad,
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+        KernelKind::Map { .. } => Vec::new(),
+    };
+    for &n in kernel.nodes.iter().filter(|n| !in_head_main.contains(n)) {
+        let ty = wgsl_type(graph.ty(n).dtype);
+        let mut b = body(graph, n);
+        let saved =
+            matches!(plan.placement[n.0], Placement::Side { .. }) && kernel.stores.contains(&n);
+        if saved {
+            // Store as computed: this kernel reads each element of a saved value exactly once.
+            let slot = binding_of(plan.buffer_of[n.0].expect("stored nodes have buffers"));
+            b = format!(
+                "    let value = value_of_{}(i);\n    buf{slot}[i] = value;\n    return value;\n",
+                v(n)
+            );
+            let _ = writeln!(
+                s,
+                "fn value_of_{}(i: u32) -> {ty} {{\n{}}}",
+                v(n),
+                body(graph, n)
+            );
+        }
+        let node = graph.node(n);
+        let layer = node
+            .layer
+            .as_ref()
+            .map(|l| format!(" @{}:{}", l.index, l.kind))
+            .unwrap_or_default();
+        let _ = writeln!(s, "// {n} = {} : {}{layer}", node.op.name(), node.ty);
+        let _ = writeln!(s, "fn {}(i: u32) -> {ty} {{\n{b}}}", v(n));
+    }
+    s
+}
+
+fn numel_u32(kernel: &str, ty: &TensorType) -> Result<u32, CodegenError> {
+    u32::try_from(ty.numel()).map_err(|_| CodegenError::Unsupported {
+        kernel: kernel.to_string(),
+        message: format!("{ty} has more elements than a u32 index can address"),
+    })
+}
+
+/// Generates the module of one kernel (not yet validated; [`emit_wgsl`] validates).
+pub fn emit_kernel(
+    graph: &Graph,
+    plan: &Plan,
+    kernel: &Kernel,
+    target: &Target,
+) -> Result<KernelModule, CodegenError> {
+    // Bindings: every buffer read or written, in buffer order; written ones read_write.
+    let mut used: Vec<(usize, Access)> = Vec::new();
+    for n in kernel.reads.iter().chain(&kernel.stores) {
+        let b = plan.buffer_of[n.0].expect("read and stored nodes have buffers");
+        let access = if kernel.stores.iter().any(|s| plan.buffer_of[s.0] == Some(b)) {
+            Access::ReadWrite
+        } else {
+            Access::Read
+        };
+        if !used.iter().any(|(u, _)| *u == b) {
+            used.push((b, access));
+        }
+    }
+    used.sort_by_key(|(b, _)| *b);
+    let bindings: Vec<Binding> = used
+        .iter()
+        .enumerate()
+        .map(|(k, &(buffer, access))| Binding {
+            binding: k as u32,
+            buffer,
+            access,
+        })
+        .collect();
+    let binding_of = |buffer: usize| {
+        bindings
+            .iter()
+            .find(|b| b.buffer == buffer)
+            .expect("bound")
+            .binding
+    };
+
+    let mut s = String::new();
+    let ops: Vec<String> = kernel
+        .nodes
+        .iter()
+        .map(|&n| {
+            let node = graph.node(n);
+            match &node.layer {
+                Some(l) => format!("{n} {}@{}", node.op.name(), l.index),
+                None => format!("{n} {}", node.op.name()),
+            }
+        })
+        .collect();
+    let (workgroup_size, dispatch, schedule) = match &kernel.kind {
+        KernelKind::Map { root } => {
+            let wg = target.workgroup_size();
+            let numel = numel_u32(&kernel.name, graph.ty(*root))?;
+            let groups = numel.div_ceil(wg).max(1);
+            let gx = groups.min(target.max_workgroups_per_dimension);
+            let gy = groups.div_ceil(gx);
+            if gy > target.max_workgroups_per_dimension {
+                return Err(CodegenError::Unsupported {
+                    kernel: kernel.name.clone(),
+                    message: format!(
+                        "{numel} elements need more workgroups than the device allows"
+                    ),
+                });
+            }
+            (
+                wg,
+                [gx, gy, 1],
+                format!("one invocation per element of {root} ({numel} elements)"),
+            )
+        }
+        KernelKind::Head(h) => (
+            HEAD_WORKGROUP,
+            [1, 1, 1],
+            format!(
+                "one workgroup looping over the {} rows of {}",
+                graph.ty(h.logits).shape[0],
+                h.logits
+            ),
+        ),
+    };
+    let _ = writeln!(
+        s,
+        "// kiln kernel {} of graph \"{}\"",
+        kernel.name, plan.graph
+    );
+    let _ = writeln!(s, "// target: {target}");
+    let _ = writeln!(s, "// ops: {}", ops.join(", "));
+    if !kernel.recomputed.is_empty() {
+        let r: Vec<String> = kernel.recomputed.iter().map(|n| n.to_string()).collect();
+        let _ = writeln!(
+            s,
+            "// recomputed here (cheap, also computed by other kernels): {}",
+            r.join(", ")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "// schedule: {schedule}, workgroup size {workgroup_size}"
+    );
+    let _ = writeln!(
+        s,
+        "// dispatch: {} x {} x {} workgroups",
+        dispatch[0], dispatch[1], dispatch[2]
+    );
+    let _ = writeln!(s, "// bindings:");
+    for b in &bindings {
+        let buf = &plan.buffers[b.buffer];
+        let _ = writeln!(
+            s,
+            "//   {}: {} {}{} ({})",
+            b.binding,
+            buf.name,
+            buf.ty,
+            if buf.packed_u8 {
+                " packed 4 per word"
+            } else {
+                ""
+            },
+            if b.access == Access::ReadWrite {
+                "read_write"
+            } else {
+                "read"
+            }
+        );
+    }
+    s.push('\n');
+    for b in &bindings {
+        let buf = &plan.buffers[b.buffer];
+        let elem = if buf.packed_u8 {
+            "u32"
+        } else {
+            wgsl_type(buf.ty.dtype)
+        };
+        let access = if b.access == Access::ReadWrite {
+            "read_write"
+        } else {
+            "read"
+        };
+        let _ = writeln!(
+            s,
+            "@group(0) @binding({}) var<storage, {access}> buf{}: array<{elem}>;",
+            b.binding, b.binding
+        );
+    }
+    s.push('\n');
+    s.push_str(&functions(graph, plan, kernel, &binding_of));
+    s.push('\n');
+    match &kernel.kind {
+        KernelKind::Map { root } => {
+            let numel = numel_u32(&kernel.name, graph.ty(*root))?;
+            let slot = binding_of(plan.buffer_of[root.0].expect("roots are stored"));
+            let _ = write!(
+                s,
+                "@compute @workgroup_size({workgroup_size})
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
+    let i = gid.x + gid.y * {};
+    if (i >= {}) {{
+        return;
+    }}
+    buf{slot}[i] = {}(i);
+}}
+",
+                u(dispatch[0] as usize * workgroup_size as usize),
+                u(numel as usize),
+                v(*root)
+            );
+        }
+        KernelKind::Head(h) => s.push_str(&head_main(graph, plan, h, &binding_of)),
+    }
+    Ok(KernelModule {
+        name: kernel.name.clone(),
+        wgsl: s,
+        bindings,
+        dispatch,
+        workgroup_size,
+    })
+}
+
+fn head_main(graph: &Graph, plan: &Plan, h: &Head, binding_of: &dyn Fn(usize) -> u32) -> String {
+    let [n, c] = <[usize; 2]>::try_from(graph.ty(h.logits).shape.as_slice()).expect("rank 2");
+    let slot = |id: NodeId| binding_of(plan.buffer_of[id.0].expect("head outputs are stored"));
+    let wg = HEAD_WORKGROUP as usize;
+    let mut s = format!(
+        "var<workgroup> part_loss: array<f32, {wg}>;
+var<workgroup> part_count: array<u32, {wg}>;
+
+@compute @workgroup_size({wg})
+fn main(@builtin(local_invocation_index) lid: u32) {{
+    var loss = 0.0f;
+    var count = 0u;
+    for (var r = lid; r < {N}; r += {WG}) {{
+        var z: array<f32, {c}>;
+        for (var c = 0u; c < {C}; c++) {{
+            z[c] = {L}(r * {C} + c);
+        }}
+        // First maximum (NaN wins), shared by the softmax shift and argmax.
+        var m = z[0];
+        var best = 0u;
+        for (var c = 1u; c < {C}; c++) {{
+            if (!(m != m) && !(z[c] <= m)) {{ m = z[c]; best = c; }}
+        }}
+        var s = 0.0f;
+        for (var c = 0u; c < {C}; c++) {{
+            s += exp(z[c] - m);
+        }}
+",
+        N = u(n),
+        C = u(c),
+        WG = u(wg),
+        L = v(h.logits),
+    );
+    if let Some((sce, _)) = h.loss {
+        let labels = v(graph.node(sce).inputs[1]);
+        let _ = write!(
+            s,
+            "        let loss_label = min(u32({labels}(r)), {C} - 1u);\n        loss += m + log(s) - z[loss_label];\n",
+            C = u(c)
+        );
+    }
+    if let Some((arg, count)) = h.correct {
+        let ins = &graph.node(count).inputs;
+        let other = if ins[0] == arg { ins[1] } else { ins[0] };
+        let _ = writeln!(
+            s,
+            "        if (i32(best) == i32({}(r))) {{ count += 1u; }}",
+            v(other)
+        );
+    }
+    if let Some(g) = h.grad {
+        let ins = &graph.node(g).inputs;
+        let _ = write!(
+            s,
+            "        let grad_label = min(u32({l}(r)), {C} - 1u);
+        let dloss = {d}(r);
+        for (var c = 0u; c < {C}; c++) {{
+            let p = exp(z[c] - m) / s;
+            buf{slot}[r * {C} + c] = (p - select(0.0f, 1.0f, c == grad_label)) * dloss;
+        }}
+",
+            l = v(ins[1]),
+            d = v(ins[2]),
+            C = u(c),
+            slot = slot(g),
+        );
+    }
+    s.push_str("    }\n");
+    s.push_str(&WORKGROUP_SUM.replace("{{WG}}", &wg.to_string()));
+    s.push_str("    if (lid == 0u) {\n");
+    if let Some((_, r)) = h.loss {
+        let _ = writeln!(s, "        buf{}[0] = part_loss[0];", slot(r));
+    }
+    if let Some((_, r)) = h.correct {
+        let _ = writeln!(s, "        buf{}[0] = part_count[0];", slot(r));
+    }
+    s.push_str("    }\n}\n");
+    s
+}

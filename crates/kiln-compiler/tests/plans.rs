@@ -1,0 +1,322 @@
+//! Fusion plans and generated WGSL: LeNet's structure, the verifier's teeth, and random models.
+
+use kiln_autodiff::{evaluation_graph, read_batches_from_dataset, training_step};
+use kiln_compiler::{
+    CodegenError, KernelKind, Placement, Plan, Target, describe, emit_wgsl, fuse, validate_wgsl,
+    verify_plan,
+};
+use kiln_ir::{Conv2d, DType, Graph, Layer, NodeId, Sequential, TensorType, lenet};
+use proptest::prelude::*;
+
+fn step_graph(model: &Sequential, batch: usize, rows: usize) -> Graph {
+    let fwd = model
+        .build("lenet", TensorType::new(DType::U8, [batch, 1, 28, 28]))
+        .unwrap();
+    read_batches_from_dataset(&training_step(&fwd, 0.9).unwrap(), rows).unwrap()
+}
+
+fn eval_graph(model: &Sequential, batch: usize, rows: usize) -> Graph {
+    let fwd = model
+        .build("lenet", TensorType::new(DType::U8, [batch, 1, 28, 28]))
+        .unwrap();
+    read_batches_from_dataset(&evaluation_graph(&fwd).unwrap(), rows).unwrap()
+}
+
+fn ops_of(g: &Graph, plan: &Plan, k: usize) -> Vec<&'static str> {
+    plan.kernels[k]
+        .nodes
+        .iter()
+        .map(|&n| g.node(n).op.name())
+        .collect()
+}
+
+#[test]
+fn lenet_step_fuses_into_few_kernels_by_the_rules() {
+    let g = step_graph(&lenet(), 256, 60_000);
+    let t = Target::portable();
+    let plan = fuse(&g, &t).unwrap();
+    verify_plan(&g, &plan, &t).unwrap();
+    // 12 layers: 5 forward kernels (the head included), 4 input-gradient kernels, 10 updates.
+    assert_eq!(plan.kernels.len(), 19, "{}", describe(&g, &plan));
+    // Batch gather, u8 scaling, conv, bias, sigmoid and pooling in one kernel; the sigmoid
+    // output is saved for backward as it is computed.
+    assert_eq!(
+        ops_of(&g, &plan, 0),
+        [
+            "gather",
+            "scale_u8",
+            "conv2d",
+            "bias_add",
+            "sigmoid",
+            "avg_pool2d"
+        ]
+    );
+    let sigmoid = plan.kernels[0].nodes[4];
+    assert!(matches!(plan.placement[sigmoid.0], Placement::Side { .. }));
+    assert_eq!(plan.kernels[0].stores.len(), 2);
+    // Linear + bias + sigmoid in one kernel.
+    assert_eq!(ops_of(&g, &plan, 2), ["matmul", "bias_add", "sigmoid"]);
+    // Logits, cross-entropy, its gradient, the loss sum and the correct count in one kernel.
+    let head = plan
+        .kernels
+        .iter()
+        .position(|k| matches!(k.kind, KernelKind::Head(_)))
+        .unwrap();
+    let head_ops = ops_of(&g, &plan, head);
+    for op in [
+        "matmul",
+        "bias_add",
+        "softmax_cross_entropy",
+        "softmax_cross_entropy_grad",
+        "reduce_sum",
+        "argmax",
+        "count_equal",
+    ] {
+        assert!(head_ops.contains(&op), "{head_ops:?}");
+    }
+    // Each weight gradient is reduced in the kernel that applies its SGD update, and the
+    // pool-gradient upsampling and sigmoid derivative are read through, not stored.
+    for k in &plan.kernels {
+        if k.name.contains("update_3.weight") {
+            let ops: Vec<&str> = k.nodes.iter().map(|&n| g.node(n).op.name()).collect();
+            for op in [
+                "avg_pool2d_grad",
+                "sigmoid_grad",
+                "conv2d_grad_weight",
+                "scale",
+                "sub",
+            ] {
+                assert!(ops.contains(&op), "{ops:?}");
+            }
+        }
+    }
+    let stored_ops: Vec<&str> = g
+        .iter()
+        .filter(|(id, _)| plan.placement[id.0] == Placement::Stored)
+        .map(|(_, n)| n.op.name())
+        .collect();
+    assert!(
+        !stored_ops.contains(&"avg_pool2d_grad") && !stored_ops.contains(&"scale_u8"),
+        "{stored_ops:?}"
+    );
+    // No weight is updated before every kernel that reads its old value ran.
+    for &(u, p) in &plan.updates {
+        let uk = plan.producer(u).unwrap();
+        for (k, kernel) in plan.kernels.iter().enumerate() {
+            if kernel.reads.contains(&p) && k != uk {
+                assert!(
+                    k < uk,
+                    "{} reads {p} after {} updates it",
+                    kernel.name,
+                    plan.kernels[uk].name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn lenet_graphs_compile_to_valid_wgsl() {
+    let t = Target::portable();
+    let mut relu = lenet();
+    for i in [1, 4, 8, 10] {
+        relu.layers[i] = Layer::ReLU;
+    }
+    for i in [2, 5] {
+        relu.layers[i] = Layer::max_pool2d(2, 2);
+    }
+    for model in [lenet(), relu] {
+        for g in [
+            step_graph(&model, 256, 60_000),
+            step_graph(&model, 96, 60_000),
+            eval_graph(&model, 256, 10_000),
+        ] {
+            let plan = fuse(&g, &t).unwrap();
+            verify_plan(&g, &plan, &t).unwrap();
+            let modules = emit_wgsl(&g, &plan, &t).unwrap();
+            assert_eq!(modules.len(), plan.kernels.len());
+            for m in &modules {
+                assert!(m.wgsl.starts_with(&format!("// kiln kernel {}", m.name)));
+                assert!(m.bindings.len() <= 8);
+            }
+        }
+    }
+}
+
+#[test]
+fn evaluation_graph_is_forward_kernels_plus_one_head() {
+    let g = eval_graph(&lenet(), 96, 10_000);
+    let plan = fuse(&g, &Target::portable()).unwrap();
+    assert_eq!(plan.kernels.len(), 5, "{}", describe(&g, &plan));
+    assert!(matches!(plan.kernels[4].kind, KernelKind::Head(_)));
+}
+
+#[test]
+fn invalid_wgsl_is_reported_with_the_kernel_and_naga_diagnostic() {
+    let e =
+        validate_wgsl("k07_broken", "fn f() -> u32 { let x: i32 = 1u; return x; }").unwrap_err();
+    let CodegenError::Invalid { kernel, diagnostic } = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(kernel, "k07_broken");
+    assert!(diagnostic.contains("wgsl:1"), "{diagnostic}");
+    assert!(
+        e.to_string()
+            .starts_with("kernel k07_broken failed WGSL validation:")
+    );
+}
+
+#[test]
+fn verifier_rejects_broken_plans() {
+    let g = step_graph(&lenet(), 8, 100);
+    let t = Target::portable();
+    let plan = fuse(&g, &t).unwrap();
+    verify_plan(&g, &plan, &t).unwrap();
+    let err = |p: &Plan| verify_plan(&g, p, &t).unwrap_err().to_string();
+
+    let mut swapped = plan.clone();
+    swapped.kernels.swap(0, 1);
+    assert!(
+        err(&swapped).contains("before k00_avg_pool2d_l2 writes it"),
+        "{}",
+        err(&swapped)
+    );
+
+    let mut dropped = plan.clone();
+    let conv = dropped.kernels[0].nodes.remove(2);
+    assert!(
+        err(&dropped).contains(&format!("{conv} (conv2d) is computed by no kernel")),
+        "{}",
+        err(&dropped)
+    );
+
+    // Moving an update between the kernels that read the parameter's old value: 7.weight is
+    // read by the forward kernel k02 and by the input-gradient kernel k07.
+    let mut early = plan.clone();
+    let u = early
+        .kernels
+        .iter()
+        .position(|k| k.name == "k13_update_7.weight")
+        .unwrap();
+    let update = early.kernels.remove(u);
+    early.kernels.insert(7, update);
+    let e = err(&early);
+    assert!(
+        e.starts_with("plan for `lenet_step`: k07_reshape_l6 reads %")
+            && e.ends_with("after k13_update_7.weight updated it in place"),
+        "{e}"
+    );
+
+    let tight = Target {
+        max_storage_buffers_per_stage: 5,
+        ..Target::portable()
+    };
+    assert!(
+        verify_plan(&g, &plan, &tight)
+            .unwrap_err()
+            .to_string()
+            .contains("storage buffers; the target allows 5")
+    );
+}
+
+#[test]
+fn a_tight_binding_limit_splits_kernels() {
+    let g = step_graph(&lenet(), 8, 100);
+    let tight = Target {
+        max_storage_buffers_per_stage: 5,
+        ..Target::portable()
+    };
+    let plan = fuse(&g, &tight).unwrap();
+    verify_plan(&g, &plan, &tight).unwrap();
+    assert!(plan.kernels.len() > 19);
+    emit_wgsl(&g, &plan, &tight).unwrap();
+    let impossible = Target {
+        max_storage_buffers_per_stage: 2,
+        ..Target::portable()
+    };
+    let e = fuse(&g, &impossible).unwrap_err().to_string();
+    assert!(
+        e.contains("the device allows 2 (max_storage_buffers_per_shader_stage)"),
+        "{e}"
+    );
+}
+
+fn layer() -> impl Strategy<Value = Layer> {
+    prop_oneof![
+        (1usize..4, 1usize..4, 1usize..3, 0usize..3)
+            .prop_map(|(o, k, s, p)| Layer::from(Conv2d::new(0, o, k).stride(s).padding(p))),
+        (1usize..4, 1usize..3).prop_map(|(k, s)| Layer::avg_pool2d(k, s)),
+        (1usize..4, 1usize..3).prop_map(|(k, s)| Layer::max_pool2d(k, s)),
+        Just(Layer::Sigmoid),
+        Just(Layer::ReLU),
+        Just(Layer::Tanh),
+    ]
+}
+
+/// A random conv/pool/activation stack, flatten, a random linear chain, `classes` logits.
+fn random_model(
+    convs: Vec<Layer>,
+    hidden: Vec<(usize, u8)>,
+    classes: usize,
+    side: usize,
+) -> Option<Sequential> {
+    let mut model = Sequential::new();
+    let mut channels = 1;
+    for l in convs {
+        model = model.append(match l {
+            Layer::Conv2d(c) => {
+                let fixed = Conv2d {
+                    in_channels: channels,
+                    ..c
+                };
+                channels = c.out_channels;
+                Layer::Conv2d(fixed)
+            }
+            other => other,
+        });
+    }
+    model = model.append(Layer::Flatten);
+    let probe = model
+        .build("probe", TensorType::f32([1, 1, side, side]))
+        .ok()?;
+    let mut features = probe.nodes().last()?.ty.shape[1];
+    for (h, act) in hidden {
+        model = model.append(Layer::linear(features, h));
+        model = model.append([Layer::Sigmoid, Layer::ReLU, Layer::Tanh][act as usize % 3].clone());
+        features = h;
+    }
+    Some(model.append(Layer::linear(features, classes)))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_models_plan_and_compile(
+        convs in proptest::collection::vec(layer(), 0..5),
+        hidden in proptest::collection::vec((1usize..9, any::<u8>()), 0..3),
+        classes in 1usize..80,
+        batch in 1usize..5,
+        side in 3usize..9,
+        buffers in 5u32..9,
+    ) {
+        let Some(model) = random_model(convs, hidden, classes, side) else {
+            return Err(TestCaseError::reject("layers do not fit"));
+        };
+        let fwd = model.build("m", TensorType::new(DType::U8, [batch, 1, side, side])).unwrap();
+        let t = Target { max_storage_buffers_per_stage: buffers, ..Target::portable() };
+        for g in [
+            read_batches_from_dataset(&training_step(&fwd, 0.1).unwrap(), 7).unwrap(),
+            read_batches_from_dataset(&evaluation_graph(&fwd).unwrap(), 5).unwrap(),
+            training_step(&fwd, 0.5).unwrap(),
+        ] {
+            let plan = fuse(&g, &t).unwrap();
+            verify_plan(&g, &plan, &t).map_err(|e| TestCaseError::fail(format!("{e}\n{}", describe(&g, &plan))))?;
+            emit_wgsl(&g, &plan, &t).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            // Every node is either a leaf or computed somewhere.
+            for (id, n) in g.iter() {
+                prop_assert!(n.op.is_leaf() || plan.kernels.iter().any(|k| k.nodes.contains(&NodeId(id.0))));
+            }
+        }
+    }
+}

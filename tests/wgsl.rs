@@ -1,0 +1,41 @@
+//! Snapshots of what kiln generates for LeNet: the fused kernel plan and every WGSL module of the
+//! training step and the evaluation graph, for a full batch (256) and the last one (96).
+//! Review changes with `cargo insta review`.
+
+use kiln::autodiff::{evaluation_graph, read_batches_from_dataset, training_step};
+use kiln::compiler::{Compiled, Target, compile, validate_wgsl};
+use kiln::ir::{DType, TensorType, lenet};
+
+fn compiled(train: bool, batch: usize) -> Compiled {
+    let forward = lenet()
+        .build("lenet", TensorType::new(DType::U8, [batch, 1, 28, 28]))
+        .unwrap();
+    let graph = if train {
+        read_batches_from_dataset(&training_step(&forward, 0.9).unwrap(), 60_000).unwrap()
+    } else {
+        read_batches_from_dataset(&evaluation_graph(&forward).unwrap(), 10_000).unwrap()
+    };
+    let c = compile(&graph, &Target::portable()).unwrap();
+    for m in &c.modules {
+        validate_wgsl(&m.name, &m.wgsl).unwrap();
+    }
+    c
+}
+
+#[test]
+fn lenet_kernel_plan() {
+    insta::assert_snapshot!("lenet_step_b256_kernels", compiled(true, 256).describe());
+    insta::assert_snapshot!("lenet_eval_b256_kernels", compiled(false, 256).describe());
+}
+
+#[test]
+fn lenet_training_step_wgsl() {
+    insta::assert_snapshot!("lenet_step_b256_wgsl", compiled(true, 256).wgsl());
+    insta::assert_snapshot!("lenet_step_b96_wgsl", compiled(true, 96).wgsl());
+}
+
+#[test]
+fn lenet_evaluation_wgsl() {
+    insta::assert_snapshot!("lenet_eval_b256_wgsl", compiled(false, 256).wgsl());
+    insta::assert_snapshot!("lenet_eval_b96_wgsl", compiled(false, 96).wgsl());
+}
