@@ -1,0 +1,325 @@
+//! A compiled graph on the device: pipelines and bind groups created once, recorded into any
+//! number of compute passes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kiln_compiler::{BufferKind, Compiled};
+use kiln_ir::{DType, TensorType};
+use kiln_reference::{Data, Tensor};
+
+use crate::gpu::{Gpu, RuntimeError};
+
+/// Workgroup memory the classifier head declares (two 64-entry arrays of 4-byte words).
+const HEAD_WORKGROUP_BYTES: u64 = 2 * 64 * 4;
+
+/// A compiled graph with its pipelines, bind groups and buffers.
+pub struct Program {
+    pub compiled: Compiled,
+    pipelines: Vec<wgpu::ComputePipeline>,
+    bind_groups: Vec<wgpu::BindGroup>,
+    /// One per plan buffer; leaves may be shared with other programs.
+    buffers: Vec<Arc<wgpu::Buffer>>,
+}
+
+/// Usage of every kiln buffer: kernels read and write it, copies move it, tests read it back.
+pub fn storage_usage() -> wgpu::BufferUsages {
+    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST
+}
+
+/// Refuses a plan that needs more than the device offers, naming the limit and the culprit.
+pub fn check_limits(gpu: &Gpu, compiled: &Compiled) -> Result<(), RuntimeError> {
+    let l = &gpu.limits;
+    for b in &compiled.plan.buffers {
+        let bytes = b.bytes();
+        let what = format!(
+            "buffer `{}` ({}) of graph `{}`",
+            b.name, b.ty, compiled.graph.name
+        );
+        if bytes > l.max_storage_buffer_binding_size {
+            return Err(gpu.limit_error(
+                what,
+                "max_storage_buffer_binding_size",
+                bytes,
+                l.max_storage_buffer_binding_size,
+            ));
+        }
+        if bytes > l.max_buffer_size {
+            return Err(gpu.limit_error(what, "max_buffer_size", bytes, l.max_buffer_size));
+        }
+    }
+    for m in &compiled.modules {
+        let what = format!("kernel {} of graph `{}`", m.name, compiled.graph.name);
+        let n = m.bindings.len() as u64;
+        if n > l.max_storage_buffers_per_shader_stage as u64 {
+            return Err(gpu.limit_error(
+                what,
+                "max_storage_buffers_per_shader_stage",
+                n,
+                l.max_storage_buffers_per_shader_stage as u64,
+            ));
+        }
+        if m.workgroup_size
+            > l.max_compute_workgroup_size_x
+                .min(l.max_compute_invocations_per_workgroup)
+        {
+            return Err(gpu.limit_error(
+                what,
+                "max_compute_invocations_per_workgroup",
+                m.workgroup_size as u64,
+                l.max_compute_invocations_per_workgroup as u64,
+            ));
+        }
+        if let Some(&d) = m.dispatch.iter().max() {
+            if d > l.max_compute_workgroups_per_dimension {
+                return Err(gpu.limit_error(
+                    what,
+                    "max_compute_workgroups_per_dimension",
+                    d as u64,
+                    l.max_compute_workgroups_per_dimension as u64,
+                ));
+            }
+        }
+        if m.wgsl.contains("var<workgroup>")
+            && HEAD_WORKGROUP_BYTES > l.max_compute_workgroup_storage_size as u64
+        {
+            return Err(gpu.limit_error(
+                what,
+                "max_compute_workgroup_storage_size",
+                HEAD_WORKGROUP_BYTES,
+                l.max_compute_workgroup_storage_size as u64,
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Program {
+    /// Creates the program's pipelines and bind groups. Leaves named in `external` use those
+    /// buffers (shared data sets and parameters); every other buffer is created here.
+    pub fn new(
+        gpu: &Gpu,
+        compiled: Compiled,
+        external: &HashMap<String, Arc<wgpu::Buffer>>,
+    ) -> Result<Program, RuntimeError> {
+        check_limits(gpu, &compiled)?;
+        let graph_name = compiled.graph.name.clone();
+        let mut buffers = Vec::with_capacity(compiled.plan.buffers.len());
+        for b in &compiled.plan.buffers {
+            let leaf = matches!(b.kind, BufferKind::Input | BufferKind::Param);
+            let shared = if leaf {
+                external.get(&b.name).cloned()
+            } else {
+                None
+            };
+            let buffer = match shared {
+                Some(s) => {
+                    if s.size() < b.bytes() {
+                        return Err(RuntimeError::Setup(format!(
+                            "buffer `{}` of graph `{graph_name}` holds {} bytes, {} needed",
+                            b.name,
+                            s.size(),
+                            b.bytes()
+                        )));
+                    }
+                    s
+                }
+                None => Arc::new(gpu.scoped(
+                    &format!("creating buffer `{}` ({} bytes)", b.name, b.bytes()),
+                    || {
+                        gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                            label: Some(&b.name),
+                            size: b.bytes(),
+                            usage: storage_usage(),
+                            mapped_at_creation: false,
+                        })
+                    },
+                )?),
+            };
+            buffers.push(buffer);
+        }
+        let mut pipelines = Vec::new();
+        let mut bind_groups = Vec::new();
+        for m in &compiled.modules {
+            let pipeline = gpu.scoped(
+                &format!("kernel {} of graph `{graph_name}`", m.name),
+                || {
+                    let module = gpu
+                        .device
+                        .create_shader_module(wgpu::ShaderModuleDescriptor {
+                            label: Some(&m.name),
+                            source: wgpu::ShaderSource::Wgsl(m.wgsl.as_str().into()),
+                        });
+                    gpu.device
+                        .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                            label: Some(&m.name),
+                            layout: None,
+                            module: &module,
+                            entry_point: Some("main"),
+                            compilation_options: Default::default(),
+                            cache: None,
+                        })
+                },
+            )?;
+            let entries: Vec<wgpu::BindGroupEntry> = m
+                .bindings
+                .iter()
+                .map(|b| wgpu::BindGroupEntry {
+                    binding: b.binding,
+                    resource: buffers[b.buffer].as_entire_binding(),
+                })
+                .collect();
+            let bind_group = gpu.scoped(
+                &format!("bindings of kernel {} of graph `{graph_name}`", m.name),
+                || {
+                    gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some(&m.name),
+                        layout: &pipeline.get_bind_group_layout(0),
+                        entries: &entries,
+                    })
+                },
+            )?;
+            pipelines.push(pipeline);
+            bind_groups.push(bind_group);
+        }
+        Ok(Program {
+            compiled,
+            pipelines,
+            bind_groups,
+            buffers,
+        })
+    }
+
+    /// The buffer holding the plan buffer named `name` (an input, parameter or output).
+    pub fn buffer(&self, name: &str) -> Option<&Arc<wgpu::Buffer>> {
+        let i = self
+            .compiled
+            .plan
+            .buffers
+            .iter()
+            .position(|b| b.name == name)?;
+        Some(&self.buffers[i])
+    }
+
+    /// The buffer of plan buffer `index`.
+    pub fn buffer_at(&self, index: usize) -> &Arc<wgpu::Buffer> {
+        &self.buffers[index]
+    }
+
+    /// Records every kernel, in plan order, into `pass`.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        for ((p, bg), m) in self
+            .pipelines
+            .iter()
+            .zip(&self.bind_groups)
+            .zip(&self.compiled.modules)
+        {
+            pass.set_pipeline(p);
+            pass.set_bind_group(0, bg, &[]);
+            pass.dispatch_workgroups(m.dispatch[0], m.dispatch[1], m.dispatch[2]);
+        }
+    }
+}
+
+/// A tensor's device bytes: u8 packed four to a word when `packed`, every other element one
+/// 32-bit word. Padded to a multiple of 4 bytes.
+pub fn tensor_bytes(t: &Tensor, packed: bool) -> Vec<u8> {
+    let mut bytes = match t.data() {
+        Data::Float(v) => bytemuck::cast_slice(v).to_vec(),
+        Data::U8(v) if packed => v.clone(),
+        Data::U8(v) => v.iter().flat_map(|&b| (b as u32).to_le_bytes()).collect(),
+        Data::U32(v) => bytemuck::cast_slice(v).to_vec(),
+        Data::I32(v) => bytemuck::cast_slice(v).to_vec(),
+    };
+    while bytes.len() % 4 != 0 || bytes.is_empty() {
+        bytes.push(0);
+    }
+    bytes
+}
+
+/// The inverse of [`tensor_bytes`].
+pub fn tensor_from_bytes(bytes: &[u8], ty: &TensorType, packed: bool) -> Tensor {
+    let n = ty.numel();
+    let words = |k: usize| -> Vec<[u8; 4]> {
+        bytes[..k * 4]
+            .chunks_exact(4)
+            .map(|c| [c[0], c[1], c[2], c[3]])
+            .collect()
+    };
+    let data = match ty.dtype {
+        DType::F32 => Data::Float(words(n).into_iter().map(f32::from_le_bytes).collect()),
+        DType::U8 if packed => Data::U8(bytes[..n].to_vec()),
+        DType::U8 => Data::U8(
+            words(n)
+                .into_iter()
+                .map(|w| u32::from_le_bytes(w) as u8)
+                .collect(),
+        ),
+        DType::U32 => Data::U32(words(n).into_iter().map(u32::from_le_bytes).collect()),
+        DType::I32 => Data::I32(words(n).into_iter().map(i32::from_le_bytes).collect()),
+    };
+    Tensor::new(ty.shape.clone(), data).expect("numel elements for the type")
+}
+
+/// Creates a buffer holding `bytes`.
+pub fn upload(gpu: &Gpu, label: &str, bytes: &[u8]) -> Result<Arc<wgpu::Buffer>, RuntimeError> {
+    let buffer = gpu.scoped(
+        &format!("creating buffer `{label}` ({} bytes)", bytes.len()),
+        || {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes.len().max(4) as u64,
+                usage: storage_usage(),
+                mapped_at_creation: false,
+            })
+        },
+    )?;
+    gpu.queue.write_buffer(&buffer, 0, bytes);
+    Ok(Arc::new(buffer))
+}
+
+/// Copies `size` bytes of `buffer` back to the host (blocks until the device is done).
+pub fn download(
+    gpu: &Gpu,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    size: u64,
+    what: &str,
+) -> Result<Vec<u8>, RuntimeError> {
+    let size = size.max(4);
+    let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("kiln readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
+    gpu.queue.submit([enc.finish()]);
+    map_read(gpu, &staging, what)
+}
+
+/// Maps a MAP_READ buffer and copies its contents out.
+pub fn map_read(gpu: &Gpu, staging: &wgpu::Buffer, what: &str) -> Result<Vec<u8>, RuntimeError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    gpu.wait()?;
+    let fail = |message: String| RuntimeError::Readback {
+        what: what.to_string(),
+        message,
+    };
+    rx.recv()
+        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| fail(e.to_string()))?;
+    let bytes = {
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| fail(e.to_string()))?;
+        view.to_vec()
+    };
+    staging.unmap();
+    gpu.check(what)?;
+    Ok(bytes)
+}

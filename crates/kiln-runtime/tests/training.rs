@@ -1,0 +1,110 @@
+//! The GPU training loop against the CPU reference trainer, and a short real training run.
+
+mod common;
+
+use common::gpu;
+use kiln_data::{Split, load, locate};
+use kiln_ir::{Layer, lenet};
+use kiln_runtime::GpuTrainer;
+use kiln_train::CpuTrainer;
+
+fn synthetic(count: usize, seed: u64) -> Split {
+    let px = common::noise(seed, count * 784, 0.0, 256.0)
+        .iter()
+        .map(|v| *v as u8)
+        .collect();
+    let labels = common::noise(seed + 1, count, 0.0, 10.0)
+        .iter()
+        .map(|v| *v as u8)
+        .collect();
+    Split {
+        count,
+        rows: 28,
+        cols: 28,
+        images: px,
+        labels,
+    }
+}
+
+#[test]
+fn consecutive_steps_track_the_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    let train = synthetic(40, 3);
+    let test = synthetic(10, 4);
+    let model = lenet();
+    // 40 examples at batch 16: two full steps and a partial one of 8, twice over.
+    let gpu_trainer = GpuTrainer::new(&gpu, &model, &train, &test, 16, 0.9, 5).unwrap();
+    let mut cpu = CpuTrainer::new(model, [1, 28, 28], 0.9, 5).unwrap();
+    assert_eq!(
+        gpu_trainer.params().unwrap(),
+        cpu.params,
+        "same initial weights"
+    );
+    let order: Vec<u32> = (0..40).rev().collect();
+    for round in 0..2 {
+        for chunk in order.chunks(16) {
+            let g = gpu_trainer.train_order(chunk).unwrap();
+            let (loss, correct) = cpu.step(&train, chunk).unwrap();
+            assert!(
+                (g.loss_sum - loss).abs() <= 1e-4 * loss.abs().max(1.0),
+                "round {round}: loss {} vs {loss}",
+                g.loss_sum
+            );
+            assert_eq!(g.correct, correct);
+            let gp = gpu_trainer.params().unwrap();
+            for (name, want) in &cpu.params {
+                let e = common::max_error(&gp[name], want);
+                assert!(e <= 1e-5, "round {round}: {name} drifted by {e:e}");
+            }
+        }
+    }
+    let ge = gpu_trainer.evaluate().unwrap();
+    let ce = cpu.evaluate(&test, 16).unwrap();
+    assert_eq!(ge.correct, ce.correct);
+    assert!((ge.loss_sum - ce.loss_sum).abs() < 1e-4 * ce.loss_sum.max(1.0));
+}
+
+#[test]
+fn short_real_training_run_learns() {
+    let Some(gpu) = gpu() else { return };
+    let data = match locate(None) {
+        Ok(dir) => load(&dir).unwrap(),
+        Err(e) if std::env::var_os("KILN_REQUIRE_DATA").is_none() => {
+            eprintln!("SKIPPED: no Fashion-MNIST: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let mut model = lenet();
+    for i in [1, 4, 8, 10] {
+        model.layers[i] = Layer::ReLU;
+    }
+    for i in [2, 5] {
+        model.layers[i] = Layer::max_pool2d(2, 2);
+    }
+    let train = data.train.truncated(2560);
+    let test = data.test.truncated(500);
+    let t = GpuTrainer::new(&gpu, &model, &train, &test, 32, 0.1, 0).unwrap();
+    let before = t.evaluate().unwrap();
+    let mut last = None;
+    let start = std::time::Instant::now();
+    for epoch in 0..3 {
+        last = Some(t.train_epoch(epoch, true, |_| {}).unwrap());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let after = t.evaluate().unwrap();
+    let last = last.unwrap();
+    eprintln!(
+        "before: acc {:.3}; after 240 steps: train loss {:.3} acc {:.3}, test loss {:.3} acc {:.3}; {:.0} examples/s on {}",
+        before.accuracy(),
+        last.loss(),
+        last.accuracy(),
+        after.loss(),
+        after.accuracy(),
+        3.0 * 2560.0 / secs,
+        gpu.describe()
+    );
+    assert!(before.accuracy() < 0.25);
+    assert!(last.loss() < 1.0, "train loss {}", last.loss());
+    assert!(after.accuracy() > 0.6, "test accuracy {}", after.accuracy());
+}
