@@ -1,8 +1,9 @@
 //! Train d2l's LeNet-5 on Fashion-MNIST with kiln.
 //!
-//! `--summary` prints the layer table, `--emit ir` / `--emit train-ir` print the forward graph
-//! and the derived training-step graph. Training runs the derived step graph; until the GPU
-//! runtime lands it runs on kiln's CPU reference executor, and says so.
+//! A plain run trains with d2l's recipe on the GPU wgpu finds (lavapipe where there is no GPU):
+//! the derived training step fused into a few WGSL kernels, the data set resident on the
+//! device. `--summary` prints the layer table; `--emit ir|train-ir|kernels|wgsl` print each
+//! compiler stage; `--reference` trains on the CPU reference executor instead.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +14,8 @@ use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::data;
 use kiln::ir::{self, DType, TensorType, thousands};
-use kiln::train::{CpuTrainer, epoch_order};
+use kiln::runtime::{Gpu, GpuTrainer};
+use kiln::train::{CpuTrainer, Stats, epoch_order};
 
 /// A compiler stage whose output `--emit` prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -60,6 +62,9 @@ struct Args {
     /// With `--emit wgsl`: write one .wgsl file per kernel into this directory.
     #[arg(long, requires = "emit")]
     emit_dir: Option<PathBuf>,
+    /// Train on kiln's CPU reference executor instead of the GPU (slow; for comparisons).
+    #[arg(long)]
+    reference: bool,
     /// Print the per-layer output shapes and parameter counts for one 1x28x28 image.
     #[arg(long)]
     summary: bool,
@@ -177,13 +182,10 @@ fn run(args: Args) -> Result<()> {
         Some(n) => fashion.test.truncated(n),
         None => fashion.test,
     };
-    let trainer_model = model.clone();
-    let mut trainer = CpuTrainer::new(trainer_model, [1, side, side], args.lr, args.seed)?;
-    let params: usize = trainer
-        .params
-        .values()
-        .map(|t| t.shape().iter().product::<usize>())
-        .sum();
+    let params = model
+        .build("lenet", TensorType::f32([1, 1, side, side]))
+        .context("building LeNet")?
+        .param_count();
     println!(
         "LeNet-5 ({} parameters) on Fashion-MNIST from {}: {} training, {} test images",
         thousands(params),
@@ -191,55 +193,116 @@ fn run(args: Args) -> Result<()> {
         train.count,
         test.count
     );
+    let mut epochs = Epochs::new(args.epochs);
+    if args.reference {
+        println!("device: kiln's CPU reference executor (--reference; correct, but slow)");
+        let mut trainer = CpuTrainer::new(model, [1, side, side], args.lr, args.seed)?;
+        for epoch in 0..args.epochs {
+            let order = epoch_order(train.count, args.seed, epoch, true);
+            let bar = epochs.bar(epoch, train.count);
+            let start = Instant::now();
+            let stats =
+                trainer.train_epoch(&train, &order, batch, |s| epochs.tick(&bar, s, start))?;
+            let elapsed = start.elapsed();
+            bar.finish_and_clear();
+            let eval = trainer.evaluate(&test, batch)?;
+            epochs.report(epoch, &stats, &eval, elapsed);
+        }
+        epochs.summary("the CPU reference executor");
+        return Ok(());
+    }
+    let gpu = Gpu::new()?;
+    println!("device: {}", gpu.describe());
+    if gpu.is_software() {
+        println!(
+            "note: {} is a CPU emulating a GPU (software Vulkan); it is correct but far slower \
+             than real GPU hardware",
+            gpu.info.name
+        );
+    }
+    let compile_start = Instant::now();
+    let trainer = GpuTrainer::new(&gpu, &model, &train, &test, batch, args.lr, args.seed)?;
     println!(
-        "note: the GPU runtime is not built yet, so the derived training step runs on kiln's \
-         CPU reference executor (correct, but slow)"
+        "compiled the training step into {} kernels and the evaluation into {} in {:.0} ms",
+        trainer.kernels_per_step(),
+        trainer.kernels_per_eval(),
+        compile_start.elapsed().as_secs_f64() * 1e3
     );
-    let mut train_time = Duration::ZERO;
-    let mut examples = 0usize;
-    let mut last = None;
     for epoch in 0..args.epochs {
-        let order = epoch_order(train.count, args.seed, epoch, true);
-        let bar = ProgressBar::new(train.count as u64).with_style(
+        let bar = epochs.bar(epoch, train.count);
+        let start = Instant::now();
+        let stats = trainer.train_epoch(epoch, true, |s| epochs.tick(&bar, s, start))?;
+        let elapsed = start.elapsed();
+        bar.finish_and_clear();
+        let eval = trainer.evaluate()?;
+        epochs.report(epoch, &stats, &eval, elapsed);
+    }
+    epochs.summary(&gpu.info.name);
+    Ok(())
+}
+
+/// d2l-style reporting: a progress bar per epoch, a line after each, a summary at the end.
+struct Epochs {
+    total: usize,
+    train_time: Duration,
+    examples: usize,
+    last: Option<(Stats, Stats)>,
+}
+
+impl Epochs {
+    fn new(total: usize) -> Self {
+        Epochs {
+            total,
+            train_time: Duration::ZERO,
+            examples: 0,
+            last: None,
+        }
+    }
+
+    fn bar(&self, epoch: usize, examples: usize) -> ProgressBar {
+        let bar = ProgressBar::new(examples as u64).with_style(
             ProgressStyle::with_template(
                 "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta} left)",
             )
             .expect("a valid template")
             .progress_chars("=> "),
         );
-        bar.set_prefix((epoch + 1).to_string());
-        let start = Instant::now();
-        let stats = trainer.train_epoch(&train, &order, batch, |s| {
-            bar.set_position(s.examples as u64);
-            let rate = s.examples as f64 / start.elapsed().as_secs_f64();
-            bar.set_message(format!("loss {:.3}, {rate:.0} ex/s", s.loss()));
-        })?;
-        let epoch_time = start.elapsed();
-        train_time += epoch_time;
-        examples += stats.examples;
-        bar.finish_and_clear();
-        let eval = trainer.evaluate(&test, batch)?;
+        bar.set_prefix(format!("{}/{}", epoch + 1, self.total));
+        bar
+    }
+
+    fn tick(&self, bar: &ProgressBar, s: &Stats, start: Instant) {
+        bar.set_position(s.examples as u64);
+        let rate = s.examples as f64 / start.elapsed().as_secs_f64();
+        bar.set_message(format!("loss {:.3}, {rate:.0} ex/s", s.loss()));
+    }
+
+    fn report(&mut self, epoch: usize, stats: &Stats, eval: &Stats, elapsed: Duration) {
+        self.train_time += elapsed;
+        self.examples += stats.examples;
         println!(
             "epoch {}: loss {:.3}, train acc {:.3}, test acc {:.3}, {} examples/sec",
             epoch + 1,
             stats.loss(),
             stats.accuracy(),
             eval.accuracy(),
-            thousands((stats.examples as f64 / epoch_time.as_secs_f64()) as usize)
+            thousands((stats.examples as f64 / elapsed.as_secs_f64()) as usize)
         );
-        last = Some((stats, eval));
+        self.last = Some((*stats, *eval));
     }
-    if let Some((stats, eval)) = last {
-        println!(
-            "loss {:.3}, train acc {:.3}, test acc {:.3}",
-            stats.loss(),
-            stats.accuracy(),
-            eval.accuracy()
-        );
-        println!(
-            "{} examples/sec on the CPU reference executor",
-            thousands((examples as f64 / train_time.as_secs_f64()) as usize)
-        );
+
+    fn summary(&self, device: &str) {
+        if let Some((stats, eval)) = &self.last {
+            println!(
+                "loss {:.3}, train acc {:.3}, test acc {:.3}",
+                stats.loss(),
+                stats.accuracy(),
+                eval.accuracy()
+            );
+            println!(
+                "{} examples/sec on {device}",
+                thousands((self.examples as f64 / self.train_time.as_secs_f64()) as usize)
+            );
+        }
     }
-    Ok(())
 }

@@ -7,4 +7,5 @@ pub use kiln_compiler as compiler;
 pub use kiln_data as data;
 pub use kiln_ir as ir;
 pub use kiln_reference as reference;
+pub use kiln_runtime as runtime;
 pub use kiln_train as train;

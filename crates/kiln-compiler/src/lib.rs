@@ -12,7 +12,7 @@ mod wgsl;
 pub use compile::{CompileError, Compiled, compile};
 pub use plan::{
     Buffer, BufferKind, FuseError, Head, Kernel, KernelKind, MAX_HEAD_CLASSES, MAX_INLINE_READS,
-    Placement, Plan, fuse, is_anchor,
+    MAX_INLINE_REUSE, Placement, Plan, fuse, is_anchor,
 };
 pub use report::describe;
 pub use target::{DeviceClass, Target};

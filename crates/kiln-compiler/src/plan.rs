@@ -8,7 +8,12 @@
 //!   inlined into their readers — recomputed, never stored — as long as one element costs at
 //!   most [`MAX_INLINE_READS`] reads. This is how the batch gather and u8 scaling land in the
 //!   first convolution's reads, and pool-gradient upsampling and activation derivatives land in
-//!   the reads of the gradient kernels (XLA's input fusion).
+//!   the reads of the kernels that consume them (XLA's input fusion). One exception, chosen by
+//!   profiling on lavapipe: a cheap value that *computes* something (not a plain data read) and
+//!   that a convolution or matmul would re-read [`MAX_INLINE_REUSE`] or more times per element
+//!   is stored once by its own kernel instead (the upsampled, activation-differentiated
+//!   gradient that a convolution's input- and weight-gradient kernels both sweep hundreds of
+//!   times): recomputing it inside the reduction loops cost 2-3x their time.
 //! - Expensive ops (*anchors*: convolutions and their gradients, matmul, reductions, softmax
 //!   cross-entropy and its gradient, argmax, count) are inlined only into a single consumer that
 //!   reads each of their elements exactly once (elementwise, reshape, a pooling whose windows
@@ -67,8 +72,9 @@ pub struct Head {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelKind {
-    /// One invocation per element of `root`.
-    Map { root: NodeId },
+    /// One invocation per element of the largest root; each root is computed by the
+    /// invocations below its size (several roots: independent updates of one layer).
+    Map { roots: Vec<NodeId> },
     /// One workgroup looping over the rows of a classifier head.
     Head(Head),
 }
@@ -222,6 +228,46 @@ fn reads_per_element(op: &Op, k: usize) -> usize {
     }
 }
 
+/// How many times an anchor reads each element of its operand `k`, on average over its domain.
+fn reuse(graph: &Graph, consumer: NodeId, k: usize) -> usize {
+    let node = graph.node(consumer);
+    let out = node.ty.numel();
+    let operand = graph.ty(node.inputs[k]).numel().max(1);
+    let per_output = match &node.op {
+        Op::Conv2d { .. } => {
+            let w = &graph.ty(node.inputs[1]).shape;
+            w[1] * w[2] * w[3]
+        }
+        Op::Conv2dGradInput { .. } => {
+            let w = &graph.ty(node.inputs[1]).shape;
+            w[0] * w[2] * w[3]
+        }
+        Op::Conv2dGradWeight { .. } => {
+            let dy = &graph.ty(node.inputs[1]).shape;
+            dy[0] * dy[2] * dy[3]
+        }
+        Op::MatMul { transpose_a, .. } => {
+            let a = &graph.ty(node.inputs[0]).shape;
+            if *transpose_a { a[0] } else { a[1] }
+        }
+        _ => return 1,
+    };
+    out.saturating_mul(per_output) / operand
+}
+
+/// Anchors that read an operand this many times per element get it stored, unless it is a
+/// plain data read (gather, u8 scaling, reshape, constants).
+pub const MAX_INLINE_REUSE: usize = 8;
+
+/// Whether inlining `id` recomputes real work (pool gradients, activation derivatives) rather
+/// than just reading data.
+fn computes(graph: &Graph, id: NodeId) -> bool {
+    !matches!(
+        graph.node(id).op,
+        Op::Gather | Op::ScaleU8 | Op::Reshape { .. } | Op::Full { .. } | Op::Broadcast { .. }
+    )
+}
+
 /// Places every node (see the module docs). `forced` nodes are stored regardless.
 fn place(graph: &Graph, forced: &HashSet<NodeId>, allow_side: bool) -> Vec<Placement> {
     let n = graph.nodes().len();
@@ -262,7 +308,11 @@ fn place(graph: &Graph, forced: &HashSet<NodeId>, allow_side: bool) -> Vec<Place
         placement[id.0] = if is_output[id.0] || forced.contains(&id) || cons.is_empty() {
             Placement::Stored
         } else if !heavy[id.0] {
-            if cost[id.0] <= MAX_INLINE_READS {
+            let reread = computes(graph, id)
+                && cons.iter().any(|&(c, k)| {
+                    is_anchor(&graph.node(c).op) && reuse(graph, c, k) >= MAX_INLINE_REUSE
+                });
+            if cost[id.0] <= MAX_INLINE_READS && !reread {
                 Placement::Inline
             } else {
                 Placement::Stored
@@ -385,9 +435,15 @@ fn find_heads(graph: &Graph, placement: &[Placement]) -> Vec<Head> {
 fn kernel_label(graph: &Graph, plan_updates: &[(NodeId, NodeId)], kind: &KernelKind) -> String {
     match kind {
         KernelKind::Head(_) => "classifier_head".into(),
-        KernelKind::Map { root } => {
+        KernelKind::Map { roots } => {
+            let root = &roots[0];
             if let Some((_, p)) = plan_updates.iter().find(|(u, _)| u == root) {
                 if let Op::Param { name } = &graph.node(*p).op {
+                    if roots.len() > 1 {
+                        if let Some(l) = &graph.node(*root).layer {
+                            return format!("update_layer{}", l.index);
+                        }
+                    }
                     return format!("update_{name}");
                 }
             }
@@ -462,7 +518,7 @@ pub fn fuse(graph: &Graph, target: &Target) -> Result<Plan, FuseError> {
                     roots.push(head.logits);
                     (KernelKind::Head(head.clone()), roots, stores)
                 }
-                None => (KernelKind::Map { root: id }, vec![id], vec![id]),
+                None => (KernelKind::Map { roots: vec![id] }, vec![id], vec![id]),
             };
             let (nodes, reads) = closure(graph, &placement, &roots);
             let mut stores = stores;
@@ -482,6 +538,12 @@ pub fn fuse(graph: &Graph, target: &Target) -> Result<Plan, FuseError> {
                 recomputed: Vec::new(),
             });
         }
+        let mut kernels = merge_layer_updates(
+            graph,
+            kernels,
+            &updates,
+            target.max_storage_buffers_per_stage as usize,
+        );
         // Cheap nodes that several kernels compute.
         let mut count: HashMap<NodeId, usize> = HashMap::new();
         for k in &kernels {
@@ -513,14 +575,7 @@ pub fn fuse(graph: &Graph, target: &Target) -> Result<Plan, FuseError> {
             continue;
         }
         // Binding limit: store the inlined operand that brings in the most buffers.
-        let buffers_of = |k: &Kernel| {
-            let mut b: BTreeSet<NodeId> = k.reads.iter().copied().collect();
-            for s in &k.stores {
-                let alias = updates.iter().find(|(u, _)| u == s).map(|(_, p)| *p);
-                b.insert(alias.unwrap_or(*s));
-            }
-            b.len()
-        };
+        let buffers_of = |k: &Kernel| binding_count(k, &updates);
         let limit = target.max_storage_buffers_per_stage as usize;
         if let Some(k) = kernels.iter().find(|k| buffers_of(k) > limit) {
             if let KernelKind::Head(h) = &k.kind {
@@ -568,6 +623,78 @@ pub fn fuse(graph: &Graph, target: &Target) -> Result<Plan, FuseError> {
             Err(e) => return Err(FuseError::Schedule(e)),
         }
     }
+}
+
+/// Distinct buffers a kernel binds (an in-place update binds its parameter's buffer).
+fn binding_count(k: &Kernel, updates: &[(NodeId, NodeId)]) -> usize {
+    let mut b: BTreeSet<NodeId> = k.reads.iter().copied().collect();
+    for s in &k.stores {
+        let alias = updates.iter().find(|(u, _)| u == s).map(|(_, p)| *p);
+        b.insert(alias.unwrap_or(*s));
+    }
+    b.len()
+}
+
+/// Horizontal fusion: the parameter updates of one layer (weight and bias) become one kernel
+/// when it fits the binding limit. They read the same gradients and depend on nothing the
+/// other writes.
+fn merge_layer_updates(
+    graph: &Graph,
+    kernels: Vec<Kernel>,
+    updates: &[(NodeId, NodeId)],
+    limit: usize,
+) -> Vec<Kernel> {
+    let layer_of_update = |k: &Kernel| match &k.kind {
+        KernelKind::Map { roots }
+            if roots.len() == 1 && updates.iter().any(|(u, _)| *u == roots[0]) =>
+        {
+            graph.node(roots[0]).layer.as_ref().map(|l| l.index)
+        }
+        _ => None,
+    };
+    let mut out: Vec<Kernel> = Vec::new();
+    for k in kernels {
+        let layer = layer_of_update(&k);
+        let target = layer.and_then(|l| {
+            out.iter().position(|o| match &o.kind {
+                KernelKind::Map { roots } => {
+                    updates.iter().any(|(u, _)| *u == roots[0])
+                        && graph.node(roots[0]).layer.as_ref().map(|x| x.index) == Some(l)
+                }
+                _ => false,
+            })
+        });
+        let Some(t) = target else {
+            out.push(k);
+            continue;
+        };
+        let mut merged = out[t].clone();
+        let KernelKind::Map { roots } = &mut merged.kind else {
+            unreachable!("matched a map above")
+        };
+        let KernelKind::Map { roots: more } = &k.kind else {
+            unreachable!("updates are maps")
+        };
+        roots.extend(more.iter().copied());
+        let nodes: BTreeSet<NodeId> = merged.nodes.iter().chain(&k.nodes).copied().collect();
+        let reads: BTreeSet<NodeId> = merged
+            .reads
+            .iter()
+            .chain(&k.reads)
+            .copied()
+            .filter(|r| !nodes.contains(r))
+            .collect();
+        merged.nodes = nodes.into_iter().collect();
+        merged.reads = reads.into_iter().collect();
+        merged.stores.extend(k.stores.iter().copied());
+        merged.stores.sort();
+        if binding_count(&merged, updates) <= limit {
+            out[t] = merged;
+        } else {
+            out.push(k);
+        }
+    }
+    out
 }
 
 /// Orders kernels so every stored value is written before it is read, and every kernel that

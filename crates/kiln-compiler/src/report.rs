@@ -30,7 +30,13 @@ pub fn describe(graph: &Graph, plan: &Plan) -> String {
     );
     for k in &plan.kernels {
         let kind = match &k.kind {
-            KernelKind::Map { root } => format!("map over {} {}", root, graph.ty(*root)),
+            KernelKind::Map { roots } => {
+                let r: Vec<String> = roots
+                    .iter()
+                    .map(|r| format!("{r} {}", graph.ty(*r)))
+                    .collect();
+                format!("map over {}", r.join(" and "))
+            }
             KernelKind::Head(h) => {
                 format!("classifier head over the rows of {}", graph.ty(h.logits))
             }

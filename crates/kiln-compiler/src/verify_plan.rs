@@ -51,8 +51,8 @@ pub fn verify_plan(graph: &Graph, plan: &Plan, target: &Target) -> Result<(), Pl
                 )));
             }
         }
-        if let KernelKind::Map { root } = kernel.kind {
-            if !kernel.stores.contains(&root) {
+        if let KernelKind::Map { roots } = &kernel.kind {
+            if let Some(root) = roots.iter().find(|r| !kernel.stores.contains(r)) {
                 return Err(fail(format!(
                     "{} does not store its root {root}",
                     kernel.name

@@ -706,9 +706,17 @@ pub fn emit_kernel(
         })
         .collect();
     let (workgroup_size, dispatch, schedule) = match &kernel.kind {
-        KernelKind::Map { root } => {
+        KernelKind::Map { roots } => {
             let wg = target.workgroup_size();
-            let numel = numel_u32(&kernel.name, graph.ty(*root))?;
+            let mut numel = 0;
+            for r in roots {
+                numel = numel.max(numel_u32(&kernel.name, graph.ty(*r))?);
+            }
+            let root = roots
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(" and ");
             let groups = numel.div_ceil(wg).max(1);
             let gx = groups.min(target.max_workgroups_per_dimension);
             let gy = groups.div_ceil(gx);
@@ -723,7 +731,7 @@ pub fn emit_kernel(
             (
                 wg,
                 [gx, gy, 1],
-                format!("one invocation per element of {root} ({numel} elements)"),
+                format!("one invocation per element of {root} ({numel} invocations)"),
             )
         }
         KernelKind::Head(h) => (
@@ -804,9 +812,24 @@ pub fn emit_kernel(
     s.push_str(&functions(graph, plan, kernel, &binding_of));
     s.push('\n');
     match &kernel.kind {
-        KernelKind::Map { root } => {
-            let numel = numel_u32(&kernel.name, graph.ty(*root))?;
-            let slot = binding_of(plan.buffer_of[root.0].expect("roots are stored"));
+        KernelKind::Map { roots } => {
+            let mut body = String::new();
+            let mut numel = 0;
+            for r in roots {
+                let n = numel_u32(&kernel.name, graph.ty(*r))?;
+                numel = numel.max(n);
+                let slot = binding_of(plan.buffer_of[r.0].expect("roots are stored"));
+                if roots.len() == 1 {
+                    let _ = writeln!(body, "    buf{slot}[i] = {}(i);", v(*r));
+                } else {
+                    let _ = writeln!(
+                        body,
+                        "    if (i < {}) {{\n        buf{slot}[i] = {}(i);\n    }}",
+                        u(n as usize),
+                        v(*r)
+                    );
+                }
+            }
             let _ = write!(
                 s,
                 "@compute @workgroup_size({workgroup_size})
@@ -815,12 +838,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
     if (i >= {}) {{
         return;
     }}
-    buf{slot}[i] = {}(i);
-}}
+{body}}}
 ",
                 u(dispatch[0] as usize * workgroup_size as usize),
                 u(numel as usize),
-                v(*root)
             );
         }
         KernelKind::Head(h) => s.push_str(&head_main(graph, plan, h, &binding_of)),

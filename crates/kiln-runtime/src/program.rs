@@ -206,6 +206,44 @@ impl Program {
         &self.buffers[index]
     }
 
+    /// Records kernel `k` alone into `pass`.
+    pub fn record_kernel(&self, pass: &mut wgpu::ComputePass<'_>, k: usize) {
+        let m = &self.compiled.modules[k];
+        pass.set_pipeline(&self.pipelines[k]);
+        pass.set_bind_group(0, &self.bind_groups[k], &[]);
+        pass.dispatch_workgroups(m.dispatch[0], m.dispatch[1], m.dispatch[2]);
+    }
+
+    /// Wall time of each kernel, measured by running it alone `reps` times in one submission
+    /// after a warm-up run (which also pays any JIT compilation). Kernels run on whatever the
+    /// buffers hold; only their time is of interest.
+    pub fn profile(
+        &self,
+        gpu: &Gpu,
+        reps: usize,
+    ) -> Result<Vec<(String, std::time::Duration)>, RuntimeError> {
+        let mut out = Vec::new();
+        for (k, m) in self.compiled.modules.iter().enumerate() {
+            for (round, n) in [(0, 1), (1, reps.max(1))] {
+                let mut enc = gpu.device.create_command_encoder(&Default::default());
+                {
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    for _ in 0..n {
+                        self.record_kernel(&mut pass, k);
+                    }
+                }
+                let start = std::time::Instant::now();
+                gpu.queue.submit([enc.finish()]);
+                gpu.wait()?;
+                if round == 1 {
+                    out.push((m.name.clone(), start.elapsed() / n as u32));
+                }
+            }
+        }
+        gpu.check("profiling")?;
+        Ok(out)
+    }
+
     /// Records every kernel, in plan order, into `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         for ((p, bg), m) in self

@@ -181,6 +181,16 @@ impl<'g> GpuTrainer<'g> {
             .unwrap_or(0)
     }
 
+    /// Kernels per evaluation batch.
+    pub fn kernels_per_eval(&self) -> usize {
+        self.test
+            .programs
+            .values()
+            .map(|p| p.compiled.modules.len())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Runs one pass over `order` (indices into the split). `on_chunk` sees running totals
     /// about every [`STEPS_PER_SUBMIT`] steps.
     fn run_epoch(
