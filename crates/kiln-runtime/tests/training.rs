@@ -108,3 +108,20 @@ fn short_real_training_run_learns() {
     assert!(last.loss() < 1.0, "train loss {}", last.loss());
     assert!(after.accuracy() > 0.6, "test accuracy {}", after.accuracy());
 }
+
+#[test]
+fn a_batch_too_large_for_the_device_is_refused_naming_the_limit() {
+    let Some(gpu) = gpu() else { return };
+    let cap = gpu.limits.max_storage_buffer_binding_size;
+    // The first layer's saved activations take 6*28*28*4 bytes per example.
+    let batch = (cap / (6 * 28 * 28 * 4) + 1) as usize;
+    let train = synthetic(batch, 1);
+    let test = synthetic(10, 2);
+    let e = match GpuTrainer::new(&gpu, &lenet(), &train, &test, batch, 0.1, 0) {
+        Ok(_) => panic!("a {batch}-example batch should not fit a {cap}-byte binding"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("max_storage_buffer_binding_size"), "{e}");
+    assert!(e.contains(&format!("allows only {cap}")), "{e}");
+    assert!(e.contains(&format!("f32[{batch},6,28,28]")), "{e}");
+}
