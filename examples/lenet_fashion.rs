@@ -62,6 +62,10 @@ struct Args {
     /// With `--emit wgsl`: write one .wgsl file per kernel into this directory.
     #[arg(long, requires = "emit")]
     emit_dir: Option<PathBuf>,
+    /// Time each kernel of the training step on the device (isolated submits, after a warm-up
+    /// that pays the shader JIT) and print a table instead of training.
+    #[arg(long)]
+    profile: bool,
     /// Train on kiln's CPU reference executor instead of the GPU (slow; for comparisons).
     #[arg(long)]
     reference: bool,
@@ -228,6 +232,25 @@ fn run(args: Args) -> Result<()> {
         trainer.kernels_per_eval(),
         compile_start.elapsed().as_secs_f64() * 1e3
     );
+    if args.profile {
+        let times = trainer.profile_step(5)?;
+        let total: f64 = times.iter().map(|(_, d)| d.as_secs_f64()).sum();
+        println!("{:<28} {:>10} {:>7}", "kernel", "ms/step", "share");
+        for (name, d) in &times {
+            let ms = d.as_secs_f64() * 1e3;
+            println!(
+                "{name:<28} {ms:>10.2} {:>6.1}%",
+                100.0 * d.as_secs_f64() / total
+            );
+        }
+        println!(
+            "{:<28} {:>10.2}  ({:.0} examples/sec at batch {batch} if nothing else ran)",
+            "total",
+            total * 1e3,
+            batch as f64 / total
+        );
+        return Ok(());
+    }
     for epoch in 0..args.epochs {
         let bar = epochs.bar(epoch, train.count);
         let start = Instant::now();

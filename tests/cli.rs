@@ -134,7 +134,7 @@ fn emit_kernels_lists_the_fused_plan() {
         "{out}"
     );
     assert!(
-        out.contains("writes: 0.weight f32[6,1,5,5] (600 B) in place"),
+        out.contains("writes: 0.weight f32[6,1,5,5] (608 B) in place"),
         "{out}"
     );
     assert!(out.trim_end().ends_with(

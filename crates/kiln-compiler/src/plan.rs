@@ -113,11 +113,12 @@ pub struct Buffer {
 }
 
 impl Buffer {
-    /// Size in bytes, at least 4 (wgpu does not bind empty buffers).
+    /// Size in bytes: whole 16-byte rows (so any buffer can be bound as a uniform array of
+    /// `vec4`s), at least one (wgpu does not bind empty buffers).
     pub fn bytes(&self) -> u64 {
         let n = self.ty.numel() as u64;
         let words = if self.packed_u8 { n.div_ceil(4) } else { n };
-        words.max(1) * 4
+        words.max(1).div_ceil(4) * 16
     }
 }
 

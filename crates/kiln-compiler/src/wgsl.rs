@@ -28,6 +28,8 @@ const HEAD_WORKGROUP: u32 = 64;
 pub enum Access {
     Read,
     ReadWrite,
+    /// A small read-only parameter bound as `var<uniform>` (`array<vec4<f32>, N>`).
+    Uniform,
 }
 
 /// One `@group(0) @binding(n)` of a kernel.
@@ -583,12 +585,20 @@ fn functions(
     plan: &Plan,
     kernel: &Kernel,
     binding_of: &dyn Fn(usize) -> u32,
+    uniform: &dyn Fn(usize) -> bool,
 ) -> String {
     let mut s = String::new();
     for &r in &kernel.reads {
         let b = plan.buffer_of[r.0].expect("reads have buffers");
         let buf = &plan.buffers[b];
-        if buf.packed_u8 {
+        if uniform(b) {
+            let _ = writeln!(
+                s,
+                "fn {}(i: u32) -> f32 {{\n    return buf{}[i >> 2u][i & 3u];\n}}",
+                v(r),
+                binding_of(b)
+            );
+        } else if buf.packed_u8 {
             let f = UNPACK_U8
                 .replace("{{FN}}", &v(r))
                 .replace("{{BUF}}", &format!("buf{}", binding_of(b)));
@@ -676,6 +686,20 @@ pub fn emit_kernel(
         }
     }
     used.sort_by_key(|(b, _)| *b);
+    // Small parameters this kernel only reads go to uniform bindings.
+    let mut uniforms = 0u32;
+    for (b, access) in used.iter_mut() {
+        let buf = &plan.buffers[*b];
+        if *access == Access::Read
+            && buf.kind == crate::plan::BufferKind::Param
+            && buf.ty.dtype == DType::F32
+            && buf.bytes() <= target.max_uniform_buffer_binding_size
+            && uniforms < target.max_uniform_buffers_per_stage
+        {
+            *access = Access::Uniform;
+            uniforms += 1;
+        }
+    }
     let bindings: Vec<Binding> = used
         .iter()
         .enumerate()
@@ -782,10 +806,10 @@ pub fn emit_kernel(
             } else {
                 ""
             },
-            if b.access == Access::ReadWrite {
-                "read_write"
-            } else {
-                "read"
+            match b.access {
+                Access::ReadWrite => "read_write",
+                Access::Read => "read",
+                Access::Uniform => "uniform",
             }
         );
     }
@@ -797,19 +821,26 @@ pub fn emit_kernel(
         } else {
             wgsl_type(buf.ty.dtype)
         };
-        let access = if b.access == Access::ReadWrite {
-            "read_write"
-        } else {
-            "read"
+        let decl = match b.access {
+            Access::ReadWrite => {
+                format!("var<storage, read_write> buf{}: array<{elem}>", b.binding)
+            }
+            Access::Read => format!("var<storage, read> buf{}: array<{elem}>", b.binding),
+            Access::Uniform => format!(
+                "var<uniform> buf{}: array<vec4<f32>, {}>",
+                b.binding,
+                buf.bytes() / 16
+            ),
         };
-        let _ = writeln!(
-            s,
-            "@group(0) @binding({}) var<storage, {access}> buf{}: array<{elem}>;",
-            b.binding, b.binding
-        );
+        let _ = writeln!(s, "@group(0) @binding({}) {decl};", b.binding);
     }
     s.push('\n');
-    s.push_str(&functions(graph, plan, kernel, &binding_of));
+    let uniform = |buffer: usize| {
+        bindings
+            .iter()
+            .any(|b| b.buffer == buffer && b.access == Access::Uniform)
+    };
+    s.push_str(&functions(graph, plan, kernel, &binding_of, &uniform));
     s.push('\n');
     match &kernel.kind {
         KernelKind::Map { roots } => {

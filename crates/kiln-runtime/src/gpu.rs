@@ -191,5 +191,7 @@ pub fn target_for(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> Target {
             .min(limits.max_compute_invocations_per_workgroup),
         max_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
         min_storage_buffer_offset_alignment: limits.min_storage_buffer_offset_alignment,
+        max_uniform_buffer_binding_size: limits.max_uniform_buffer_binding_size,
+        max_uniform_buffers_per_stage: limits.max_uniform_buffers_per_shader_stage,
     }
 }

@@ -24,7 +24,10 @@ pub struct Program {
 
 /// Usage of every kiln buffer: kernels read and write it, copies move it, tests read it back.
 pub fn storage_usage() -> wgpu::BufferUsages {
-    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST
+    wgpu::BufferUsages::STORAGE
+        | wgpu::BufferUsages::UNIFORM
+        | wgpu::BufferUsages::COPY_SRC
+        | wgpu::BufferUsages::COPY_DST
 }
 
 /// Refuses a plan that needs more than the device offers, naming the limit and the culprit.
@@ -301,17 +304,16 @@ pub fn tensor_from_bytes(bytes: &[u8], ty: &TensorType, packed: bool) -> Tensor 
 
 /// Creates a buffer holding `bytes`.
 pub fn upload(gpu: &Gpu, label: &str, bytes: &[u8]) -> Result<Arc<wgpu::Buffer>, RuntimeError> {
-    let buffer = gpu.scoped(
-        &format!("creating buffer `{label}` ({} bytes)", bytes.len()),
-        || {
-            gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: bytes.len().max(4) as u64,
-                usage: storage_usage(),
-                mapped_at_creation: false,
-            })
-        },
-    )?;
+    // Whole 16-byte rows, so the buffer can also be bound as a uniform array of vec4s.
+    let size = (bytes.len().max(4) as u64).div_ceil(16) * 16;
+    let buffer = gpu.scoped(&format!("creating buffer `{label}` ({size} bytes)"), || {
+        gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: storage_usage(),
+            mapped_at_creation: false,
+        })
+    })?;
     gpu.queue.write_buffer(&buffer, 0, bytes);
     Ok(Arc::new(buffer))
 }

@@ -181,6 +181,24 @@ impl<'g> GpuTrainer<'g> {
             .unwrap_or(0)
     }
 
+    /// Per-kernel wall time of the full-batch training step (see [`Program::profile`]). This
+    /// runs the update kernels, so the parameters change; profile instead of training.
+    pub fn profile_step(
+        &self,
+        reps: usize,
+    ) -> Result<Vec<(String, std::time::Duration)>, RuntimeError> {
+        let program = self
+            .train
+            .programs
+            .iter()
+            .max_by_key(|(batch, _)| **batch)
+            .map(|(_, p)| p)
+            .ok_or_else(|| {
+                RuntimeError::Setup("no training step compiled (empty training set)".into())
+            })?;
+        program.profile(self.gpu, reps)
+    }
+
     /// Kernels per evaluation batch.
     pub fn kernels_per_eval(&self) -> usize {
         self.test
