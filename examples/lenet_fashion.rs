@@ -176,6 +176,9 @@ fn run(args: Args) -> Result<()> {
         return Ok(());
     }
 
+    if args.limit == Some(0) || args.eval_limit == Some(0) {
+        anyhow::bail!("--limit and --eval-limit must leave at least one example");
+    }
     let dir = data::locate(args.data.as_deref())?;
     let fashion = data::load(&dir)?;
     let train = match args.limit {

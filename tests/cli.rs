@@ -68,6 +68,13 @@ fn bad_flags_get_clap_errors() {
     let o = run(&["--batch-size", "0"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--batch-size"), "{}", stderr(&o));
+    let o = run(&["--limit", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("--limit and --eval-limit must leave at least one example"),
+        "{}",
+        stderr(&o)
+    );
     let o = run(&["--frobnicate"]);
     assert_eq!(o.status.code(), Some(2));
 }

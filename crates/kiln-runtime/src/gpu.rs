@@ -34,6 +34,11 @@ pub enum RuntimeError {
     Readback { what: String, message: String },
     #[error("{0}")]
     Setup(String),
+    #[error(
+        "training diverged: the loss became {loss} in {where_}; the weights are no longer \
+         usable. Try a lower learning rate (--lr)"
+    )]
+    Diverged { where_: String, loss: f32 },
 }
 
 /// An opened device with its queue and the compile target derived from it.

@@ -214,6 +214,7 @@ impl<'g> GpuTrainer<'g> {
     fn run_epoch(
         &self,
         training: bool,
+        context: &str,
         order: &[u32],
         mut on_chunk: impl FnMut(&Stats),
     ) -> Result<Stats, RuntimeError> {
@@ -241,6 +242,19 @@ impl<'g> GpuTrainer<'g> {
          -> Result<(), RuntimeError> {
             if let Some((staging, steps)) = pending {
                 let bytes = map_read(gpu, &staging, "step statistics")?;
+                if let Some(k) = (0..steps.len()).find(|k| {
+                    !f32::from_le_bytes(bytes[k * 8..k * 8 + 4].try_into().expect("4 bytes"))
+                        .is_finite()
+                }) {
+                    let loss =
+                        f32::from_le_bytes(bytes[k * 8..k * 8 + 4].try_into().expect("4 bytes"));
+                    // Let queued work finish before reporting; its results are discarded.
+                    gpu.wait()?;
+                    return Err(RuntimeError::Diverged {
+                        where_: format!("{context}step {} of {}", steps.start + k + 1, sizes.len()),
+                        loss,
+                    });
+                }
                 let s = stats_from(&bytes, &sizes[steps]);
                 total.loss_sum += s.loss_sum;
                 total.correct += s.correct;
@@ -307,18 +321,18 @@ impl<'g> GpuTrainer<'g> {
         on_chunk: impl FnMut(&Stats),
     ) -> Result<Stats, RuntimeError> {
         let order = epoch_order(self.train.rows, self.seed, epoch, shuffle);
-        self.run_epoch(true, &order, on_chunk)
+        self.run_epoch(true, &format!("epoch {}, ", epoch + 1), &order, on_chunk)
     }
 
     /// SGD steps over training examples in exactly this order (batched as in an epoch).
     pub fn train_order(&self, order: &[u32]) -> Result<Stats, RuntimeError> {
-        self.run_epoch(true, order, |_| {})
+        self.run_epoch(true, "", order, |_| {})
     }
 
     /// Loss and accuracy on the whole test split.
     pub fn evaluate(&self) -> Result<Stats, RuntimeError> {
         let order: Vec<u32> = (0..self.test.rows as u32).collect();
-        self.run_epoch(false, &order, |_| {})
+        self.run_epoch(false, "evaluation, ", &order, |_| {})
     }
 
     /// The current parameters, read back from the device.

@@ -125,3 +125,66 @@ fn a_batch_too_large_for_the_device_is_refused_naming_the_limit() {
     assert!(e.contains(&format!("allows only {cap}")), "{e}");
     assert!(e.contains(&format!("f32[{batch},6,28,28]")), "{e}");
 }
+
+#[test]
+fn divergence_stops_training_with_a_clear_message() {
+    let Some(gpu) = gpu() else { return };
+    let mut model = lenet();
+    for i in [1, 4, 8, 10] {
+        model.layers[i] = Layer::ReLU;
+    }
+    let train = synthetic(64, 7);
+    let test = synthetic(8, 8);
+    let t = GpuTrainer::new(&gpu, &model, &train, &test, 8, 1e4, 0).unwrap();
+    let mut error = None;
+    for epoch in 0..5 {
+        if let Err(e) = t.train_epoch(epoch, true, |_| {}) {
+            error = Some(e.to_string());
+            break;
+        }
+    }
+    let e = error.expect("lr 1e4 must blow the loss up");
+    assert!(e.starts_with("training diverged: the loss became"), "{e}");
+    assert!(e.contains("in epoch ") && e.contains(", step "), "{e}");
+    assert!(e.ends_with("Try a lower learning rate (--lr)"), "{e}");
+}
+
+#[test]
+fn edge_batch_sizes_work() {
+    let Some(gpu) = gpu() else { return };
+    let train = synthetic(3, 9);
+    let test = synthetic(2, 10);
+    // Batch size 1: three steps per epoch.
+    let t = GpuTrainer::new(&gpu, &lenet(), &train, &test, 1, 0.1, 0).unwrap();
+    let mut ticks = Vec::new();
+    let s = t.train_epoch(0, true, |s| ticks.push(s.examples)).unwrap();
+    assert_eq!(s.examples, 3);
+    assert_eq!(ticks.last(), Some(&3));
+    assert_eq!(t.evaluate().unwrap().examples, 2);
+    // A batch larger than the data set is one partial batch.
+    let t = GpuTrainer::new(&gpu, &lenet(), &train, &test, 100, 0.1, 0).unwrap();
+    assert_eq!(t.train_epoch(0, true, |_| {}).unwrap().examples, 3);
+    assert!(
+        t.params()
+            .unwrap()
+            .values()
+            .all(|p| p.as_f32().unwrap().iter().all(|v| v.is_finite()))
+    );
+}
+
+#[test]
+fn same_seed_gives_bit_identical_weights() {
+    let Some(gpu) = gpu() else { return };
+    let train = synthetic(48, 11);
+    let test = synthetic(8, 12);
+    let run = |seed| {
+        let t = GpuTrainer::new(&gpu, &lenet(), &train, &test, 16, 0.9, seed).unwrap();
+        for epoch in 0..2 {
+            t.train_epoch(epoch, true, |_| {}).unwrap();
+        }
+        t.params().unwrap()
+    };
+    let a = run(21);
+    assert_eq!(a, run(21), "same seed, same device: identical bits");
+    assert_ne!(a["0.weight"], run(22)["0.weight"]);
+}
