@@ -145,6 +145,44 @@ fn strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
+/// Drops the zero-padding bounds checks of a convolution loop where there is no padding: every
+/// tap of a valid output then lies inside the input, and straight-line index arithmetic lets
+/// the driver's compiler vectorise the loop.
+fn without_padding_checks(body: String, padding: [usize; 2], size: [usize; 2]) -> String {
+    let mut body = body;
+    for (axis, (var, outer)) in [("iy", "oy"), ("ix", "ox")].into_iter().enumerate() {
+        if padding[axis] != 0 {
+            continue;
+        }
+        let check = format!(
+            "if ({var} < 0i || {var} >= {}) {{ continue; }}",
+            i(size[axis])
+        );
+        body = body
+            .lines()
+            .filter(|l| l.trim() != check)
+            .collect::<Vec<_>>()
+            .join("\n");
+        body.push('\n');
+        let k = if axis == 0 { "ky" } else { "kx" };
+        let signed = format!("let {var} = i32({outer} * ");
+        if let Some(at) = body.find(&signed) {
+            let end = at + body[at..].find('\n').unwrap_or(body.len() - at);
+            let line = &body[at..end];
+            // `let iy = i32(oy * S + ky) - 0i;` becomes `let iy = oy * S + ky;`
+            let stride = line
+                .trim_start_matches(&signed)
+                .split(' ')
+                .next()
+                .unwrap_or("1u")
+                .to_string();
+            body.replace_range(at..end, &format!("let {var} = {outer} * {stride} + {k};"));
+        }
+        body = body.replace(&format!("u32({var})"), var);
+    }
+    body
+}
+
 /// The body of node `id`'s element function (statements ending in `return`).
 fn body(graph: &Graph, id: NodeId) -> String {
     let node = graph.node(id);
@@ -222,7 +260,7 @@ fn body(graph: &Graph, id: NodeId) -> String {
         Op::Conv2d { stride, padding } => {
             let [_, c, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
             let [o, _, kh, kw] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
-            format!(
+            let body = format!(
                 "{}    var acc = 0.0f;
     for (var c = 0u; c < {C}; c++) {{
         for (var ky = 0u; ky < {KH}; ky++) {{
@@ -251,8 +289,8 @@ fn body(graph: &Graph, id: NodeId) -> String {
                 PX = i(padding[1]),
                 x = x(0),
                 w = x(1),
-            )
-            .replace("{O}", &u(o))
+            );
+            without_padding_checks(body.replace("{O}", &u(o)), *padding, [h, w])
         }
         Op::Conv2dGradInput {
             stride, padding, ..
@@ -298,7 +336,7 @@ fn body(graph: &Graph, id: NodeId) -> String {
         } => {
             let [n, c, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
             let [_, o, oh, ow] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
-            format!(
+            let body = format!(
                 "{}    var acc = 0.0f;
     for (var n = 0u; n < {N}; n++) {{
         for (var oy = 0u; oy < {OH}; oy++) {{
@@ -329,7 +367,8 @@ fn body(graph: &Graph, id: NodeId) -> String {
                 PX = i(padding[1]),
                 x = x(0),
                 dy = x(1),
-            )
+            );
+            without_padding_checks(body, *padding, [h, w])
         }
         Op::AvgPool2d { kernel, stride } | Op::MaxPool2d { kernel, stride } => {
             let [_, _, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
