@@ -62,6 +62,19 @@ struct Args {
     /// With `--emit wgsl`: write one .wgsl file per kernel into this directory.
     #[arg(long, requires = "emit")]
     emit_dir: Option<PathBuf>,
+    /// Keep the data set's order instead of shuffling every epoch (reproducible comparisons).
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Write a safetensors checkpoint (PyTorch names and layouts) here at the end.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// With --save: also write it after every N epochs.
+    #[arg(long, requires = "save", value_parser = clap::value_parser!(u32).range(1..))]
+    save_every: Option<u32>,
+    /// Start from this checkpoint instead of random initialisation (names, shapes and dtypes
+    /// are checked against the model).
+    #[arg(long)]
+    init: Option<PathBuf>,
     /// Time each kernel of the training step on the device (isolated submits, after a warm-up
     /// that pays the shader JIT) and print a table instead of training.
     #[arg(long)]
@@ -189,23 +202,73 @@ fn run(args: Args) -> Result<()> {
         Some(n) => fashion.test.truncated(n),
         None => fashion.test,
     };
-    let params = model
-        .build("lenet", TensorType::f32([1, 1, side, side]))
-        .context("building LeNet")?
-        .param_count();
     println!(
         "LeNet-5 ({} parameters) on Fashion-MNIST from {}: {} training, {} test images",
-        thousands(params),
+        thousands(
+            model
+                .build("lenet", TensorType::f32([1, 1, side, side]))
+                .context("building LeNet")?
+                .param_count()
+        ),
         dir.display(),
         train.count,
         test.count
     );
+    let probe = model
+        .build("lenet", TensorType::f32([1, 1, side, side]))
+        .context("building LeNet")?;
+    let initial = match &args.init {
+        Some(path) => {
+            let ckpt = kiln::checkpoint::load(path)?;
+            let params = kiln::checkpoint::matching_params(path, &ckpt, &probe)?;
+            println!("starting from checkpoint {}", path.display());
+            Some(params)
+        }
+        None => None,
+    };
+    let save = |epoch: usize,
+                params: &std::collections::HashMap<String, kiln::reference::Tensor>,
+                stats: &Stats,
+                eval: &Stats|
+     -> Result<()> {
+        let Some(path) = &args.save else {
+            return Ok(());
+        };
+        let last = epoch + 1 == args.epochs;
+        let every = args
+            .save_every
+            .is_some_and(|n| (epoch + 1) % n as usize == 0);
+        if !(last || every) {
+            return Ok(());
+        }
+        let metadata = std::collections::BTreeMap::from([
+            (
+                "format".to_string(),
+                "kiln checkpoint: PyTorch state-dict names and layouts".to_string(),
+            ),
+            ("ir".to_string(), ir::print(&probe)),
+            ("epoch".to_string(), (epoch + 1).to_string()),
+            ("seed".to_string(), args.seed.to_string()),
+            ("lr".to_string(), args.lr.to_string()),
+            ("batch_size".to_string(), args.batch_size.to_string()),
+            ("loss".to_string(), format!("{:.6}", stats.loss())),
+            ("train_acc".to_string(), format!("{:.6}", stats.accuracy())),
+            ("test_acc".to_string(), format!("{:.6}", eval.accuracy())),
+        ]);
+        kiln::checkpoint::save(path, params, &metadata)?;
+        println!("saved {} (epoch {})", path.display(), epoch + 1);
+        Ok(())
+    };
+    let shuffle = !args.no_shuffle;
     let mut epochs = Epochs::new(args.epochs);
     if args.reference {
         println!("device: kiln's CPU reference executor (--reference; correct, but slow)");
         let mut trainer = CpuTrainer::new(model, [1, side, side], args.lr, args.seed)?;
+        if let Some(p) = initial {
+            trainer.params = p;
+        }
         for epoch in 0..args.epochs {
-            let order = epoch_order(train.count, args.seed, epoch, true);
+            let order = epoch_order(train.count, args.seed, epoch, shuffle);
             let bar = epochs.bar(epoch, train.count);
             let start = Instant::now();
             let stats =
@@ -214,6 +277,7 @@ fn run(args: Args) -> Result<()> {
             bar.finish_and_clear();
             let eval = trainer.evaluate(&test, batch)?;
             epochs.report(epoch, &stats, &eval, elapsed);
+            save(epoch, &trainer.params, &stats, &eval)?;
         }
         epochs.summary("the CPU reference executor");
         return Ok(());
@@ -229,6 +293,9 @@ fn run(args: Args) -> Result<()> {
     }
     let compile_start = Instant::now();
     let trainer = GpuTrainer::new(&gpu, &model, &train, &test, batch, args.lr, args.seed)?;
+    if let Some(p) = &initial {
+        trainer.set_params(p)?;
+    }
     println!(
         "compiled the training step into {} kernels and the evaluation into {} in {:.0} ms",
         trainer.kernels_per_step(),
@@ -257,11 +324,14 @@ fn run(args: Args) -> Result<()> {
     for epoch in 0..args.epochs {
         let bar = epochs.bar(epoch, train.count);
         let start = Instant::now();
-        let stats = trainer.train_epoch(epoch, true, |s| epochs.tick(&bar, s, start))?;
+        let stats = trainer.train_epoch(epoch, shuffle, |s| epochs.tick(&bar, s, start))?;
         let elapsed = start.elapsed();
         bar.finish_and_clear();
         let eval = trainer.evaluate()?;
         epochs.report(epoch, &stats, &eval, elapsed);
+        if args.save.is_some() {
+            save(epoch, &trainer.params()?, &stats, &eval)?;
+        }
     }
     epochs.summary(&gpu.info.name);
     Ok(())

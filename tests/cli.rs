@@ -316,3 +316,59 @@ fn tempfile_dir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn save_writes_a_checkpoint_that_init_accepts_and_checks() {
+    let Some(data) = data_dir() else { return };
+    let dir = tempfile_dir("ckpt");
+    let path = dir.join("lenet.safetensors");
+    let p = path.to_str().unwrap();
+    let base = [
+        "--reference",
+        "--data",
+        &data,
+        "--limit",
+        "16",
+        "--eval-limit",
+        "8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+    ];
+    let o = run(&[&base[..], &["--save", p, "--no-shuffle"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("saved {p} (epoch 1)")),
+        "{}",
+        stdout(&o)
+    );
+    let ckpt = kiln::checkpoint::load(&path).unwrap();
+    assert_eq!(ckpt.params.len(), 10);
+    assert_eq!(ckpt.params["0.weight"].shape(), [6, 1, 5, 5]);
+    assert_eq!(ckpt.metadata["epoch"], "1");
+    assert!(ckpt.metadata["ir"].starts_with("graph \"lenet\""));
+    assert!(!dir.join("lenet.safetensors.tmp").exists());
+    let o = run(&[&base[..], &["--init", p]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("starting from checkpoint {p}")),
+        "{}",
+        stdout(&o)
+    );
+    // A checkpoint of another shape is refused, naming the tensor.
+    let mut params = ckpt.params.clone();
+    params.insert(
+        "9.weight".into(),
+        kiln::reference::Tensor::from_f32([84, 121], vec![0.0; 84 * 121]).unwrap(),
+    );
+    let bad = dir.join("bad.safetensors");
+    kiln::checkpoint::save(&bad, &params, &Default::default()).unwrap();
+    let o = run(&[&base[..], &["--init", bad.to_str().unwrap()]].concat());
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("tensor `9.weight` is f32[84,121] but the model needs f32[84,120]"),
+        "{}",
+        stderr(&o)
+    );
+}
