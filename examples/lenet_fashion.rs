@@ -17,6 +17,36 @@ use kiln::ir::{self, DType, TensorType, thousands};
 use kiln::runtime::{Gpu, GpuTrainer};
 use kiln::train::{CpuTrainer, Stats, epoch_order};
 
+/// Built-in variants of LeNet from the d2l chapter's exercises; all train through the same
+/// compiler path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Variant {
+    /// d2l's LeNet-5: sigmoid activations, average pooling.
+    Lenet,
+    /// ReLU instead of sigmoid.
+    Relu,
+    /// Max pooling instead of average pooling.
+    Maxpool,
+    /// ReLU and max pooling.
+    ReluMaxpool,
+    /// Wider convolutions (16 and 32 channels) with ReLU and max pooling.
+    Wide,
+}
+
+impl Variant {
+    fn model(self) -> ir::Sequential {
+        use ir::LenetVariant as V;
+        match self {
+            Variant::Lenet => V::Lenet,
+            Variant::Relu => V::Relu,
+            Variant::Maxpool => V::MaxPool,
+            Variant::ReluMaxpool => V::ReluMaxPool,
+            Variant::Wide => V::Wide,
+        }
+        .model()
+    }
+}
+
 /// A compiler stage whose output `--emit` prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Stage {
@@ -62,6 +92,9 @@ struct Args {
     /// With `--emit wgsl`: write one .wgsl file per kernel into this directory.
     #[arg(long, requires = "emit")]
     emit_dir: Option<PathBuf>,
+    /// Which model to train.
+    #[arg(long, value_enum, default_value_t = Variant::Lenet)]
+    variant: Variant,
     /// Keep the data set's order instead of shuffling every epoch (reproducible comparisons).
     #[arg(long)]
     no_shuffle: bool,
@@ -158,7 +191,7 @@ fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
 }
 
 fn run(args: Args) -> Result<()> {
-    let model = ir::lenet();
+    let model = args.variant.model();
     let side = data::SIDE;
     if args.summary {
         let summary = model
@@ -203,7 +236,14 @@ fn run(args: Args) -> Result<()> {
         None => fashion.test,
     };
     println!(
-        "LeNet-5 ({} parameters) on Fashion-MNIST from {}: {} training, {} test images",
+        "{} ({} parameters) on Fashion-MNIST from {}: {} training, {} test images",
+        match args.variant {
+            Variant::Lenet => "LeNet-5".to_string(),
+            v => format!(
+                "LeNet-5 variant {}",
+                v.to_possible_value().expect("a value").get_name()
+            ),
+        },
         thousands(
             model
                 .build("lenet", TensorType::f32([1, 1, side, side]))

@@ -19,7 +19,7 @@ pub use passes::{
     BATCH_INDICES, GatherInput, eliminate_common_subexpressions, eliminate_dead_code, gather_inputs,
 };
 pub use sequential::{
-    Conv2d, Layer, LayerSummary, Sequential, ShapeError, Summary, lenet, thousands,
+    Conv2d, Layer, LayerSummary, LenetVariant, Sequential, ShapeError, Summary, lenet, thousands,
 };
 pub use text::{ParseError, parse, parse_file, print};
 pub use types::{DType, ShapeDisplay, TensorType};

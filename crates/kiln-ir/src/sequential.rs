@@ -493,6 +493,53 @@ pub fn lenet() -> Sequential {
         .append(Layer::linear(84, 10))
 }
 
+/// The LeNet variants of the d2l chapter's exercises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LenetVariant {
+    /// d2l's LeNet-5: sigmoid activations, average pooling.
+    Lenet,
+    /// ReLU instead of sigmoid.
+    Relu,
+    /// Max pooling instead of average pooling.
+    MaxPool,
+    /// ReLU and max pooling.
+    ReluMaxPool,
+    /// Wider convolutions (16 and 32 channels) with ReLU and max pooling.
+    Wide,
+}
+
+impl LenetVariant {
+    pub const ALL: [LenetVariant; 5] = [
+        LenetVariant::Lenet,
+        LenetVariant::Relu,
+        LenetVariant::MaxPool,
+        LenetVariant::ReluMaxPool,
+        LenetVariant::Wide,
+    ];
+
+    pub fn model(self) -> Sequential {
+        let mut m = lenet();
+        let relu = matches!(self, Self::Relu | Self::ReluMaxPool | Self::Wide);
+        let max = matches!(self, Self::MaxPool | Self::ReluMaxPool | Self::Wide);
+        if relu {
+            for i in [1, 4, 8, 10] {
+                m.layers[i] = Layer::ReLU;
+            }
+        }
+        if max {
+            for i in [2, 5] {
+                m.layers[i] = Layer::max_pool2d(2, 2);
+            }
+        }
+        if self == Self::Wide {
+            m.layers[0] = Conv2d::new(1, 16, 5).padding(2).into();
+            m.layers[3] = Conv2d::new(16, 32, 5).into();
+            m.layers[7] = Layer::linear(32 * 5 * 5, 120);
+        }
+        m
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

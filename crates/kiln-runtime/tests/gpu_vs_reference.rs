@@ -13,7 +13,7 @@ mod common;
 
 use common::{compare, feeds, gpu};
 use kiln_autodiff::{evaluation_graph, read_batches_from_dataset, training_step};
-use kiln_ir::{Conv2d, DType, Graph, Layer, Sequential, TensorType, lenet};
+use kiln_ir::{Conv2d, DType, Graph, Layer, LenetVariant, Sequential, TensorType, lenet};
 use kiln_reference::execute;
 use kiln_runtime::{Gpu, run_graph};
 use proptest::prelude::*;
@@ -87,6 +87,17 @@ fn lenet_relu_maxpool_variant_matches_reference() {
     compare(&gpu, &step, 4, 10, TOLERANCE);
     compare_updates(&gpu, &step, 5, 10);
     compare(&gpu, &eval, 6, 10, TOLERANCE);
+}
+
+#[test]
+fn every_lenet_variant_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    for (k, variant) in LenetVariant::ALL.into_iter().enumerate() {
+        let [step, eval] = lenet_graphs(&variant.model(), 3, 8);
+        compare(&gpu, &step, 10 + k as u64, 10, TOLERANCE);
+        compare_updates(&gpu, &step, 20 + k as u64, 10);
+        compare(&gpu, &eval, 30 + k as u64, 10, TOLERANCE);
+    }
 }
 
 fn layer() -> impl Strategy<Value = Layer> {
