@@ -39,7 +39,7 @@ const FILES: [&str; 4] = [
 ];
 
 /// One split: `count` images of `rows x cols` u8 pixels (row-major, image after image) and
-/// their labels in `0..10`. Pixels stay u8; scaling to [0,1] happens on the device.
+/// their labels in `0..10`. Pixels stay u8; scaling to `[0, 1]` happens on the device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Split {
     pub count: usize,
