@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 
 use kiln_autodiff::{gradients, training_step};
-use kiln_ir::{Conv2d, DType, Graph, Layer, NodeId, Op, Scalar, Sequential, TensorType, lenet};
+use kiln_ir::testing::{random_layer, random_model};
+use kiln_ir::{DType, Graph, NodeId, Op, Scalar, TensorType, lenet};
 use kiln_reference::{Tensor, execute};
 use proptest::prelude::*;
 
@@ -179,13 +180,7 @@ fn lenet_gradients_match_finite_differences() {
 
 #[test]
 fn lenet_relu_maxpool_gradients_match_finite_differences() {
-    let mut model = lenet();
-    for i in [1, 4, 8, 10] {
-        model.layers[i] = Layer::ReLU;
-    }
-    for i in [2, 5] {
-        model.layers[i] = Layer::max_pool2d(2, 2);
-    }
+    let model = kiln_ir::LenetVariant::ReluMaxPool.model();
     let forward = model
         .build("lenet_relu", TensorType::f32([2, 1, 28, 28]))
         .unwrap();
@@ -311,77 +306,21 @@ fn unrelated_and_integer_nodes_get_no_gradient_flow() {
     );
 }
 
-/// One layer of a random model; shapes are checked by building, invalid stacks are skipped.
-fn layer() -> impl Strategy<Value = Layer> {
-    prop_oneof![
-        (1usize..4, 1usize..4, 1usize..3, 0usize..3).prop_map(|(o, k, s, p)| {
-            // in_channels is fixed up when the model is assembled
-            Layer::from(Conv2d::new(0, o, k).stride(s).padding(p))
-        }),
-        (1usize..3, 1usize..3).prop_map(|(k, s)| Layer::avg_pool2d(k, s)),
-        (1usize..3, 1usize..3).prop_map(|(k, s)| Layer::max_pool2d(k, s)),
-        Just(Layer::Sigmoid),
-        Just(Layer::ReLU),
-        Just(Layer::Tanh),
-    ]
-}
-
-/// Builds conv/pool/activation layers, a flatten and a linear chain to `classes` logits.
-fn assemble(
-    input: [usize; 4],
-    convs: Vec<Layer>,
-    hidden: Vec<(usize, u8)>,
-    classes: usize,
-) -> Option<Graph> {
-    let mut model = Sequential::new();
-    let mut channels = input[1];
-    for l in convs {
-        let l = match l {
-            Layer::Conv2d(c) => {
-                let fixed = Conv2d {
-                    in_channels: channels,
-                    ..c
-                };
-                channels = c.out_channels;
-                Layer::Conv2d(fixed)
-            }
-            other => other,
-        };
-        model = model.append(l);
-    }
-    model = model.append(Layer::Flatten);
-    // The flattened width is only known after the conv stack: build once to read it.
-    let width = model
-        .build("probe", TensorType::f32(input))
-        .ok()?
-        .nodes()
-        .last()
-        .unwrap()
-        .ty
-        .shape[1];
-    let mut features = width;
-    for (h, act) in hidden {
-        model = model.append(Layer::linear(features, h));
-        model = model.append([Layer::Sigmoid, Layer::ReLU, Layer::Tanh][act as usize % 3].clone());
-        features = h;
-    }
-    model = model.append(Layer::linear(features, classes));
-    model.build("random", TensorType::f32(input)).ok()
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
 
     #[test]
     fn random_models_gradients_match_finite_differences(
-        input in (1usize..3, 1usize..3, 4usize..8, 4usize..8),
-        convs in proptest::collection::vec(layer(), 0..4),
+        input in (1usize..3, 1usize..3, 4usize..8),
+        convs in proptest::collection::vec(random_layer(), 0..4),
         hidden in proptest::collection::vec((1usize..6, any::<u8>()), 0..3),
         classes in 2usize..5,
         seed in any::<u64>(),
     ) {
-        let (n, c, h, w) = input;
-        let Some(forward) = assemble([n, c, h, w], convs, hidden, classes) else {
+        let (n, c, side) = input;
+        let Some(forward) = random_model(c, side, convs, hidden, classes)
+            .and_then(|m| m.build("random", TensorType::f32([n, c, side, side])).ok())
+        else {
             return Err(TestCaseError::reject("layer stack does not fit the input"));
         };
         let (g, loss) = with_loss(&forward);

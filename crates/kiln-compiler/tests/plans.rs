@@ -5,7 +5,8 @@ use kiln_compiler::{
     CodegenError, KernelKind, Placement, Plan, Target, describe, emit_wgsl, fuse, validate_wgsl,
     verify_plan,
 };
-use kiln_ir::{Conv2d, DType, Graph, Layer, NodeId, Sequential, TensorType, lenet};
+use kiln_ir::testing::{random_layer, random_model};
+use kiln_ir::{DType, Graph, NodeId, Sequential, TensorType, lenet};
 use proptest::prelude::*;
 
 fn step_graph(model: &Sequential, batch: usize, rows: usize) -> Graph {
@@ -119,13 +120,7 @@ fn lenet_step_fuses_into_few_kernels_by_the_rules() {
 #[test]
 fn lenet_graphs_compile_to_valid_wgsl() {
     let t = Target::portable();
-    let mut relu = lenet();
-    for i in [1, 4, 8, 10] {
-        relu.layers[i] = Layer::ReLU;
-    }
-    for i in [2, 5] {
-        relu.layers[i] = Layer::max_pool2d(2, 2);
-    }
+    let relu = kiln_ir::LenetVariant::ReluMaxPool.model();
     for model in [lenet(), relu] {
         for g in [
             step_graph(&model, 256, 60_000),
@@ -242,66 +237,19 @@ fn a_tight_binding_limit_splits_kernels() {
     );
 }
 
-fn layer() -> impl Strategy<Value = Layer> {
-    prop_oneof![
-        (1usize..4, 1usize..4, 1usize..3, 0usize..3)
-            .prop_map(|(o, k, s, p)| Layer::from(Conv2d::new(0, o, k).stride(s).padding(p))),
-        (1usize..4, 1usize..3).prop_map(|(k, s)| Layer::avg_pool2d(k, s)),
-        (1usize..4, 1usize..3).prop_map(|(k, s)| Layer::max_pool2d(k, s)),
-        Just(Layer::Sigmoid),
-        Just(Layer::ReLU),
-        Just(Layer::Tanh),
-    ]
-}
-
-/// A random conv/pool/activation stack, flatten, a random linear chain, `classes` logits.
-fn random_model(
-    convs: Vec<Layer>,
-    hidden: Vec<(usize, u8)>,
-    classes: usize,
-    side: usize,
-) -> Option<Sequential> {
-    let mut model = Sequential::new();
-    let mut channels = 1;
-    for l in convs {
-        model = model.append(match l {
-            Layer::Conv2d(c) => {
-                let fixed = Conv2d {
-                    in_channels: channels,
-                    ..c
-                };
-                channels = c.out_channels;
-                Layer::Conv2d(fixed)
-            }
-            other => other,
-        });
-    }
-    model = model.append(Layer::Flatten);
-    let probe = model
-        .build("probe", TensorType::f32([1, 1, side, side]))
-        .ok()?;
-    let mut features = probe.nodes().last()?.ty.shape[1];
-    for (h, act) in hidden {
-        model = model.append(Layer::linear(features, h));
-        model = model.append([Layer::Sigmoid, Layer::ReLU, Layer::Tanh][act as usize % 3].clone());
-        features = h;
-    }
-    Some(model.append(Layer::linear(features, classes)))
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
     fn random_models_plan_and_compile(
-        convs in proptest::collection::vec(layer(), 0..5),
+        convs in proptest::collection::vec(random_layer(), 0..5),
         hidden in proptest::collection::vec((1usize..9, any::<u8>()), 0..3),
         classes in 1usize..80,
         batch in 1usize..5,
         side in 3usize..9,
         buffers in 5u32..9,
     ) {
-        let Some(model) = random_model(convs, hidden, classes, side) else {
+        let Some(model) = random_model(1, side, convs, hidden, classes) else {
             return Err(TestCaseError::reject("layers do not fit"));
         };
         let fwd = model.build("m", TensorType::new(DType::U8, [batch, 1, side, side])).unwrap();

@@ -9,6 +9,8 @@ mod graph;
 mod op;
 mod passes;
 mod sequential;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod text;
 mod types;
 mod verify;

@@ -13,7 +13,8 @@ mod common;
 
 use common::{compare, feeds, gpu};
 use kiln_autodiff::{evaluation_graph, read_batches_from_dataset, training_step};
-use kiln_ir::{Conv2d, DType, Graph, Layer, LenetVariant, Sequential, TensorType, lenet};
+use kiln_ir::testing::{random_layer, random_model};
+use kiln_ir::{DType, Graph, LenetVariant, Sequential, TensorType, lenet};
 use kiln_reference::execute;
 use kiln_runtime::{Gpu, run_graph};
 use proptest::prelude::*;
@@ -76,13 +77,7 @@ fn lenet_step_and_evaluation_match_reference() {
 #[test]
 fn lenet_relu_maxpool_variant_matches_reference() {
     let Some(gpu) = gpu() else { return };
-    let mut model = lenet();
-    for i in [1, 4, 8, 10] {
-        model.layers[i] = Layer::ReLU;
-    }
-    for i in [2, 5] {
-        model.layers[i] = Layer::max_pool2d(2, 2);
-    }
+    let model = kiln_ir::LenetVariant::ReluMaxPool.model();
     let [step, eval] = lenet_graphs(&model, 5, 12);
     compare(&gpu, &step, 4, 10, TOLERANCE);
     compare_updates(&gpu, &step, 5, 10);
@@ -100,25 +95,13 @@ fn every_lenet_variant_matches_reference() {
     }
 }
 
-fn layer() -> impl Strategy<Value = Layer> {
-    prop_oneof![
-        (1usize..4, 1usize..4, 1usize..3, 0usize..3)
-            .prop_map(|(o, k, s, p)| Layer::from(Conv2d::new(0, o, k).stride(s).padding(p))),
-        (1usize..4, 1usize..3).prop_map(|(k, s)| Layer::avg_pool2d(k, s)),
-        (1usize..4, 1usize..3).prop_map(|(k, s)| Layer::max_pool2d(k, s)),
-        Just(Layer::Sigmoid),
-        Just(Layer::ReLU),
-        Just(Layer::Tanh),
-    ]
-}
-
 proptest! {
     // Each case compiles and JIT-compiles a dozen shaders on lavapipe: few cases.
     #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
 
     #[test]
     fn random_models_match_reference(
-        convs in proptest::collection::vec(layer(), 1..4),
+        convs in proptest::collection::vec(random_layer(), 1..4),
         hidden in proptest::collection::vec((1usize..9, any::<u8>()), 0..2),
         classes in 2usize..12,
         batch in 1usize..5,
@@ -126,29 +109,9 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let Some(gpu) = gpu() else { return Ok(()) };
-        let mut model = Sequential::new();
-        let mut channels = 1;
-        for l in convs {
-            model = model.append(match l {
-                Layer::Conv2d(c) => {
-                    let fixed = Conv2d { in_channels: channels, ..c };
-                    channels = c.out_channels;
-                    Layer::Conv2d(fixed)
-                }
-                other => other,
-            });
-        }
-        model = model.append(Layer::Flatten);
-        let Ok(probe) = model.build("probe", TensorType::f32([1, 1, side, side])) else {
+        let Some(model) = random_model(1, side, convs, hidden, classes) else {
             return Err(TestCaseError::reject("layers do not fit"));
         };
-        let mut features = probe.nodes().last().unwrap().ty.shape[1];
-        for (h, act) in hidden {
-            model = model.append(Layer::linear(features, h));
-            model = model.append([Layer::Sigmoid, Layer::ReLU, Layer::Tanh][act as usize % 3].clone());
-            features = h;
-        }
-        model = model.append(Layer::linear(features, classes));
         let fwd = model.build("random", TensorType::new(DType::U8, [batch, 1, side, side])).unwrap();
         let step = read_batches_from_dataset(&training_step(&fwd, 0.5).unwrap(), 9).unwrap();
         compare(&gpu, &step, seed % 1000, classes, TOLERANCE);

@@ -75,13 +75,7 @@ fn short_real_training_run_learns() {
         }
         Err(e) => panic!("{e}"),
     };
-    let mut model = lenet();
-    for i in [1, 4, 8, 10] {
-        model.layers[i] = Layer::ReLU;
-    }
-    for i in [2, 5] {
-        model.layers[i] = Layer::max_pool2d(2, 2);
-    }
+    let model = kiln_ir::LenetVariant::ReluMaxPool.model();
     let train = data.train.truncated(2560);
     let test = data.test.truncated(500);
     let t = GpuTrainer::new(&gpu, &model, &train, &test, 32, 0.1, 0).unwrap();
@@ -129,10 +123,7 @@ fn a_batch_too_large_for_the_device_is_refused_naming_the_limit() {
 #[test]
 fn divergence_stops_training_with_a_clear_message() {
     let Some(gpu) = gpu() else { return };
-    let mut model = lenet();
-    for i in [1, 4, 8, 10] {
-        model.layers[i] = Layer::ReLU;
-    }
+    let model = kiln_ir::LenetVariant::Relu.model();
     let train = synthetic(64, 7);
     let test = synthetic(8, 8);
     let t = GpuTrainer::new(&gpu, &model, &train, &test, 8, 1e4, 0).unwrap();

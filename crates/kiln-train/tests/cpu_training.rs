@@ -21,13 +21,7 @@ fn data() -> Option<FashionMnist> {
 /// of 60,000 examples, far more than a test can afford on the CPU; the ReLU variant learns
 /// within a few hundred small steps, which is what this test needs to show.
 fn relu_maxpool_lenet() -> Sequential {
-    let mut model = lenet();
-    for i in [1, 4, 8, 10] {
-        model.layers[i] = Layer::ReLU;
-    }
-    for i in [2, 5] {
-        model.layers[i] = Layer::max_pool2d(2, 2);
-    }
+    let model = kiln_ir::LenetVariant::ReluMaxPool.model();
     model
 }
 
