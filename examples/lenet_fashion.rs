@@ -7,6 +7,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -14,7 +16,7 @@ use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::data;
 use kiln::ir::{self, DType, TensorType, thousands};
-use kiln::runtime::{Gpu, GpuTrainer};
+use kiln::runtime::{Gpu, GpuTrainer, RuntimeError};
 use kiln::train::{CpuTrainer, Stats, epoch_order};
 
 /// Built-in variants of LeNet from the d2l chapter's exercises; all train through the same
@@ -120,9 +122,22 @@ struct Args {
     summary: bool,
 }
 
+/// Training stopped by Ctrl-C (after saving when asked); exits with 130 like a shell.
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Interrupted>() => ExitCode::from(130),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -332,10 +347,21 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let compile_start = Instant::now();
-    let trainer = GpuTrainer::new(&gpu, &model, &train, &test, batch, args.lr, args.seed)?;
+    let mut trainer = GpuTrainer::new(&gpu, &model, &train, &test, batch, args.lr, args.seed)?;
     if let Some(p) = &initial {
         trainer.set_params(p)?;
     }
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting now");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing the steps in flight (Ctrl-C again to exit at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    trainer.set_interrupt(interrupted);
     println!(
         "compiled the training step into {} kernels and the evaluation into {} in {:.0} ms",
         trainer.kernels_per_step(),
@@ -364,7 +390,32 @@ fn run(args: Args) -> Result<()> {
     for epoch in 0..args.epochs {
         let bar = epochs.bar(epoch, train.count);
         let start = Instant::now();
-        let stats = trainer.train_epoch(epoch, shuffle, |s| epochs.tick(&bar, s, start))?;
+        let stats = match trainer.train_epoch(epoch, shuffle, |s| epochs.tick(&bar, s, start)) {
+            Ok(stats) => stats,
+            Err(RuntimeError::Interrupted { where_ }) => {
+                bar.finish_and_clear();
+                let saved = match &args.save {
+                    Some(path) => {
+                        let metadata = std::collections::BTreeMap::from([
+                            (
+                                "format".to_string(),
+                                "kiln checkpoint: PyTorch state-dict names and layouts".to_string(),
+                            ),
+                            ("ir".to_string(), ir::print(&probe)),
+                            ("interrupted".to_string(), where_.clone()),
+                            ("seed".to_string(), args.seed.to_string()),
+                            ("lr".to_string(), args.lr.to_string()),
+                        ]);
+                        kiln::checkpoint::save(path, &trainer.params()?, &metadata)?;
+                        format!("; saved {}", path.display())
+                    }
+                    None => String::new(),
+                };
+                eprintln!("interrupted in {where_}{saved}");
+                return Err(Interrupted.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let elapsed = start.elapsed();
         bar.finish_and_clear();
         let eval = trainer.evaluate()?;

@@ -372,3 +372,173 @@ fn save_writes_a_checkpoint_that_init_accepts_and_checks() {
         stderr(&o)
     );
 }
+
+fn gpu_available() -> bool {
+    if kiln::runtime::Gpu::new().is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("KILN_REQUIRE_GPU").is_none(),
+        "GPU required but missing"
+    );
+    eprintln!("SKIPPED: no GPU adapter");
+    false
+}
+
+#[test]
+fn divergence_stops_and_keeps_the_last_good_checkpoint() {
+    let Some(data) = data_dir() else { return };
+    if !gpu_available() {
+        return;
+    }
+    let dir = tempfile_dir("diverge");
+    let path = dir.join("good.safetensors");
+    std::fs::write(&path, b"the last good checkpoint").unwrap();
+    let p = path.to_str().unwrap();
+    let args = [
+        "--variant",
+        "relu",
+        "--lr",
+        "10000",
+        "--data",
+        &data,
+        "--limit",
+        "256",
+        "--eval-limit",
+        "16",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--save",
+        p,
+        "--save-every",
+        "1",
+    ];
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("error: training diverged: the loss became"),
+        "{err}"
+    );
+    assert!(err.contains("in epoch 1, step "), "{err}");
+    assert!(err.contains("Try a lower learning rate (--lr)"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"the last good checkpoint");
+}
+
+#[test]
+fn zero_epochs_compiles_and_stops() {
+    let Some(data) = data_dir() else { return };
+    if !gpu_available() {
+        return;
+    }
+    let o = run(&[
+        "--data",
+        &data,
+        "--limit",
+        "32",
+        "--eval-limit",
+        "8",
+        "--epochs",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("compiled the training step"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!stdout(&o).contains("epoch 1:"), "{}", stdout(&o));
+}
+
+/// Starts a long training run and sends it SIGINT once it is training.
+#[cfg(unix)]
+fn interrupt_run(dir: &std::path::Path, signals: usize) -> (Output, PathBuf) {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let data = kiln::data::locate(None).unwrap().display().to_string();
+    let path = dir.join("interrupted.safetensors");
+    let mut child = example()
+        .args([
+            "--data",
+            &data,
+            "--limit",
+            "60000",
+            "--eval-limit",
+            "16",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+        ])
+        .args(["--save", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.starts_with("compiled the training step") {
+            break;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    for _ in 0..signals {
+        let status = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for line in lines {
+        seen.push_str(&line.unwrap());
+        seen.push('\n');
+    }
+    let mut out = child.wait_with_output().unwrap();
+    out.stdout = seen.into_bytes();
+    (out, path)
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_finishes_the_steps_in_flight_and_saves() {
+    if data_dir().is_none() || !gpu_available() {
+        return;
+    }
+    let dir = tempfile_dir("sigint");
+    let (o, path) = interrupt_run(&dir, 1);
+    assert_eq!(o.status.code(), Some(130), "{}\n{}", stdout(&o), stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("interrupt: finishing the steps in flight"),
+        "{err}"
+    );
+    assert!(err.contains("interrupted in epoch 1, after step "), "{err}");
+    assert!(err.contains(&format!("saved {}", path.display())), "{err}");
+    let ckpt = kiln::checkpoint::load(&path).unwrap();
+    assert_eq!(ckpt.params.len(), 10);
+    assert!(ckpt.metadata["interrupted"].starts_with("epoch 1, after step "));
+    assert!(!dir.join("interrupted.safetensors.tmp").exists());
+}
+
+#[cfg(unix)]
+#[test]
+fn a_second_ctrl_c_exits_at_once() {
+    if data_dir().is_none() || !gpu_available() {
+        return;
+    }
+    let dir = tempfile_dir("sigint2");
+    let (o, _) = interrupt_run(&dir, 2);
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("second interrupt: exiting now"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -39,6 +39,8 @@ pub enum RuntimeError {
          usable. Try a lower learning rate (--lr)"
     )]
     Diverged { where_: String, loss: f32 },
+    #[error("interrupted in {where_}")]
+    Interrupted { where_: String },
 }
 
 /// An opened device with its queue and the compile target derived from it.

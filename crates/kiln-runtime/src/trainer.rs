@@ -49,6 +49,8 @@ pub struct GpuTrainer<'g> {
     train: Resident,
     test: Resident,
     seed: u64,
+    /// Set by a signal handler: stop at the next chunk boundary.
+    interrupt: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 fn stats_from(bytes: &[u8], steps: &[usize]) -> Stats {
@@ -124,6 +126,7 @@ impl<'g> GpuTrainer<'g> {
             train: resident(train, "training")?,
             test: resident(test, "test")?,
             seed,
+            interrupt: None,
         };
         // Compile every program up front: errors and device limits surface before training.
         for (training, rows) in [(true, t.train.rows), (false, t.test.rows)] {
@@ -199,6 +202,12 @@ impl<'g> GpuTrainer<'g> {
         program.profile(self.gpu, reps)
     }
 
+    /// Makes training stop cleanly, between whole steps, once `flag` is set (by a Ctrl-C
+    /// handler): the running epoch returns [`RuntimeError::Interrupted`].
+    pub fn set_interrupt(&mut self, flag: Arc<std::sync::atomic::AtomicBool>) {
+        self.interrupt = Some(flag);
+    }
+
     /// Kernels per evaluation batch.
     pub fn kernels_per_eval(&self) -> usize {
         self.test
@@ -265,6 +274,17 @@ impl<'g> GpuTrainer<'g> {
         };
         for (c, chunk) in ranges.chunks(STEPS_PER_SUBMIT).enumerate() {
             let first = c * STEPS_PER_SUBMIT;
+            if self
+                .interrupt
+                .as_ref()
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+            {
+                // Finish what is in flight; every recorded step completes, none is cut.
+                finish(pending.take(), &mut total)?;
+                return Err(RuntimeError::Interrupted {
+                    where_: format!("{context}after step {first} of {}", ranges.len()),
+                });
+            }
             let mut enc = gpu
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
