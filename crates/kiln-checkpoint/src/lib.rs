@@ -92,6 +92,13 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
         path: path.to_path_buf(),
         source,
     })?;
+    load_bytes(path, &bytes)
+}
+
+/// Parses checkpoint content already in memory; errors name `path` as the source. This is the
+/// entry point of the fuzz target.
+pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
+    let bytes = bytes.to_vec();
     let format = |message: String| CheckpointError::Format {
         path: path.to_path_buf(),
         message,
@@ -261,5 +268,63 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("none.safetensors"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid_file() -> Vec<u8> {
+        let p = HashMap::from([
+            (
+                "0.weight".to_string(),
+                Tensor::from_f32([2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap(),
+            ),
+            (
+                "0.bias".to_string(),
+                Tensor::from_f32([2], vec![0.5, -0.5]).unwrap(),
+            ),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.safetensors");
+        save(&path, &p, &BTreeMap::from([("epoch".into(), "1".into())])).unwrap();
+        std::fs::read(&path).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Random bytes and random damage to a valid checkpoint never panic: the loader either
+        /// returns well-formed tensors or an error naming the file.
+        #[test]
+        fn damaged_checkpoints_never_panic(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+            cut in proptest::option::of(any::<usize>()),
+            random in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+        ) {
+            let mut bytes = random.unwrap_or_else(valid_file);
+            if !bytes.is_empty() {
+                for (at, v) in edits {
+                    let i = at % bytes.len();
+                    bytes[i] = v;
+                }
+            }
+            if let Some(c) = cut {
+                bytes.truncate(c % (bytes.len() + 1));
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("f.safetensors");
+            std::fs::write(&path, &bytes).unwrap();
+            match load(&path) {
+                Ok(c) => {
+                    for t in c.params.values() {
+                        prop_assert_eq!(t.as_f32().unwrap().len(), t.shape().iter().product::<usize>());
+                    }
+                }
+                Err(e) => prop_assert!(e.to_string().starts_with(&path.display().to_string())),
+            }
+        }
     }
 }

@@ -53,6 +53,16 @@ pub fn read_idx(path: &Path, ndims: usize) -> Result<IdxArray, DataError> {
     }
 }
 
+/// Parses IDX content already in memory (gzip or raw); errors name `path` as the source. This
+/// is the entry point of the fuzz target.
+pub fn read_idx_bytes(path: &Path, bytes: &[u8], ndims: usize) -> Result<IdxArray, DataError> {
+    if bytes.starts_with(&GZIP_MAGIC) {
+        read_idx_from(path, GzDecoder::new(bytes), ndims)
+    } else {
+        read_idx_from(path, bytes, ndims)
+    }
+}
+
 /// Reads as many bytes as are available, up to `buf.len()`.
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;

@@ -11,7 +11,7 @@ pub use fashion::{
     CLASS_NAMES, DEBIAN_DIR, ENV_VAR, FashionMnist, LOCAL_DIR, SIDE, Searched, Split, load,
     load_split, locate,
 };
-pub use idx::{IdxArray, read_idx};
+pub use idx::{IdxArray, read_idx, read_idx_bytes};
 
 /// A data file that cannot be found, read or trusted. Every variant names the file(s).
 #[derive(Debug, thiserror::Error)]
