@@ -200,6 +200,16 @@ proptest! {
     }
 
     #[test]
+    fn parser_never_panics_on_random_text(text in "\\PC{0,200}", bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        for t in [text, String::from_utf8_lossy(&bytes).into_owned()] {
+            if let Ok(g) = parse(&t) {
+                verify(&g).unwrap();
+                prop_assert_eq!(parse(&print(&g)).unwrap(), g);
+            }
+        }
+    }
+
+    #[test]
     fn parser_never_panics_on_mutated_text(
         steps in proptest::collection::vec(step(), 0..12),
         cut in any::<usize>(),

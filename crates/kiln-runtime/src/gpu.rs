@@ -95,6 +95,12 @@ impl Gpu {
                 v.push(e.to_string());
             }
         }));
+        let lost = uncaptured.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut v) = lost.lock() {
+                v.push(format!("device lost ({reason:?}): {message}"));
+            }
+        });
         let target = target_for(&info, &limits);
         Ok(Gpu {
             device,
