@@ -450,6 +450,19 @@ fn zero_epochs_compiles_and_stops() {
         stdout(&o)
     );
     assert!(!stdout(&o).contains("epoch 1:"), "{}", stdout(&o));
+    // Fewer examples than one batch (256 by default): one partial step per epoch.
+    let o = run(&[
+        "--data",
+        &data,
+        "--limit",
+        "10",
+        "--eval-limit",
+        "8",
+        "--epochs",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("epoch 1: loss "), "{}", stdout(&o));
 }
 
 /// Starts a long training run and sends it SIGINT once it is training.

@@ -265,13 +265,16 @@ proptest! {
         zip in any::<bool>(),
         edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
         cut in proptest::option::of(any::<usize>()),
+        random in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
     ) {
         let dir = tempfile::tempdir().unwrap();
         let plain = images(3, 28);
-        let mut bytes = if zip { gz(&plain) } else { plain };
-        for (at, v) in edits {
-            let i = at % bytes.len();
-            bytes[i] = v;
+        let mut bytes = random.unwrap_or_else(|| if zip { gz(&plain) } else { plain });
+        if !bytes.is_empty() {
+            for (at, v) in edits {
+                let i = at % bytes.len();
+                bytes[i] = v;
+            }
         }
         if let Some(c) = cut {
             bytes.truncate(c % (bytes.len() + 1));

@@ -4,7 +4,7 @@ mod common;
 
 use common::gpu;
 use kiln_data::{Split, load, locate};
-use kiln_ir::{Layer, lenet};
+use kiln_ir::lenet;
 use kiln_runtime::GpuTrainer;
 use kiln_train::CpuTrainer;
 

@@ -1,7 +1,7 @@
 //! LeNet trained end to end by the CPU reference executor on real Fashion-MNIST.
 
 use kiln_data::{FashionMnist, load, locate};
-use kiln_ir::{Layer, Sequential, lenet};
+use kiln_ir::{Sequential, lenet};
 use kiln_train::{CpuTrainer, epoch_order};
 
 /// The real data set, or `None` (loudly) when it is absent and `KILN_REQUIRE_DATA` is unset.
@@ -21,8 +21,7 @@ fn data() -> Option<FashionMnist> {
 /// of 60,000 examples, far more than a test can afford on the CPU; the ReLU variant learns
 /// within a few hundred small steps, which is what this test needs to show.
 fn relu_maxpool_lenet() -> Sequential {
-    let model = kiln_ir::LenetVariant::ReluMaxPool.model();
-    model
+    kiln_ir::LenetVariant::ReluMaxPool.model()
 }
 
 #[test]
