@@ -110,6 +110,17 @@ struct Args {
     /// are checked against the model).
     #[arg(long)]
     init: Option<PathBuf>,
+    /// Classify test-set images (by index) or 28x28 8-bit grayscale PNG files with the
+    /// checkpoint given by --init, printing the top-3 classes; no training.
+    #[arg(long, num_args = 1.., value_name = "INDEX|FILE.png", requires = "init")]
+    predict: Vec<String>,
+    /// Write PNG grids of the first and second conv layers' outputs for --activation-images
+    /// (with the checkpoint given by --init) into this directory; no training.
+    #[arg(long, requires = "init")]
+    activations: Option<PathBuf>,
+    /// Test-set indices for --activations (default: the first pullover and the first coat).
+    #[arg(long, value_delimiter = ',')]
+    activation_images: Vec<usize>,
     /// Time each kernel of the training step on the device (isolated submits, after a warm-up
     /// that pays the shader JIT) and print a table instead of training.
     #[arg(long)]
@@ -339,6 +350,18 @@ fn run(args: Args) -> Result<()> {
     }
     let gpu = Gpu::new()?;
     println!("device: {}", gpu.describe());
+    if !args.predict.is_empty() || args.activations.is_some() {
+        let params = initial
+            .as_ref()
+            .context("--predict and --activations need --init")?;
+        if !args.predict.is_empty() {
+            predict(&gpu, &model, params, &test, &args.predict)?;
+        }
+        if let Some(dir) = &args.activations {
+            activations(&gpu, &model, params, &test, &args.activation_images, dir)?;
+        }
+        return Ok(());
+    }
     if gpu.is_software() {
         println!(
             "note: {} is a CPU emulating a GPU (software Vulkan); it is correct but far slower \
@@ -492,4 +515,166 @@ impl Epochs {
             );
         }
     }
+}
+
+/// Reads a 28x28 8-bit grayscale PNG; anything else is an error naming the file.
+fn read_png(path: &std::path::Path) -> Result<Vec<u8>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .with_context(|| format!("{}: not a PNG file", path.display()))?;
+    let info = reader.info();
+    let (w, h, color, depth) = (info.width, info.height, info.color_type, info.bit_depth);
+    if (w, h) != (28, 28) || color != png::ColorType::Grayscale || depth != png::BitDepth::Eight {
+        anyhow::bail!(
+            "{}: needs a 28x28 8-bit grayscale image (light object on a dark background, like \
+             Fashion-MNIST), got {w}x{h} {color:?} {depth:?}",
+            path.display()
+        );
+    }
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let frame = reader
+        .next_frame(&mut buf)
+        .with_context(|| format!("{}: corrupt PNG", path.display()))?;
+    Ok(buf[..frame.buffer_size()].to_vec())
+}
+
+/// `--predict`: top-3 classes of test images (by index) and PNG files.
+fn predict(
+    gpu: &Gpu,
+    model: &ir::Sequential,
+    params: &std::collections::HashMap<String, kiln::reference::Tensor>,
+    test: &data::Split,
+    items: &[String],
+) -> Result<()> {
+    let mut pixels = Vec::new();
+    let mut names = Vec::new();
+    for item in items {
+        match item.parse::<usize>() {
+            Ok(i) if i < test.count => {
+                pixels.extend_from_slice(test.image(i));
+                names.push(format!(
+                    "test image {i} (label {})",
+                    data::CLASS_NAMES[test.labels[i] as usize]
+                ));
+            }
+            Ok(i) => anyhow::bail!(
+                "test image {i} does not exist (the test set has {})",
+                test.count
+            ),
+            Err(_) => {
+                pixels.extend(read_png(std::path::Path::new(item))?);
+                names.push(item.clone());
+            }
+        }
+    }
+    let out = kiln::runtime::infer(
+        gpu,
+        model,
+        params,
+        &pixels,
+        [1, data::SIDE, data::SIDE],
+        &[],
+    )?;
+    for (name, probs) in names.iter().zip(&out.probabilities) {
+        let mut ranked: Vec<(usize, f32)> = probs.iter().copied().enumerate().collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let top: Vec<String> = ranked[..3.min(ranked.len())]
+            .iter()
+            .map(|(c, p)| {
+                format!(
+                    "{} {p:.3}",
+                    data::CLASS_NAMES.get(*c).copied().unwrap_or("?")
+                )
+            })
+            .collect();
+        println!("{name}: {}", top.join(", "));
+    }
+    Ok(())
+}
+
+/// `--activations`: one PNG per chosen image and conv layer, its channels side by side, each
+/// scaled to its own range.
+fn activations(
+    gpu: &Gpu,
+    model: &ir::Sequential,
+    params: &std::collections::HashMap<String, kiln::reference::Tensor>,
+    test: &data::Split,
+    chosen: &[usize],
+    dir: &std::path::Path,
+) -> Result<()> {
+    let first = |class: u8| test.labels.iter().position(|&l| l == class);
+    let chosen: Vec<usize> = if chosen.is_empty() {
+        [first(2), first(4)].into_iter().flatten().collect()
+    } else {
+        chosen.to_vec()
+    };
+    if let Some(&bad) = chosen.iter().find(|&&i| i >= test.count) {
+        anyhow::bail!(
+            "test image {bad} does not exist (the test set has {})",
+            test.count
+        );
+    }
+    // The outputs of the activations after the two convolutions (layers 1 and 4).
+    let layers = [1usize, 4];
+    let pixels: Vec<u8> = chosen
+        .iter()
+        .flat_map(|&i| test.image(i).to_vec())
+        .collect();
+    let out = kiln::runtime::infer(
+        gpu,
+        model,
+        params,
+        &pixels,
+        [1, data::SIDE, data::SIDE],
+        &layers,
+    )?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (k, &index) in chosen.iter().enumerate() {
+        for l in layers {
+            let t = &out.layers[&l];
+            let [_, c, h, w] =
+                <[usize; 4]>::try_from(t.shape()).context("conv activations are 4-D")?;
+            let values =
+                &t.as_f32().context("f32 activations")?[k * c * h * w..(k + 1) * c * h * w];
+            let cols = (c as f64).sqrt().ceil() as usize;
+            let rows = c.div_ceil(cols);
+            let (gw, gh) = (cols * (w + 1) - 1, rows * (h + 1) - 1);
+            let mut grid = vec![64u8; gw * gh];
+            for ch in 0..c {
+                let plane = &values[ch * h * w..(ch + 1) * h * w];
+                let (lo, hi) = plane
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                let scale = if hi > lo { 255.0 / (hi - lo) } else { 0.0 };
+                let (ox, oy) = ((ch % cols) * (w + 1), (ch / cols) * (h + 1));
+                for y in 0..h {
+                    for x in 0..w {
+                        grid[(oy + y) * gw + ox + x] = ((plane[y * w + x] - lo) * scale) as u8;
+                    }
+                }
+            }
+            let path = dir.join(format!("image{index}_layer{l}.png"));
+            let tmp = path.with_extension("png.tmp");
+            {
+                let file = std::fs::File::create(&tmp)
+                    .with_context(|| format!("creating {}", tmp.display()))?;
+                let mut enc =
+                    png::Encoder::new(std::io::BufWriter::new(file), gw as u32, gh as u32);
+                enc.set_color(png::ColorType::Grayscale);
+                enc.set_depth(png::BitDepth::Eight);
+                enc.write_header()?.write_image_data(&grid)?;
+            }
+            std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+            println!(
+                "wrote {} ({} channels of {}x{}, test image {index}: {})",
+                path.display(),
+                c,
+                h,
+                w,
+                data::CLASS_NAMES[test.labels[index] as usize]
+            );
+        }
+    }
+    Ok(())
 }

@@ -555,3 +555,168 @@ fn a_second_ctrl_c_exits_at_once() {
         stderr(&o)
     );
 }
+
+/// A checkpoint of freshly initialised LeNet weights (seed 3) and those weights.
+fn init_checkpoint(
+    dir: &std::path::Path,
+) -> (
+    PathBuf,
+    std::collections::HashMap<String, kiln::reference::Tensor>,
+) {
+    let probe = kiln::ir::lenet()
+        .build("lenet", kiln::ir::TensorType::f32([1, 1, 28, 28]))
+        .unwrap();
+    let params = kiln::train::init_params(&probe, 3).unwrap();
+    let path = dir.join("init.safetensors");
+    kiln::checkpoint::save(&path, &params, &Default::default()).unwrap();
+    (path, params)
+}
+
+fn write_png(path: &std::path::Path, w: u32, h: u32, pixels: &[u8]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+    enc.set_color(png::ColorType::Grayscale);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header()
+        .unwrap()
+        .write_image_data(pixels)
+        .unwrap();
+}
+
+#[test]
+fn predict_matches_the_reference_probabilities() {
+    let Some(data) = data_dir() else { return };
+    if !gpu_available() {
+        return;
+    }
+    let dir = tempfile_dir("predict");
+    let (ckpt, params) = init_checkpoint(&dir);
+    let fashion = kiln::data::load(std::path::Path::new(&data)).unwrap();
+    let png_path = dir.join("seven.png");
+    write_png(&png_path, 28, 28, fashion.test.image(7));
+    let o = run(&[
+        "--data",
+        &data,
+        "--init",
+        ckpt.to_str().unwrap(),
+        "--predict",
+        "0",
+        "3",
+        png_path.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains(": ") && (l.starts_with("test image") || l.contains("seven.png")))
+        .collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    // The reference: softmax of the CPU executor's logits for the same images and weights.
+    let graph = kiln::ir::lenet()
+        .build(
+            "lenet",
+            kiln::ir::TensorType::new(kiln::ir::DType::U8, [3, 1, 28, 28]),
+        )
+        .unwrap();
+    let pixels: Vec<u8> = [0usize, 3, 7]
+        .iter()
+        .flat_map(|&i| fashion.test.image(i).to_vec())
+        .collect();
+    let x = kiln::reference::Tensor::from_u8([3, 1, 28, 28], pixels).unwrap();
+    let values = kiln::reference::execute(
+        &graph,
+        &std::collections::HashMap::from([("x".to_string(), x)]),
+        &params,
+    )
+    .unwrap();
+    let logits = values.output("output").unwrap().as_f32().unwrap().to_vec();
+    for (k, line) in lines.iter().enumerate() {
+        let row = &logits[k * 10..(k + 1) * 10];
+        let m = row.iter().fold(f32::MIN, |a, &b| a.max(b));
+        let e: Vec<f32> = row.iter().map(|v| (v - m).exp()).collect();
+        let s: f32 = e.iter().sum();
+        let mut ranked: Vec<(usize, f32)> = e.iter().map(|v| v / s).enumerate().collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let want: Vec<String> = ranked[..3]
+            .iter()
+            .map(|(c, p)| format!("{} {p:.3}", kiln::data::CLASS_NAMES[*c]))
+            .collect();
+        assert!(line.ends_with(&want.join(", ")), "{line} vs {want:?}");
+    }
+    assert!(
+        lines[0].starts_with("test image 0 (label ankle boot): "),
+        "{}",
+        lines[0]
+    );
+    // A PNG of the wrong size names the file.
+    let bad = dir.join("big.png");
+    write_png(&bad, 30, 28, &[0; 30 * 28]);
+    let o = run(&[
+        "--data",
+        &data,
+        "--init",
+        ckpt.to_str().unwrap(),
+        "--predict",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains(&format!(
+            "{}: needs a 28x28 8-bit grayscale image",
+            bad.display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&[
+        "--data",
+        &data,
+        "--init",
+        ckpt.to_str().unwrap(),
+        "--predict",
+        "10000",
+    ]);
+    assert!(
+        stderr(&o).contains("test image 10000 does not exist (the test set has 10000)"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn activations_are_written_as_png_grids() {
+    let Some(data) = data_dir() else { return };
+    if !gpu_available() {
+        return;
+    }
+    let dir = tempfile_dir("activations");
+    let (ckpt, _) = init_checkpoint(&dir);
+    let out_dir = dir.join("pictures");
+    let o = run(&[
+        "--data",
+        &data,
+        "--init",
+        ckpt.to_str().unwrap(),
+        "--activations",
+        out_dir.to_str().unwrap(),
+        "--activation-images",
+        "0,5",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (name, w, h) in [
+        ("image0_layer1.png", 86, 57),
+        ("image0_layer4.png", 43, 43),
+        ("image5_layer1.png", 86, 57),
+        ("image5_layer4.png", 43, 43),
+    ] {
+        let decoder = png::Decoder::new(std::io::BufReader::new(
+            std::fs::File::open(out_dir.join(name)).unwrap(),
+        ));
+        let reader = decoder.read_info().unwrap();
+        assert_eq!(
+            (reader.info().width, reader.info().height),
+            (w, h),
+            "{name}"
+        );
+    }
+}

@@ -264,6 +264,36 @@ impl Sequential {
         self.lower(name, input).map(|(g, _)| g)
     }
 
+    /// Like [`Sequential::build`], with the outputs of the listed layers (by PyTorch index) as
+    /// extra graph outputs named `layer.<index>`, for looking at activations.
+    pub fn build_with_layer_outputs(
+        &self,
+        name: &str,
+        input: TensorType,
+        layers: &[usize],
+    ) -> Result<Graph, ShapeError> {
+        let (mut graph, outputs) = self.lower(name, input.clone())?;
+        for &l in layers {
+            let Some(&node) = outputs.get(l) else {
+                return Err(ShapeError {
+                    index: l,
+                    layer: "output".into(),
+                    input,
+                    message: format!("the model has only {} layers", outputs.len()),
+                });
+            };
+            graph
+                .add_output(format!("layer.{l}"), node)
+                .map_err(|e| ShapeError {
+                    index: l,
+                    layer: "output".into(),
+                    input: input.clone(),
+                    message: e.to_string(),
+                })?;
+        }
+        Ok(graph)
+    }
+
     /// Output shape and parameter count of every layer for the given input.
     pub fn summary(&self, input: TensorType) -> Result<Summary, ShapeError> {
         let (graph, layer_outputs) = self.lower("summary", input.clone())?;

@@ -2,11 +2,13 @@
 //! created once, and runs the SGD training loop with the data set resident on the device.
 
 mod gpu;
+mod infer;
 mod program;
 mod run;
 mod trainer;
 
 pub use gpu::{Gpu, RuntimeError, target_for};
+pub use infer::{Inference, infer};
 pub use program::{Program, check_limits, download, tensor_bytes, tensor_from_bytes, upload};
 pub use run::{GraphRun, run_graph};
 pub use trainer::GpuTrainer;
