@@ -94,6 +94,10 @@ struct Args {
     /// With `--emit wgsl`: write one .wgsl file per kernel into this directory.
     #[arg(long, requires = "emit")]
     emit_dir: Option<PathBuf>,
+    /// Train the model in this file, in kiln's IR text form (what `--emit ir` prints; its
+    /// input `x` and output `output` are rebuilt for each batch size). Overrides --variant.
+    #[arg(long, value_name = "FILE")]
+    model: Option<PathBuf>,
     /// Which model to train.
     #[arg(long, value_enum, default_value_t = Variant::Lenet)]
     variant: Variant,
@@ -158,14 +162,14 @@ fn main() -> ExitCode {
 
 /// Compiles the training step and the evaluation graph for the portable target and prints
 /// (or writes) the requested stage.
-fn emit_compiled(model: &ir::Sequential, args: &Args, stage: Stage) -> Result<()> {
+fn emit_compiled(model: &ir::Model, args: &Args, stage: Stage) -> Result<()> {
     use kiln::autodiff::{evaluation_graph, read_batches_from_dataset, training_step};
     use kiln::compiler::{Target, compile};
     let side = data::SIDE;
     let batch = args.batch_size as usize;
     let train_rows = args.limit.unwrap_or(60_000).min(60_000);
     let input = TensorType::new(DType::U8, [batch, 1, side, side]);
-    let forward = model.build("lenet", input).context("building LeNet")?;
+    let forward = model.forward("lenet", input).map_err(anyhow::Error::msg)?;
     let target = Target::portable();
     let step = read_batches_from_dataset(&training_step(&forward, args.lr)?, train_rows)?;
     let eval = read_batches_from_dataset(&evaluation_graph(&forward)?, 10_000)?;
@@ -217,10 +221,18 @@ fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
 }
 
 fn run(args: Args) -> Result<()> {
-    let model = args.variant.model();
+    let model: ir::Model = match &args.model {
+        Some(path) => ir::parse_file(path)?.into(),
+        None => args.variant.model().into(),
+    };
     let side = data::SIDE;
     if args.summary {
-        let summary = model
+        let ir::Model::Sequential(layers) = &model else {
+            anyhow::bail!(
+                "--summary describes the built-in models' layers; --model files have none"
+            );
+        };
+        let summary = layers
             .summary(TensorType::f32([1, 1, side, side]))
             .context("building LeNet")?;
         print!("{summary}");
@@ -229,12 +241,12 @@ fn run(args: Args) -> Result<()> {
     match args.emit {
         Some(Stage::Ir) => {
             let input = TensorType::f32([batch, 1, side, side]);
-            let graph = model.build("lenet", input).context("building LeNet")?;
+            let graph = model.forward("lenet", input).map_err(anyhow::Error::msg)?;
             print!("{}", ir::print(&graph));
         }
         Some(Stage::TrainIr) => {
             let input = TensorType::new(DType::U8, [batch, 1, side, side]);
-            let forward = model.build("lenet", input).context("building LeNet")?;
+            let forward = model.forward("lenet", input).map_err(anyhow::Error::msg)?;
             let step = kiln::autodiff::training_step(&forward, args.lr)
                 .context("deriving the training step")?;
             print!("{}", ir::print(&step));
@@ -264,6 +276,13 @@ fn run(args: Args) -> Result<()> {
     println!(
         "{} ({} parameters) on Fashion-MNIST from {}: {} training, {} test images",
         match args.variant {
+            _ if args.model.is_some() => format!(
+                "model {}",
+                args.model
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
             Variant::Lenet => "LeNet-5".to_string(),
             v => format!(
                 "LeNet-5 variant {}",
@@ -272,8 +291,8 @@ fn run(args: Args) -> Result<()> {
         },
         thousands(
             model
-                .build("lenet", TensorType::f32([1, 1, side, side]))
-                .context("building LeNet")?
+                .forward("lenet", TensorType::f32([1, 1, side, side]))
+                .map_err(anyhow::Error::msg)?
                 .param_count()
         ),
         dir.display(),
@@ -281,8 +300,8 @@ fn run(args: Args) -> Result<()> {
         test.count
     );
     let probe = model
-        .build("lenet", TensorType::f32([1, 1, side, side]))
-        .context("building LeNet")?;
+        .forward("lenet", TensorType::f32([1, 1, side, side]))
+        .map_err(anyhow::Error::msg)?;
     let initial = match &args.init {
         Some(path) => {
             let ckpt = kiln::checkpoint::load(path)?;
@@ -329,7 +348,7 @@ fn run(args: Args) -> Result<()> {
     let mut epochs = Epochs::new(args.epochs);
     if args.reference {
         println!("device: kiln's CPU reference executor (--reference; correct, but slow)");
-        let mut trainer = CpuTrainer::new(model, [1, side, side], args.lr, args.seed)?;
+        let mut trainer = CpuTrainer::new(model.clone(), [1, side, side], args.lr, args.seed)?;
         if let Some(p) = initial {
             trainer.params = p;
         }
@@ -370,7 +389,15 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let compile_start = Instant::now();
-    let mut trainer = GpuTrainer::new(&gpu, &model, &train, &test, batch, args.lr, args.seed)?;
+    let mut trainer = GpuTrainer::new(
+        &gpu,
+        model.clone(),
+        &train,
+        &test,
+        batch,
+        args.lr,
+        args.seed,
+    )?;
     if let Some(p) = &initial {
         trainer.set_params(p)?;
     }
@@ -542,7 +569,7 @@ fn read_png(path: &std::path::Path) -> Result<Vec<u8>> {
 /// `--predict`: top-3 classes of test images (by index) and PNG files.
 fn predict(
     gpu: &Gpu,
-    model: &ir::Sequential,
+    model: &ir::Model,
     params: &std::collections::HashMap<String, kiln::reference::Tensor>,
     test: &data::Split,
     items: &[String],
@@ -597,7 +624,7 @@ fn predict(
 /// scaled to its own range.
 fn activations(
     gpu: &Gpu,
-    model: &ir::Sequential,
+    model: &ir::Model,
     params: &std::collections::HashMap<String, kiln::reference::Tensor>,
     test: &data::Split,
     chosen: &[usize],

@@ -720,3 +720,70 @@ fn activations_are_written_as_png_grids() {
         );
     }
 }
+
+#[test]
+fn trains_a_model_given_as_ir_text() {
+    let Some(data) = data_dir() else { return };
+    if !gpu_available() {
+        return;
+    }
+    let dir = tempfile_dir("model");
+    let o = run(&[
+        "--emit",
+        "ir",
+        "--batch-size",
+        "1",
+        "--variant",
+        "relu-maxpool",
+    ]);
+    assert!(o.status.success());
+    let file = dir.join("relu.kir");
+    std::fs::write(&file, stdout(&o)).unwrap();
+    let o = run(&[
+        "--model",
+        file.to_str().unwrap(),
+        "--data",
+        &data,
+        "--limit",
+        "40",
+        "--eval-limit",
+        "8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("model {} (61,706 parameters)", file.display())),
+        "{}",
+        stdout(&o)
+    );
+    assert_d2l_report(&stdout(&o), 1);
+    // A shape error in the file names the file, line and column.
+    let bad = dir.join("bad.kir");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("f32[120,400]", "f32[120,401]"),
+    )
+    .unwrap();
+    let o = run(&[
+        "--model",
+        bad.to_str().unwrap(),
+        "--data",
+        &data,
+        "--limit",
+        "8",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains(&format!(
+            "{}:18:9: matmul: inner dimensions differ",
+            bad.display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+}

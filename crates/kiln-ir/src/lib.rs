@@ -6,6 +6,7 @@
 //! invariant after each pass.
 
 mod graph;
+mod model;
 mod op;
 mod passes;
 mod sequential;
@@ -16,6 +17,7 @@ mod types;
 mod verify;
 
 pub use graph::{Graph, GraphError, GraphOutput, LayerRef, Node, NodeId};
+pub use model::Model;
 pub use op::{AttrValue, Op, Scalar, op_names, without_axes};
 pub use passes::{
     BATCH_INDICES, GatherInput, eliminate_common_subexpressions, eliminate_dead_code, gather_inputs,

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use kiln_ir::{DType, Sequential, TensorType};
+use kiln_ir::{DType, Model, TensorType};
 use kiln_reference::Tensor;
 
 use crate::gpu::{Gpu, RuntimeError};
@@ -20,7 +20,7 @@ pub struct Inference {
 /// (concatenated in `pixels`), through the compiled forward graph on the device.
 pub fn infer(
     gpu: &Gpu,
-    model: &Sequential,
+    model: &Model,
     params: &HashMap<String, Tensor>,
     pixels: &[u8],
     image: [usize; 3],
@@ -38,13 +38,18 @@ pub fn infer(
         )));
     }
     let [c, h, w] = image;
-    let graph = model
-        .build_with_layer_outputs(
-            "infer",
-            TensorType::new(DType::U8, [count, c, h, w]),
-            layers,
-        )
-        .map_err(|e| RuntimeError::Setup(e.to_string()))?;
+    let input = TensorType::new(DType::U8, [count, c, h, w]);
+    let graph = match model {
+        Model::Sequential(s) => s
+            .build_with_layer_outputs("infer", input, layers)
+            .map_err(|e| RuntimeError::Setup(e.to_string()))?,
+        Model::Graph(_) if !layers.is_empty() => {
+            return Err(RuntimeError::Setup(
+                "layer activations need a built-in model (layers are not marked in IR text)".into(),
+            ));
+        }
+        Model::Graph(_) => model.forward("infer", input).map_err(RuntimeError::Setup)?,
+    };
     let x = Tensor::from_u8([count, c, h, w], pixels.to_vec()).expect("whole images");
     let run = run_graph(gpu, &graph, &HashMap::from([("x".to_string(), x)]), params)?;
     let logits = &run.outputs["output"];

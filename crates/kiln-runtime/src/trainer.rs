@@ -16,7 +16,7 @@ use kiln_autodiff::{
 };
 use kiln_compiler::compile;
 use kiln_data::Split;
-use kiln_ir::{BATCH_INDICES, DType, Sequential, TensorType};
+use kiln_ir::{BATCH_INDICES, DType, Model, TensorType};
 use kiln_reference::Tensor;
 use kiln_train::{Stats, batch_ranges, epoch_order, init_params};
 
@@ -74,7 +74,7 @@ impl<'g> GpuTrainer<'g> {
     /// and the initial parameters (Xavier/PyTorch init from `seed`).
     pub fn new(
         gpu: &'g Gpu,
-        model: &Sequential,
+        model: impl Into<Model>,
         train: &Split,
         test: &Split,
         batch_size: usize,
@@ -84,12 +84,13 @@ impl<'g> GpuTrainer<'g> {
         if batch_size == 0 {
             return Err(RuntimeError::Setup("batch size must be positive".into()));
         }
+        let model: Model = model.into();
         let probe = model
-            .build(
+            .forward(
                 "model",
                 TensorType::new(DType::U8, [1, 1, train.rows, train.cols]),
             )
-            .map_err(|e| RuntimeError::Setup(e.to_string()))?;
+            .map_err(RuntimeError::Setup)?;
         let init = init_params(&probe, seed).map_err(|e| RuntimeError::Setup(e.to_string()))?;
         let mut params = HashMap::new();
         let mut param_types = Vec::new();
@@ -131,7 +132,7 @@ impl<'g> GpuTrainer<'g> {
         // Compile every program up front: errors and device limits surface before training.
         for (training, rows) in [(true, t.train.rows), (false, t.test.rows)] {
             for r in batch_ranges(rows, batch_size) {
-                t.program(model, training, r.len(), lr)?;
+                t.program(&model, training, r.len(), lr)?;
             }
         }
         Ok(t)
@@ -139,7 +140,7 @@ impl<'g> GpuTrainer<'g> {
 
     fn program(
         &mut self,
-        model: &Sequential,
+        model: &Model,
         training: bool,
         batch: usize,
         lr: f32,
@@ -152,8 +153,8 @@ impl<'g> GpuTrainer<'g> {
         let rows = resident.rows;
         let [c, h, w] = resident.image;
         let fwd = model
-            .build("model", TensorType::new(DType::U8, [batch, c, h, w]))
-            .map_err(|e| setup(e.to_string()))?;
+            .forward("model", TensorType::new(DType::U8, [batch, c, h, w]))
+            .map_err(setup)?;
         let graph = if training {
             training_step(&fwd, lr).map_err(|e| setup(e.to_string()))?
         } else {

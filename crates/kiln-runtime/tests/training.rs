@@ -111,7 +111,7 @@ fn a_batch_too_large_for_the_device_is_refused_naming_the_limit() {
     let batch = (cap / (6 * 28 * 28 * 4) + 1) as usize;
     let train = synthetic(batch, 1);
     let test = synthetic(10, 2);
-    let e = match GpuTrainer::new(&gpu, &lenet(), &train, &test, batch, 0.1, 0) {
+    let e = match GpuTrainer::new(&gpu, lenet(), &train, &test, batch, 0.1, 0) {
         Ok(_) => panic!("a {batch}-example batch should not fit a {cap}-byte binding"),
         Err(e) => e.to_string(),
     };
@@ -146,14 +146,14 @@ fn edge_batch_sizes_work() {
     let train = synthetic(3, 9);
     let test = synthetic(2, 10);
     // Batch size 1: three steps per epoch.
-    let t = GpuTrainer::new(&gpu, &lenet(), &train, &test, 1, 0.1, 0).unwrap();
+    let t = GpuTrainer::new(&gpu, lenet(), &train, &test, 1, 0.1, 0).unwrap();
     let mut ticks = Vec::new();
     let s = t.train_epoch(0, true, |s| ticks.push(s.examples)).unwrap();
     assert_eq!(s.examples, 3);
     assert_eq!(ticks.last(), Some(&3));
     assert_eq!(t.evaluate().unwrap().examples, 2);
     // A batch larger than the data set is one partial batch.
-    let t = GpuTrainer::new(&gpu, &lenet(), &train, &test, 100, 0.1, 0).unwrap();
+    let t = GpuTrainer::new(&gpu, lenet(), &train, &test, 100, 0.1, 0).unwrap();
     assert_eq!(t.train_epoch(0, true, |_| {}).unwrap().examples, 3);
     assert!(
         t.params()
@@ -169,7 +169,7 @@ fn same_seed_gives_bit_identical_weights() {
     let train = synthetic(48, 11);
     let test = synthetic(8, 12);
     let run = |seed| {
-        let t = GpuTrainer::new(&gpu, &lenet(), &train, &test, 16, 0.9, seed).unwrap();
+        let t = GpuTrainer::new(&gpu, lenet(), &train, &test, 16, 0.9, seed).unwrap();
         for epoch in 0..2 {
             t.train_epoch(epoch, true, |_| {}).unwrap();
         }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use kiln_autodiff::{AutodiffError, CORRECT, LABELS, LOSS_SUM, evaluation_graph, training_step};
 use kiln_data::Split;
-use kiln_ir::{DType, Graph, Sequential, ShapeError, TensorType};
+use kiln_ir::{DType, Graph, Model, ShapeError, TensorType};
 use kiln_reference::{ExecError, Tensor, execute};
 
 use crate::batches::batch_ranges;
@@ -23,6 +23,8 @@ pub enum TrainError {
     Init(#[from] InitError),
     #[error("batch size must be positive")]
     ZeroBatch,
+    #[error("{0}")]
+    Model(String),
 }
 
 /// Mean loss and accuracy over some examples.
@@ -52,7 +54,7 @@ impl Stats {
 /// Trains a `Sequential` model on u8 images with plain SGD, one compiled step graph per batch
 /// size (a full batch and the last partial one).
 pub struct CpuTrainer {
-    model: Sequential,
+    model: Model,
     lr: f32,
     image: [usize; 3],
     steps: HashMap<usize, Graph>,
@@ -65,13 +67,13 @@ impl CpuTrainer {
     /// Builds the model for `[channels, rows, cols]` u8 images and initialises its parameters
     /// from `seed`.
     pub fn new(
-        model: Sequential,
+        model: impl Into<Model>,
         image: [usize; 3],
         lr: f32,
         seed: u64,
     ) -> Result<Self, TrainError> {
         let mut t = CpuTrainer {
-            model,
+            model: model.into(),
             lr,
             image,
             steps: HashMap::new(),
@@ -83,10 +85,12 @@ impl CpuTrainer {
         Ok(t)
     }
 
-    fn forward(&self, batch: usize) -> Result<Graph, ShapeError> {
+    fn forward(&self, batch: usize) -> Result<Graph, TrainError> {
         let [c, h, w] = self.image;
         let input = TensorType::new(DType::U8, [batch, c, h, w]);
-        self.model.build("model", input)
+        self.model
+            .forward("model", input)
+            .map_err(TrainError::Model)
     }
 
     /// The training-step graph for one batch size, derived on first use.

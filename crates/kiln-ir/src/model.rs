@@ -1,0 +1,144 @@
+//! A model whose forward graph can be built for any batch size: a `Sequential`, or a forward
+//! graph read from the text form (`--emit ir` output, possibly edited by hand).
+
+use crate::graph::{Graph, NodeId};
+use crate::op::Op;
+use crate::sequential::Sequential;
+use crate::types::{DType, TensorType};
+
+/// Something the trainers can build a forward graph from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Model {
+    Sequential(Sequential),
+    /// A forward graph with an input `x: T[N, ...]` and an output `output`; rebuilt for each
+    /// batch size by replacing `N`.
+    Graph(Graph),
+}
+
+impl From<Sequential> for Model {
+    fn from(s: Sequential) -> Self {
+        Model::Sequential(s)
+    }
+}
+
+impl From<&Sequential> for Model {
+    fn from(s: &Sequential) -> Self {
+        Model::Sequential(s.clone())
+    }
+}
+
+impl From<Graph> for Model {
+    fn from(g: Graph) -> Self {
+        Model::Graph(g)
+    }
+}
+
+impl Model {
+    /// The forward graph for `input` (`T[batch, ...]`); a u8 input is scaled to [0, 1] first.
+    pub fn forward(&self, name: &str, input: TensorType) -> Result<Graph, String> {
+        match self {
+            Model::Sequential(s) => s.build(name, input).map_err(|e| e.to_string()),
+            Model::Graph(g) => rebatch(g, name, input),
+        }
+    }
+}
+
+/// Rebuilds a forward graph for another input type: `x` becomes `input` (with `scale_u8`
+/// inserted when a u8 batch feeds an f32 model), and reshapes that carried the old batch size
+/// in their first dimension carry the new one. Every node is re-typed, so a model that cannot
+/// take the new batch is an error naming the node.
+fn rebatch(g: &Graph, name: &str, input: TensorType) -> Result<Graph, String> {
+    let (_, _, old) = g
+        .inputs()
+        .find(|(_, n, _)| *n == "x")
+        .ok_or_else(|| format!("graph `{}` has no input `x`", g.name))?;
+    if g.output("output").is_none() {
+        return Err(format!("graph `{}` has no output `output`", g.name));
+    }
+    if old.rank() != input.rank() || old.shape[1..] != input.shape[1..] {
+        return Err(format!(
+            "graph `{}` takes {old}, not batches of {input}",
+            g.name
+        ));
+    }
+    let old_batch = old.shape[0];
+    let new_batch = input.shape[0];
+    let mut out = Graph::new(name);
+    let mut map: Vec<NodeId> = Vec::with_capacity(g.nodes().len());
+    let fail = |id: NodeId, e: String| format!("graph `{}`, {id}: {e}", g.name);
+    for (id, node) in g.iter() {
+        let new = match &node.op {
+            Op::Input { name: n } if n == "x" => {
+                let x = out
+                    .add_input("x", input.clone())
+                    .map_err(|e| fail(id, e.to_string()))?;
+                if input.dtype == DType::U8 && node.ty.dtype == DType::F32 {
+                    out.add(Op::ScaleU8, &[x])
+                        .map_err(|e| fail(id, e.to_string()))?
+                } else {
+                    x
+                }
+            }
+            Op::Input { name: n } => out
+                .add_input(n.clone(), node.ty.clone())
+                .map_err(|e| fail(id, e.to_string()))?,
+            Op::Param { name: n } => out
+                .add_param(n.clone(), node.ty.clone(), node.layer.clone())
+                .map_err(|e| fail(id, e.to_string()))?,
+            op => {
+                let op = match op {
+                    Op::Reshape { shape } if shape.first() == Some(&old_batch) => {
+                        let mut shape = shape.clone();
+                        shape[0] = new_batch;
+                        Op::Reshape { shape }
+                    }
+                    other => other.clone(),
+                };
+                let ins: Vec<NodeId> = node.inputs.iter().map(|i| map[i.0]).collect();
+                out.add_in_layer(op, &ins, node.layer.clone())
+                    .map_err(|e| fail(id, e.to_string()))?
+            }
+        };
+        map.push(new);
+    }
+    for o in g.outputs() {
+        out.add_output(o.name.clone(), map[o.node.0])
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sequential::lenet;
+    use crate::text::{parse, print};
+
+    #[test]
+    fn a_printed_model_rebuilds_like_the_sequential() {
+        let text = print(
+            &lenet()
+                .build("lenet", TensorType::f32([1, 1, 28, 28]))
+                .unwrap(),
+        );
+        let from_text = Model::from(parse(&text).unwrap());
+        let input = TensorType::new(DType::U8, [96, 1, 28, 28]);
+        let a = from_text.forward("m", input.clone()).unwrap();
+        let b = Model::from(lenet()).forward("m", input).unwrap();
+        assert_eq!(print(&a), print(&b));
+    }
+
+    #[test]
+    fn wrong_images_are_refused() {
+        let g = lenet()
+            .build("lenet", TensorType::f32([1, 1, 28, 28]))
+            .unwrap();
+        let e = Model::from(g)
+            .forward("m", TensorType::new(DType::U8, [4, 1, 32, 32]))
+            .unwrap_err();
+        assert_eq!(
+            e,
+            "graph `lenet` takes f32[1,1,28,28], not batches of u8[4,1,32,32]"
+        );
+    }
+}
