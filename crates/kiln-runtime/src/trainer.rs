@@ -54,11 +54,7 @@ pub struct GpuTrainer<'g> {
 }
 
 fn stats_from(bytes: &[u8], steps: &[usize]) -> Stats {
-    let mut s = Stats {
-        examples: 0,
-        loss_sum: 0.0,
-        correct: 0,
-    };
+    let mut s = Stats::default();
     for (k, &n) in steps.iter().enumerate() {
         let loss = f32::from_le_bytes(bytes[k * 8..k * 8 + 4].try_into().expect("4 bytes"));
         let correct = u32::from_le_bytes(bytes[k * 8 + 4..k * 8 + 8].try_into().expect("4 bytes"));
@@ -240,11 +236,7 @@ impl<'g> GpuTrainer<'g> {
             usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
-        let mut total = Stats {
-            examples: 0,
-            loss_sum: 0.0,
-            correct: 0,
-        };
+        let mut total = Stats::default();
         // The previous chunk's statistics, read once the next chunk is queued behind it.
         let mut pending: Option<(wgpu::Buffer, std::ops::Range<usize>)> = None;
         let mut finish = |pending: Option<(wgpu::Buffer, std::ops::Range<usize>)>,

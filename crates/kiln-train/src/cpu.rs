@@ -28,7 +28,7 @@ pub enum TrainError {
 }
 
 /// Mean loss and accuracy over some examples.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Stats {
     pub examples: usize,
     pub loss_sum: f64,
@@ -155,11 +155,7 @@ impl CpuTrainer {
         if batch_size == 0 {
             return Err(TrainError::ZeroBatch);
         }
-        let mut stats = Stats {
-            examples: 0,
-            loss_sum: 0.0,
-            correct: 0,
-        };
+        let mut stats = Stats::default();
         for r in batch_ranges(order.len(), batch_size) {
             let n = r.len();
             let (loss_sum, correct) = self.step(split, &order[r])?;
@@ -174,11 +170,7 @@ impl CpuTrainer {
         if batch_size == 0 {
             return Err(TrainError::ZeroBatch);
         }
-        let mut stats = Stats {
-            examples: 0,
-            loss_sum: 0.0,
-            correct: 0,
-        };
+        let mut stats = Stats::default();
         let order: Vec<u32> = (0..split.count as u32).collect();
         for r in batch_ranges(split.count, batch_size) {
             let n = r.len();
