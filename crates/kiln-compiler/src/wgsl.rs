@@ -145,42 +145,35 @@ fn strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
-/// Drops the zero-padding bounds checks of a convolution loop where there is no padding: every
-/// tap of a valid output then lies inside the input, and straight-line index arithmetic lets
-/// the driver's compiler vectorise the loop.
-fn without_padding_checks(body: String, padding: [usize; 2], size: [usize; 2]) -> String {
-    let mut body = body;
-    for (axis, (var, outer)) in [("iy", "oy"), ("ix", "ox")].into_iter().enumerate() {
-        if padding[axis] != 0 {
-            continue;
-        }
-        let check = format!(
-            "if ({var} < 0i || {var} >= {}) {{ continue; }}",
-            i(size[axis])
-        );
-        body = body
-            .lines()
-            .filter(|l| l.trim() != check)
-            .collect::<Vec<_>>()
-            .join("\n");
-        body.push('\n');
-        let k = if axis == 0 { "ky" } else { "kx" };
-        let signed = format!("let {var} = i32({outer} * ");
-        if let Some(at) = body.find(&signed) {
-            let end = at + body[at..].find('\n').unwrap_or(body.len() - at);
-            let line = &body[at..end];
-            // `let iy = i32(oy * S + ky) - 0i;` becomes `let iy = oy * S + ky;`
-            let stride = line
-                .trim_start_matches(&signed)
-                .split(' ')
-                .next()
-                .unwrap_or("1u")
-                .to_string();
-            body.replace_range(at..end, &format!("let {var} = {outer} * {stride} + {k};"));
-        }
-        body = body.replace(&format!("u32({var})"), var);
+/// The statements (at `indent`) computing input coordinate `var = outer * stride + k - pad` of
+/// a convolution tap, skipping taps that fall in the zero padding, and the u32 expression for
+/// the coordinate. Without padding every tap of a valid output lies inside the input: no check,
+/// and unsigned arithmetic the driver's compiler can vectorise.
+fn tap(
+    indent: &str,
+    var: &str,
+    outer: &str,
+    k: &str,
+    stride: usize,
+    pad: usize,
+    size: usize,
+) -> (String, String) {
+    if pad == 0 {
+        (
+            format!("{indent}let {var} = {outer} * {} + {k};", u(stride)),
+            var.to_string(),
+        )
+    } else {
+        (
+            format!(
+                "{indent}let {var} = i32({outer} * {} + {k}) - {};\n{indent}if ({var} < 0i || {var} >= {}) {{ continue; }}",
+                u(stride),
+                i(pad),
+                i(size)
+            ),
+            format!("u32({var})"),
+        )
     }
-    body
 }
 
 /// The body of node `id`'s element function (statements ending in `return`).
@@ -259,17 +252,25 @@ fn body(graph: &Graph, id: NodeId) -> String {
         }
         Op::Conv2d { stride, padding } => {
             let [_, c, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
-            let [o, _, kh, kw] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
-            let body = format!(
+            let [_, _, kh, kw] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
+            let (ty, iy) = tap("            ", "iy", "oy", "ky", stride[0], padding[0], h);
+            let (tx, ix) = tap(
+                "                ",
+                "ix",
+                "ox",
+                "kx",
+                stride[1],
+                padding[1],
+                w,
+            );
+            format!(
                 "{}    var acc = 0.0f;
     for (var c = 0u; c < {C}; c++) {{
         for (var ky = 0u; ky < {KH}; ky++) {{
-            let iy = i32(oy * {SY} + ky) - {PY};
-            if (iy < 0i || iy >= {Hi}) {{ continue; }}
+{ty}
             for (var kx = 0u; kx < {KW}; kx++) {{
-                let ix = i32(ox * {SX} + kx) - {PX};
-                if (ix < 0i || ix >= {Wi}) {{ continue; }}
-                acc += {x}(((n * {C} + c) * {H} + u32(iy)) * {W} + u32(ix)) * {w}(((o * {C} + c) * {KH} + ky) * {KW} + kx);
+{tx}
+                acc += {x}(((n * {C} + c) * {H} + {iy}) * {W} + {ix}) * {w}(((o * {C} + c) * {KH} + ky) * {KW} + kx);
             }}
         }}
     }}
@@ -279,18 +280,11 @@ fn body(graph: &Graph, id: NodeId) -> String {
                 C = u(c),
                 H = u(h),
                 W = u(w),
-                Hi = i(h),
-                Wi = i(w),
                 KH = u(kh),
                 KW = u(kw),
-                SY = u(stride[0]),
-                SX = u(stride[1]),
-                PY = i(padding[0]),
-                PX = i(padding[1]),
                 x = x(0),
                 w = x(1),
-            );
-            without_padding_checks(body.replace("{O}", &u(o)), *padding, [h, w])
+            )
         }
         Op::Conv2dGradInput {
             stride, padding, ..
@@ -336,16 +330,24 @@ fn body(graph: &Graph, id: NodeId) -> String {
         } => {
             let [n, c, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
             let [_, o, oh, ow] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
-            let body = format!(
+            let (ty, iy) = tap("            ", "iy", "oy", "ky", stride[0], padding[0], h);
+            let (tx, ix) = tap(
+                "                ",
+                "ix",
+                "ox",
+                "kx",
+                stride[1],
+                padding[1],
+                w,
+            );
+            format!(
                 "{}    var acc = 0.0f;
     for (var n = 0u; n < {N}; n++) {{
         for (var oy = 0u; oy < {OH}; oy++) {{
-            let iy = i32(oy * {SY} + ky) - {PY};
-            if (iy < 0i || iy >= {Hi}) {{ continue; }}
+{ty}
             for (var ox = 0u; ox < {OW}; ox++) {{
-                let ix = i32(ox * {SX} + kx) - {PX};
-                if (ix < 0i || ix >= {Wi}) {{ continue; }}
-                acc += {x}(((n * {C} + c) * {H} + u32(iy)) * {W} + u32(ix)) * {dy}(((n * {O} + o) * {OH} + oy) * {OW} + ox);
+{tx}
+                acc += {x}(((n * {C} + c) * {H} + {iy}) * {W} + {ix}) * {dy}(((n * {O} + o) * {OH} + oy) * {OW} + ox);
             }}
         }}
     }}
@@ -356,19 +358,12 @@ fn body(graph: &Graph, id: NodeId) -> String {
                 C = u(c),
                 H = u(h),
                 W = u(w),
-                Hi = i(h),
-                Wi = i(w),
                 O = u(o),
                 OH = u(oh),
                 OW = u(ow),
-                SY = u(stride[0]),
-                SX = u(stride[1]),
-                PY = i(padding[0]),
-                PX = i(padding[1]),
                 x = x(0),
                 dy = x(1),
-            );
-            without_padding_checks(body, *padding, [h, w])
+            )
         }
         Op::AvgPool2d { kernel, stride } | Op::MaxPool2d { kernel, stride } => {
             let [_, _, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
