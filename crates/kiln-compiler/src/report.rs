@@ -6,7 +6,8 @@ use kiln_ir::{Graph, NodeId, thousands};
 
 use crate::plan::{KernelKind, Placement, Plan};
 
-fn node_label(graph: &Graph, n: NodeId) -> String {
+/// `%7 conv2d@3`: a node, its op and the layer it came from.
+pub(crate) fn node_label(graph: &Graph, n: NodeId) -> String {
     let node = graph.node(n);
     match &node.layer {
         Some(l) => format!("{n} {}@{}", node.op.name(), l.index),

@@ -15,6 +15,7 @@ use std::fmt::Write as _;
 use kiln_ir::{DType, Graph, NodeId, Op, TensorType};
 
 use crate::plan::{Head, Kernel, KernelKind, Placement, Plan};
+use crate::report::node_label;
 use crate::target::Target;
 
 const UNPACK_U8: &str = include_str!("../../../shaders/unpack_u8.wgsl");
@@ -752,17 +753,7 @@ pub fn emit_kernel(
     };
 
     let mut s = String::new();
-    let ops: Vec<String> = kernel
-        .nodes
-        .iter()
-        .map(|&n| {
-            let node = graph.node(n);
-            match &node.layer {
-                Some(l) => format!("{n} {}@{}", node.op.name(), l.index),
-                None => format!("{n} {}", node.op.name()),
-            }
-        })
-        .collect();
+    let ops: Vec<String> = kernel.nodes.iter().map(|&n| node_label(graph, n)).collect();
     let (workgroup_size, dispatch, schedule) = match &kernel.kind {
         KernelKind::Map { roots } => {
             let wg = target.workgroup_size();
