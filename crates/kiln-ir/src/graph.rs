@@ -233,6 +233,20 @@ impl Graph {
         Ok(NodeId(self.nodes.len() - 1))
     }
 
+    /// Appends a copy of `node` from another graph, its operands renamed through `map` (old id
+    /// to new id). Leaves keep their declared type; an op's type is inferred afresh, so a pass
+    /// that changed an operand's type gets it checked.
+    pub fn copy_node(&mut self, node: &Node, map: &[NodeId]) -> Result<NodeId, GraphError> {
+        match &node.op {
+            Op::Input { name } => self.add_input(name.clone(), node.ty.clone()),
+            Op::Param { name } => self.add_param(name.clone(), node.ty.clone(), node.layer.clone()),
+            op => {
+                let inputs: Vec<NodeId> = node.inputs.iter().map(|i| map[i.0]).collect();
+                self.add_in_layer(op.clone(), &inputs, node.layer.clone())
+            }
+        }
+    }
+
     /// Marks `node` as a named result of the graph.
     pub fn add_output(&mut self, name: impl Into<String>, node: NodeId) -> Result<(), GraphError> {
         let name = name.into();

@@ -1,7 +1,7 @@
 //! A model whose forward graph can be built for any batch size: a `Sequential`, or a forward
 //! graph read from the text form (`--emit ir` output, possibly edited by hand).
 
-use crate::graph::{Graph, NodeId};
+use crate::graph::{Graph, Node, NodeId};
 use crate::op::Op;
 use crate::sequential::Sequential;
 use crate::types::{DType, TensorType};
@@ -79,25 +79,19 @@ fn rebatch(g: &Graph, name: &str, input: TensorType) -> Result<Graph, String> {
                     x
                 }
             }
-            Op::Input { name: n } => out
-                .add_input(n.clone(), node.ty.clone())
-                .map_err(|e| fail(id, e.to_string()))?,
-            Op::Param { name: n } => out
-                .add_param(n.clone(), node.ty.clone(), node.layer.clone())
-                .map_err(|e| fail(id, e.to_string()))?,
-            op => {
-                let op = match op {
-                    Op::Reshape { shape } if shape.first() == Some(&old_batch) => {
-                        let mut shape = shape.clone();
-                        shape[0] = new_batch;
-                        Op::Reshape { shape }
-                    }
-                    other => other.clone(),
+            Op::Reshape { shape } if shape.first() == Some(&old_batch) => {
+                let mut shape = shape.clone();
+                shape[0] = new_batch;
+                let reshaped = Node {
+                    op: Op::Reshape { shape },
+                    ..node.clone()
                 };
-                let ins: Vec<NodeId> = node.inputs.iter().map(|i| map[i.0]).collect();
-                out.add_in_layer(op, &ins, node.layer.clone())
+                out.copy_node(&reshaped, &map)
                     .map_err(|e| fail(id, e.to_string()))?
             }
+            _ => out
+                .copy_node(node, &map)
+                .map_err(|e| fail(id, e.to_string()))?,
         };
         map.push(new);
     }

@@ -184,15 +184,9 @@ pub fn gather_inputs(
                     let data = out.add_input(g.dataset.clone(), TensorType::new(g.dtype, shape))?;
                     out.add(Op::Gather, &[data, idx])?
                 }
-                None => out.add_input(name.clone(), node.ty.clone())?,
+                None => out.copy_node(node, &map)?,
             },
-            Op::Param { name } => {
-                out.add_param(name.clone(), node.ty.clone(), node.layer.clone())?
-            }
-            op => {
-                let ins: Vec<NodeId> = node.inputs.iter().map(|i| map[i.0]).collect();
-                out.add_in_layer(op.clone(), &ins, node.layer.clone())?
-            }
+            _ => out.copy_node(node, &map)?,
         };
         map.push(id);
     }
