@@ -269,15 +269,27 @@ fn computes(graph: &Graph, id: NodeId) -> bool {
     )
 }
 
-/// Places every node (see the module docs). `forced` nodes are stored regardless.
-fn place(graph: &Graph, forced: &HashSet<NodeId>, allow_side: bool) -> Vec<Placement> {
-    let n = graph.nodes().len();
-    let mut consumers: Vec<Vec<(NodeId, usize)>> = vec![Vec::new(); n];
+/// Every node's readers, as `(reader, operand position)`, in definition order.
+type Consumers = Vec<Vec<(NodeId, usize)>>;
+
+fn consumers_of(graph: &Graph) -> Consumers {
+    let mut consumers: Consumers = vec![Vec::new(); graph.nodes().len()];
     for (id, node) in graph.iter() {
         for (k, i) in node.inputs.iter().enumerate() {
             consumers[i.0].push((id, k));
         }
     }
+    consumers
+}
+
+/// Places every node (see the module docs). `forced` nodes are stored regardless.
+fn place(
+    graph: &Graph,
+    consumers: &Consumers,
+    forced: &HashSet<NodeId>,
+    allow_side: bool,
+) -> Vec<Placement> {
+    let n = graph.nodes().len();
     let mut is_output = vec![false; n];
     for o in graph.outputs() {
         is_output[o.node.0] = true;
@@ -365,13 +377,7 @@ fn closure(graph: &Graph, placement: &[Placement], roots: &[NodeId]) -> (Vec<Nod
 }
 
 /// Finds classifier heads among the stored nodes (see the module docs).
-fn find_heads(graph: &Graph, placement: &[Placement]) -> Vec<Head> {
-    let mut consumers: Vec<Vec<(NodeId, usize)>> = vec![Vec::new(); graph.nodes().len()];
-    for (id, node) in graph.iter() {
-        for (k, i) in node.inputs.iter().enumerate() {
-            consumers[i.0].push((id, k));
-        }
-    }
+fn find_heads(graph: &Graph, consumers: &Consumers, placement: &[Placement]) -> Vec<Head> {
     let outputs: HashSet<NodeId> = graph.outputs().iter().map(|o| o.node).collect();
     let single = |id: NodeId| match consumers[id.0].as_slice() {
         [(c, _)] => Some(*c),
@@ -476,12 +482,13 @@ fn find_updates(graph: &Graph) -> Vec<(NodeId, NodeId)> {
 pub fn fuse(graph: &Graph, target: &Target) -> Result<Plan, FuseError> {
     verify(graph)?;
     let updates = find_updates(graph);
+    let consumers = consumers_of(graph);
     let mut forced: HashSet<NodeId> = HashSet::new();
     let mut allow_side = true;
     let mut no_head: HashSet<NodeId> = HashSet::new();
     loop {
-        let mut placement = place(graph, &forced, allow_side);
-        let mut heads = find_heads(graph, &placement);
+        let mut placement = place(graph, &consumers, &forced, allow_side);
+        let mut heads = find_heads(graph, &consumers, &placement);
         heads.retain(|h| !no_head.contains(&h.logits));
         for head in &heads {
             // The head computes its logits row by row in registers; nothing else reads them.

@@ -51,6 +51,8 @@ pub struct KernelModule {
     /// Workgroups to dispatch in x, y, z.
     pub dispatch: [u32; 3],
     pub workgroup_size: u32,
+    /// Bytes of `var<workgroup>` memory the module declares.
+    pub workgroup_storage_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -902,12 +904,18 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
         }
         KernelKind::Head(h) => s.push_str(&head_main(graph, plan, h, &binding_of)),
     }
+    // The head's two partial-sum arrays (f32 and u32, one entry per invocation).
+    let workgroup_storage_bytes = match kernel.kind {
+        KernelKind::Head(_) => 2 * HEAD_WORKGROUP as u64 * 4,
+        KernelKind::Map { .. } => 0,
+    };
     Ok(KernelModule {
         name: kernel.name.clone(),
         wgsl: s,
         bindings,
         dispatch,
         workgroup_size,
+        workgroup_storage_bytes,
     })
 }
 

@@ -10,9 +10,6 @@ use kiln_reference::{Data, Tensor};
 
 use crate::gpu::{Gpu, RuntimeError};
 
-/// Workgroup memory the classifier head declares (two 64-entry arrays of 4-byte words).
-const HEAD_WORKGROUP_BYTES: u64 = 2 * 64 * 4;
-
 /// A compiled graph with its pipelines, bind groups and buffers.
 pub struct Program {
     pub compiled: Compiled,
@@ -83,13 +80,11 @@ pub fn check_limits(gpu: &Gpu, compiled: &Compiled) -> Result<(), RuntimeError> 
                 ));
             }
         }
-        if m.wgsl.contains("var<workgroup>")
-            && HEAD_WORKGROUP_BYTES > l.max_compute_workgroup_storage_size as u64
-        {
+        if m.workgroup_storage_bytes > l.max_compute_workgroup_storage_size as u64 {
             return Err(gpu.limit_error(
                 what,
                 "max_compute_workgroup_storage_size",
-                HEAD_WORKGROUP_BYTES,
+                m.workgroup_storage_bytes,
                 l.max_compute_workgroup_storage_size as u64,
             ));
         }
