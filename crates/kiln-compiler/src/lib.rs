@@ -2,6 +2,7 @@
 //! verifier ([`verify_plan`]) and WGSL generation ([`emit_wgsl`]), validated by naga;
 //! [`compile`] runs them all.
 
+mod blocking;
 mod compile;
 mod plan;
 mod report;

@@ -29,6 +29,9 @@ pub struct Target {
     /// lavapipe by about 2x; a broadcast read through the constant cache on GPUs).
     pub max_uniform_buffer_binding_size: u64,
     pub max_uniform_buffers_per_stage: u32,
+    /// Compute four outputs per invocation where a kernel's reductions can share operand
+    /// loads between them (see the blocking module). Off only to compare the two schedules.
+    pub block_outputs: bool,
 }
 
 impl Target {
@@ -44,12 +47,19 @@ impl Target {
             min_storage_buffer_offset_alignment: 256,
             max_uniform_buffer_binding_size: 64 << 10,
             max_uniform_buffers_per_stage: 12,
+            block_outputs: true,
         }
     }
 
-    /// Invocations per workgroup for elementwise-domain kernels.
+    /// Invocations per workgroup of map kernels: 256 on GPUs (enough warps per workgroup to
+    /// hide memory latency), 64 elsewhere (lavapipe runs a workgroup as one coroutine over
+    /// 8-wide lane groups; bigger groups only make the last one emptier).
     pub fn workgroup_size(&self) -> u32 {
-        64.min(self.max_workgroup_size_x)
+        let size = match self.class {
+            DeviceClass::DiscreteGpu | DeviceClass::IntegratedGpu => 256,
+            DeviceClass::Cpu | DeviceClass::Other => 64,
+        };
+        size.min(self.max_workgroup_size_x)
     }
 }
 

@@ -14,6 +14,7 @@ use std::fmt::Write as _;
 
 use kiln_ir::{DType, Graph, NodeId, Op, TensorType};
 
+use crate::blocking::{self, Blocking, LANES, lane_fn};
 use crate::plan::{Head, Kernel, KernelKind, Placement, Plan};
 use crate::report::node_label;
 use crate::target::Target;
@@ -106,7 +107,7 @@ fn f32_lit(x: f32) -> String {
     format!("{x:?}f")
 }
 
-fn u(n: usize) -> String {
+pub(crate) fn u(n: usize) -> String {
     format!("{n}u")
 }
 
@@ -114,7 +115,7 @@ fn i(n: usize) -> String {
     format!("{n}i")
 }
 
-fn v(id: NodeId) -> String {
+pub(crate) fn v(id: NodeId) -> String {
     format!("v{}", id.0)
 }
 
@@ -140,7 +141,7 @@ fn decode(names: &[&str], shape: &[usize]) -> String {
     s
 }
 
-fn strides(shape: &[usize]) -> Vec<usize> {
+pub(crate) fn strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1usize; shape.len()];
     for d in (0..shape.len().saturating_sub(1)).rev() {
         s[d] = s[d + 1] * shape[d + 1];
@@ -181,19 +182,35 @@ fn tap(
 
 /// The body of node `id`'s element function (statements ending in `return`).
 fn body(graph: &Graph, id: NodeId) -> String {
+    let names: Vec<String> = graph.node(id).inputs.iter().map(|&n| v(n)).collect();
+    body_with(graph, id, &names, "f32")
+}
+
+/// The body of `id`'s function computing values of WGSL type `value` (`f32`, or `vec4<f32>`
+/// for four lanes), calling `inputs[k]` for operand `k`. Formulas are written so that they hold
+/// for both: a vector operand makes the arithmetic per lane, a scalar one is shared by the lanes.
+pub(crate) fn body_with(graph: &Graph, id: NodeId, inputs: &[String], value: &str) -> String {
     let node = graph.node(id);
     let ins = &node.inputs;
     let shape = |k: usize| graph.ty(ins[k]).shape.clone();
     let out = &node.ty.shape;
-    let x = |k: usize| v(ins[k]);
+    let x = |k: usize| inputs[k].clone();
+    let splat = |lit: String| {
+        if value == "f32" {
+            lit
+        } else {
+            format!("{value}({lit})")
+        }
+    };
+    let zero = splat("0.0f".into());
     match &node.op {
         Op::Input { .. } | Op::Param { .. } => unreachable!("leaves are loaded, not computed"),
-        Op::Full { value, .. } => format!("    return {};\n", f32_lit(value.0)),
+        Op::Full { value: full, .. } => format!("    return {};\n", splat(f32_lit(full.0))),
         Op::Reshape { .. } => format!("    return {}(i);\n", x(0)),
         Op::ScaleU8 => format!("    return f32({}(i)) / 255.0f;\n", x(0)),
         Op::Sigmoid => format!("    return 1.0f / (1.0f + exp(-{}(i)));\n", x(0)),
         Op::Relu => format!(
-            "    let a = {}(i);\n    return select(a, 0.0f, a < 0.0f);\n",
+            "    let a = {}(i);\n    return select(a, {zero}, a < {zero});\n",
             x(0)
         ),
         Op::Tanh => format!("    return tanh({}(i));\n", x(0)),
@@ -203,7 +220,7 @@ fn body(graph: &Graph, id: NodeId) -> String {
             x(1)
         ),
         Op::ReluGrad => format!(
-            "    return select(0.0f, {}(i), {}(i) > 0.0f);\n",
+            "    return select({zero}, {}(i), {}(i) > {zero});\n",
             x(1),
             x(0)
         ),
@@ -267,7 +284,7 @@ fn body(graph: &Graph, id: NodeId) -> String {
                 w,
             );
             format!(
-                "{}    var acc = 0.0f;
+                "{}    var acc = {zero};
     for (var c = 0u; c < {C}; c++) {{
         for (var ky = 0u; ky < {KH}; ky++) {{
 {ty}
@@ -295,7 +312,7 @@ fn body(graph: &Graph, id: NodeId) -> String {
             let [_, o, oh, ow] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
             let [_, c, kh, kw] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
             format!(
-                "{}    var acc = 0.0f;
+                "{}    var acc = {zero};
     for (var o = 0u; o < {O}; o++) {{
         for (var ky = 0u; ky < {KH}; ky++) {{
             let ty = i32(h) + {PY} - i32(ky);
@@ -344,7 +361,7 @@ fn body(graph: &Graph, id: NodeId) -> String {
                 w,
             );
             format!(
-                "{}    var acc = 0.0f;
+                "{}    var acc = {zero};
     for (var n = 0u; n < {N}; n++) {{
         for (var oy = 0u; oy < {OH}; oy++) {{
 {ty}
@@ -397,10 +414,11 @@ fn body(graph: &Graph, id: NodeId) -> String {
                     for kx in 0..kernel[1] {
                         if ky + kx > 0 {
                             let _ = writeln!(s, "    let a{ky}_{kx} = {};", at(ky, kx));
-                            // Keep the first maximum; NaN wins, as in the reference.
+                            // Keep the first maximum; NaN wins, as in the reference. `select`
+                            // and `&` so that the same text works per lane.
                             let _ = writeln!(
                                 s,
-                                "    if (!(best != best) && !(a{ky}_{kx} <= best)) {{ best = a{ky}_{kx}; }}"
+                                "    best = select(best, a{ky}_{kx}, !(best != best) & !(a{ky}_{kx} <= best));"
                             );
                         }
                     }
@@ -418,7 +436,7 @@ fn body(graph: &Graph, id: NodeId) -> String {
             let (oh, ow) = (dy_shape[2], dy_shape[3]);
             let (h, w) = (out[2], out[3]);
             let mut s = decode(&["nc", "h", "w"], &[out[0] * out[1], h, w]);
-            s.push_str("    var acc = 0.0f;\n");
+            let _ = writeln!(s, "    var acc = {zero};");
             let _ = write!(
                 s,
                 "    for (var ky = 0u; ky < {KH}; ky++) {{
@@ -499,7 +517,7 @@ fn body(graph: &Graph, id: NodeId) -> String {
                 format!("p * {} + c", u(b[1]))
             };
             format!(
-                "{}    var acc = 0.0f;\n    for (var p = 0u; p < {}; p++) {{\n        acc += {}({ai}) * {}({bi});\n    }}\n    return acc;\n",
+                "{}    var acc = {zero};\n    for (var p = 0u; p < {}; p++) {{\n        acc += {}({ai}) * {}({bi});\n    }}\n    return acc;\n",
                 decode(&["r", "c"], out),
                 u(k),
                 x(0),
@@ -514,7 +532,7 @@ fn body(graph: &Graph, id: NodeId) -> String {
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             let kept_shape: Vec<usize> = kept.iter().map(|&d| xs[d]).collect();
             let mut s = decode(&refs, &kept_shape);
-            s.push_str("    var acc = 0.0f;\n");
+            let _ = writeln!(s, "    var acc = {zero};");
             let mut indent = String::from("    ");
             for &a in axes {
                 let _ = writeln!(
@@ -756,6 +774,32 @@ pub fn emit_kernel(
 
     let mut s = String::new();
     let ops: Vec<String> = kernel.nodes.iter().map(|&n| node_label(graph, n)).collect();
+    let uniform = |buffer: usize| {
+        bindings
+            .iter()
+            .any(|b| b.buffer == buffer && b.access == Access::Uniform)
+    };
+    // Register blocking: the largest root, four elements per invocation, when that gives a
+    // reduction a blocked rule and the other roots fit in the fewer invocations.
+    let blocking = match &kernel.kind {
+        KernelKind::Map { roots } if target.block_outputs => {
+            let main = *roots
+                .iter()
+                .max_by_key(|r| (graph.ty(**r).numel(), std::cmp::Reverse(r.0)))
+                .expect("map kernels have a root");
+            let quads = graph.ty(main).numel() / LANES;
+            let others_fit = roots
+                .iter()
+                .all(|r| *r == main || graph.ty(*r).numel() <= quads);
+            if others_fit {
+                blocking::choose(graph, plan, kernel, main, &binding_of, &uniform)
+                    .map(|(b, f)| (main, b, f))
+            } else {
+                None
+            }
+        }
+        _ => None,
+    };
     let (workgroup_size, dispatch, schedule) = match &kernel.kind {
         KernelKind::Map { roots } => {
             let wg = target.workgroup_size();
@@ -768,6 +812,21 @@ pub fn emit_kernel(
                 .map(|r| r.to_string())
                 .collect::<Vec<_>>()
                 .join(" and ");
+            let (numel, schedule) = match &blocking {
+                Some((main, b, fns)) => (
+                    numel / LANES as u32,
+                    format!(
+                        "{LANES} elements of {main} per invocation, at stride {} ({} invocations; blocked: {})",
+                        b.stride,
+                        numel / LANES as u32,
+                        fns.blocked.join(", ")
+                    ),
+                ),
+                None => (
+                    numel,
+                    format!("one invocation per element of {root} ({numel} invocations)"),
+                ),
+            };
             let groups = numel.div_ceil(wg).max(1);
             let gx = groups.min(target.max_workgroups_per_dimension);
             let gy = groups.div_ceil(gx);
@@ -779,11 +838,7 @@ pub fn emit_kernel(
                     ),
                 });
             }
-            (
-                wg,
-                [gx, gy, 1],
-                format!("one invocation per element of {root} ({numel} invocations)"),
-            )
+            (wg, [gx, gy, 1], schedule)
         }
         KernelKind::Head(h) => (
             HEAD_WORKGROUP,
@@ -862,14 +917,24 @@ pub fn emit_kernel(
         let _ = writeln!(s, "@group(0) @binding({}) {decl};", b.binding);
     }
     s.push('\n');
-    let uniform = |buffer: usize| {
-        bindings
-            .iter()
-            .any(|b| b.buffer == buffer && b.access == Access::Uniform)
-    };
     s.push_str(&functions(graph, plan, kernel, &binding_of, &uniform));
     s.push('\n');
     match &kernel.kind {
+        KernelKind::Map { roots } if blocking.is_some() => {
+            let (main, b, fns) = blocking.as_ref().expect("blocked");
+            s.push_str(&fns.text);
+            s.push('\n');
+            s.push_str(&blocked_main(
+                graph,
+                plan,
+                roots,
+                *main,
+                *b,
+                workgroup_size,
+                dispatch,
+                &binding_of,
+            ));
+        }
         KernelKind::Map { roots } => {
             let mut body = String::new();
             let mut numel = 0;
@@ -917,6 +982,65 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
         workgroup_size,
         workgroup_storage_bytes,
     })
+}
+
+/// The entry point of a blocked map kernel: invocation `j` computes four elements of `main`
+/// (lane 0 at four times `j`'s coordinate along the blocked axis) and element `j` of each
+/// other root.
+#[allow(clippy::too_many_arguments)]
+fn blocked_main(
+    graph: &Graph,
+    plan: &Plan,
+    roots: &[NodeId],
+    main: NodeId,
+    b: Blocking,
+    workgroup_size: u32,
+    dispatch: [u32; 3],
+    binding_of: &dyn Fn(usize) -> u32,
+) -> String {
+    let slot = |r: NodeId| binding_of(plan.buffer_of[r.0].expect("roots are stored"));
+    let quads = graph.ty(main).numel() / LANES;
+    let s = b.stride;
+    let groups = b.extent / LANES;
+    let mut body = format!(
+        "    let i = (j / {}) * {} + ((j / {}) % {}) * {} + j % {};\n    let value = {}(i);\n",
+        u(groups * s),
+        u(b.extent * s),
+        u(s),
+        u(groups),
+        u(LANES * s),
+        u(s),
+        lane_fn(main, s)
+    );
+    for (k, lane) in ["x", "y", "z", "w"].iter().enumerate() {
+        let at = if k == 0 {
+            "i".to_string()
+        } else {
+            format!("i + {}", u(k * s))
+        };
+        let _ = writeln!(body, "    buf{}[{at}] = value.{lane};", slot(main));
+    }
+    for &r in roots.iter().filter(|&&r| r != main) {
+        let _ = writeln!(
+            body,
+            "    if (j < {}) {{\n        buf{}[j] = {}(j);\n    }}",
+            u(graph.ty(r).numel()),
+            slot(r),
+            v(r)
+        );
+    }
+    format!(
+        "@compute @workgroup_size({workgroup_size})
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
+    let j = gid.x + gid.y * {};
+    if (j >= {}) {{
+        return;
+    }}
+{body}}}
+",
+        u(dispatch[0] as usize * workgroup_size as usize),
+        u(quads),
+    )
 }
 
 fn head_main(graph: &Graph, plan: &Plan, h: &Head, binding_of: &dyn Fn(usize) -> u32) -> String {

@@ -269,3 +269,58 @@ proptest! {
         }
     }
 }
+
+fn schedule_line(wgsl: &str) -> &str {
+    wgsl.lines()
+        .find(|l| l.starts_with("// schedule: "))
+        .expect("every module states its schedule")
+}
+
+#[test]
+fn register_blocking_shares_the_operand_the_outputs_have_in_common() {
+    let t = Target::portable();
+    let g = step_graph(&lenet(), 256, 60_000);
+    let plan = fuse(&g, &t).unwrap();
+    let modules = emit_wgsl(&g, &plan, &t).unwrap();
+    let schedule = |name: &str| {
+        let m = modules.iter().find(|m| m.name == name).unwrap();
+        (schedule_line(&m.wgsl).to_string(), m.dispatch)
+    };
+    // conv1 has 6 output channels, not a multiple of four: four images share each weight.
+    let (s, d) = schedule("k00_avg_pool2d_l2");
+    assert!(s.contains("conv2d (axis 0)"), "{s}");
+    assert_eq!(d, [256 * 6 * 14 * 14 / 4 / 64, 1, 1]);
+    // conv2's 16 output channels share each input pixel, blocked through the flatten.
+    let (s, _) = schedule("k01_reshape_l6");
+    assert!(
+        s.contains("at stride 25") && s.contains("conv2d (axis 1)"),
+        "{s}"
+    );
+    // fc1: four columns share a row of the input.
+    assert!(schedule("k02_sigmoid_l8").0.contains("matmul (axis 1)"));
+    assert!(
+        schedule("k09_conv2d_grad_input_l3")
+            .0
+            .contains("conv2d_grad_input (axis 0)")
+    );
+    // The weight gradient of conv2: four output channels share the input pixel; the bias
+    // update rides along in the same invocations.
+    let (s, d) = schedule("k12_update_layer3");
+    assert!(s.contains("conv2d_grad_weight (axis 0)"), "{s}");
+    assert_eq!(d, [(16 * 6 * 5 * 5 / 4usize).div_ceil(64) as u32, 1, 1]);
+    // The classifier head keeps its own schedule.
+    assert!(schedule("k04_classifier_head").0.contains("one workgroup"));
+
+    // With no axis a multiple of four (batch 6, 6 channels) conv1 stays one output per
+    // invocation; turning blocking off leaves no lane function anywhere.
+    let g6 = step_graph(&lenet(), 6, 60);
+    let m6 = emit_wgsl(&g6, &fuse(&g6, &t).unwrap(), &t).unwrap();
+    assert!(schedule_line(&m6[0].wgsl).contains("one invocation per element"));
+    let plain = Target {
+        block_outputs: false,
+        ..Target::portable()
+    };
+    for m in emit_wgsl(&g, &fuse(&g, &plain).unwrap(), &plain).unwrap() {
+        assert!(!m.wgsl.contains("vec4<f32>("), "{}", m.name);
+    }
+}

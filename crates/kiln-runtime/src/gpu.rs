@@ -206,5 +206,6 @@ pub fn target_for(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> Target {
         min_storage_buffer_offset_alignment: limits.min_storage_buffer_offset_alignment,
         max_uniform_buffer_binding_size: limits.max_uniform_buffer_binding_size,
         max_uniform_buffers_per_stage: limits.max_uniform_buffers_per_shader_stage,
+        block_outputs: true,
     }
 }

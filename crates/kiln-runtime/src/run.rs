@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use kiln_compiler::{Placement, compile};
+use kiln_compiler::{Placement, Target, compile};
 use kiln_ir::{Graph, NodeId, Op};
 use kiln_reference::Tensor;
 
@@ -28,7 +28,20 @@ pub fn run_graph(
     inputs: &HashMap<String, Tensor>,
     params: &HashMap<String, Tensor>,
 ) -> Result<GraphRun, RuntimeError> {
-    let compiled = compile(graph, &gpu.target).map_err(|e| RuntimeError::Setup(e.to_string()))?;
+    run_graph_on(gpu, &gpu.target, graph, inputs, params)
+}
+
+/// [`run_graph`] with kernels compiled for `target` instead of the device's own: how the
+/// tests run another device class's schedule (or the unblocked one) on the device at hand.
+/// `target` must not promise more than the device's limits.
+pub fn run_graph_on(
+    gpu: &Gpu,
+    target: &Target,
+    graph: &Graph,
+    inputs: &HashMap<String, Tensor>,
+    params: &HashMap<String, Tensor>,
+) -> Result<GraphRun, RuntimeError> {
+    let compiled = compile(graph, target).map_err(|e| RuntimeError::Setup(e.to_string()))?;
     let mut external: HashMap<String, Arc<wgpu::Buffer>> = HashMap::new();
     for (id, node) in graph.iter() {
         let (feeds, kind, name) = match &node.op {

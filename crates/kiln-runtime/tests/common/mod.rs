@@ -3,9 +3,10 @@
 
 use std::collections::HashMap;
 
+use kiln_compiler::{DeviceClass, Target};
 use kiln_ir::{DType, Graph, NodeId};
 use kiln_reference::{Tensor, execute};
-use kiln_runtime::{Gpu, run_graph};
+use kiln_runtime::{Gpu, run_graph_on};
 
 /// The device, or `None` (loudly) when there is none and `KILN_REQUIRE_GPU` is unset.
 pub fn gpu() -> Option<Gpu> {
@@ -17,6 +18,30 @@ pub fn gpu() -> Option<Gpu> {
         }
         Err(e) => panic!("KILN_REQUIRE_GPU is set but no device opened: {e}"),
     }
+}
+
+/// The schedules every comparison runs, all on the device at hand: the device's own (register
+/// blocked), the same without blocking, and the discrete-GPU schedule (256-invocation
+/// workgroups), so that each code path is checked whatever device the tests get.
+pub fn schedules(gpu: &Gpu) -> Vec<(&'static str, Target)> {
+    let own = gpu.target.clone();
+    vec![
+        ("device", own.clone()),
+        (
+            "unblocked",
+            Target {
+                block_outputs: false,
+                ..own.clone()
+            },
+        ),
+        (
+            "discrete-gpu",
+            Target {
+                class: DeviceClass::DiscreteGpu,
+                ..own
+            },
+        ),
+    ]
 }
 
 /// Deterministic values in [lo, hi).
@@ -122,18 +147,20 @@ pub fn compare(
     tolerance: f64,
 ) -> Vec<(String, f64)> {
     let (inputs, params) = feeds(g, seed, classes);
-    let run = run_graph(gpu, g, &inputs, &params).unwrap();
     let reference = execute(g, &inputs, &params).unwrap();
     let mut report = Vec::new();
-    let mut ids: Vec<&NodeId> = run.stored.keys().collect();
-    ids.sort();
-    for id in ids {
-        let e = max_error(&run.stored[id], reference.get(*id));
-        report.push((format!("{id} {}", g.node(*id).op.name()), e));
-    }
-    for o in g.outputs() {
-        let e = max_error(&run.outputs[&o.name], reference.get(o.node));
-        report.push((format!("output {}", o.name), e));
+    for (schedule, target) in schedules(gpu) {
+        let run = run_graph_on(gpu, &target, g, &inputs, &params).unwrap();
+        let mut ids: Vec<&NodeId> = run.stored.keys().collect();
+        ids.sort();
+        for id in ids {
+            let e = max_error(&run.stored[id], reference.get(*id));
+            report.push((format!("{schedule}: {id} {}", g.node(*id).op.name()), e));
+        }
+        for o in g.outputs() {
+            let e = max_error(&run.outputs[&o.name], reference.get(o.node));
+            report.push((format!("{schedule}: output {}", o.name), e));
+        }
     }
     for (what, e) in &report {
         assert!(
