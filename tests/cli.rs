@@ -133,11 +133,11 @@ fn emit_kernels_lists_the_fused_plan() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(
-        out.starts_with("plan \"lenet_step\": 16 kernels for 67 ops"),
+        out.starts_with("plan \"lenet_step\": 17 kernels for 67 ops"),
         "{out}"
     );
     assert!(
-        out.contains("k04_classifier_head: classifier head over the rows of f32[256,10]"),
+        out.contains("k05_classifier_head: classifier head over the rows of f32[256,10]"),
         "{out}"
     );
     assert!(
@@ -145,7 +145,7 @@ fn emit_kernels_lists_the_fused_plan() {
         "{out}"
     );
     assert!(out.trim_end().ends_with(
-        "training step: 16 kernels per step of 256 examples (67 ops in the step graph); evaluation: 5 kernels per batch"
+        "training step: 17 kernels per step of 256 examples (67 ops in the step graph); evaluation: 6 kernels per batch"
     ), "{out}");
 }
 
@@ -250,7 +250,7 @@ fn trains_on_the_gpu_and_reports_like_d2l() {
     assert!(out.contains("80 training, 50 test images"), "{out}");
     assert!(out.contains("device: "), "{out}");
     assert!(
-        out.contains("compiled the training step into 16 kernels and the evaluation into 5"),
+        out.contains("compiled the training step into 17 kernels and the evaluation into 6"),
         "{out}"
     );
     assert_d2l_report(&out, 2);
@@ -786,4 +786,97 @@ fn trains_a_model_given_as_ir_text() {
         "{}",
         stderr(&o)
     );
+}
+
+#[test]
+fn profile_prints_each_kernels_time_work_and_rate() {
+    let Some(data) = data_dir() else { return };
+    if kiln::runtime::Gpu::new().is_err() && std::env::var_os("KILN_REQUIRE_GPU").is_none() {
+        eprintln!("SKIPPED: no GPU adapter");
+        return;
+    }
+    let o = run(&[
+        "--data",
+        &data,
+        "--limit",
+        "16",
+        "--eval-limit",
+        "16",
+        "--batch-size",
+        "8",
+        "--profile",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("\ntiming: "), "{out}");
+    let header = out.lines().find(|l| l.starts_with("kernel ")).expect(&out);
+    for column in ["ms/step", "share", "MFLOP", "MB", "GFLOP/s", "GB/s"] {
+        assert!(header.contains(column), "{header}");
+    }
+    // One row per kernel of the step, in order; conv1's row counts its multiply-adds:
+    // 8*6*28*28 outputs of 25 (2 flops each) plus bias, sigmoid and the pooling.
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with('k')).skip(1).collect();
+    assert_eq!(rows.len(), 17, "{out}");
+    assert!(rows[0].starts_with("k00_scale_u8"), "{out}");
+    let conv1: Vec<&str> = rows[1].split_whitespace().collect();
+    let mflop: f64 = conv1[3].parse().unwrap();
+    let expected =
+        (2.0 * 8.0 * 6.0 * 784.0 * 25.0 + 2.0 * 8.0 * 6.0 * 784.0 + 4.0 * 8.0 * 6.0 * 196.0) / 1e6;
+    assert!((mflop - expected).abs() < 0.05, "{} vs {expected}", rows[1]);
+    assert!(out.lines().any(|l| l.starts_with("total ")), "{out}");
+}
+
+#[test]
+fn plot_draws_the_three_curves_after_every_epoch_as_svg_or_png() {
+    let o = run(&["--plot", "curves.jpg"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--plot curves.jpg: the chart is written as SVG or PNG"),
+        "{}",
+        stderr(&o)
+    );
+    let Some(data) = data_dir() else { return };
+    if kiln::runtime::Gpu::new().is_err() && std::env::var_os("KILN_REQUIRE_GPU").is_none() {
+        eprintln!("SKIPPED: no GPU adapter");
+        return;
+    }
+    let dir = tempfile_dir("plot");
+    for name in ["curves.svg", "curves.png"] {
+        let path = dir.join(name);
+        let o = run(&[
+            "--data",
+            &data,
+            "--limit",
+            "32",
+            "--eval-limit",
+            "16",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "2",
+            "--plot",
+            path.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let bytes = std::fs::read(&path).unwrap();
+        if name.ends_with(".svg") {
+            let svg = String::from_utf8(bytes).unwrap();
+            for label in ["train loss", "train acc", "test acc", "epoch"] {
+                assert!(svg.contains(label), "{label} missing");
+            }
+            // Two epochs: a marker per epoch on each of the three curves.
+            assert_eq!(svg.matches("<circle").count(), 6, "{svg}");
+        } else {
+            let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+            let info = decoder.read_info().unwrap().info().clone();
+            assert_eq!((info.width, info.height), (640, 420));
+        }
+    }
+    // Written by rename: no temporary file is left beside the charts.
+    let mut left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["curves.png", "curves.svg"]);
 }

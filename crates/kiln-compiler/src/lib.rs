@@ -15,7 +15,7 @@ pub use plan::{
     Buffer, BufferKind, FuseError, Head, Kernel, KernelKind, MAX_HEAD_CLASSES, MAX_INLINE_READS,
     MAX_INLINE_REUSE, Placement, Plan, fuse, is_anchor,
 };
-pub use report::describe;
+pub use report::{KernelCost, describe, kernel_cost, node_flops};
 pub use target::{DeviceClass, Target};
 pub use verify_plan::{PlanError, verify_plan};
 pub use wgsl::{

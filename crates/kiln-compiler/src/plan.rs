@@ -6,14 +6,17 @@
 //! - **inline** — computed on the fly inside each kernel that reads it. Cheap ops (elementwise,
 //!   injective, pooling windows, pool gradients; TVM's injective/broadcast patterns) are always
 //!   inlined into their readers — recomputed, never stored — as long as one element costs at
-//!   most [`MAX_INLINE_READS`] reads. This is how the batch gather and u8 scaling land in the
-//!   first convolution's reads, and pool-gradient upsampling and activation derivatives land in
-//!   the reads of the kernels that consume them (XLA's input fusion). One exception, chosen by
-//!   profiling on lavapipe: a cheap value that *computes* something (not a plain data read) and
-//!   that a convolution or matmul would re-read [`MAX_INLINE_REUSE`] or more times per element
-//!   is stored once by its own kernel instead (the upsampled, activation-differentiated
+//!   most [`MAX_INLINE_READS`] reads. This is how the batch gather lands in the reads of the
+//!   kernel that scales the batch, and pool-gradient upsampling and activation derivatives land
+//!   in the reads of the kernels that consume them (XLA's input fusion). One exception, chosen
+//!   by profiling on lavapipe: a cheap value that *computes* something (not a plain data read)
+//!   and that a convolution or matmul would re-read [`MAX_INLINE_REUSE`] or more times per
+//!   element is stored once by its own kernel instead (the upsampled, activation-differentiated
 //!   gradient that a convolution's input- and weight-gradient kernels both sweep hundreds of
-//!   times): recomputing it inside the reduction loops cost 2-3x their time.
+//!   times): recomputing it inside the reduction loops cost 2-3x their time. The u8 scaling of
+//!   the batch counts as computing: the first convolution reads each pixel 150 times, and
+//!   unpacking a gathered u8 each time made its forward kernel 2.3x and its weight gradient
+//!   1.5x slower than reading a stored f32 batch (measured with `--profile`, register-blocked).
 //! - Expensive ops (*anchors*: convolutions and their gradients, matmul, reductions, softmax
 //!   cross-entropy and its gradient, argmax, count) are inlined only into a single consumer that
 //!   reads each of their elements exactly once (elementwise, reshape, a pooling whose windows
@@ -265,7 +268,7 @@ pub const MAX_INLINE_REUSE: usize = 8;
 fn computes(graph: &Graph, id: NodeId) -> bool {
     !matches!(
         graph.node(id).op,
-        Op::Gather | Op::ScaleU8 | Op::Reshape { .. } | Op::Full { .. } | Op::Broadcast { .. }
+        Op::Gather | Op::Reshape { .. } | Op::Full { .. } | Op::Broadcast { .. }
     )
 }
 

@@ -37,27 +37,23 @@ fn lenet_step_fuses_into_few_kernels_by_the_rules() {
     let t = Target::portable();
     let plan = fuse(&g, &t).unwrap();
     verify_plan(&g, &plan, &t).unwrap();
-    // 12 layers: 5 forward kernels (the head included), 3 input-gradient kernels, 3 kernels
-    // storing upsampled activation gradients that convolutions re-read, 5 layer updates.
-    assert_eq!(plan.kernels.len(), 16, "{}", describe(&g, &plan));
-    // Batch gather, u8 scaling, conv, bias, sigmoid and pooling in one kernel; the sigmoid
-    // output is saved for backward as it is computed.
+    // 12 layers: the scaled batch, 5 forward kernels (the head included), 3 input-gradient
+    // kernels, 3 kernels storing upsampled activation gradients that convolutions re-read, 5
+    // layer updates.
+    assert_eq!(plan.kernels.len(), 17, "{}", describe(&g, &plan));
+    // The batch is gathered and scaled to f32 once: conv1 reads each pixel 150 times.
+    assert_eq!(ops_of(&g, &plan, 0), ["gather", "scale_u8"]);
+    // Conv, bias, sigmoid and pooling in one kernel; the sigmoid output is saved for backward
+    // as it is computed.
     assert_eq!(
-        ops_of(&g, &plan, 0),
-        [
-            "gather",
-            "scale_u8",
-            "conv2d",
-            "bias_add",
-            "sigmoid",
-            "avg_pool2d"
-        ]
+        ops_of(&g, &plan, 1),
+        ["conv2d", "bias_add", "sigmoid", "avg_pool2d"]
     );
-    let sigmoid = plan.kernels[0].nodes[4];
+    let sigmoid = plan.kernels[1].nodes[2];
     assert!(matches!(plan.placement[sigmoid.0], Placement::Side { .. }));
-    assert_eq!(plan.kernels[0].stores.len(), 2);
+    assert_eq!(plan.kernels[1].stores.len(), 2);
     // Linear + bias + sigmoid in one kernel.
-    assert_eq!(ops_of(&g, &plan, 2), ["matmul", "bias_add", "sigmoid"]);
+    assert_eq!(ops_of(&g, &plan, 3), ["matmul", "bias_add", "sigmoid"]);
     // Logits, cross-entropy, its gradient, the loss sum and the correct count in one kernel.
     let head = plan
         .kernels
@@ -98,7 +94,7 @@ fn lenet_step_fuses_into_few_kernels_by_the_rules() {
         .map(|(_, n)| n.op.name())
         .collect();
     assert!(
-        !stored_ops.contains(&"avg_pool2d_grad") && !stored_ops.contains(&"scale_u8"),
+        !stored_ops.contains(&"avg_pool2d_grad") && !stored_ops.contains(&"gather"),
         "{stored_ops:?}"
     );
     // No weight is updated before every kernel that reads its old value ran.
@@ -143,8 +139,8 @@ fn lenet_graphs_compile_to_valid_wgsl() {
 fn evaluation_graph_is_forward_kernels_plus_one_head() {
     let g = eval_graph(&lenet(), 96, 10_000);
     let plan = fuse(&g, &Target::portable()).unwrap();
-    assert_eq!(plan.kernels.len(), 5, "{}", describe(&g, &plan));
-    assert!(matches!(plan.kernels[4].kind, KernelKind::Head(_)));
+    assert_eq!(plan.kernels.len(), 6, "{}", describe(&g, &plan));
+    assert!(matches!(plan.kernels[5].kind, KernelKind::Head(_)));
 }
 
 #[test]
@@ -173,13 +169,13 @@ fn verifier_rejects_broken_plans() {
     let mut swapped = plan.clone();
     swapped.kernels.swap(0, 1);
     assert!(
-        err(&swapped).contains("before k00_avg_pool2d_l2 writes it"),
+        err(&swapped).contains("before k00_scale_u8 writes it"),
         "{}",
         err(&swapped)
     );
 
     let mut dropped = plan.clone();
-    let conv = dropped.kernels[0].nodes.remove(2);
+    let conv = dropped.kernels[1].nodes.remove(0);
     assert!(
         err(&dropped).contains(&format!("{conv} (conv2d) is computed by no kernel")),
         "{}",
@@ -187,19 +183,19 @@ fn verifier_rejects_broken_plans() {
     );
 
     // Moving an update between the kernels that read the parameter's old value: 7.weight is
-    // read by the forward kernel k02 and by the input-gradient kernel k07.
+    // read by the forward kernel k03 and by the input-gradient kernel k08.
     let mut early = plan.clone();
     let u = early
         .kernels
         .iter()
-        .position(|k| k.name == "k13_update_layer7")
+        .position(|k| k.name == "k14_update_layer7")
         .unwrap();
     let update = early.kernels.remove(u);
-    early.kernels.insert(7, update);
+    early.kernels.insert(8, update);
     let e = err(&early);
     assert!(
-        e.starts_with("plan for `lenet_step`: k07_reshape_l6 reads %")
-            && e.ends_with("after k13_update_layer7 updated it in place"),
+        e.starts_with("plan for `lenet_step`: k08_reshape_l6 reads %")
+            && e.ends_with("after k14_update_layer7 updated it in place"),
         "{e}"
     );
 
@@ -287,35 +283,35 @@ fn register_blocking_shares_the_operand_the_outputs_have_in_common() {
         (schedule_line(&m.wgsl).to_string(), m.dispatch)
     };
     // conv1 has 6 output channels, not a multiple of four: four images share each weight.
-    let (s, d) = schedule("k00_avg_pool2d_l2");
+    let (s, d) = schedule("k01_avg_pool2d_l2");
     assert!(s.contains("conv2d (axis 0)"), "{s}");
     assert_eq!(d, [256 * 6 * 14 * 14 / 4 / 64, 1, 1]);
     // conv2's 16 output channels share each input pixel, blocked through the flatten.
-    let (s, _) = schedule("k01_reshape_l6");
+    let (s, _) = schedule("k02_reshape_l6");
     assert!(
         s.contains("at stride 25") && s.contains("conv2d (axis 1)"),
         "{s}"
     );
     // fc1: four columns share a row of the input.
-    assert!(schedule("k02_sigmoid_l8").0.contains("matmul (axis 1)"));
+    assert!(schedule("k03_sigmoid_l8").0.contains("matmul (axis 1)"));
     assert!(
-        schedule("k09_conv2d_grad_input_l3")
+        schedule("k10_conv2d_grad_input_l3")
             .0
             .contains("conv2d_grad_input (axis 0)")
     );
     // The weight gradient of conv2: four output channels share the input pixel; the bias
     // update rides along in the same invocations.
-    let (s, d) = schedule("k12_update_layer3");
+    let (s, d) = schedule("k13_update_layer3");
     assert!(s.contains("conv2d_grad_weight (axis 0)"), "{s}");
     assert_eq!(d, [(16 * 6 * 5 * 5 / 4usize).div_ceil(64) as u32, 1, 1]);
     // The classifier head keeps its own schedule.
-    assert!(schedule("k04_classifier_head").0.contains("one workgroup"));
+    assert!(schedule("k05_classifier_head").0.contains("one workgroup"));
 
     // With no axis a multiple of four (batch 6, 6 channels) conv1 stays one output per
     // invocation; turning blocking off leaves no lane function anywhere.
     let g6 = step_graph(&lenet(), 6, 60);
     let m6 = emit_wgsl(&g6, &fuse(&g6, &t).unwrap(), &t).unwrap();
-    assert!(schedule_line(&m6[0].wgsl).contains("one invocation per element"));
+    assert!(schedule_line(&m6[1].wgsl).contains("one invocation per element"));
     let plain = Target {
         block_outputs: false,
         ..Target::portable()
@@ -323,4 +319,46 @@ fn register_blocking_shares_the_operand_the_outputs_have_in_common() {
     for m in emit_wgsl(&g, &fuse(&g, &plain).unwrap(), &plain).unwrap() {
         assert!(!m.wgsl.contains("vec4<f32>("), "{}", m.name);
     }
+}
+
+#[test]
+fn kernel_costs_count_the_useful_work_and_compulsory_traffic() {
+    use kiln_compiler::kernel_cost;
+    let t = Target::portable();
+    let g = step_graph(&lenet(), 256, 60_000);
+    let plan = fuse(&g, &t).unwrap();
+    let cost = |name: &str| {
+        let k = plan.kernels.iter().find(|k| k.name == name).unwrap();
+        kernel_cost(&g, &plan, k)
+    };
+    // conv1: 256*6*28*28 outputs of 25 multiply-adds, then bias, sigmoid, 2x2 average pool.
+    let c = cost("k01_avg_pool2d_l2");
+    let conv = 2 * 256 * 6 * 28 * 28 * 25;
+    let elementwise = 2 * 256 * 6 * 28 * 28 + 256 * 6 * 14 * 14 * 4;
+    assert_eq!(c.flops, conv + elementwise);
+    // Reads the scaled f32 batch and the weights; writes the saved sigmoid and the pooled
+    // output.
+    let reads = 4 * 256 * 784 + 608 + 32;
+    let writes = 4 * (256 * 6 * 28 * 28 + 256 * 6 * 14 * 14);
+    assert_eq!(c.bytes, reads + writes);
+    // conv2's weight gradient: every dy element meets the 6*5*5 weights of its channel.
+    let c = cost("k13_update_layer3");
+    assert!(c.flops >= 2 * 256 * 16 * 10 * 10 * 150, "{c:?}");
+    // fc1 forward: 256x400 times 400x120.
+    assert_eq!(
+        cost("k03_sigmoid_l8").flops,
+        2 * 256 * 120 * 400 + 2 * 256 * 120
+    );
+}
+
+#[test]
+fn the_scaled_batch_is_read_from_the_data_set_only_a_batch_at_a_time() {
+    use kiln_compiler::kernel_cost;
+    let t = Target::portable();
+    let g = step_graph(&lenet(), 256, 60_000);
+    let plan = fuse(&g, &t).unwrap();
+    let c = kernel_cost(&g, &plan, &plan.kernels[0]);
+    // 256 gathered images of u8 pixels and their indices in, the f32 batch out.
+    assert_eq!(c.bytes, 256 * 784 + 256 * 4 + 4 * 256 * 784);
+    assert_eq!(c.flops, 256 * 784);
 }

@@ -78,9 +78,11 @@ impl Gpu {
         let info = adapter.get_info();
         let limits = adapter.limits();
         let name = info.name.clone();
+        // Timestamp queries let `--profile` time kernels on the device's clock; optional.
+        let features = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("kiln"),
-            required_features: wgpu::Features::empty(),
+            required_features: features,
             required_limits: limits.clone(),
             ..Default::default()
         }))

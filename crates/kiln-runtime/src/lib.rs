@@ -9,6 +9,8 @@ mod trainer;
 
 pub use gpu::{Gpu, RuntimeError, target_for};
 pub use infer::{Inference, infer};
-pub use program::{Program, check_limits, download, tensor_bytes, tensor_from_bytes, upload};
+pub use program::{
+    KernelTiming, Profile, Program, check_limits, download, tensor_bytes, tensor_from_bytes, upload,
+};
 pub use run::{GraphRun, run_graph, run_graph_on};
 pub use trainer::GpuTrainer;

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use kiln_compiler::{BufferKind, Compiled};
+use std::time::Duration;
+
+use kiln_compiler::{BufferKind, Compiled, kernel_cost};
 use kiln_ir::{DType, TensorType};
 use kiln_reference::{Data, Tensor};
 
@@ -212,17 +214,116 @@ impl Program {
         pass.dispatch_workgroups(m.dispatch[0], m.dispatch[1], m.dispatch[2]);
     }
 
-    /// Wall time of each kernel, measured by running it alone `reps` times in one submission
-    /// after a warm-up run (which also pays any JIT compilation). Kernels run on whatever the
-    /// buffers hold; only their time is of interest.
-    pub fn profile(
+    /// Time of each kernel of one run of the program, with its FLOPs and bytes (see
+    /// [`kiln_compiler::KernelCost`]). With timestamp queries (when the adapter has them) every
+    /// kernel runs in its own pass between two timestamps, `reps` whole runs after a warm-up
+    /// run that pays any JIT compilation, and each kernel's median is kept. Without them each
+    /// kernel is timed on the host, alone, `reps` times in one submission. Kernels run on
+    /// whatever the buffers hold (updates included); only their time is of interest.
+    pub fn profile(&self, gpu: &Gpu, reps: usize) -> Result<Profile, RuntimeError> {
+        let reps = reps.max(1);
+        let times = if gpu
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+        {
+            self.time_with_timestamps(gpu, reps)?
+        } else {
+            self.time_isolated_submits(gpu, reps)?
+        };
+        gpu.check("profiling")?;
+        let c = &self.compiled;
+        let kernels = c
+            .plan
+            .kernels
+            .iter()
+            .zip(times.0)
+            .map(|(k, time)| {
+                let cost = kernel_cost(&c.graph, &c.plan, k);
+                KernelTiming {
+                    name: k.name.clone(),
+                    time,
+                    flops: cost.flops,
+                    bytes: cost.bytes,
+                }
+            })
+            .collect();
+        Ok(Profile {
+            kernels,
+            method: times.1,
+        })
+    }
+
+    fn time_with_timestamps(
         &self,
         gpu: &Gpu,
         reps: usize,
-    ) -> Result<Vec<(String, std::time::Duration)>, RuntimeError> {
+    ) -> Result<(Vec<Duration>, String), RuntimeError> {
+        let kernels = self.compiled.modules.len();
+        let queries = 2 * kernels as u32;
+        let set = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("kiln profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: queries,
+        });
+        let bytes = queries as u64 * 8;
+        let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kiln profile resolve"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let period = gpu.queue.get_timestamp_period() as f64;
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); kernels];
+        for rep in 0..=reps {
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            for k in 0..kernels {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: None,
+                    timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &set,
+                        beginning_of_pass_write_index: Some(2 * k as u32),
+                        end_of_pass_write_index: Some(2 * k as u32 + 1),
+                    }),
+                });
+                self.record_kernel(&mut pass, k);
+            }
+            enc.resolve_query_set(&set, 0..queries, &resolve, 0);
+            gpu.queue.submit([enc.finish()]);
+            let raw = download(gpu, &resolve, 0, bytes, "profile timestamps")?;
+            if rep == 0 {
+                continue; // the warm-up run pays the JIT
+            }
+            let ticks: Vec<u64> = raw
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect();
+            for (k, s) in samples.iter_mut().enumerate() {
+                let ns = ticks[2 * k + 1].saturating_sub(ticks[2 * k]) as f64 * period;
+                s.push(ns);
+            }
+        }
+        let times = samples
+            .into_iter()
+            .map(|mut s| {
+                s.sort_by(f64::total_cmp);
+                Duration::from_nanos(s[s.len() / 2] as u64)
+            })
+            .collect();
+        Ok((
+            times,
+            format!("GPU timestamp queries, median of {reps} runs of the whole program"),
+        ))
+    }
+
+    fn time_isolated_submits(
+        &self,
+        gpu: &Gpu,
+        reps: usize,
+    ) -> Result<(Vec<Duration>, String), RuntimeError> {
         let mut out = Vec::new();
-        for (k, m) in self.compiled.modules.iter().enumerate() {
-            for (round, n) in [(0, 1), (1, reps.max(1))] {
+        for k in 0..self.compiled.modules.len() {
+            for (round, n) in [(0, 1), (1, reps)] {
                 let mut enc = gpu.device.create_command_encoder(&Default::default());
                 {
                     let mut pass = enc.begin_compute_pass(&Default::default());
@@ -234,12 +335,16 @@ impl Program {
                 gpu.queue.submit([enc.finish()]);
                 gpu.wait()?;
                 if round == 1 {
-                    out.push((m.name.clone(), start.elapsed() / n as u32));
+                    out.push(start.elapsed() / n as u32);
                 }
             }
         }
-        gpu.check("profiling")?;
-        Ok(out)
+        Ok((
+            out,
+            format!(
+                "host clock, each kernel alone {reps} times in one submission (no timestamp queries)"
+            ),
+        ))
     }
 
     /// Records every kernel, in plan order, into `pass`.
@@ -254,6 +359,29 @@ impl Program {
             pass.set_bind_group(0, bg, &[]);
             pass.dispatch_workgroups(m.dispatch[0], m.dispatch[1], m.dispatch[2]);
         }
+    }
+}
+
+/// One kernel's line of a profile.
+#[derive(Clone, Debug)]
+pub struct KernelTiming {
+    pub name: String,
+    pub time: Duration,
+    /// Useful floating-point operations and compulsory bytes (see `kiln_compiler::KernelCost`).
+    pub flops: u64,
+    pub bytes: u64,
+}
+
+/// Per-kernel times of one program run, and how they were taken.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    pub kernels: Vec<KernelTiming>,
+    pub method: String,
+}
+
+impl Profile {
+    pub fn total(&self) -> Duration {
+        self.kernels.iter().map(|k| k.time).sum()
     }
 }
 

@@ -21,7 +21,9 @@ use kiln_reference::Tensor;
 use kiln_train::{Stats, batch_ranges, epoch_order, init_params};
 
 use crate::gpu::{Gpu, RuntimeError};
-use crate::program::{Program, download, map_read, tensor_bytes, tensor_from_bytes, upload};
+use crate::program::{
+    Profile, Program, download, map_read, tensor_bytes, tensor_from_bytes, upload,
+};
 
 /// Steps recorded into one command buffer.
 const STEPS_PER_SUBMIT: usize = 16;
@@ -181,12 +183,9 @@ impl<'g> GpuTrainer<'g> {
             .unwrap_or(0)
     }
 
-    /// Per-kernel wall time of the full-batch training step (see [`Program::profile`]). This
+    /// Per-kernel time of the full-batch training step (see [`Program::profile`]). This
     /// runs the update kernels, so the parameters change; profile instead of training.
-    pub fn profile_step(
-        &self,
-        reps: usize,
-    ) -> Result<Vec<(String, std::time::Duration)>, RuntimeError> {
+    pub fn profile_step(&self, reps: usize) -> Result<Profile, RuntimeError> {
         let program = self
             .train
             .programs

@@ -19,6 +19,8 @@ use kiln::ir::{self, DType, TensorType, thousands};
 use kiln::runtime::{Gpu, GpuTrainer, RuntimeError};
 use kiln::train::{CpuTrainer, Stats, epoch_order};
 
+mod plot;
+
 /// Built-in variants of LeNet from the d2l chapter's exercises; all train through the same
 /// compiler path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -125,10 +127,15 @@ struct Args {
     /// Test-set indices for --activations (default: the first pullover and the first coat).
     #[arg(long, value_delimiter = ',')]
     activation_images: Vec<usize>,
-    /// Time each kernel of the training step on the device (isolated submits, after a warm-up
-    /// that pays the shader JIT) and print a table instead of training.
+    /// Time each kernel of the training step on the device (timestamp queries where the
+    /// adapter has them, isolated submits otherwise; after a warm-up that pays the shader JIT)
+    /// and print a table with FLOPs, bytes and rates instead of training.
     #[arg(long)]
     profile: bool,
+    /// Draw d2l's training chart (loss, train acc, test acc per epoch) to PATH, SVG or PNG by
+    /// extension; rewritten after every epoch so a long run can be watched.
+    #[arg(long, value_name = "PATH")]
+    plot: Option<PathBuf>,
     /// Train on kiln's CPU reference executor instead of the GPU (slow; for comparisons).
     #[arg(long)]
     reference: bool,
@@ -148,6 +155,45 @@ impl std::fmt::Display for Interrupted {
 }
 
 impl std::error::Error for Interrupted {}
+
+/// The `--profile` table: time, share, useful work and traffic of each kernel of the step.
+fn profile_table(profile: &kiln::runtime::Profile, batch: usize) -> String {
+    use std::fmt::Write as _;
+    let total = profile.total().as_secs_f64();
+    let mut s = format!("timing: {}\n", profile.method);
+    let _ = writeln!(
+        s,
+        "{:<26} {:>9} {:>6} {:>9} {:>8} {:>8} {:>7}",
+        "kernel", "ms/step", "share", "MFLOP", "MB", "GFLOP/s", "GB/s"
+    );
+    for k in &profile.kernels {
+        let sec = k.time.as_secs_f64();
+        let _ = writeln!(
+            s,
+            "{:<26} {:>9.2} {:>5.1}% {:>9.1} {:>8.2} {:>8.2} {:>7.2}",
+            k.name,
+            sec * 1e3,
+            100.0 * sec / total,
+            k.flops as f64 / 1e6,
+            k.bytes as f64 / 1e6,
+            k.flops as f64 / sec / 1e9,
+            k.bytes as f64 / sec / 1e9
+        );
+    }
+    let flops: u64 = profile.kernels.iter().map(|k| k.flops).sum();
+    let _ = writeln!(
+        s,
+        "{:<26} {:>9.2} {:>6} {:>9.1} {:>8} {:>8.2}   ({:.0} examples/s at batch {batch} if nothing else ran)",
+        "total",
+        total * 1e3,
+        "",
+        flops as f64 / 1e6,
+        "",
+        flops as f64 / total / 1e9,
+        batch as f64 / total
+    );
+    s
+}
 
 fn main() -> ExitCode {
     match run(Args::parse()) {
@@ -221,6 +267,9 @@ fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
 }
 
 fn run(args: Args) -> Result<()> {
+    if let Some(path) = &args.plot {
+        plot::check_path(path)?;
+    }
     let model: ir::Model = match &args.model {
         Some(path) => ir::parse_file(path)?.into(),
         None => args.variant.model().into(),
@@ -345,7 +394,7 @@ fn run(args: Args) -> Result<()> {
         Ok(())
     };
     let shuffle = !args.no_shuffle;
-    let mut epochs = Epochs::new(args.epochs);
+    let mut epochs = Epochs::new(args.epochs, args.plot.clone());
     if args.reference {
         println!("device: kiln's CPU reference executor (--reference; correct, but slow)");
         let mut trainer = CpuTrainer::new(model.clone(), [1, side, side], args.lr, args.seed)?;
@@ -361,7 +410,7 @@ fn run(args: Args) -> Result<()> {
             let elapsed = start.elapsed();
             bar.finish_and_clear();
             let eval = trainer.evaluate(&test, batch)?;
-            epochs.report(epoch, &stats, &eval, elapsed);
+            epochs.report(epoch, &stats, &eval, elapsed)?;
             save(epoch, &trainer.params, &stats, &eval)?;
         }
         epochs.summary("the CPU reference executor");
@@ -419,22 +468,8 @@ fn run(args: Args) -> Result<()> {
         compile_start.elapsed().as_secs_f64() * 1e3
     );
     if args.profile {
-        let times = trainer.profile_step(5)?;
-        let total: f64 = times.iter().map(|(_, d)| d.as_secs_f64()).sum();
-        println!("{:<28} {:>10} {:>7}", "kernel", "ms/step", "share");
-        for (name, d) in &times {
-            let ms = d.as_secs_f64() * 1e3;
-            println!(
-                "{name:<28} {ms:>10.2} {:>6.1}%",
-                100.0 * d.as_secs_f64() / total
-            );
-        }
-        println!(
-            "{:<28} {:>10.2}  ({:.0} examples/sec at batch {batch} if nothing else ran)",
-            "total",
-            total * 1e3,
-            batch as f64 / total
-        );
+        let profile = trainer.profile_step(5)?;
+        print!("{}", profile_table(&profile, batch));
         return Ok(());
     }
     for epoch in 0..args.epochs {
@@ -469,7 +504,7 @@ fn run(args: Args) -> Result<()> {
         let elapsed = start.elapsed();
         bar.finish_and_clear();
         let eval = trainer.evaluate()?;
-        epochs.report(epoch, &stats, &eval, elapsed);
+        epochs.report(epoch, &stats, &eval, elapsed)?;
         if args.save.is_some() {
             save(epoch, &trainer.params()?, &stats, &eval)?;
         }
@@ -484,15 +519,20 @@ struct Epochs {
     train_time: Duration,
     examples: usize,
     last: Option<(Stats, Stats)>,
+    /// `--plot`: where the chart goes, and its points so far.
+    plot: Option<PathBuf>,
+    history: Vec<plot::EpochPoint>,
 }
 
 impl Epochs {
-    fn new(total: usize) -> Self {
+    fn new(total: usize, plot: Option<PathBuf>) -> Self {
         Epochs {
             total,
             train_time: Duration::ZERO,
             examples: 0,
             last: None,
+            plot,
+            history: Vec::new(),
         }
     }
 
@@ -514,7 +554,13 @@ impl Epochs {
         bar.set_message(format!("loss {:.3}, {rate:.0} ex/s", s.loss()));
     }
 
-    fn report(&mut self, epoch: usize, stats: &Stats, eval: &Stats, elapsed: Duration) {
+    fn report(
+        &mut self,
+        epoch: usize,
+        stats: &Stats,
+        eval: &Stats,
+        elapsed: Duration,
+    ) -> Result<()> {
         self.train_time += elapsed;
         self.examples += stats.examples;
         println!(
@@ -526,6 +572,15 @@ impl Epochs {
             thousands((stats.examples as f64 / elapsed.as_secs_f64()) as usize)
         );
         self.last = Some((*stats, *eval));
+        self.history.push(plot::EpochPoint {
+            loss: stats.loss(),
+            train_acc: stats.accuracy(),
+            test_acc: eval.accuracy(),
+        });
+        if let Some(path) = &self.plot {
+            plot::write(path, self.total, &self.history)?;
+        }
+        Ok(())
     }
 
     fn summary(&self, device: &str) {
