@@ -154,13 +154,13 @@ fn emit_wgsl_prints_or_writes_one_module_per_kernel() {
     let o = run(&["--emit", "wgsl", "--batch-size", "96"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert_eq!(out.matches("// kiln kernel ").count(), 21);
+    assert_eq!(out.matches("// kiln kernel ").count(), 23);
     assert!(out.contains("// dispatch: "), "{out}");
     let dir = tempfile_dir("wgsl");
     let o = run(&["--emit", "wgsl", "--emit-dir", dir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stdout(&o).starts_with("wrote 21 WGSL files to"),
+        stdout(&o).starts_with("wrote 23 WGSL files to"),
         "{}",
         stdout(&o)
     );
@@ -169,13 +169,13 @@ fn emit_wgsl_prints_or_writes_one_module_per_kernel() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    assert_eq!(names.len(), 21, "{names:?}");
+    assert_eq!(names.len(), 23, "{names:?}");
     assert!(
-        names.contains(&"lenet_step_k00_avg_pool2d_l2.wgsl".to_string()),
+        names.contains(&"lenet_step_k01_avg_pool2d_l2.wgsl".to_string()),
         "{names:?}"
     );
-    let text = std::fs::read_to_string(dir.join("lenet_step_k00_avg_pool2d_l2.wgsl")).unwrap();
-    kiln::compiler::validate_wgsl("k00", &text).unwrap();
+    let text = std::fs::read_to_string(dir.join("lenet_step_k01_avg_pool2d_l2.wgsl")).unwrap();
+    kiln::compiler::validate_wgsl("k01", &text).unwrap();
     let o = run(&["--emit-dir", dir.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "--emit-dir needs --emit");
 }

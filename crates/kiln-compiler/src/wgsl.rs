@@ -311,6 +311,45 @@ pub(crate) fn body_with(graph: &Graph, id: NodeId, inputs: &[String], value: &st
         } => {
             let [_, o, oh, ow] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
             let [_, c, kh, kw] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
+            if *stride == [1, 1] {
+                // Stride 1: the taps that land inside dy form one range per axis; loop over
+                // exactly it instead of testing every tap (the tests were most of the loop).
+                return format!(
+                    "{}    var acc = {zero};
+    let ky_lo = u32(max(i32(h) + {PY} - {OH1}, 0i));
+    let ky_end = u32(min(i32(h) + {PY} + 1i, {KHi}));
+    let kx_lo = u32(max(i32(w) + {PX} - {OW1}, 0i));
+    let kx_end = u32(min(i32(w) + {PX} + 1i, {KWi}));
+    for (var o = 0u; o < {O}; o++) {{
+        for (var ky = ky_lo; ky < ky_end; ky++) {{
+            let oy = h + {PYu} - ky;
+            for (var kx = kx_lo; kx < kx_end; kx++) {{
+                let ox = w + {PXu} - kx;
+                acc += {dy}(((n * {O} + o) * {OH} + oy) * {OW} + ox) * {wt}(((o * {C} + c) * {KH} + ky) * {KW} + kx);
+            }}
+        }}
+    }}
+    return acc;
+",
+                    decode(&["n", "c", "h", "w"], out),
+                    O = u(o),
+                    OH = u(oh),
+                    OW = u(ow),
+                    OH1 = i(oh - 1),
+                    OW1 = i(ow - 1),
+                    C = u(c),
+                    KH = u(kh),
+                    KW = u(kw),
+                    KHi = i(kh),
+                    KWi = i(kw),
+                    PY = i(padding[0]),
+                    PX = i(padding[1]),
+                    PYu = u(padding[0]),
+                    PXu = u(padding[1]),
+                    dy = x(0),
+                    wt = x(1),
+                );
+            }
             format!(
                 "{}    var acc = {zero};
     for (var o = 0u; o < {O}; o++) {{
