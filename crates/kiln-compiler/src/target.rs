@@ -29,6 +29,10 @@ pub struct Target {
     /// lavapipe by about 2x; a broadcast read through the constant cache on GPUs).
     pub max_uniform_buffer_binding_size: u64,
     pub max_uniform_buffers_per_stage: u32,
+    /// Invocations per subgroup (SIMD width) the adapter reports, when it does: lavapipe runs
+    /// 8 invocations per AVX2 lane group. Shown in each module's header; the schedules do not
+    /// depend on it yet.
+    pub subgroup_size: Option<u32>,
     /// Compute four outputs per invocation where a kernel's reductions can share operand
     /// loads between them (see the blocking module). Off only to compare the two schedules.
     pub block_outputs: bool,
@@ -47,6 +51,7 @@ impl Target {
             min_storage_buffer_offset_alignment: 256,
             max_uniform_buffer_binding_size: 64 << 10,
             max_uniform_buffers_per_stage: 12,
+            subgroup_size: None,
             block_outputs: true,
         }
     }
@@ -65,6 +70,10 @@ impl Target {
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({:?})", self.name, self.class)
+        write!(f, "{} ({:?}", self.name, self.class)?;
+        if let Some(n) = self.subgroup_size {
+            write!(f, ", subgroups of {n}")?;
+        }
+        write!(f, ")")
     }
 }
