@@ -111,7 +111,7 @@ pub(crate) fn u(n: usize) -> String {
     format!("{n}u")
 }
 
-fn i(n: usize) -> String {
+pub(crate) fn i(n: usize) -> String {
     format!("{n}i")
 }
 
@@ -120,7 +120,7 @@ pub(crate) fn v(id: NodeId) -> String {
 }
 
 /// `let` statements decoding flat index `i` into named coordinates of `shape`.
-fn decode(names: &[&str], shape: &[usize]) -> String {
+pub(crate) fn decode(names: &[&str], shape: &[usize]) -> String {
     let mut s = String::new();
     let mut stride = 1usize;
     let mut parts = Vec::new();
@@ -831,8 +831,19 @@ pub fn emit_kernel(
                 .iter()
                 .all(|r| *r == main || graph.ty(*r).numel() <= quads);
             if others_fit {
-                blocking::choose(graph, plan, kernel, main, &binding_of, &uniform)
-                    .map(|(b, f)| (main, b, f))
+                blocking::choose(graph, plan, kernel, main, &binding_of, &uniform).map(
+                    |(b, mut fns)| {
+                        // Rows too, when the other roots still fit in the fewer invocations.
+                        let rows = fns.rows_for(main, b.stride).filter(|r| {
+                            let n = graph.ty(main).numel() / (LANES * r.count);
+                            roots
+                                .iter()
+                                .all(|x| *x == main || graph.ty(*x).numel() <= n)
+                        });
+                        let rows = rows.map(|r| (r, fns.rows_fn(main, b.stride, r)));
+                        (main, b, fns, rows)
+                    },
+                )
             } else {
                 None
             }
@@ -852,15 +863,18 @@ pub fn emit_kernel(
                 .collect::<Vec<_>>()
                 .join(" and ");
             let (numel, schedule) = match &blocking {
-                Some((main, b, fns)) => (
-                    numel / LANES as u32,
-                    format!(
-                        "{LANES} elements of {main} per invocation, at stride {} ({} invocations; blocked: {})",
-                        b.stride,
-                        numel / LANES as u32,
-                        fns.blocked.join(", ")
-                    ),
-                ),
+                Some((main, b, fns, rows)) => {
+                    let per = LANES * rows.as_ref().map_or(1, |(r, _)| r.count);
+                    let n = numel / per as u32;
+                    (
+                        n,
+                        format!(
+                            "{per} elements of {main} per invocation, lanes at stride {} ({n} invocations; blocked: {})",
+                            b.stride,
+                            fns.blocked.join(", ")
+                        ),
+                    )
+                }
                 None => (
                     numel,
                     format!("one invocation per element of {root} ({numel} invocations)"),
@@ -960,19 +974,31 @@ pub fn emit_kernel(
     s.push('\n');
     match &kernel.kind {
         KernelKind::Map { roots } if blocking.is_some() => {
-            let (main, b, fns) = blocking.as_ref().expect("blocked");
+            let (main, b, fns, rows) = blocking.as_ref().expect("blocked");
             s.push_str(&fns.text);
             s.push('\n');
-            s.push_str(&blocked_main(
-                graph,
-                plan,
-                roots,
-                *main,
-                *b,
-                workgroup_size,
-                dispatch,
-                &binding_of,
-            ));
+            s.push_str(&match rows {
+                Some((r, rows_fn)) => rows_main(
+                    graph,
+                    plan,
+                    roots,
+                    *main,
+                    (b.stride, *r, rows_fn),
+                    workgroup_size,
+                    dispatch,
+                    &binding_of,
+                ),
+                None => blocked_main(
+                    graph,
+                    plan,
+                    roots,
+                    *main,
+                    *b,
+                    workgroup_size,
+                    dispatch,
+                    &binding_of,
+                ),
+            });
         }
         KernelKind::Map { roots } => {
             let mut body = String::new();
@@ -1079,6 +1105,82 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
 ",
         u(dispatch[0] as usize * workgroup_size as usize),
         u(quads),
+    )
+}
+
+/// The entry point of a kernel blocked in lanes and rows: invocation `j` is a point of the
+/// reduction's shape with the lanes' axis divided by four and the rows' axis by the row count.
+#[allow(clippy::too_many_arguments)]
+fn rows_main(
+    graph: &Graph,
+    plan: &Plan,
+    roots: &[NodeId],
+    main: NodeId,
+    (lane_stride, rows, rows_fn): (usize, blocking::Rows, &String),
+    workgroup_size: u32,
+    dispatch: [u32; 3],
+    binding_of: &dyn Fn(usize) -> u32,
+) -> String {
+    let slot = |r: NodeId| binding_of(plan.buffer_of[r.0].expect("roots are stored"));
+    // The reduction's shape: the root has the same flat indices (reshapes at most between).
+    let shape = &graph.ty(rows.reduction).shape;
+    let st = strides(shape);
+    let mut grid = shape.clone();
+    grid[rows.lane_axis] /= LANES;
+    grid[rows.row_axis] /= rows.count;
+    let names: Vec<String> = (0..shape.len()).map(|d| format!("g{d}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let invocations: usize = grid.iter().product();
+    let terms: Vec<String> = (0..shape.len())
+        .map(|d| {
+            let step = if d == rows.lane_axis {
+                LANES
+            } else if d == rows.row_axis {
+                rows.count
+            } else {
+                1
+            };
+            format!("g{d} * {}", u(step * st[d]))
+        })
+        .collect();
+    let mut body = decode(&refs, &grid)
+        .replace("= i / ", "= j / ")
+        .replace("= i % ", "= j % ")
+        .replace("= (i / ", "= (j / ");
+    let _ = writeln!(body, "    let i = {};", terms.join(" + "));
+    let _ = writeln!(body, "    let rows = {rows_fn}(i);");
+    let t = st[rows.row_axis];
+    for q in 0..rows.count {
+        for (k, lane) in ["x", "y", "z", "w"].iter().enumerate() {
+            let off = q * t + k * lane_stride;
+            let at = if off == 0 {
+                "i".to_string()
+            } else {
+                format!("i + {}", u(off))
+            };
+            let _ = writeln!(body, "    buf{}[{at}] = rows[{q}].{lane};", slot(main));
+        }
+    }
+    for &r in roots.iter().filter(|&&r| r != main) {
+        let _ = writeln!(
+            body,
+            "    if (j < {}) {{\n        buf{}[j] = {}(j);\n    }}",
+            u(graph.ty(r).numel()),
+            slot(r),
+            v(r)
+        );
+    }
+    format!(
+        "@compute @workgroup_size({workgroup_size})
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
+    let j = gid.x + gid.y * {};
+    if (j >= {}) {{
+        return;
+    }}
+{body}}}
+",
+        u(dispatch[0] as usize * workgroup_size as usize),
+        u(invocations),
     )
 }
 

@@ -289,21 +289,34 @@ fn register_blocking_shares_the_operand_the_outputs_have_in_common() {
     // conv2's 16 output channels share each input pixel, blocked through the flatten.
     let (s, _) = schedule("k02_reshape_l6");
     assert!(
-        s.contains("at stride 25") && s.contains("conv2d (axis 1)"),
+        s.contains("lanes at stride 25") && s.contains("conv2d (axis 1)"),
         "{s}"
     );
-    // fc1: four columns share a row of the input.
-    assert!(schedule("k03_sigmoid_l8").0.contains("matmul (axis 1)"));
+    // fc1: four columns share each row's input, eight rows share each column block of the
+    // weights; bias and sigmoid follow per row.
+    let (s, d) = schedule("k03_sigmoid_l8");
     assert!(
-        schedule("k10_conv2d_grad_input_l3")
-            .0
-            .contains("conv2d_grad_input (axis 0)")
+        s.contains("32 elements of") && s.contains("matmul (4 lanes on axis 1 x 8 rows on axis 0)"),
+        "{s}"
     );
-    // The weight gradient of conv2: four output channels share the input pixel; the bias
-    // update rides along in the same invocations.
+    assert_eq!(d, [(256 * 120 / 32usize).div_ceil(64) as u32, 1, 1]);
+    // conv2's input gradient: four images share each weight, six input channels share each
+    // dy load.
+    let s = schedule("k10_conv2d_grad_input_l3").0;
+    assert!(
+        s.contains("conv2d_grad_input (4 lanes on axis 0 x 6 rows on axis 1)"),
+        "{s}"
+    );
+    // conv2's weight gradient: four output channels share each input pixel, the five kernel
+    // columns share each dy load; the bias update rides along in the same invocations.
     let (s, d) = schedule("k13_update_layer3");
-    assert!(s.contains("conv2d_grad_weight (axis 0)"), "{s}");
-    assert_eq!(d, [(16 * 6 * 5 * 5 / 4usize).div_ceil(64) as u32, 1, 1]);
+    assert!(
+        s.contains("conv2d_grad_weight (4 lanes on axis 0 x 5 rows on axis 3)"),
+        "{s}"
+    );
+    assert_eq!(d, [(16 * 6 * 5 * 5 / 20usize).div_ceil(64) as u32, 1, 1]);
+    // Through a flatten: fc1's input gradient is stored as the [N,16,5,5] conv2 reads.
+    assert!(schedule("k08_reshape_l6").0.contains("x 8 rows on axis 0"));
     // The classifier head keeps its own schedule.
     assert!(schedule("k05_classifier_head").0.contains("one workgroup"));
 
