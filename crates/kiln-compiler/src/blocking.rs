@@ -16,14 +16,16 @@
 //! plain scalar call); any other op falls back to four scalar evaluations, which is always
 //! correct, so blocking never changes what a kernel computes, only how many loads it makes.
 //!
-//! Where the kernel's reduction reaches the root through elementwise ops and reshapes only, a
+//! Where the kernel's reduction reaches the root through elementwise ops and reshapes only
+//! (or through one pooling over images and channels, as in conv + bias + activation + pool), a
 //! second axis is blocked too ([`Rows`]): up to eight rows of four lanes per invocation, the
-//! rows sharing the lanes' operand (a matmul's rows share each column block of weights, a conv
-//! input gradient's channels and a weight gradient's kernel columns share each `dy` load). The
-//! reduction keeps one `vec4` accumulator per row and each row's epilogue runs on its own
-//! lanes. Measured on lavapipe (`--profile`, batch 256, same machine and hour): conv2's input
-//! gradient 295 -> 69 ms, its weight gradient 323 -> 151 ms, fc1 forward 62 -> 24 ms; the
-//! step 1,480 -> 830 ms.
+//! rows sharing the lanes' operand (a matmul's rows share each column block of weights, a
+//! convolution's channels share each pixel or its images each weight, a conv input gradient's
+//! channels and a weight gradient's kernel columns share each `dy` load). The reduction keeps
+//! one `vec4` accumulator per row and each row's epilogue runs on its own lanes. Measured on
+//! lavapipe (`--profile`, batch 256, same machine and hour, A/B against the lanes-only build):
+//! conv2's input gradient 295 -> 69 ms, its weight gradient 323 -> 151 ms, fc1 forward 62 ->
+//! 24 ms, conv1 forward 155 -> 41 ms; the whole step 1,480 -> 625 ms.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -339,10 +341,22 @@ pub fn choose<'a>(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rows {
     pub reduction: NodeId,
-    /// The lanes' axis and the rows' axis of the reduction's (and root's) shape.
+    /// A pooling between the reduction and the root (conv, bias, activation, pool): its
+    /// windows gather rows of the reduction at each tap. Lanes and rows are then on axes 0 and
+    /// 1 (images and channels), which pooling keeps.
+    pub pool: Option<NodeId>,
+    /// The lanes' axis and the rows' axis of the reduction's shape (and of the pool's output).
     pub lane_axis: usize,
     pub row_axis: usize,
     pub count: usize,
+}
+
+impl Rows {
+    /// The node whose flat index space the invocations enumerate: the pool's output, or the
+    /// reduction (the root has the same flat indices, reshapes at most between).
+    pub fn top(&self) -> NodeId {
+        self.pool.unwrap_or(self.reduction)
+    }
 }
 
 /// Most rows per invocation (accumulators: four lanes each).
@@ -361,64 +375,75 @@ fn passes_through(op: &Op) -> bool {
             | Op::Add
             | Op::Sub
             | Op::Scale { .. }
+            | Op::BiasAdd { .. }
+            | Op::Reshape { .. }
     )
 }
 
 impl LaneFns<'_> {
-    /// Whether `id`'s value depends on `reduction` through same-shape elementwise ops computed
-    /// in this kernel, none of them saved.
-    fn leads_to(&self, id: NodeId, reduction: NodeId) -> bool {
-        if id == reduction {
+    /// Whether `id`'s element `i` depends on element `i` of `target` through elementwise ops
+    /// and reshapes computed in this kernel.
+    fn leads_to(&self, id: NodeId, target: NodeId) -> bool {
+        if id == target {
             return true;
         }
         let node = self.graph.node(id);
         self.kernel.nodes.contains(&id)
-            && (passes_through(&node.op)
-                || matches!(node.op, Op::BiasAdd { .. } | Op::Reshape { .. }))
-            && !matches!(self.plan.placement[id.0], Placement::Side { .. })
-            && node.ty.numel() == self.graph.ty(reduction).numel()
-            && node.inputs.iter().any(|&n| self.leads_to(n, reduction))
+            && passes_through(&node.op)
+            && node.ty.numel() == self.graph.ty(target).numel()
+            && node.inputs.iter().any(|&n| self.leads_to(n, target))
     }
 
     /// The rows schedule for a kernel whose root is blocked at `lane_stride`, if one applies.
     pub fn rows_for(&self, root: NodeId, lane_stride: usize) -> Option<Rows> {
         let graph = self.graph;
-        for &red in &self.kernel.nodes {
-            let node = graph.node(red);
-            let shape = &node.ty.shape;
-            if !self.leads_to(root, red) {
-                continue;
-            }
+        let lane_axis_of = |id: NodeId| {
+            let shape = &graph.ty(id).shape;
             let st = strides(shape);
-            let Some(lane_axis) =
-                (0..shape.len()).find(|&a| st[a] == lane_stride && shape[a] % LANES == 0)
-            else {
-                continue;
-            };
+            (0..shape.len()).find(|&a| st[a] == lane_stride && shape[a] % LANES == 0)
+        };
+        for &red in &self.kernel.nodes {
             if red != root && self.kernel.stores.contains(&red) {
                 continue;
             }
-            // A bias on the path must be indexed by the lanes' axis (its lanes are then four
-            // consecutive biases, whatever the row).
-            let biases_fit = self.kernel.nodes.iter().all(|&n| match graph.node(n).op {
-                Op::BiasAdd { axis } => !self.leads_to(n, red) || axis == lane_axis,
-                _ => true,
-            });
-            if !biases_fit {
-                continue;
-            }
-            let row_axis = match (&node.op, lane_axis) {
-                (Op::Conv2dGradWeight { padding, .. }, 0) if *padding == [0, 0] => 3,
-                (Op::Conv2dGradInput { stride, .. }, 0) if *stride == [1, 1] => 1,
-                (Op::MatMul { .. }, 1) => 0,
+            // Directly below the root, or below one pooling that is.
+            let (pool, lane_axis) = if self.leads_to(root, red) {
+                match lane_axis_of(red) {
+                    Some(a) => (None, a),
+                    None => continue,
+                }
+            } else {
+                let pool = self.kernel.nodes.iter().copied().find(|&p| {
+                    matches!(
+                        graph.node(p).op,
+                        Op::AvgPool2d { .. } | Op::MaxPool2d { .. }
+                    ) && self.leads_to(root, p)
+                        && self.leads_to(graph.node(p).inputs[0], red)
+                        && (p == root || !self.kernel.stores.contains(&p))
+                });
+                match pool.and_then(|p| lane_axis_of(p).map(|a| (p, a))) {
+                    Some((p, a)) if a < 2 => (Some(p), a),
+                    _ => continue,
+                }
+            };
+            let shape = &graph.ty(red).shape;
+            let row_axis = match (&graph.node(red).op, lane_axis, pool) {
+                (Op::Conv2dGradWeight { padding, .. }, 0, None) if *padding == [0, 0] => 3,
+                (Op::Conv2dGradInput { stride, .. }, 0, None) if *stride == [1, 1] => 1,
+                (Op::MatMul { .. }, 1, None) => 0,
+                (Op::Conv2d { .. }, 1, _) => 0,
+                (Op::Conv2d { .. }, 0, _) => 1,
                 _ => continue,
             };
             let size = shape[row_axis];
-            let count = (1..=MAX_ROWS.min(size)).rev().find(|r| size % r == 0)?;
-            // Every node on the path is used once per row, with the lanes' stride.
+            let count = (1..=MAX_ROWS.min(size))
+                .rev()
+                .find(|r| size % r == 0)
+                .unwrap_or(1);
             if count > 1 {
                 return Some(Rows {
                     reduction: red,
+                    pool,
                     lane_axis,
                     row_axis,
                     count,
@@ -428,70 +453,115 @@ impl LaneFns<'_> {
         None
     }
 
-    /// `fn v<root>_rows(i) -> array<vec4<f32>, R>`: the root's lanes for rows `i + r * t`,
-    /// the reduction computed once for all rows. Returns the function's name.
-    pub fn rows_fn(&mut self, root: NodeId, lane_stride: usize, rows: Rows) -> String {
+    /// `fn v<n>_row(i, red)` for every node from `from` down to `to` (exclusive): the node's
+    /// four lanes at `i` given `red`, the lanes of `to` at `i`. Saved values store their
+    /// lanes as they are computed.
+    fn row_path(&mut self, from: NodeId, to: NodeId, lane_stride: usize, lane_axis: usize) {
         let graph = self.graph;
-        let red = rows.reduction;
-        let r = rows.count;
-        let t = strides(&graph.ty(red).shape)[rows.row_axis];
-        let arr = format!("array<vec4<f32>, {r}>");
-        let red_fn = self.reduction_rows(red, rows);
-        // The path from the root down to the reduction, each node taking the reduction's row.
-        let mut path = vec![root];
-        let mut at = root;
-        while at != red {
-            let next = *graph
+        let mut path = Vec::new();
+        let mut at = from;
+        while at != to {
+            path.push(at);
+            at = *graph
                 .node(at)
                 .inputs
                 .iter()
-                .find(|&&n| self.leads_to(n, red))
-                .expect("the path continues to the reduction");
-            path.push(next);
-            at = next;
+                .find(|&&n| self.leads_to(n, to))
+                .expect("the path continues down");
         }
-        for &n in path.iter().rev().skip(1) {
+        for &n in path.iter().rev() {
             let node = graph.node(n);
             let names: Vec<String> = node
                 .inputs
                 .iter()
                 .map(|&i| {
-                    if i == red {
+                    if i == to {
                         "ROW_OF_REDUCTION".to_string()
-                    } else if self.leads_to(i, red) {
+                    } else if self.leads_to(i, to) {
                         format!("v{}_row", i.0)
-                    } else if matches!(node.op, Op::BiasAdd { .. }) {
-                        self.request(i, 1)
+                    } else if let Op::BiasAdd { axis } = node.op {
+                        // Four consecutive biases along the lanes, or one shared by them.
+                        if axis == lane_axis {
+                            self.request(i, 1)
+                        } else {
+                            v(i)
+                        }
                     } else {
                         self.request(i, lane_stride)
                     }
                 })
                 .collect();
-            let body = body_with(graph, n, &names, "vec4<f32>")
+            let mut body = body_with(graph, n, &names, "vec4<f32>")
                 .replace("ROW_OF_REDUCTION(i)", "red")
                 .replace("_row(i)", "_row(i, red)");
+            let saved = matches!(self.plan.placement[n.0], Placement::Side { .. })
+                && self.kernel.stores.contains(&n);
+            if saved {
+                let slot =
+                    (self.binding_of)(self.plan.buffer_of[n.0].expect("stored nodes have buffers"));
+                let _ = writeln!(
+                    self.text,
+                    "fn value_of_v{}_row(i: u32, red: vec4<f32>) -> vec4<f32> {{\n{body}}}",
+                    n.0
+                );
+                body = format!("    let value = value_of_v{}_row(i, red);\n", n.0);
+                for (k, lane) in ["x", "y", "z", "w"].iter().enumerate() {
+                    let _ = writeln!(
+                        body,
+                        "    buf{slot}[{}] = value.{lane};",
+                        offset("i", k * lane_stride)
+                    );
+                }
+                body.push_str("    return value;\n");
+            }
             let _ = writeln!(
                 self.text,
                 "fn v{}_row(i: u32, red: vec4<f32>) -> vec4<f32> {{\n{body}}}",
                 n.0
             );
         }
+    }
+
+    /// `fn v<root>_rows(i) -> array<vec4<f32>, R>`: the root's lanes for each row, the
+    /// reduction computed once for all rows. Returns the function's name.
+    pub fn rows_fn(&mut self, root: NodeId, lane_stride: usize, rows: Rows) -> String {
+        let graph = self.graph;
+        let red = rows.reduction;
+        let r = rows.count;
+        let arr = format!("array<vec4<f32>, {r}>");
+        let red_strides = strides(&graph.ty(red).shape);
+        let red_lanes = red_strides[rows.lane_axis];
+        let red_fn = self.reduction_rows(red, rows);
+        let top_fn = match rows.pool {
+            None => red_fn,
+            Some(pool) => {
+                let input = graph.node(pool).inputs[0];
+                if input != red {
+                    self.row_path(input, red, red_lanes, rows.lane_axis);
+                }
+                self.pool_rows(pool, &red_fn, rows)
+            }
+        };
+        let top = rows.top();
+        if root != top {
+            self.row_path(root, top, lane_stride, rows.lane_axis);
+        }
+        let t = strides(&graph.ty(top).shape)[rows.row_axis];
         let per_row: Vec<String> = (0..r)
             .map(|k| {
-                if root == red {
-                    format!("red[{k}]")
+                if root == top {
+                    format!("top[{k}]")
                 } else {
-                    format!("v{}_row({}, red[{k}])", root.0, offset("i", k * t))
+                    format!("v{}_row({}, top[{k}])", root.0, offset("i", k * t))
                 }
             })
             .collect();
         let name = format!("v{}_rows", root.0);
         let _ = writeln!(
             self.text,
-            "fn {name}(i: u32) -> {arr} {{\n    let red = {red_fn}(i);\n    return {arr}({});\n}}",
+            "fn {name}(i: u32) -> {arr} {{\n    let top = {top_fn}(i);\n    return {arr}({});\n}}",
             per_row.join(", ")
         );
-        let work = reduction_length(graph, red);
         let label = format!("{red} ");
         self.blocked.retain(|b| !b.starts_with(&label));
         self.blocked.push(format!(
@@ -500,7 +570,86 @@ impl LaneFns<'_> {
             rows.lane_axis,
             rows.row_axis
         ));
-        self.blocked_work += work;
+        self.blocked_work += reduction_length(graph, red);
+        name
+    }
+
+    /// The rows of a pooling over the reduction's rows: each window tap evaluates the
+    /// reduction's rows once and the path above it per row.
+    fn pool_rows(&mut self, pool: NodeId, red_fn: &str, rows: Rows) -> String {
+        let graph = self.graph;
+        let node = graph.node(pool);
+        let input = node.inputs[0];
+        let (kernel, stride, max) = match node.op {
+            Op::AvgPool2d { kernel, stride } => (kernel, stride, false),
+            Op::MaxPool2d { kernel, stride } => (kernel, stride, true),
+            _ => unreachable!("rows_for picks pools only"),
+        };
+        let out = &node.ty.shape;
+        let [_, _, h, w] =
+            <[usize; 4]>::try_from(graph.ty(input).shape.as_slice()).expect("rank 4");
+        let in_t = strides(&graph.ty(input).shape)[rows.row_axis];
+        let r = rows.count;
+        let arr = format!("array<vec4<f32>, {r}>");
+        let mut s = crate::wgsl::decode(&["nc", "oy", "ox"], &[out[0] * out[1], out[2], out[3]]);
+        let _ = writeln!(
+            s,
+            "    let base = (nc * {} + oy * {}) * {} + ox * {};",
+            u(h),
+            u(stride[0]),
+            u(w),
+            u(stride[1])
+        );
+        let taps: Vec<(usize, usize)> = (0..kernel[0])
+            .flat_map(|ky| (0..kernel[1]).map(move |kx| (ky, kx)))
+            .collect();
+        for (k, (ky, kx)) in taps.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "    let at{k} = {};\n    let tap{k} = {red_fn}(at{k});",
+                offset("base", ky * w + kx)
+            );
+        }
+        let value = |k: usize, q: usize| {
+            if input == rows.reduction {
+                format!("tap{k}[{q}]")
+            } else {
+                format!(
+                    "v{}_row({}, tap{k}[{q}])",
+                    input.0,
+                    offset(&format!("at{k}"), q * in_t)
+                )
+            }
+        };
+        let mut results = Vec::new();
+        for q in 0..r {
+            if max {
+                let _ = writeln!(s, "    var best{q} = {};", value(0, q));
+                for k in 1..taps.len() {
+                    let _ = writeln!(
+                        s,
+                        "    let a{q}_{k} = {};\n    best{q} = select(best{q}, a{q}_{k}, !(best{q} != best{q}) & !(a{q}_{k} <= best{q}));",
+                        value(k, q)
+                    );
+                }
+                results.push(format!("best{q}"));
+            } else {
+                let terms: Vec<String> = (0..taps.len()).map(|k| value(k, q)).collect();
+                let _ = writeln!(
+                    s,
+                    "    let row{q} = ({}) / {};",
+                    terms.join(" + "),
+                    crate::wgsl::f32_lit(taps.len() as f32)
+                );
+                results.push(format!("row{q}"));
+            }
+        }
+        let name = format!("v{}_rows_of_pool", pool.0);
+        let _ = writeln!(
+            self.text,
+            "fn {name}(i: u32) -> {arr} {{\n{s}    return {arr}({});\n}}",
+            results.join(", ")
+        );
         name
     }
 
@@ -633,6 +782,61 @@ impl LaneFns<'_> {
 ",
                     crate::wgsl::decode(&["r", "c"], out),
                     K = u(k),
+                    adds = adds.join("\n"),
+                )
+            }
+            Op::Conv2d { stride, padding } => {
+                let [_, c, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
+                let [_, _, kh, kw] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
+                let (ty, iy) =
+                    crate::wgsl::tap("        ", "iy", "oy", "ky", stride[0], padding[0], h);
+                let (tx, ix) =
+                    crate::wgsl::tap("            ", "ix", "ox", "kx", stride[1], padding[1], w);
+                // Lanes over output channels share the pixel; rows over images share the
+                // weights (or the other way round).
+                let (lanes, per_row, step) = if rows.lane_axis == 1 {
+                    let wl = self.request(node.inputs[1], in_strides(1)[0]);
+                    (
+                        format!("{wl}(wi)"),
+                        v(node.inputs[0]),
+                        ("xi", in_strides(0)[0]),
+                    )
+                } else {
+                    let xl = self.request(node.inputs[0], in_strides(0)[0]);
+                    (
+                        format!("{xl}(xi)"),
+                        v(node.inputs[1]),
+                        ("wi", in_strides(1)[0]),
+                    )
+                };
+                let adds: Vec<String> = (0..r)
+                    .map(|q| {
+                        format!(
+                            "                acc{q} += {per_row}({}) * both;",
+                            offset(step.0, q * step.1)
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{}{s}    for (var c = 0u; c < {C}; c++) {{
+        for (var ky = 0u; ky < {KH}; ky++) {{
+{ty}
+            for (var kx = 0u; kx < {KW}; kx++) {{
+{tx}
+                let xi = ((n * {C} + c) * {H} + {iy}) * {W} + {ix};
+                let wi = ((o * {C} + c) * {KH} + ky) * {KW} + kx;
+                let both = {lanes};
+{adds}
+            }}
+        }}
+    }}
+",
+                    crate::wgsl::decode(&["n", "o", "oy", "ox"], out),
+                    C = u(c),
+                    H = u(h),
+                    W = u(w),
+                    KH = u(kh),
+                    KW = u(kw),
                     adds = adds.join("\n"),
                 )
             }

@@ -103,7 +103,7 @@ fn wgsl_type(d: DType) -> &'static str {
 }
 
 /// An f32 literal that round-trips exactly.
-fn f32_lit(x: f32) -> String {
+pub(crate) fn f32_lit(x: f32) -> String {
     format!("{x:?}f")
 }
 
@@ -153,7 +153,7 @@ pub(crate) fn strides(shape: &[usize]) -> Vec<usize> {
 /// a convolution tap, skipping taps that fall in the zero padding, and the u32 expression for
 /// the coordinate. Without padding every tap of a valid output lies inside the input: no check,
 /// and unsigned arithmetic the driver's compiler can vectorise.
-fn tap(
+pub(crate) fn tap(
     indent: &str,
     var: &str,
     outer: &str,
@@ -1122,8 +1122,8 @@ fn rows_main(
     binding_of: &dyn Fn(usize) -> u32,
 ) -> String {
     let slot = |r: NodeId| binding_of(plan.buffer_of[r.0].expect("roots are stored"));
-    // The reduction's shape: the root has the same flat indices (reshapes at most between).
-    let shape = &graph.ty(rows.reduction).shape;
+    // The top's shape: the root has the same flat indices (reshapes at most between).
+    let shape = &graph.ty(rows.top()).shape;
     let st = strides(shape);
     let mut grid = shape.clone();
     grid[rows.lane_axis] /= LANES;
