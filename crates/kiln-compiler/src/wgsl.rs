@@ -22,6 +22,10 @@ use crate::target::Target;
 const UNPACK_U8: &str = include_str!("../../../shaders/unpack_u8.wgsl");
 const WORKGROUP_SUM: &str = include_str!("../../../shaders/workgroup_sum.wgsl");
 
+/// Workgroups a map kernel should have at least, shrinking its workgroups (down to 8
+/// invocations) when it has few invocations.
+const MIN_WORKGROUPS: u32 = 8;
+
 /// Invocations of the classifier head's single workgroup (a power of two).
 const HEAD_WORKGROUP: u32 = 64;
 
@@ -879,6 +883,16 @@ pub fn emit_kernel(
                     numel,
                     format!("one invocation per element of {root} ({numel} invocations)"),
                 ),
+            };
+            // A kernel of few, long invocations (weight gradients summing over the whole
+            // batch) gets smaller workgroups, so that there are enough of them to keep every
+            // core or compute unit busy; never below 8 (lavapipe's SIMD width).
+            let wg = if numel < wg * MIN_WORKGROUPS {
+                // The largest power of two giving at least MIN_WORKGROUPS groups.
+                let most = (numel / MIN_WORKGROUPS).max(1);
+                (1u32 << (31 - most.leading_zeros())).clamp(8, wg)
+            } else {
+                wg
             };
             let groups = numel.div_ceil(wg).max(1);
             let gx = groups.min(target.max_workgroups_per_dimension);
