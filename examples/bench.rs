@@ -124,7 +124,7 @@ fn main() -> Result<()> {
     println!(
         "schedule: {}",
         if gpu.target.block_outputs {
-            "register-blocked (4 outputs per invocation where a reduction allows)"
+            "register-blocked (4 lanes x up to 8 rows of outputs per invocation where a reduction allows)"
         } else {
             "one output per invocation (--unblocked)"
         }

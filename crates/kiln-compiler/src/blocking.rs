@@ -25,7 +25,9 @@
 //! one `vec4` accumulator per row and each row's epilogue runs on its own lanes. Measured on
 //! lavapipe (`--profile`, batch 256, same machine and hour, A/B against the lanes-only build):
 //! conv2's input gradient 295 -> 69 ms, its weight gradient 323 -> 151 ms, fc1 forward 62 ->
-//! 24 ms, conv1 forward 155 -> 41 ms; the whole step 1,480 -> 625 ms.
+//! 24 ms, conv1 forward 155 -> 41 ms; the whole step 1,480 -> 625 ms. Under a pooling at
+//! most four rows: each row is evaluated once per window tap, and eight made the unrolled
+//! forward kernels cost lavapipe's JIT enough to push the cold start from 7 s to 11 s.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -436,7 +438,14 @@ impl LaneFns<'_> {
                 _ => continue,
             };
             let size = shape[row_axis];
-            let count = (1..=MAX_ROWS.min(size))
+            // Under a pooling every row is evaluated once per window tap: fewer rows keep the
+            // unrolled code (and the driver's JIT time at the first dispatch) in check.
+            let most = if pool.is_some() {
+                MAX_ROWS / 2
+            } else {
+                MAX_ROWS
+            };
+            let count = (1..=most.min(size))
                 .rev()
                 .find(|r| size % r == 0)
                 .unwrap_or(1);
