@@ -5,7 +5,7 @@
 //! pixel, four columns of a matmul share the row, four images share the weight — load it once
 //! per four multiply-adds and give the driver `vec4` arithmetic. On lavapipe, where every
 //! storage load is a bounds-checked per-lane gather, this is the largest single lever
-//! (`../shared/notes`: 10-20x for dense layers with wider blocks); on GPUs it is the usual
+//! (measured 10-20x for a dense layer with wider blocks); on GPUs it is the usual
 //! register tiling.
 //!
 //! A blocked kernel evaluates `v<id>_x4s<s>(i) -> vec4<f32>`: the elements `i`, `i + s`,
