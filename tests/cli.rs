@@ -225,8 +225,7 @@ fn data_dir() -> Option<String> {
 #[test]
 fn trains_on_the_gpu_and_reports_like_d2l() {
     let Some(data) = data_dir() else { return };
-    if kiln::runtime::Gpu::new().is_err() && std::env::var_os("KILN_REQUIRE_GPU").is_none() {
-        eprintln!("SKIPPED: no GPU adapter");
+    if no_gpu() {
         return;
     }
     let args = [
@@ -309,6 +308,15 @@ fn no_adapter_is_a_clear_error() {
     assert!(err.contains("error: no GPU adapter found"), "{err}");
     assert!(err.contains("mesa-vulkan-drivers"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// True (loudly) when there is no adapter and `KILN_REQUIRE_GPU` is unset: the test skips.
+fn no_gpu() -> bool {
+    let skip = kiln::runtime::Gpu::new().is_err() && std::env::var_os("KILN_REQUIRE_GPU").is_none();
+    if skip {
+        eprintln!("SKIPPED: no GPU adapter");
+    }
+    skip
 }
 
 fn tempfile_dir(tag: &str) -> PathBuf {
@@ -791,8 +799,7 @@ fn trains_a_model_given_as_ir_text() {
 #[test]
 fn profile_prints_each_kernels_time_work_and_rate() {
     let Some(data) = data_dir() else { return };
-    if kiln::runtime::Gpu::new().is_err() && std::env::var_os("KILN_REQUIRE_GPU").is_none() {
-        eprintln!("SKIPPED: no GPU adapter");
+    if no_gpu() {
         return;
     }
     let o = run(&[
@@ -836,8 +843,7 @@ fn plot_draws_the_three_curves_after_every_epoch_as_svg_or_png() {
         stderr(&o)
     );
     let Some(data) = data_dir() else { return };
-    if kiln::runtime::Gpu::new().is_err() && std::env::var_os("KILN_REQUIRE_GPU").is_none() {
-        eprintln!("SKIPPED: no GPU adapter");
+    if no_gpu() {
         return;
     }
     let dir = tempfile_dir("plot");
