@@ -40,8 +40,8 @@ struct Args {
     /// Skip the cold-start measurement (it JIT-compiles every shader from scratch).
     #[arg(long)]
     no_cold_start: bool,
-    /// Fashion-MNIST directory (throughput does not depend on the pixels: without the data
-    /// set, random images are used and the output says so).
+    /// Fashion-MNIST directory (throughput does not depend on the pixels: when the default
+    /// search finds no data set, random images are used and the output says so).
     #[arg(long)]
     data: Option<std::path::PathBuf>,
     /// Internal: run as the cold-start child (open the device, compile, one step, exit).
@@ -55,36 +55,40 @@ fn summary(mut xs: Vec<f64>) -> (f64, f64, f64) {
     (xs[xs.len() / 2], xs[0], xs[xs.len() - 1])
 }
 
-/// The data set (or random stand-ins of its shape) and where it came from.
-fn splits(dir: Option<&std::path::Path>) -> (Split, Split, String) {
-    match data::locate(dir).and_then(|d| data::load(&d).map(|f| (f, d))) {
-        Ok((f, d)) => (
-            f.train,
-            f.test,
-            format!("Fashion-MNIST from {}", d.display()),
-        ),
-        Err(_) => {
-            let random = |count: usize, seed: u64| {
-                let mut rng = Rng::new(seed, Stream::Init);
-                Split {
-                    count,
-                    rows: 28,
-                    cols: 28,
-                    images: (0..count * 784).map(|_| rng.below(256) as u8).collect(),
-                    labels: (0..count).map(|_| rng.below(10) as u8).collect(),
-                }
-            };
-            (
-                random(60_000, 1),
-                random(10_000, 2),
-                "random images (Fashion-MNIST not found; throughput is the same)".into(),
-            )
-        }
-    }
+/// The data set (or random stand-ins of its shape) and where it came from. A directory given
+/// with `--data` must hold the data set: only the default search falls back to random images.
+fn splits(dir: Option<&std::path::Path>) -> Result<(Split, Split, String)> {
+    Ok(
+        match data::locate(dir).and_then(|d| data::load(&d).map(|f| (f, d))) {
+            Ok((f, d)) => (
+                f.train,
+                f.test,
+                format!("Fashion-MNIST from {}", d.display()),
+            ),
+            Err(e) if dir.is_some() => return Err(e.into()),
+            Err(_) => {
+                let random = |count: usize, seed: u64| {
+                    let mut rng = Rng::new(seed, Stream::Init);
+                    Split {
+                        count,
+                        rows: 28,
+                        cols: 28,
+                        images: (0..count * 784).map(|_| rng.below(256) as u8).collect(),
+                        labels: (0..count).map(|_| rng.below(10) as u8).collect(),
+                    }
+                };
+                (
+                    random(60_000, 1),
+                    random(10_000, 2),
+                    "random images (Fashion-MNIST not found; throughput is the same)".into(),
+                )
+            }
+        },
+    )
 }
 
 fn cold_start_child(args: &Args) -> Result<()> {
-    let (train, test, _) = splits(args.data.as_deref());
+    let (train, test, _) = splits(args.data.as_deref())?;
     let gpu = Gpu::new()?;
     let batch = args.batch_size;
     let trainer = GpuTrainer::new(
@@ -149,7 +153,7 @@ fn main() -> Result<()> {
          10 runs), evaluation graph {eval_ms:.1} ms, autodiff {autodiff_ms:.1} ms"
     );
 
-    let (train, test, source) = splits(args.data.as_deref());
+    let (train, test, source) = splits(args.data.as_deref())?;
     println!("data: {source}");
     let train = train.truncated(batch * args.steps);
     let test = test.truncated(args.infer_examples);
