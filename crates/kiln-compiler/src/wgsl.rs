@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 
 use kiln_ir::{DType, Graph, NodeId, Op, TensorType};
 
-use crate::blocking::{self, Blocking, LANES, lane_fn};
+use crate::blocking::{self, LANES, LaneFns, lane_fn};
 use crate::plan::{Head, Kernel, KernelKind, Placement, Plan};
 use crate::report::node_label;
 use crate::target::Target;
@@ -125,16 +125,21 @@ pub(crate) fn v(id: NodeId) -> String {
 
 /// `let` statements decoding flat index `i` into named coordinates of `shape`.
 pub(crate) fn decode(names: &[&str], shape: &[usize]) -> String {
+    decode_from("i", names, shape)
+}
+
+/// [`decode`] of the flat index held in variable `var`.
+fn decode_from(var: &str, names: &[&str], shape: &[usize]) -> String {
     let mut s = String::new();
     let mut stride = 1usize;
     let mut parts = Vec::new();
     for d in (0..shape.len()).rev() {
         let expr = if d == 0 {
-            format!("i / {}", u(stride))
+            format!("{var} / {}", u(stride))
         } else if stride == 1 {
-            format!("i % {}", u(shape[d]))
+            format!("{var} % {}", u(shape[d]))
         } else {
-            format!("(i / {}) % {}", u(stride), u(shape[d]))
+            format!("({var} / {}) % {}", u(stride), u(shape[d]))
         };
         parts.push(format!("    let {} = {};\n", names[d], expr));
         stride *= shape[d];
@@ -836,7 +841,7 @@ pub fn emit_kernel(
                 .all(|r| *r == main || graph.ty(*r).numel() <= quads);
             if others_fit {
                 blocking::choose(graph, plan, kernel, main, &binding_of, &uniform).map(
-                    |(b, mut fns)| {
+                    |(b, fns)| {
                         // Rows too, when the other roots still fit in the fewer invocations.
                         let rows = fns.rows_for(main, b.stride).filter(|r| {
                             let n = graph.ty(main).numel() / (LANES * r.count);
@@ -844,8 +849,17 @@ pub fn emit_kernel(
                                 .iter()
                                 .all(|x| *x == main || graph.ty(*x).numel() <= n)
                         });
-                        let rows = rows.map(|r| (r, fns.rows_fn(main, b.stride, r)));
-                        (main, b, fns, rows)
+                        match rows {
+                            // The rows functions replace the lane functions of the choice:
+                            // start from none, so the module carries no unused ones.
+                            Some(r) => {
+                                let mut fresh =
+                                    LaneFns::new(graph, plan, kernel, &binding_of, &uniform);
+                                let name = fresh.rows_fn(main, b.stride, r);
+                                (main, b, fresh, Some((r, name)))
+                            }
+                            None => (main, b, fns, None),
+                        }
                     },
                 )
             } else {
@@ -991,28 +1005,66 @@ pub fn emit_kernel(
             let (main, b, fns, rows) = blocking.as_ref().expect("blocked");
             s.push_str(&fns.text);
             s.push('\n');
-            s.push_str(&match rows {
-                Some((r, rows_fn)) => rows_main(
-                    graph,
-                    plan,
-                    roots,
-                    *main,
-                    (b.stride, *r, rows_fn),
-                    workgroup_size,
-                    dispatch,
-                    &binding_of,
+            let lane = |k: usize| ["x", "y", "z", "w"][k];
+            let main_numel = graph.ty(*main).numel();
+            // The invocation grid: the main root's index space with its blocked axes divided
+            // by their blocks, and how far one grid step moves in the root's flat index.
+            let (grid, steps, setup, stores) = match rows {
+                Some((r, rows_fn)) => {
+                    let shape = &graph.ty(r.top()).shape;
+                    let st = strides(shape);
+                    let block = |d: usize| {
+                        if d == r.lane_axis {
+                            LANES
+                        } else if d == r.row_axis {
+                            r.count
+                        } else {
+                            1
+                        }
+                    };
+                    let t = st[r.row_axis];
+                    let stores: Vec<(usize, String)> = (0..r.count)
+                        .flat_map(|q| {
+                            (0..LANES).map(move |k| {
+                                (q * t + k * b.stride, format!("rows[{q}].{}", lane(k)))
+                            })
+                        })
+                        .collect();
+                    (
+                        (0..shape.len())
+                            .map(|d| shape[d] / block(d))
+                            .collect::<Vec<_>>(),
+                        (0..shape.len())
+                            .map(|d| block(d) * st[d])
+                            .collect::<Vec<_>>(),
+                        format!("    let rows = {rows_fn}(i);\n"),
+                        stores,
+                    )
+                }
+                None => (
+                    vec![
+                        main_numel / (b.extent * b.stride),
+                        b.extent / LANES,
+                        b.stride,
+                    ],
+                    vec![b.extent * b.stride, LANES * b.stride, 1],
+                    format!("    let value = {}(i);\n", lane_fn(*main, b.stride)),
+                    (0..LANES)
+                        .map(|k| (k * b.stride, format!("value.{}", lane(k))))
+                        .collect(),
                 ),
-                None => blocked_main(
-                    graph,
-                    plan,
-                    roots,
-                    *main,
-                    *b,
-                    workgroup_size,
-                    dispatch,
-                    &binding_of,
-                ),
-            });
+            };
+            s.push_str(&blocked_main(
+                graph,
+                plan,
+                roots,
+                *main,
+                (&grid, &steps),
+                (&setup, &stores),
+                workgroup_size,
+                dispatch,
+                &binding_of,
+            ));
         }
         KernelKind::Map { roots } => {
             let mut body = String::new();
@@ -1063,41 +1115,38 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
     })
 }
 
-/// The entry point of a blocked map kernel: invocation `j` computes four elements of `main`
-/// (lane 0 at four times `j`'s coordinate along the blocked axis) and element `j` of each
-/// other root.
+/// The entry point of a blocked map kernel: invocation `j` is a point of `grid`, its first
+/// element of `main` is `i`, the sum of its coordinates times `steps`; `setup` computes the
+/// block and `stores` writes it (offset from `i`, value). Each other root is computed for
+/// element `j`.
 #[allow(clippy::too_many_arguments)]
 fn blocked_main(
     graph: &Graph,
     plan: &Plan,
     roots: &[NodeId],
     main: NodeId,
-    b: Blocking,
+    (grid, steps): (&[usize], &[usize]),
+    (setup, stores): (&str, &[(usize, String)]),
     workgroup_size: u32,
     dispatch: [u32; 3],
     binding_of: &dyn Fn(usize) -> u32,
 ) -> String {
     let slot = |r: NodeId| binding_of(plan.buffer_of[r.0].expect("roots are stored"));
-    let quads = graph.ty(main).numel() / LANES;
-    let s = b.stride;
-    let groups = b.extent / LANES;
-    let mut body = format!(
-        "    let i = (j / {}) * {} + ((j / {}) % {}) * {} + j % {};\n    let value = {}(i);\n",
-        u(groups * s),
-        u(b.extent * s),
-        u(s),
-        u(groups),
-        u(LANES * s),
-        u(s),
-        lane_fn(main, s)
-    );
-    for (k, lane) in ["x", "y", "z", "w"].iter().enumerate() {
-        let at = if k == 0 {
+    let names: Vec<String> = (0..grid.len()).map(|d| format!("g{d}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let terms: Vec<String> = (0..grid.len())
+        .map(|d| format!("g{d} * {}", u(steps[d])))
+        .collect();
+    let mut body = decode_from("j", &refs, grid);
+    let _ = writeln!(body, "    let i = {};", terms.join(" + "));
+    body.push_str(setup);
+    for (off, value) in stores {
+        let at = if *off == 0 {
             "i".to_string()
         } else {
-            format!("i + {}", u(k * s))
+            format!("i + {}", u(*off))
         };
-        let _ = writeln!(body, "    buf{}[{at}] = value.{lane};", slot(main));
+        let _ = writeln!(body, "    buf{}[{at}] = {value};", slot(main));
     }
     for &r in roots.iter().filter(|&&r| r != main) {
         let _ = writeln!(
@@ -1118,83 +1167,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
 {body}}}
 ",
         u(dispatch[0] as usize * workgroup_size as usize),
-        u(quads),
-    )
-}
-
-/// The entry point of a kernel blocked in lanes and rows: invocation `j` is a point of the
-/// reduction's shape with the lanes' axis divided by four and the rows' axis by the row count.
-#[allow(clippy::too_many_arguments)]
-fn rows_main(
-    graph: &Graph,
-    plan: &Plan,
-    roots: &[NodeId],
-    main: NodeId,
-    (lane_stride, rows, rows_fn): (usize, blocking::Rows, &String),
-    workgroup_size: u32,
-    dispatch: [u32; 3],
-    binding_of: &dyn Fn(usize) -> u32,
-) -> String {
-    let slot = |r: NodeId| binding_of(plan.buffer_of[r.0].expect("roots are stored"));
-    // The top's shape: the root has the same flat indices (reshapes at most between).
-    let shape = &graph.ty(rows.top()).shape;
-    let st = strides(shape);
-    let mut grid = shape.clone();
-    grid[rows.lane_axis] /= LANES;
-    grid[rows.row_axis] /= rows.count;
-    let names: Vec<String> = (0..shape.len()).map(|d| format!("g{d}")).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let invocations: usize = grid.iter().product();
-    let terms: Vec<String> = (0..shape.len())
-        .map(|d| {
-            let step = if d == rows.lane_axis {
-                LANES
-            } else if d == rows.row_axis {
-                rows.count
-            } else {
-                1
-            };
-            format!("g{d} * {}", u(step * st[d]))
-        })
-        .collect();
-    let mut body = decode(&refs, &grid)
-        .replace("= i / ", "= j / ")
-        .replace("= i % ", "= j % ")
-        .replace("= (i / ", "= (j / ");
-    let _ = writeln!(body, "    let i = {};", terms.join(" + "));
-    let _ = writeln!(body, "    let rows = {rows_fn}(i);");
-    let t = st[rows.row_axis];
-    for q in 0..rows.count {
-        for (k, lane) in ["x", "y", "z", "w"].iter().enumerate() {
-            let off = q * t + k * lane_stride;
-            let at = if off == 0 {
-                "i".to_string()
-            } else {
-                format!("i + {}", u(off))
-            };
-            let _ = writeln!(body, "    buf{}[{at}] = rows[{q}].{lane};", slot(main));
-        }
-    }
-    for &r in roots.iter().filter(|&&r| r != main) {
-        let _ = writeln!(
-            body,
-            "    if (j < {}) {{\n        buf{}[j] = {}(j);\n    }}",
-            u(graph.ty(r).numel()),
-            slot(r),
-            v(r)
-        );
-    }
-    format!(
-        "@compute @workgroup_size({workgroup_size})
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
-    let j = gid.x + gid.y * {};
-    if (j >= {}) {{
-        return;
-    }}
-{body}}}
-",
-        u(dispatch[0] as usize * workgroup_size as usize),
-        u(invocations),
+        u(grid.iter().product()),
     )
 }
 
