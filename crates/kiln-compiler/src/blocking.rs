@@ -35,7 +35,7 @@ use std::fmt::Write as _;
 use kiln_ir::{DType, Graph, NodeId, Op};
 
 use crate::plan::{Kernel, Placement, Plan};
-use crate::wgsl::{body_with, strides, u, v};
+use crate::wgsl::{body_with, matmul_indices, strides, u, v};
 
 /// Outputs per invocation of a blocked kernel (the lanes of a `vec4`).
 pub const LANES: usize = 4;
@@ -713,51 +713,26 @@ impl LaneFns<'_> {
                 )
             }
             Op::Conv2dGradInput { padding, .. } => {
-                let [_, o, oh, ow] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
-                let [_, c, kh, kw] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
+                let kk = shape(1)[2] * shape(1)[3];
                 let dy = self.request(node.inputs[0], in_strides(0)[0]);
                 let wt = v(node.inputs[1]);
-                let adds: Vec<String> = (0..r)
-                    .map(|k| {
-                        format!(
-                            "                acc{k} += {wt}({}) * d;",
-                            offset("wb", k * kh * kw)
-                        )
-                    })
-                    .collect();
+                let mut inner = format!("                let d = {dy}(dyi);\n");
+                for k in 0..r {
+                    let _ = writeln!(
+                        inner,
+                        "                acc{k} += {wt}({}) * d;",
+                        offset("wi", k * kk)
+                    );
+                }
                 format!(
-                    "{}{s}    let ky_lo = u32(max(i32(h) + {PY} - {OH1}, 0i));
-    let ky_end = u32(min(i32(h) + {PY} + 1i, {KHi}));
-    let kx_lo = u32(max(i32(w) + {PX} - {OW1}, 0i));
-    let kx_end = u32(min(i32(w) + {PX} + 1i, {KWi}));
-    for (var o = 0u; o < {O}; o++) {{
-        for (var ky = ky_lo; ky < ky_end; ky++) {{
-            let oy = h + {PYu} - ky;
-            for (var kx = kx_lo; kx < kx_end; kx++) {{
-                let ox = w + {PXu} - kx;
-                let d = {dy}(((n * {O} + o) * {OH} + oy) * {OW} + ox);
-                let wb = ((o * {C} + c) * {KH} + ky) * {KW} + kx;
-{adds}
-            }}
-        }}
-    }}
-",
+                    "{}{s}{}",
                     crate::wgsl::decode(&["n", "c", "h", "w"], out),
-                    O = u(o),
-                    OH = u(oh),
-                    OW = u(ow),
-                    OH1 = crate::wgsl::i(oh - 1),
-                    OW1 = crate::wgsl::i(ow - 1),
-                    C = u(c),
-                    KH = u(kh),
-                    KW = u(kw),
-                    KHi = crate::wgsl::i(kh),
-                    KWi = crate::wgsl::i(kw),
-                    PY = crate::wgsl::i(padding[0]),
-                    PX = crate::wgsl::i(padding[1]),
-                    PYu = u(padding[0]),
-                    PXu = u(padding[1]),
-                    adds = adds.join("\n"),
+                    crate::wgsl::unit_stride_grad_input_taps(
+                        &shape(0),
+                        &shape(1),
+                        *padding,
+                        &inner
+                    ),
                 )
             }
             Op::MatMul {
@@ -765,19 +740,8 @@ impl LaneFns<'_> {
                 transpose_b,
             } => {
                 let (a, b) = (shape(0), shape(1));
-                let k = if *transpose_a { a[0] } else { a[1] };
-                let ai = |row: String| {
-                    if *transpose_a {
-                        format!("p * {} + {row}", u(a[1]))
-                    } else {
-                        format!("({row}) * {} + p", u(a[1]))
-                    }
-                };
-                let bi = if *transpose_b {
-                    format!("c * {} + p", u(b[1]))
-                } else {
-                    format!("p * {} + c", u(b[1]))
-                };
+                let (k, _, bi) = matmul_indices(*transpose_a, *transpose_b, &a, &b, "r");
+                let ai = |row: String| matmul_indices(*transpose_a, *transpose_b, &a, &b, &row).1;
                 let av = v(node.inputs[0]);
                 let bv = self.request(node.inputs[1], in_strides(1)[usize::from(!*transpose_b)]);
                 let adds: Vec<String> = (0..r)

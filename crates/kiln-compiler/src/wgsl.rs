@@ -189,6 +189,76 @@ pub(crate) fn tap(
     }
 }
 
+/// A matmul's reduction length and, at step `p`, the flat indices of `a` at row `row` and of
+/// `b` at column `c`.
+pub(crate) fn matmul_indices(
+    transpose_a: bool,
+    transpose_b: bool,
+    a: &[usize],
+    b: &[usize],
+    row: &str,
+) -> (usize, String, String) {
+    let k = if transpose_a { a[0] } else { a[1] };
+    let ai = if transpose_a {
+        format!("p * {} + {row}", u(a[1]))
+    } else if row.contains(' ') {
+        format!("({row}) * {} + p", u(a[1]))
+    } else {
+        format!("{row} * {} + p", u(a[1]))
+    };
+    let bi = if transpose_b {
+        format!("c * {} + p", u(b[1]))
+    } else {
+        format!("p * {} + c", u(b[1]))
+    };
+    (k, ai, bi)
+}
+
+/// The loops of a stride-1 convolution input gradient at `(n, c, h, w)` (dy `[N,O,OH,OW]`,
+/// weights `[O,C,KH,KW]`) over exactly the taps that land inside dy — one range per axis
+/// instead of testing every tap, which was most of the loop — with `dyi` and `wi` the flat
+/// indices of dy and of the weight; `inner` runs once per tap.
+pub(crate) fn unit_stride_grad_input_taps(
+    dy: &[usize],
+    w: &[usize],
+    padding: [usize; 2],
+    inner: &str,
+) -> String {
+    let [_, o, oh, ow] = <[usize; 4]>::try_from(dy).expect("rank 4");
+    let [_, c, kh, kw] = <[usize; 4]>::try_from(w).expect("rank 4");
+    format!(
+        "    let ky_lo = u32(max(i32(h) + {PY} - {OH1}, 0i));
+    let ky_end = u32(min(i32(h) + {PY} + 1i, {KHi}));
+    let kx_lo = u32(max(i32(w) + {PX} - {OW1}, 0i));
+    let kx_end = u32(min(i32(w) + {PX} + 1i, {KWi}));
+    for (var o = 0u; o < {O}; o++) {{
+        for (var ky = ky_lo; ky < ky_end; ky++) {{
+            let oy = h + {PYu} - ky;
+            for (var kx = kx_lo; kx < kx_end; kx++) {{
+                let ox = w + {PXu} - kx;
+                let dyi = ((n * {O} + o) * {OH} + oy) * {OW} + ox;
+                let wi = ((o * {C} + c) * {KH} + ky) * {KW} + kx;
+{inner}            }}
+        }}
+    }}
+",
+        O = u(o),
+        OH = u(oh),
+        OW = u(ow),
+        OH1 = i(oh - 1),
+        OW1 = i(ow - 1),
+        C = u(c),
+        KH = u(kh),
+        KW = u(kw),
+        KHi = i(kh),
+        KWi = i(kw),
+        PY = i(padding[0]),
+        PX = i(padding[1]),
+        PYu = u(padding[0]),
+        PXu = u(padding[1]),
+    )
+}
+
 /// The body of node `id`'s element function (statements ending in `return`).
 fn body(graph: &Graph, id: NodeId) -> String {
     let names: Vec<String> = graph.node(id).inputs.iter().map(|&n| v(n)).collect();
@@ -321,42 +391,15 @@ pub(crate) fn body_with(graph: &Graph, id: NodeId, inputs: &[String], value: &st
             let [_, o, oh, ow] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
             let [_, c, kh, kw] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
             if *stride == [1, 1] {
-                // Stride 1: the taps that land inside dy form one range per axis; loop over
-                // exactly it instead of testing every tap (the tests were most of the loop).
                 return format!(
-                    "{}    var acc = {zero};
-    let ky_lo = u32(max(i32(h) + {PY} - {OH1}, 0i));
-    let ky_end = u32(min(i32(h) + {PY} + 1i, {KHi}));
-    let kx_lo = u32(max(i32(w) + {PX} - {OW1}, 0i));
-    let kx_end = u32(min(i32(w) + {PX} + 1i, {KWi}));
-    for (var o = 0u; o < {O}; o++) {{
-        for (var ky = ky_lo; ky < ky_end; ky++) {{
-            let oy = h + {PYu} - ky;
-            for (var kx = kx_lo; kx < kx_end; kx++) {{
-                let ox = w + {PXu} - kx;
-                acc += {dy}(((n * {O} + o) * {OH} + oy) * {OW} + ox) * {wt}(((o * {C} + c) * {KH} + ky) * {KW} + kx);
-            }}
-        }}
-    }}
-    return acc;
-",
+                    "{}    var acc = {zero};\n{}    return acc;\n",
                     decode(&["n", "c", "h", "w"], out),
-                    O = u(o),
-                    OH = u(oh),
-                    OW = u(ow),
-                    OH1 = i(oh - 1),
-                    OW1 = i(ow - 1),
-                    C = u(c),
-                    KH = u(kh),
-                    KW = u(kw),
-                    KHi = i(kh),
-                    KWi = i(kw),
-                    PY = i(padding[0]),
-                    PX = i(padding[1]),
-                    PYu = u(padding[0]),
-                    PXu = u(padding[1]),
-                    dy = x(0),
-                    wt = x(1),
+                    unit_stride_grad_input_taps(
+                        &shape(0),
+                        &shape(1),
+                        *padding,
+                        &format!("                acc += {}(dyi) * {}(wi);\n", x(0), x(1)),
+                    ),
                 );
             }
             format!(
@@ -552,18 +595,7 @@ pub(crate) fn body_with(graph: &Graph, id: NodeId, inputs: &[String], value: &st
             transpose_a,
             transpose_b,
         } => {
-            let (a, b) = (shape(0), shape(1));
-            let k = if *transpose_a { a[0] } else { a[1] };
-            let ai = if *transpose_a {
-                format!("p * {} + r", u(a[1]))
-            } else {
-                format!("r * {} + p", u(a[1]))
-            };
-            let bi = if *transpose_b {
-                format!("c * {} + p", u(b[1]))
-            } else {
-                format!("p * {} + c", u(b[1]))
-            };
+            let (k, ai, bi) = matmul_indices(*transpose_a, *transpose_b, &shape(0), &shape(1), "r");
             format!(
                 "{}    var acc = {zero};\n    for (var p = 0u; p < {}; p++) {{\n        acc += {}({ai}) * {}({bi});\n    }}\n    return acc;\n",
                 decode(&["r", "c"], out),
