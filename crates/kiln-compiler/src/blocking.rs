@@ -131,13 +131,7 @@ impl<'a> LaneFns<'a> {
                     self.text,
                     "fn {name}(i: u32) -> vec4<f32> {{\n    let value = value_of_{name}(i);\n"
                 );
-                for (k, lane) in ["x", "y", "z", "w"].iter().enumerate() {
-                    let _ = writeln!(
-                        self.text,
-                        "    buf{slot}[{}] = value.{lane};",
-                        offset("i", k * stride)
-                    );
-                }
+                self.text.push_str(&store_lanes(slot, stride));
                 let _ = writeln!(self.text, "    return value;\n}}");
             }
             Some(body) => {
@@ -263,6 +257,20 @@ fn reduction_length(graph: &Graph, id: NodeId) -> usize {
         | Op::AvgPool2dGrad { kernel, .. } => kernel[0] * kernel[1],
         _ => 1,
     }
+}
+
+/// Statements storing the four lanes of `value` (lane 0 at `i`) into binding `slot`: how a
+/// saved value writes itself as it is computed.
+fn store_lanes(slot: u32, stride: usize) -> String {
+    let mut s = String::new();
+    for (k, lane) in ["x", "y", "z", "w"].iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "    buf{slot}[{}] = value.{lane};",
+            offset("i", k * stride)
+        );
+    }
+    s
 }
 
 /// `base + delta` as WGSL, without a `+ 0u`.
@@ -514,13 +522,7 @@ impl LaneFns<'_> {
                     n.0
                 );
                 body = format!("    let value = value_of_v{}_row(i, red);\n", n.0);
-                for (k, lane) in ["x", "y", "z", "w"].iter().enumerate() {
-                    let _ = writeln!(
-                        body,
-                        "    buf{slot}[{}] = value.{lane};",
-                        offset("i", k * lane_stride)
-                    );
-                }
+                body.push_str(&store_lanes(slot, lane_stride));
                 body.push_str("    return value;\n");
             }
             let _ = writeln!(
