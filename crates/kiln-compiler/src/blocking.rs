@@ -35,7 +35,7 @@ use std::fmt::Write as _;
 use kiln_ir::{DType, Graph, NodeId, Op};
 
 use crate::plan::{Kernel, Placement, Plan};
-use crate::wgsl::{body_with, matmul_indices, strides, u, v};
+use crate::wgsl::{UniformIndex, body_with, matmul_indices, strides, u, v};
 
 /// Outputs per invocation of a blocked kernel (the lanes of a `vec4`).
 pub const LANES: usize = 4;
@@ -54,7 +54,7 @@ pub struct LaneFns<'a> {
     plan: &'a Plan,
     kernel: &'a Kernel,
     binding_of: &'a dyn Fn(usize) -> u32,
-    uniform: &'a dyn Fn(usize) -> bool,
+    uniform: UniformIndex<'a>,
     done: BTreeSet<(NodeId, usize)>,
     pub text: String,
     /// Multiply-adds per output done by reductions with a blocked rule: what choosing a
@@ -80,7 +80,7 @@ impl<'a> LaneFns<'a> {
         plan: &'a Plan,
         kernel: &'a Kernel,
         binding_of: &'a dyn Fn(usize) -> u32,
-        uniform: &'a dyn Fn(usize) -> bool,
+        uniform: UniformIndex<'a>,
     ) -> Self {
         LaneFns {
             graph,
@@ -107,11 +107,12 @@ impl<'a> LaneFns<'a> {
         } else {
             None
         };
-        if let Some(slot) = self.aligned_uniform(id, stride) {
-            // Four consecutive weights starting at a multiple of four: one vec4 of the binding.
+        if let Some((slot, index)) = self.aligned_uniform(id, stride) {
+            // Four consecutive values starting at a multiple of four: one vec4 of the binding
+            // (a window starts at a multiple of four too).
             let _ = writeln!(
                 self.text,
-                "fn {name}(i: u32) -> vec4<f32> {{\n    return buf{slot}[i >> 2u];\n}}"
+                "fn {name}(i: u32) -> vec4<f32> {{\n    return buf{slot}[{index} >> 2u];\n}}"
             );
             return name;
         }
@@ -154,13 +155,13 @@ impl<'a> LaneFns<'a> {
 
     /// The binding of `id` when it is read from a uniform buffer and lanes at `stride` are
     /// four consecutive elements starting at a multiple of four.
-    fn aligned_uniform(&self, id: NodeId, stride: usize) -> Option<u32> {
+    fn aligned_uniform(&self, id: NodeId, stride: usize) -> Option<(u32, String)> {
         let b = self.plan.buffer_of[id.0]?;
         let shape = &self.graph.ty(id).shape;
         let st = strides(shape);
         let aligned = stride == 1 && (0..shape.len()).any(|a| st[a] == 1 && shape[a] % LANES == 0);
-        (self.kernel.reads.contains(&id) && (self.uniform)(b) && aligned)
-            .then(|| (self.binding_of)(b))
+        let index = (self.uniform)(b, "i")?;
+        (self.kernel.reads.contains(&id) && aligned).then(|| ((self.binding_of)(b), index))
     }
 
     /// The blocked body of computed node `id` at `stride`, or `None` where the op has no rule
@@ -294,7 +295,7 @@ pub fn choose<'a>(
     kernel: &'a Kernel,
     root: NodeId,
     binding_of: &'a dyn Fn(usize) -> u32,
-    uniform: &'a dyn Fn(usize) -> bool,
+    uniform: UniformIndex<'a>,
 ) -> Option<(Blocking, LaneFns<'a>)> {
     let ty = graph.ty(root);
     if ty.dtype != DType::F32 {

@@ -29,6 +29,7 @@ pub struct Target {
     /// lavapipe by about 2x; a broadcast read through the constant cache on GPUs).
     pub max_uniform_buffer_binding_size: u64,
     pub max_uniform_buffers_per_stage: u32,
+    pub min_uniform_buffer_offset_alignment: u32,
     /// Invocations per subgroup (SIMD width) the adapter reports, when it does: lavapipe runs
     /// 8 invocations per AVX2 lane group. Shown in each module's header; the schedules do not
     /// depend on it yet.
@@ -51,6 +52,7 @@ impl Target {
             min_storage_buffer_offset_alignment: 256,
             max_uniform_buffer_binding_size: 64 << 10,
             max_uniform_buffers_per_stage: 12,
+            min_uniform_buffer_offset_alignment: 256,
             subgroup_size: None,
             block_outputs: true,
         }

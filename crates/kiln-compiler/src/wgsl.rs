@@ -15,9 +15,10 @@ use std::fmt::Write as _;
 use kiln_ir::{DType, Graph, NodeId, Op, TensorType};
 
 use crate::blocking::{self, LANES, LaneFns, lane_fn};
+use crate::chunks::{self, Chunks, Window, window_base};
 use crate::plan::{Head, Kernel, KernelKind, Placement, Plan};
 use crate::report::node_label;
-use crate::target::Target;
+use crate::target::{DeviceClass, Target};
 
 const UNPACK_U8: &str = include_str!("../../../shaders/unpack_u8.wgsl");
 const WORKGROUP_SUM: &str = include_str!("../../../shaders/workgroup_sum.wgsl");
@@ -36,6 +37,9 @@ pub enum Access {
     ReadWrite,
     /// A small read-only parameter bound as `var<uniform>` (`array<vec4<f32>, N>`).
     Uniform,
+    /// A batched operand read through a uniform window over the images of each chunk
+    /// (see [`Chunks`]).
+    Window,
 }
 
 /// One `@group(0) @binding(n)` of a kernel.
@@ -58,7 +62,14 @@ pub struct KernelModule {
     pub workgroup_size: u32,
     /// Bytes of `var<workgroup>` memory the module declares.
     pub workgroup_storage_bytes: u64,
+    /// Dispatched as image chunks, `dispatch` workgroups each (CPU-class targets).
+    pub chunks: Option<Chunks>,
 }
+
+/// How a kernel's code indexes a buffer bound as a uniform array: given the buffer and the
+/// name of a flat index variable, the index into the binding (the variable itself, or rebased
+/// to the chunk's window); `None` for storage bindings.
+pub(crate) type UniformIndex<'a> = &'a dyn Fn(usize, &str) -> Option<String>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CodegenError {
@@ -720,16 +731,21 @@ fn functions(
     plan: &Plan,
     kernel: &Kernel,
     binding_of: &dyn Fn(usize) -> u32,
-    uniform: &dyn Fn(usize) -> bool,
+    uniform: UniformIndex,
 ) -> String {
     let mut s = String::new();
     for &r in &kernel.reads {
         let b = plan.buffer_of[r.0].expect("reads have buffers");
         let buf = &plan.buffers[b];
-        if uniform(b) {
+        if let Some(index) = uniform(b, "i") {
+            let (setup, w) = if index == "i" {
+                (String::new(), "i")
+            } else {
+                (format!("    let w = {index};\n"), "w")
+            };
             let _ = writeln!(
                 s,
-                "fn {}(i: u32) -> f32 {{\n    return buf{}[i >> 2u][i & 3u];\n}}",
+                "fn {}(i: u32) -> f32 {{\n{setup}    return buf{}[{w} >> 2u][{w} & 3u];\n}}",
                 v(r),
                 binding_of(b)
             );
@@ -807,6 +823,22 @@ pub fn emit_kernel(
     kernel: &Kernel,
     target: &Target,
 ) -> Result<KernelModule, CodegenError> {
+    match emit_kernel_with(graph, plan, kernel, target, true)? {
+        Some(m) => Ok(m),
+        // Its schedule leaves no chunk size that fits the windows: one dispatch.
+        None => Ok(emit_kernel_with(graph, plan, kernel, target, false)?.expect("unchunked")),
+    }
+}
+
+/// [`emit_kernel`], trying image chunks when `try_chunks`; `None` when the chosen schedule
+/// cannot be cut into chunks after all.
+fn emit_kernel_with(
+    graph: &Graph,
+    plan: &Plan,
+    kernel: &Kernel,
+    target: &Target,
+    try_chunks: bool,
+) -> Result<Option<KernelModule>, CodegenError> {
     // Bindings: every buffer read or written, in buffer order; written ones read_write.
     let mut used: Vec<(usize, Access)> = Vec::new();
     for n in kernel.reads.iter().chain(&kernel.stores) {
@@ -835,6 +867,49 @@ pub fn emit_kernel(
             uniforms += 1;
         }
     }
+    // On CPU-class devices every small read-only f32 value is read from a uniform binding too,
+    // and an image-local kernel reads its large batched operands through per-chunk windows
+    // (one uniform binding is kept for the chunk table).
+    let mut batch = None;
+    if target.class == DeviceClass::Cpu {
+        let max = target.max_uniform_buffer_binding_size;
+        for (b, access) in used.iter_mut() {
+            let buf = &plan.buffers[*b];
+            if *access == Access::Read
+                && buf.ty.dtype == DType::F32
+                && !buf.packed_u8
+                && buf.bytes() <= max
+                && uniforms < target.max_uniform_buffers_per_stage
+            {
+                *access = Access::Uniform;
+                uniforms += 1;
+            }
+        }
+        let root = match &kernel.kind {
+            KernelKind::Map { roots } if try_chunks && roots.len() == 1 => Some(roots[0]),
+            _ => None,
+        };
+        if let Some((root, &n)) = root.and_then(|r| Some((r, graph.ty(r).shape.first()?))) {
+            let batched = chunks::batched(graph, n);
+            if chunks::kernel_is_image_local(graph, &kernel.nodes, root, &batched) {
+                for (b, access) in used.iter_mut() {
+                    let windowable = kernel.reads.iter().any(|r| {
+                        plan.buffer_of[r.0] == Some(*b) && chunks::windowable(graph, *r, &batched)
+                    });
+                    if *access == Access::Read
+                        && windowable
+                        && uniforms + 1 < target.max_uniform_buffers_per_stage
+                    {
+                        *access = Access::Window;
+                        uniforms += 1;
+                    }
+                }
+                if used.iter().any(|(_, a)| *a == Access::Window) {
+                    batch = Some(n);
+                }
+            }
+        }
+    }
     let bindings: Vec<Binding> = used
         .iter()
         .enumerate()
@@ -854,10 +929,24 @@ pub fn emit_kernel(
 
     let mut s = String::new();
     let ops: Vec<String> = kernel.nodes.iter().map(|&n| node_label(graph, n)).collect();
-    let uniform = |buffer: usize| {
-        bindings
-            .iter()
-            .any(|b| b.buffer == buffer && b.access == Access::Uniform)
+    let windowed: Vec<usize> = bindings
+        .iter()
+        .filter(|b| b.access == Access::Window)
+        .map(|b| b.buffer)
+        .collect();
+    let uniform = |buffer: usize, var: &str| -> Option<String> {
+        let b = bindings.iter().find(|b| b.buffer == buffer)?;
+        match b.access {
+            Access::Uniform => Some(var.to_string()),
+            Access::Window => {
+                let w = windowed
+                    .iter()
+                    .position(|&x| x == buffer)
+                    .expect("windowed");
+                Some(format!("({var} - {})", window_base(w)))
+            }
+            Access::Read | Access::ReadWrite => None,
+        }
     };
     // Register blocking: the largest root, four elements per invocation, when that gives a
     // reduction a blocked rule and the other roots fit in the fewer invocations.
@@ -900,6 +989,7 @@ pub fn emit_kernel(
         }
         _ => None,
     };
+    let mut chunking: Option<Chunks> = None;
     let (workgroup_size, dispatch, schedule) = match &kernel.kind {
         KernelKind::Map { roots } => {
             let wg = target.workgroup_size();
@@ -912,6 +1002,35 @@ pub fn emit_kernel(
                 .map(|r| r.to_string())
                 .collect::<Vec<_>>()
                 .join(" and ");
+            // Images each invocation covers, for cutting the invocations into image chunks.
+            let per_invocation = |n: usize| -> Option<usize> {
+                match &blocking {
+                    Some((main, b, _, rows)) => match rows {
+                        Some((r, _)) => {
+                            let shape = &graph.ty(r.top()).shape;
+                            (shape.first() == Some(&n)).then_some(if r.lane_axis == 0 {
+                                LANES
+                            } else if r.row_axis == 0 {
+                                r.count
+                            } else {
+                                1
+                            })
+                        }
+                        None => {
+                            let image = graph.ty(*main).numel() / n;
+                            let span = b.extent * b.stride;
+                            if image % span == 0 {
+                                Some(1)
+                            } else if b.stride % image == 0 && span % image == 0 {
+                                Some(LANES * b.stride / image)
+                            } else {
+                                None
+                            }
+                        }
+                    },
+                    None => Some(1),
+                }
+            };
             let (numel, schedule) = match &blocking {
                 Some((main, b, fns, rows)) => {
                     let per = LANES * rows.as_ref().map_or(1, |(r, _)| r.count);
@@ -930,6 +1049,50 @@ pub fn emit_kernel(
                     format!("one invocation per element of {root} ({numel} invocations)"),
                 ),
             };
+            if let Some(n) = batch {
+                let Some(per) = per_invocation(n) else {
+                    return Ok(None);
+                };
+                let words: Vec<usize> = windowed
+                    .iter()
+                    .map(|&b| plan.buffers[b].ty.numel() / n)
+                    .collect();
+                let align = u64::from(target.min_uniform_buffer_offset_alignment.max(16));
+                let Some(images) = chunks::images_per_chunk(
+                    n,
+                    per,
+                    &words,
+                    align,
+                    target.max_uniform_buffer_binding_size,
+                ) else {
+                    return Ok(None);
+                };
+                let count = n / images;
+                if numel as usize % count != 0 {
+                    return Ok(None);
+                }
+                let windows = windowed
+                    .iter()
+                    .zip(&words)
+                    .map(|(&buffer, &w)| Window {
+                        binding: binding_of(buffer),
+                        buffer,
+                        image_words: w,
+                        vec4s: chunks::window_vec4s(images, w, align),
+                    })
+                    .collect::<Vec<_>>();
+                chunking = Some(Chunks {
+                    count,
+                    images,
+                    invocations: numel as usize / count,
+                    table_binding: bindings.len() as u32,
+                    table_vec4s: 1 + windows.len().div_ceil(4),
+                    windows,
+                    alignment: align,
+                });
+            }
+            // Each dispatch runs one chunk's invocations.
+            let numel = chunking.as_ref().map_or(numel, |c| c.invocations as u32);
             // A kernel of few, long invocations (weight gradients summing over the whole
             // batch) gets smaller workgroups, so that there are enough of them to keep every
             // core or compute unit busy; never below 8 (lavapipe's SIMD width).
@@ -987,6 +1150,21 @@ pub fn emit_kernel(
         "// dispatch: {} x {} x {} workgroups",
         dispatch[0], dispatch[1], dispatch[2]
     );
+    if let Some(c) = &chunking {
+        let names: Vec<String> = c
+            .windows
+            .iter()
+            .map(|w| format!("{} ({} bytes)", plan.buffers[w.buffer].name, w.vec4s * 16))
+            .collect();
+        let _ = writeln!(
+            s,
+            "// chunks: {} dispatches of {} images ({} invocations each), reading {} through uniform windows",
+            c.count,
+            c.images,
+            c.invocations,
+            names.join(", ")
+        );
+    }
     let _ = writeln!(s, "// bindings:");
     for b in &bindings {
         let buf = &plan.buffers[b.buffer];
@@ -1005,6 +1183,7 @@ pub fn emit_kernel(
                 Access::ReadWrite => "read_write",
                 Access::Read => "read",
                 Access::Uniform => "uniform",
+                Access::Window => "uniform window",
             }
         );
     }
@@ -1026,8 +1205,24 @@ pub fn emit_kernel(
                 b.binding,
                 buf.bytes() / 16
             ),
+            Access::Window => format!(
+                "var<uniform> buf{}: array<vec4<f32>, {}>",
+                b.binding,
+                chunking
+                    .as_ref()
+                    .and_then(|c| c.windows.iter().find(|w| w.binding == b.binding))
+                    .expect("windows are chunked")
+                    .vec4s
+            ),
         };
         let _ = writeln!(s, "@group(0) @binding({}) {decl};", b.binding);
+    }
+    if let Some(c) = &chunking {
+        let _ = writeln!(
+            s,
+            "@group(0) @binding({}) var<uniform> chunk: array<vec4<u32>, {}>;",
+            c.table_binding, c.table_vec4s
+        );
     }
     s.push('\n');
     s.push_str(&functions(graph, plan, kernel, &binding_of, &uniform));
@@ -1095,6 +1290,7 @@ pub fn emit_kernel(
                 (&setup, &stores),
                 workgroup_size,
                 dispatch,
+                chunking.is_some(),
                 &binding_of,
             ));
         }
@@ -1120,14 +1316,14 @@ pub fn emit_kernel(
                 s,
                 "@compute @workgroup_size({workgroup_size})
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
-    let i = gid.x + gid.y * {};
-    if (i >= {}) {{
-        return;
-    }}
-{body}}}
+{}{body}}}
 ",
-                u(dispatch[0] as usize * workgroup_size as usize),
-                u(numel as usize),
+                invocation_index(
+                    "i",
+                    dispatch[0] as usize * workgroup_size as usize,
+                    numel as usize,
+                    chunking.is_some()
+                ),
             );
         }
         KernelKind::Head(h) => s.push_str(&head_main(graph, plan, h, &binding_of)),
@@ -1137,14 +1333,33 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
         KernelKind::Head(_) => 2 * HEAD_WORKGROUP as u64 * 4,
         KernelKind::Map { .. } => 0,
     };
-    Ok(KernelModule {
+    Ok(Some(KernelModule {
         name: kernel.name.clone(),
         wgsl: s,
         bindings,
         dispatch,
         workgroup_size,
         workgroup_storage_bytes,
-    })
+        chunks: chunking,
+    }))
+}
+
+/// The statements of an entry point that name its invocation `var` (`row` invocations per
+/// row of workgroups) and return past the last: `count` of them, or in a chunked kernel the
+/// range in the chunk's table.
+fn invocation_index(var: &str, row: usize, count: usize, chunked: bool) -> String {
+    if chunked {
+        format!(
+            "    let {var} = gid.x + gid.y * {} + chunk[0].x;\n    if ({var} >= chunk[0].y) {{\n        return;\n    }}\n",
+            u(row)
+        )
+    } else {
+        format!(
+            "    let {var} = gid.x + gid.y * {};\n    if ({var} >= {}) {{\n        return;\n    }}\n",
+            u(row),
+            u(count)
+        )
+    }
 }
 
 /// The entry point of a blocked map kernel: invocation `j` is a point of `grid`, its first
@@ -1161,6 +1376,7 @@ fn blocked_main(
     (setup, stores): (&str, &[(usize, String)]),
     workgroup_size: u32,
     dispatch: [u32; 3],
+    chunked: bool,
     binding_of: &dyn Fn(usize) -> u32,
 ) -> String {
     let slot = |r: NodeId| binding_of(plan.buffer_of[r.0].expect("roots are stored"));
@@ -1192,14 +1408,14 @@ fn blocked_main(
     format!(
         "@compute @workgroup_size({workgroup_size})
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
-    let j = gid.x + gid.y * {};
-    if (j >= {}) {{
-        return;
-    }}
-{body}}}
+{}{body}}}
 ",
-        u(dispatch[0] as usize * workgroup_size as usize),
-        u(grid.iter().product()),
+        invocation_index(
+            "j",
+            dispatch[0] as usize * workgroup_size as usize,
+            grid.iter().product(),
+            chunked
+        ),
     )
 }
 

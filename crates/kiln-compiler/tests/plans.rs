@@ -385,3 +385,102 @@ fn the_scaled_batch_is_read_from_the_data_set_only_a_batch_at_a_time() {
     assert_eq!(c.bytes, 256 * 784 + 256 * 4 + 4 * 256 * 784);
     assert_eq!(c.flops, 256 * 784);
 }
+
+fn lavapipe() -> Target {
+    Target {
+        name: "llvmpipe".into(),
+        class: kiln_compiler::DeviceClass::Cpu,
+        max_storage_buffers_per_stage: 32,
+        max_uniform_buffers_per_stage: 15,
+        min_uniform_buffer_offset_alignment: 32,
+        subgroup_size: Some(8),
+        ..Target::portable()
+    }
+}
+
+#[test]
+fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
+    let g = step_graph(&lenet(), 256, 60_000);
+    let t = lavapipe();
+    let plan = fuse(&g, &t).unwrap();
+    let modules = emit_wgsl(&g, &plan, &t).unwrap();
+    let chunked: Vec<(&str, usize, usize)> = modules
+        .iter()
+        .filter_map(|m| {
+            m.chunks
+                .as_ref()
+                .map(|c| (m.name.as_str(), c.count, c.images))
+        })
+        .collect();
+    // Forward and input-gradient kernels; weight gradients (which sum over the batch) and the
+    // head are not image-local. conv1's activation gradient (k11) blocks four images per
+    // invocation, and four of its 28x28x6 saved sigmoid outputs exceed a window.
+    assert_eq!(
+        chunked,
+        [
+            ("k01_avg_pool2d_l2", 16, 16),
+            ("k02_reshape_l6", 32, 8),
+            ("k03_sigmoid_l8", 8, 32),
+            ("k04_sigmoid_l10", 2, 128),
+            ("k06_sigmoid_grad_l10", 2, 128),
+            ("k07_sigmoid_grad_l8", 2, 128),
+            ("k08_reshape_l6", 2, 128),
+            ("k09_sigmoid_grad_l4", 32, 8),
+            ("k10_conv2d_grad_input_l3", 32, 8),
+        ],
+        "{}",
+        describe(&g, &plan)
+    );
+    let conv2 = &modules[2];
+    let c = conv2.chunks.as_ref().unwrap();
+    // 25 invocations per image (16 channels x 25 pooled pixels in blocks of 16).
+    assert_eq!(c.invocations, 200);
+    assert_eq!(c.windows.len(), 1);
+    assert_eq!(plan.buffers[c.windows[0].buffer].ty.shape, [256, 6, 14, 14]);
+    // Each window covers its 8 images wherever they start, within 64 KiB.
+    assert!(c.windows[0].vec4s * 16 >= 8 * 1176 * 4 + 28 && c.windows[0].vec4s <= 4096);
+    assert!(
+        conv2
+            .wgsl
+            .contains("var<uniform> chunk: array<vec4<u32>, 2>;")
+    );
+    assert!(
+        conv2
+            .wgsl
+            .contains("let j = gid.x + gid.y * 208u + chunk[0].x;"),
+        "{}",
+        conv2.wgsl
+    );
+    assert!(conv2.wgsl.contains("let w = (i - chunk[1].x);"));
+    assert!(
+        conv2
+            .wgsl
+            .contains("// chunks: 32 dispatches of 8 images (200 invocations each)"),
+        "{}",
+        conv2.wgsl
+    );
+    // The GPU tests' small-window schedule (20 KiB) chunks their batch of 8 too: both
+    // convolutions and conv2's pooled activation gradient.
+    let g8 = step_graph(&lenet(), 8, 64);
+    let small = Target {
+        max_uniform_buffer_binding_size: 20 << 10,
+        ..lavapipe()
+    };
+    let m8 = emit_wgsl(&g8, &fuse(&g8, &small).unwrap(), &small).unwrap();
+    let chunked8: Vec<&str> = m8
+        .iter()
+        .filter(|m| m.chunks.as_ref().is_some_and(|c| c.count > 1))
+        .map(|m| m.name.as_str())
+        .collect();
+    assert_eq!(
+        chunked8,
+        ["k01_avg_pool2d_l2", "k02_reshape_l6", "k09_sigmoid_grad_l4"]
+    );
+    // Other devices keep one dispatch per kernel.
+    let portable = emit_wgsl(
+        &g,
+        &fuse(&g, &Target::portable()).unwrap(),
+        &Target::portable(),
+    );
+    assert!(portable.unwrap().iter().all(|m| m.chunks.is_none()));
+}

@@ -208,6 +208,7 @@ pub fn target_for(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> Target {
         min_storage_buffer_offset_alignment: limits.min_storage_buffer_offset_alignment,
         max_uniform_buffer_binding_size: limits.max_uniform_buffer_binding_size,
         max_uniform_buffers_per_stage: limits.max_uniform_buffers_per_shader_stage,
+        min_uniform_buffer_offset_alignment: limits.min_uniform_buffer_offset_alignment,
         // wgpu reports 0 when the backend does not know.
         subgroup_size: (info.subgroup_max_size > 0).then_some(info.subgroup_max_size),
         block_outputs: true,

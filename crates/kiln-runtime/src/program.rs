@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use kiln_compiler::{BufferKind, Compiled, kernel_cost};
+use kiln_compiler::{Access, BufferKind, Compiled, kernel_cost};
 use kiln_ir::{DType, TensorType};
 use kiln_reference::{Data, Tensor};
+
+use wgpu::util::DeviceExt;
 
 use crate::gpu::{Gpu, RuntimeError};
 
@@ -16,7 +18,10 @@ use crate::gpu::{Gpu, RuntimeError};
 pub struct Program {
     pub compiled: Compiled,
     pipelines: Vec<wgpu::ComputePipeline>,
-    bind_groups: Vec<wgpu::BindGroup>,
+    /// Per kernel: its bind group, or one per image chunk (each with its windows and table).
+    bind_groups: Vec<Vec<wgpu::BindGroup>>,
+    /// The chunk tables of chunked kernels, kept alive with their bind groups.
+    _tables: Vec<wgpu::Buffer>,
     /// One per plan buffer; leaves may be shared with other programs.
     buffers: Vec<Arc<wgpu::Buffer>>,
 }
@@ -52,13 +57,25 @@ pub fn check_limits(gpu: &Gpu, compiled: &Compiled) -> Result<(), RuntimeError> 
     }
     for m in &compiled.modules {
         let what = format!("kernel {} of graph `{}`", m.name, compiled.graph.name);
-        let n = m.bindings.len() as u64;
+        let uniform =
+            |b: &&kiln_compiler::Binding| matches!(b.access, Access::Uniform | Access::Window);
+        let n = m.bindings.iter().filter(|b| !uniform(b)).count() as u64;
         if n > l.max_storage_buffers_per_shader_stage as u64 {
             return Err(gpu.limit_error(
-                what,
+                what.clone(),
                 "max_storage_buffers_per_shader_stage",
                 n,
                 l.max_storage_buffers_per_shader_stage as u64,
+            ));
+        }
+        let n =
+            (m.bindings.iter().filter(uniform).count() + usize::from(m.chunks.is_some())) as u64;
+        if n > l.max_uniform_buffers_per_shader_stage as u64 {
+            return Err(gpu.limit_error(
+                what.clone(),
+                "max_uniform_buffers_per_shader_stage",
+                n,
+                l.max_uniform_buffers_per_shader_stage as u64,
             ));
         }
         if m.workgroup_size
@@ -140,6 +157,7 @@ impl Program {
         }
         let mut pipelines = Vec::new();
         let mut bind_groups = Vec::new();
+        let mut tables = Vec::new();
         for m in &compiled.modules {
             let pipeline = gpu.scoped(
                 &format!("kernel {} of graph `{graph_name}`", m.name),
@@ -161,31 +179,94 @@ impl Program {
                         })
                 },
             )?;
-            let entries: Vec<wgpu::BindGroupEntry> = m
-                .bindings
-                .iter()
-                .map(|b| wgpu::BindGroupEntry {
-                    binding: b.binding,
-                    resource: buffers[b.buffer].as_entire_binding(),
-                })
-                .collect();
-            let bind_group = gpu.scoped(
-                &format!("bindings of kernel {} of graph `{graph_name}`", m.name),
-                || {
-                    gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                        label: Some(&m.name),
-                        layout: &pipeline.get_bind_group_layout(0),
-                        entries: &entries,
-                    })
-                },
-            )?;
+            let layout = pipeline.get_bind_group_layout(0);
+            let bind = |entries: &[wgpu::BindGroupEntry]| {
+                gpu.scoped(
+                    &format!("bindings of kernel {} of graph `{graph_name}`", m.name),
+                    || {
+                        gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                            label: Some(&m.name),
+                            layout: &layout,
+                            entries,
+                        })
+                    },
+                )
+            };
+            let groups = match &m.chunks {
+                None => {
+                    let entries: Vec<wgpu::BindGroupEntry> = m
+                        .bindings
+                        .iter()
+                        .map(|b| wgpu::BindGroupEntry {
+                            binding: b.binding,
+                            resource: buffers[b.buffer].as_entire_binding(),
+                        })
+                        .collect();
+                    vec![bind(&entries)?]
+                }
+                Some(c) => {
+                    let bytes = |b: usize| buffers[b].size();
+                    let stride = c.table_stride();
+                    let chunk_entries: Vec<_> = (0..c.count).map(|k| c.entry(k, &bytes)).collect();
+                    let mut table = vec![0u8; (stride * c.count as u64) as usize];
+                    for (k, e) in chunk_entries.iter().enumerate() {
+                        let at = k * stride as usize;
+                        let words: &[u8] = bytemuck::cast_slice(&e.table);
+                        table[at..at + words.len()].copy_from_slice(words);
+                    }
+                    let table = gpu
+                        .device
+                        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                            label: Some(&format!("{} chunk table", m.name)),
+                            contents: &table,
+                            usage: wgpu::BufferUsages::UNIFORM,
+                        });
+                    let mut groups = Vec::with_capacity(c.count);
+                    for (k, e) in chunk_entries.iter().enumerate() {
+                        let mut entries: Vec<wgpu::BindGroupEntry> = m
+                            .bindings
+                            .iter()
+                            .map(|b| {
+                                let resource = match c
+                                    .windows
+                                    .iter()
+                                    .position(|w| w.binding == b.binding)
+                                {
+                                    Some(w) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                        buffer: &buffers[b.buffer],
+                                        offset: e.window_offsets[w],
+                                        size: wgpu::BufferSize::new(c.windows[w].vec4s as u64 * 16),
+                                    }),
+                                    None => buffers[b.buffer].as_entire_binding(),
+                                };
+                                wgpu::BindGroupEntry {
+                                    binding: b.binding,
+                                    resource,
+                                }
+                            })
+                            .collect();
+                        entries.push(wgpu::BindGroupEntry {
+                            binding: c.table_binding,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: &table,
+                                offset: k as u64 * stride,
+                                size: wgpu::BufferSize::new(c.table_vec4s as u64 * 16),
+                            }),
+                        });
+                        groups.push(bind(&entries)?);
+                    }
+                    tables.push(table);
+                    groups
+                }
+            };
             pipelines.push(pipeline);
-            bind_groups.push(bind_group);
+            bind_groups.push(groups);
         }
         Ok(Program {
             compiled,
             pipelines,
             bind_groups,
+            _tables: tables,
             buffers,
         })
     }
@@ -210,8 +291,10 @@ impl Program {
     pub fn record_kernel(&self, pass: &mut wgpu::ComputePass<'_>, k: usize) {
         let m = &self.compiled.modules[k];
         pass.set_pipeline(&self.pipelines[k]);
-        pass.set_bind_group(0, &self.bind_groups[k], &[]);
-        pass.dispatch_workgroups(m.dispatch[0], m.dispatch[1], m.dispatch[2]);
+        for group in &self.bind_groups[k] {
+            pass.set_bind_group(0, group, &[]);
+            pass.dispatch_workgroups(m.dispatch[0], m.dispatch[1], m.dispatch[2]);
+        }
     }
 
     /// Time of each kernel of one run of the program, with its FLOPs and bytes (see
@@ -349,15 +432,8 @@ impl Program {
 
     /// Records every kernel, in plan order, into `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        for ((p, bg), m) in self
-            .pipelines
-            .iter()
-            .zip(&self.bind_groups)
-            .zip(&self.compiled.modules)
-        {
-            pass.set_pipeline(p);
-            pass.set_bind_group(0, bg, &[]);
-            pass.dispatch_workgroups(m.dispatch[0], m.dispatch[1], m.dispatch[2]);
+        for k in 0..self.pipelines.len() {
+            self.record_kernel(pass, k);
         }
     }
 }

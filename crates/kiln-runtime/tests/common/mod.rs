@@ -21,8 +21,9 @@ pub fn gpu() -> Option<Gpu> {
 }
 
 /// The schedules every comparison runs, all on the device at hand: the device's own (register
-/// blocked), the same without blocking, and the discrete-GPU schedule (256-invocation
-/// workgroups), so that each code path is checked whatever device the tests get.
+/// blocked), the same without blocking, the discrete-GPU schedule (256-invocation
+/// workgroups) and the CPU schedule with image chunks, so that each code path is checked
+/// whatever device the tests get.
 pub fn schedules(gpu: &Gpu) -> Vec<(&'static str, Target)> {
     let own = gpu.target.clone();
     vec![
@@ -38,6 +39,17 @@ pub fn schedules(gpu: &Gpu) -> Vec<(&'static str, Target)> {
             "discrete-gpu",
             Target {
                 class: DeviceClass::DiscreteGpu,
+                ..own.clone()
+            },
+        ),
+        // The CPU schedule with 20 KiB uniform bindings, so that a test batch of 8 exceeds
+        // them and runs both convolutions as image chunks through uniform windows,
+        // as batch 256 does with 64 KiB (see the compiler's plans tests).
+        (
+            "cpu-small-windows",
+            Target {
+                class: DeviceClass::Cpu,
+                max_uniform_buffer_binding_size: 20 << 10,
                 ..own
             },
         ),

@@ -1,0 +1,251 @@
+//! Image chunks: a kernel whose every output image needs only the same image of its batched
+//! operands runs as several dispatches of a few images each, and reads those operands through
+//! uniform-buffer windows over the images of its chunk.
+//!
+//! Why: on lavapipe (Mesa 22.3) every storage-buffer or workgroup-memory load is a loop over
+//! the eight SIMD lanes with a bounds check per lane, about 0.25 G loads/s on the 2-core CI
+//! machine, while a uniform-buffer load is one vector gather: 2 G/s scalar, 3 G/s as `vec4`
+//! (measured with a micro-benchmark of each kind of load; textures 0.5 G/s). A uniform binding
+//! holds at most 64 KiB, a few images of an activation, so the batch is cut into chunks that
+//! fit. Only CPU-class targets use this: on GPUs a divergent uniform read serialises in the
+//! constant cache.
+//!
+//! The kernel keeps its global index arithmetic. Each chunk's dispatch gets a small uniform
+//! table with its first and last invocation and, per window, the flat index of the window's
+//! first element, which the element functions subtract. The compiler computes the tables and
+//! window offsets ([`Chunks::entry`]); the runtime only binds and dispatches.
+
+use kiln_ir::{DType, Graph, NodeId, Op};
+
+/// A kernel split into dispatches of `images` images each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunks {
+    /// Dispatches (batch / images).
+    pub count: usize,
+    pub images: usize,
+    /// Invocations per dispatch.
+    pub invocations: usize,
+    /// The binding of the per-chunk table (`var<uniform> chunk: array<vec4<u32>, N>`).
+    pub table_binding: u32,
+    /// `vec4<u32>` entries of the table: `(first invocation, end invocation, 0, 0)`, then the
+    /// windows' base indices four to an entry.
+    pub table_vec4s: usize,
+    pub windows: Vec<Window>,
+    /// Alignment of a uniform binding's offset, in bytes.
+    pub alignment: u64,
+}
+
+/// A batched operand read through a uniform window over the images of a chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub binding: u32,
+    /// Index into [`crate::Plan::buffers`].
+    pub buffer: usize,
+    /// Elements (32-bit words) per image.
+    pub image_words: usize,
+    /// Declared size of the window, in `vec4`s.
+    pub vec4s: usize,
+}
+
+/// What chunk `k`'s dispatch binds: its table words and each window's byte offset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkEntry {
+    pub table: Vec<u32>,
+    pub window_offsets: Vec<u64>,
+}
+
+impl Chunks {
+    /// Chunk `k`'s table and window offsets; `buffer_bytes(b)` is plan buffer `b`'s size.
+    /// A window starts at the aligned offset at or below its chunk's first image, pulled back
+    /// for the last chunks so that it ends inside the buffer.
+    pub fn entry(&self, k: usize, buffer_bytes: &dyn Fn(usize) -> u64) -> ChunkEntry {
+        let first = k * self.invocations;
+        let mut table = vec![first as u32, (first + self.invocations) as u32, 0, 0];
+        let mut window_offsets = Vec::new();
+        for w in &self.windows {
+            let start = (k * self.images * w.image_words * 4) as u64;
+            let room = buffer_bytes(w.buffer).saturating_sub((w.vec4s * 16) as u64);
+            let offset = start.min(room) / self.alignment * self.alignment;
+            window_offsets.push(offset);
+            table.push((offset / 4) as u32);
+        }
+        table.resize(self.table_vec4s * 4, 0);
+        ChunkEntry {
+            table,
+            window_offsets,
+        }
+    }
+
+    /// Bytes between two chunks' tables in the table buffer.
+    pub fn table_stride(&self) -> u64 {
+        ((self.table_vec4s * 16) as u64).div_ceil(self.alignment) * self.alignment
+    }
+}
+
+/// The WGSL expression of window `w`'s base index in the chunk table.
+pub(crate) fn window_base(w: usize) -> String {
+    format!("chunk[{}].{}", 1 + w / 4, ["x", "y", "z", "w"][w % 4])
+}
+
+/// Whether output image `n` of `node` needs only image `n` of its operand `k` (both batched).
+fn image_local(graph: &Graph, node: NodeId, k: usize) -> bool {
+    let n = graph.node(node);
+    let out = &n.ty.shape;
+    let input = &graph.ty(n.inputs[k]).shape;
+    let same_batch = !out.is_empty() && !input.is_empty() && out[0] == input[0];
+    same_batch
+        && match &n.op {
+            Op::Sigmoid
+            | Op::Relu
+            | Op::Tanh
+            | Op::SigmoidGrad
+            | Op::ReluGrad
+            | Op::TanhGrad
+            | Op::Add
+            | Op::Sub
+            | Op::Scale { .. }
+            | Op::ScaleU8 => input == out,
+            Op::BiasAdd { .. } | Op::Conv2d { .. } | Op::Conv2dGradInput { .. } => k == 0,
+            Op::AvgPool2d { .. }
+            | Op::MaxPool2d { .. }
+            | Op::AvgPool2dGrad { .. }
+            | Op::MaxPool2dGrad { .. }
+            | Op::Reshape { .. }
+            | Op::SoftmaxCrossEntropyGrad => true,
+            Op::MatMul { transpose_a, .. } => k == 0 && !transpose_a,
+            _ => false,
+        }
+}
+
+/// Per node: whether it is batched with `batch` images, i.e. follows from a batch-sized input
+/// through image-local ops only (a weight whose first axis happens to equal the batch is not).
+pub(crate) fn batched(graph: &Graph, batch: usize) -> Vec<bool> {
+    let mut b = vec![false; graph.nodes().len()];
+    for (idx, node) in graph.nodes().iter().enumerate() {
+        let id = NodeId(idx);
+        b[idx] = match &node.op {
+            Op::Input { .. } => node.ty.shape.first() == Some(&batch),
+            // A batch gathered from a data set on the device: batched by its indices.
+            Op::Gather => b[node.inputs[1].0] && node.ty.shape.first() == Some(&batch),
+            _ => {
+                node.ty.shape.first() == Some(&batch)
+                    && node
+                        .inputs
+                        .iter()
+                        .enumerate()
+                        .any(|(k, i)| b[i.0] && image_local(graph, id, k))
+            }
+        };
+    }
+    b
+}
+
+/// Whether a kernel computing `nodes` (root `root`) computes each image of its root from the
+/// same image of every batched value it touches, so that it can run image chunk by chunk.
+pub(crate) fn kernel_is_image_local(
+    graph: &Graph,
+    nodes: &[NodeId],
+    root: NodeId,
+    batched: &[bool],
+) -> bool {
+    batched[root.0]
+        && nodes.iter().all(|&n| {
+            graph
+                .node(n)
+                .inputs
+                .iter()
+                .enumerate()
+                .all(|(k, i)| !batched[i.0] || (batched[n.0] && image_local(graph, n, k)))
+        })
+}
+
+/// Whether `id` can be read through a window: batched f32 words.
+pub(crate) fn windowable(graph: &Graph, id: NodeId, batched: &[bool]) -> bool {
+    batched[id.0] && graph.ty(id).dtype == DType::F32
+}
+
+/// The most images per chunk (a divisor of `batch` and a multiple of `per_invocation`) for
+/// which every window, `image_words` per image plus the alignment slack, fits in
+/// `max_bytes`; `None` when not even `per_invocation` images fit.
+pub(crate) fn images_per_chunk(
+    batch: usize,
+    per_invocation: usize,
+    image_words: &[usize],
+    alignment: u64,
+    max_bytes: u64,
+) -> Option<usize> {
+    let fits = |c: usize| {
+        image_words
+            .iter()
+            .all(|w| window_vec4s(c, *w, alignment) as u64 * 16 <= max_bytes)
+    };
+    (1..=batch / per_invocation.max(1))
+        .map(|m| m * per_invocation.max(1))
+        .filter(|&c| batch % c == 0 && fits(c))
+        .max()
+}
+
+/// `vec4`s of a window over `images` images of `words` words starting anywhere: the images
+/// plus the distance back to an aligned offset.
+pub(crate) fn window_vec4s(images: usize, words: usize, alignment: u64) -> usize {
+    (images * words * 4 + alignment as usize - 4).div_ceil(16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes_fit_the_window_and_divide_the_batch() {
+        // conv2's input: 6x14x14 words per image; 64 KiB windows, 32-byte alignment.
+        assert_eq!(images_per_chunk(256, 1, &[1176], 32, 65536), Some(8));
+        // Blocks of four images per invocation.
+        assert_eq!(images_per_chunk(256, 4, &[1176], 32, 65536), Some(8));
+        // conv1's input, 28x28: 20 would fit, 16 divides 256.
+        assert_eq!(images_per_chunk(256, 4, &[784], 32, 65536), Some(16));
+        // The largest window decides.
+        assert_eq!(images_per_chunk(256, 1, &[784, 1176], 32, 65536), Some(8));
+        // Not even one image fits.
+        assert_eq!(images_per_chunk(256, 1, &[20000], 32, 65536), None);
+        assert_eq!(images_per_chunk(12, 4, &[1176], 256, 65536), Some(12));
+    }
+
+    #[test]
+    fn windows_cover_their_chunk_and_stay_inside_the_buffer() {
+        let words = 1176;
+        let images = 8;
+        let alignment = 32;
+        let c = Chunks {
+            count: 32,
+            images,
+            invocations: 200,
+            table_binding: 3,
+            table_vec4s: 2,
+            windows: vec![Window {
+                binding: 0,
+                buffer: 0,
+                image_words: words,
+                vec4s: window_vec4s(images, words, alignment),
+            }],
+            alignment,
+        };
+        let bytes = (256 * words * 4) as u64;
+        for k in 0..c.count {
+            let e = c.entry(k, &|_| bytes);
+            let off = e.window_offsets[0];
+            let (start, end) = (
+                (k * images * words * 4) as u64,
+                ((k + 1) * images * words * 4) as u64,
+            );
+            assert_eq!(off % alignment, 0, "chunk {k}");
+            assert!(
+                off <= start && end <= off + c.windows[0].vec4s as u64 * 16,
+                "chunk {k}"
+            );
+            assert!(off + c.windows[0].vec4s as u64 * 16 <= bytes, "chunk {k}");
+            assert_eq!(e.table[4] as u64 * 4, off);
+            assert_eq!(e.table[..2], [(k * 200) as u32, (k * 200 + 200) as u32]);
+            assert_eq!(e.table.len(), 8);
+        }
+    }
+}
