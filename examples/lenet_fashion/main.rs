@@ -455,7 +455,9 @@ fn run(args: Args) -> Result<()> {
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
             eprintln!("\nsecond interrupt: exiting now");
-            std::process::exit(130);
+            // SAFETY: `_exit` ends the process without running exit handlers or destructors,
+            // which is the point: nothing may touch the device after this.
+            unsafe { libc::_exit(130) }
         }
         eprintln!("\ninterrupt: finishing the steps in flight (Ctrl-C again to exit at once)");
     })

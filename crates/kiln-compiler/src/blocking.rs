@@ -35,7 +35,7 @@ use std::fmt::Write as _;
 use kiln_ir::{DType, Graph, NodeId, Op};
 
 use crate::plan::{Kernel, Placement, Plan};
-use crate::wgsl::{UniformIndex, body_with, matmul_indices, strides, u, v};
+use crate::wgsl::{UniformIndex, batch_range, body_over, body_with, matmul_indices, strides, u, v};
 
 /// Outputs per invocation of a blocked kernel (the lanes of a `vec4`).
 pub const LANES: usize = 4;
@@ -62,6 +62,8 @@ pub struct LaneFns<'a> {
     pub blocked_work: usize,
     /// The reductions with a blocked rule, for the kernel's header.
     pub blocked: Vec<String>,
+    /// Reductions over the batch that sum only the images of the kernel's current chunk.
+    pub chunked: Vec<NodeId>,
 }
 
 pub fn lane_fn(id: NodeId, stride: usize) -> String {
@@ -92,6 +94,7 @@ impl<'a> LaneFns<'a> {
             text: String::new(),
             blocked_work: 0,
             blocked: Vec::new(),
+            chunked: Vec::new(),
         }
     }
 
@@ -240,7 +243,13 @@ impl<'a> LaneFns<'a> {
                 axis.expect("reductions have a rule only for an axis")
             ));
         }
-        Some(body_with(graph, id, &names, "vec4<f32>"))
+        Some(body_over(
+            graph,
+            id,
+            &names,
+            "vec4<f32>",
+            self.chunked.contains(&id),
+        ))
     }
 }
 
@@ -275,7 +284,7 @@ fn store_lanes(slot: u32, stride: usize) -> String {
 }
 
 /// `base + delta` as WGSL, without a `+ 0u`.
-fn offset(base: &str, delta: usize) -> String {
+pub(crate) fn offset(base: &str, delta: usize) -> String {
     if delta == 0 {
         base.to_string()
     } else {
@@ -296,6 +305,7 @@ pub fn choose<'a>(
     root: NodeId,
     binding_of: &'a dyn Fn(usize) -> u32,
     uniform: UniformIndex<'a>,
+    chunked: &[NodeId],
 ) -> Option<(Blocking, LaneFns<'a>)> {
     let ty = graph.ty(root);
     if ty.dtype != DType::F32 {
@@ -332,6 +342,7 @@ pub fn choose<'a>(
         }
         seen.push(c);
         let mut fns = LaneFns::new(graph, plan, kernel, binding_of, uniform);
+        fns.chunked = chunked.to_vec();
         fns.request(root, c.stride);
         let better = best
             .as_ref()
@@ -675,6 +686,7 @@ impl LaneFns<'_> {
         let shape = |k: usize| graph.ty(node.inputs[k]).shape.clone();
         let in_strides = |k: usize| strides(&graph.ty(node.inputs[k]).shape);
         let name = format!("v{}_rows_of_reduction", red.0);
+        let chunked = self.chunked.contains(&red);
         let accs: Vec<String> = (0..r).map(|k| format!("acc{k}")).collect();
         let mut s = String::new();
         for a in &accs {
@@ -691,7 +703,7 @@ impl LaneFns<'_> {
                     .map(|k| format!("                acc{k} += {x}({}) * d;", offset("xb", k)))
                     .collect();
                 format!(
-                    "{}{s}    for (var n = 0u; n < {N}; n++) {{
+                    "{}{s}    for (var n = {N0}; n < {N}; n++) {{
         for (var oy = 0u; oy < {OH}; oy++) {{
             let iy = oy * {SY} + ky;
             for (var ox = 0u; ox < {OW}; ox++) {{
@@ -703,7 +715,8 @@ impl LaneFns<'_> {
     }}
 ",
                     crate::wgsl::decode(&["o", "c", "ky", "kx"], out),
-                    N = u(n),
+                    N0 = batch_range(n, chunked).0,
+                    N = batch_range(n, chunked).1,
                     C = u(c),
                     H = u(h),
                     W = u(w),
@@ -751,13 +764,14 @@ impl LaneFns<'_> {
                     .map(|q| format!("        acc{q} += {av}({}) * bb;", ai(offset("r", q))))
                     .collect();
                 format!(
-                    "{}{s}    for (var p = 0u; p < {K}; p++) {{
+                    "{}{s}    for (var p = {K0}; p < {K}; p++) {{
         let bb = {bv}({bi});
 {adds}
     }}
 ",
                     crate::wgsl::decode(&["r", "c"], out),
-                    K = u(k),
+                    K0 = batch_range(k, chunked).0,
+                    K = batch_range(k, chunked).1,
                     adds = adds.join("\n"),
                 )
             }

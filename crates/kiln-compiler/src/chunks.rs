@@ -33,6 +33,18 @@ pub struct Chunks {
     pub windows: Vec<Window>,
     /// Alignment of a uniform binding's offset, in bytes.
     pub alignment: u64,
+    /// Reductions over the batch carried from chunk to chunk (weight gradients): every
+    /// dispatch runs all invocations over its own images and adds the sums so far; the last
+    /// one runs the epilogue. Empty for image chunks, whose dispatches split the invocations.
+    pub sums: Vec<Sum>,
+}
+
+/// The running sum of one reduction over the batch, a storage buffer the runtime creates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sum {
+    pub binding: u32,
+    pub node: NodeId,
+    pub words: usize,
 }
 
 /// A batched operand read through a uniform window over the images of a chunk.
@@ -56,11 +68,22 @@ pub struct ChunkEntry {
 
 impl Chunks {
     /// Chunk `k`'s table and window offsets; `buffer_bytes(b)` is plan buffer `b`'s size.
-    /// A window starts at the aligned offset at or below its chunk's first image, pulled back
-    /// for the last chunks so that it ends inside the buffer.
+    /// The table's first entry is `(first invocation, end invocation, first image, end
+    /// image)`. A window starts at the aligned offset at or below its chunk's first image,
+    /// pulled back for the last chunks so that it ends inside the buffer.
     pub fn entry(&self, k: usize, buffer_bytes: &dyn Fn(usize) -> u64) -> ChunkEntry {
-        let first = k * self.invocations;
-        let mut table = vec![first as u32, (first + self.invocations) as u32, 0, 0];
+        let first = if self.sums.is_empty() {
+            k * self.invocations
+        } else {
+            0
+        };
+        let images = k * self.images;
+        let mut table = vec![
+            first as u32,
+            (first + self.invocations) as u32,
+            images as u32,
+            (images + self.images) as u32,
+        ];
         let mut window_offsets = Vec::new();
         for w in &self.windows {
             let start = (k * self.images * w.image_words * 4) as u64;
@@ -159,6 +182,149 @@ pub(crate) fn kernel_is_image_local(
         })
 }
 
+/// Whether `node` sums its operand `k` over the batch (a weight or bias gradient).
+fn sums_batch(graph: &Graph, node: NodeId, k: usize) -> bool {
+    let n = graph.node(node);
+    match &n.op {
+        Op::Conv2dGradWeight { .. } => k < 2,
+        Op::MatMul {
+            transpose_a: true,
+            transpose_b: false,
+        } => true,
+        Op::ReduceSum { axes } => axes.first() == Some(&0),
+        _ => false,
+    }
+}
+
+/// Same flat index, elementwise: whether `from`'s element `i` is computed from element `i`
+/// of `to` through ops of `nodes` that keep the index.
+pub(crate) fn elementwise_path(graph: &Graph, nodes: &[NodeId], from: NodeId, to: NodeId) -> bool {
+    if from == to {
+        return true;
+    }
+    let node = graph.node(from);
+    let keeps_index = matches!(
+        node.op,
+        Op::Sigmoid
+            | Op::Relu
+            | Op::Tanh
+            | Op::SigmoidGrad
+            | Op::ReluGrad
+            | Op::TanhGrad
+            | Op::Add
+            | Op::Sub
+            | Op::Scale { .. }
+            | Op::Reshape { .. }
+    );
+    nodes.contains(&from)
+        && keeps_index
+        && node.ty.numel() == graph.ty(to).numel()
+        && node
+            .inputs
+            .iter()
+            .any(|&i| elementwise_path(graph, nodes, i, to))
+}
+
+/// For a kernel whose roots are not batched: its reductions over the batch, each with the
+/// root that reaches it elementwise, when every batched value the kernel touches is either
+/// image-local or summed by one of them; `None` otherwise (or when there are none).
+pub(crate) fn batch_sums(
+    graph: &Graph,
+    nodes: &[NodeId],
+    roots: &[NodeId],
+    batched: &[bool],
+) -> Option<Vec<(NodeId, NodeId)>> {
+    if roots.iter().any(|r| batched[r.0]) {
+        return None;
+    }
+    let mut sums = Vec::new();
+    for &n in nodes {
+        for (k, i) in graph.node(n).inputs.iter().enumerate() {
+            if !batched[i.0] {
+                continue;
+            }
+            if batched[n.0] && image_local(graph, n, k) {
+                continue;
+            }
+            if batched[n.0] || !sums_batch(graph, n, k) {
+                return None;
+            }
+            if !sums.iter().any(|(s, _)| *s == n) {
+                let root = roots
+                    .iter()
+                    .find(|&&r| elementwise_path(graph, nodes, r, n))?;
+                sums.push((n, *root));
+            }
+        }
+    }
+    (!sums.is_empty()).then_some(sums)
+}
+
+/// `text` with every function computing reduction `red` (scalar, lanes, rows) renamed
+/// `..._chunk` and wrapped: the wrapper adds the sum carried in `sum<red>` from the chunks
+/// before, except in the first chunk. `rows_stores` are the rows function's offsets from `i`
+/// and the `rows[q].<lane>` they hold.
+pub(crate) fn carry_in(text: &str, red: NodeId, rows_stores: &[(usize, String)]) -> String {
+    let v = format!("v{}", red.0);
+    let sum = format!("sum{}", red.0);
+    let at = |off: usize| crate::blocking::offset("i", off);
+    let mut out = text.to_string();
+    let mut wrappers = String::new();
+    let scalar = format!("fn {v}(i: u32) -> f32 {{");
+    if out.contains(&scalar) {
+        out = out.replace(&scalar, &format!("fn {v}_chunk(i: u32) -> f32 {{"));
+        wrappers.push_str(&format!(
+            "fn {v}(i: u32) -> f32 {{\n    if (chunk[0].z == 0u) {{\n        return {v}_chunk(i);\n    }}\n    return {v}_chunk(i) + {sum}[i];\n}}\n"
+        ));
+    }
+    let lanes_prefix = format!("fn {v}_x4s");
+    let strides: Vec<usize> = out
+        .match_indices(&lanes_prefix)
+        .filter_map(|(k, _)| {
+            let rest = &out[k + lanes_prefix.len()..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            rest[digits.len()..]
+                .starts_with("(i: u32)")
+                .then(|| digits.parse().ok())
+                .flatten()
+        })
+        .collect();
+    for stride in strides {
+        let name = format!("{v}_x4s{stride}");
+        out = out.replace(
+            &format!("fn {name}(i: u32)"),
+            &format!("fn {name}_chunk(i: u32)"),
+        );
+        let carried: Vec<String> = (0..4)
+            .map(|k| format!("{sum}[{}]", at(k * stride)))
+            .collect();
+        wrappers.push_str(&format!(
+            "fn {name}(i: u32) -> vec4<f32> {{\n    if (chunk[0].z == 0u) {{\n        return {name}_chunk(i);\n    }}\n    return {name}_chunk(i) + vec4<f32>({});\n}}\n",
+            carried.join(", ")
+        ));
+    }
+    let rows_name = format!("{v}_rows_of_reduction");
+    let rows_head = format!("fn {rows_name}(i: u32) -> ");
+    if let Some(k) = out.find(&rows_head) {
+        let ret: String = out[k + rows_head.len()..]
+            .chars()
+            .take_while(|c| *c != '{')
+            .collect();
+        let ret = ret.trim().to_string();
+        out = out.replace(&rows_head, &format!("fn {rows_name}_chunk(i: u32) -> "));
+        let adds: Vec<String> = rows_stores
+            .iter()
+            .map(|(off, value)| format!("        {value} += {sum}[{}];", at(*off)))
+            .collect();
+        wrappers.push_str(&format!(
+            "fn {rows_name}(i: u32) -> {ret} {{\n    var rows = {rows_name}_chunk(i);\n    if (chunk[0].z != 0u) {{\n{}\n    }}\n    return rows;\n}}\n",
+            adds.join("\n")
+        ));
+    }
+    out.push_str(&wrappers);
+    out
+}
+
 /// Whether `id` can be read through a window: batched f32 words.
 pub(crate) fn windowable(graph: &Graph, id: NodeId, batched: &[bool]) -> bool {
     batched[id.0] && graph.ty(id).dtype == DType::F32
@@ -228,6 +394,7 @@ mod tests {
                 vec4s: window_vec4s(images, words, alignment),
             }],
             alignment,
+            sums: Vec::new(),
         };
         let bytes = (256 * words * 4) as u64;
         for k in 0..c.count {
@@ -244,7 +411,8 @@ mod tests {
             );
             assert!(off + c.windows[0].vec4s as u64 * 16 <= bytes, "chunk {k}");
             assert_eq!(e.table[4] as u64 * 4, off);
-            assert_eq!(e.table[..2], [(k * 200) as u32, (k * 200 + 200) as u32]);
+            let (j, n) = ((k * 200) as u32, (k * images) as u32);
+            assert_eq!(e.table[..4], [j, j + 200, n, n + images as u32]);
             assert_eq!(e.table.len(), 8);
         }
     }

@@ -11,7 +11,7 @@ mod target;
 mod verify_plan;
 mod wgsl;
 
-pub use chunks::{ChunkEntry, Chunks, Window};
+pub use chunks::{ChunkEntry, Chunks, Sum, Window};
 pub use compile::{CompileError, Compiled, compile};
 pub use plan::{
     Buffer, BufferKind, FuseError, Head, Kernel, KernelKind, MAX_HEAD_CLASSES, MAX_INLINE_READS,

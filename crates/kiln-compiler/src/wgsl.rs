@@ -280,6 +280,27 @@ fn body(graph: &Graph, id: NodeId) -> String {
 /// for four lanes), calling `inputs[k]` for operand `k`. Formulas are written so that they hold
 /// for both: a vector operand makes the arithmetic per lane, a scalar one is shared by the lanes.
 pub(crate) fn body_with(graph: &Graph, id: NodeId, inputs: &[String], value: &str) -> String {
+    body_over(graph, id, inputs, value, false)
+}
+
+/// The loop bounds of a reduction over `n` images: all of them, or (`chunked`) those of the
+/// chunk in the kernel's chunk table.
+pub(crate) fn batch_range(n: usize, chunked: bool) -> (String, String) {
+    if chunked {
+        ("chunk[0].z".into(), "chunk[0].w".into())
+    } else {
+        ("0u".into(), u(n))
+    }
+}
+
+/// [`body_with`]; a reduction over the batch sums only the chunk's images when `chunked`.
+pub(crate) fn body_over(
+    graph: &Graph,
+    id: NodeId,
+    inputs: &[String],
+    value: &str,
+    chunked: bool,
+) -> String {
     let node = graph.node(id);
     let ins = &node.inputs;
     let shape = |k: usize| graph.ty(ins[k]).shape.clone();
@@ -464,7 +485,7 @@ pub(crate) fn body_with(graph: &Graph, id: NodeId, inputs: &[String], value: &st
             );
             format!(
                 "{}    var acc = {zero};
-    for (var n = 0u; n < {N}; n++) {{
+    for (var n = {N0}; n < {N}; n++) {{
         for (var oy = 0u; oy < {OH}; oy++) {{
 {ty}
             for (var ox = 0u; ox < {OW}; ox++) {{
@@ -476,7 +497,8 @@ pub(crate) fn body_with(graph: &Graph, id: NodeId, inputs: &[String], value: &st
     return acc;
 ",
                 decode(&["o", "c", "ky", "kx"], out),
-                N = u(n),
+                N0 = batch_range(n, chunked).0,
+                N = batch_range(n, chunked).1,
                 C = u(c),
                 H = u(h),
                 W = u(w),
@@ -607,10 +629,10 @@ pub(crate) fn body_with(graph: &Graph, id: NodeId, inputs: &[String], value: &st
             transpose_b,
         } => {
             let (k, ai, bi) = matmul_indices(*transpose_a, *transpose_b, &shape(0), &shape(1), "r");
+            let (p0, p1) = batch_range(k, chunked);
             format!(
-                "{}    var acc = {zero};\n    for (var p = 0u; p < {}; p++) {{\n        acc += {}({ai}) * {}({bi});\n    }}\n    return acc;\n",
+                "{}    var acc = {zero};\n    for (var p = {p0}; p < {p1}; p++) {{\n        acc += {}({ai}) * {}({bi});\n    }}\n    return acc;\n",
                 decode(&["r", "c"], out),
-                u(k),
                 x(0),
                 x(1)
             )
@@ -626,11 +648,8 @@ pub(crate) fn body_with(graph: &Graph, id: NodeId, inputs: &[String], value: &st
             let _ = writeln!(s, "    var acc = {zero};");
             let mut indent = String::from("    ");
             for &a in axes {
-                let _ = writeln!(
-                    s,
-                    "{indent}for (var r{a} = 0u; r{a} < {}; r{a}++) {{",
-                    u(xs[a])
-                );
+                let (lo, hi) = batch_range(xs[a], chunked && a == 0);
+                let _ = writeln!(s, "{indent}for (var r{a} = {lo}; r{a} < {hi}; r{a}++) {{");
                 indent.push_str("    ");
             }
             let terms: Vec<String> = (0..xs.len())
@@ -732,6 +751,7 @@ fn functions(
     kernel: &Kernel,
     binding_of: &dyn Fn(usize) -> u32,
     uniform: UniformIndex,
+    summed: &[NodeId],
 ) -> String {
     let mut s = String::new();
     for &r in &kernel.reads {
@@ -780,7 +800,8 @@ fn functions(
     };
     for &n in kernel.nodes.iter().filter(|n| !in_head_main.contains(n)) {
         let ty = wgsl_type(graph.ty(n).dtype);
-        let mut b = body(graph, n);
+        let names: Vec<String> = graph.node(n).inputs.iter().map(|&x| v(x)).collect();
+        let mut b = body_over(graph, n, &names, "f32", summed.contains(&n));
         let saved =
             matches!(plan.placement[n.0], Placement::Side { .. }) && kernel.stores.contains(&n);
         if saved {
@@ -869,8 +890,11 @@ fn emit_kernel_with(
     }
     // On CPU-class devices every small read-only f32 value is read from a uniform binding too,
     // and an image-local kernel reads its large batched operands through per-chunk windows
-    // (one uniform binding is kept for the chunk table).
+    // (one uniform binding is kept for the chunk table). A kernel summing over the batch runs
+    // chunk by chunk too, carrying its partial sums.
     let mut batch = None;
+    let mut sums: Vec<(NodeId, NodeId)> = Vec::new();
+    let mut sum_batch: Option<(usize, Vec<bool>)> = None;
     if target.class == DeviceClass::Cpu {
         let max = target.max_uniform_buffer_binding_size;
         for (b, access) in used.iter_mut() {
@@ -889,7 +913,43 @@ fn emit_kernel_with(
             KernelKind::Map { roots } if try_chunks && roots.len() == 1 => Some(roots[0]),
             _ => None,
         };
-        if let Some((root, &n)) = root.and_then(|r| Some((r, graph.ty(r).shape.first()?))) {
+        // A kernel summing batched values over the batch (weight gradients): the batch is
+        // the first axis of what it reads.
+        if let KernelKind::Map { roots } = &kernel.kind
+            && try_chunks
+        {
+            for n in kernel
+                .reads
+                .iter()
+                .filter_map(|r| graph.ty(*r).shape.first())
+            {
+                let batched = chunks::batched(graph, *n);
+                if let Some(s) = chunks::batch_sums(graph, &kernel.nodes, roots, &batched) {
+                    sums = s;
+                    sum_batch = Some((*n, batched));
+                    break;
+                }
+            }
+        }
+        if let Some((n, batched)) = &sum_batch {
+            for (b, access) in used.iter_mut() {
+                let windowable = kernel.reads.iter().any(|r| {
+                    plan.buffer_of[r.0] == Some(*b) && chunks::windowable(graph, *r, batched)
+                });
+                if *access == Access::Read
+                    && windowable
+                    && uniforms + 1 < target.max_uniform_buffers_per_stage
+                {
+                    *access = Access::Window;
+                    uniforms += 1;
+                }
+            }
+            if used.iter().any(|(_, a)| *a == Access::Window) {
+                batch = Some(*n);
+            } else {
+                sums.clear();
+            }
+        } else if let Some((root, &n)) = root.and_then(|r| Some((r, graph.ty(r).shape.first()?))) {
             let batched = chunks::batched(graph, n);
             if chunks::kernel_is_image_local(graph, &kernel.nodes, root, &batched) {
                 for (b, access) in used.iter_mut() {
@@ -948,6 +1008,7 @@ fn emit_kernel_with(
             Access::Read | Access::ReadWrite => None,
         }
     };
+    let summed: Vec<NodeId> = sums.iter().map(|s| s.0).collect();
     // Register blocking: the largest root, four elements per invocation, when that gives a
     // reduction a blocked rule and the other roots fit in the fewer invocations.
     let blocking = match &kernel.kind {
@@ -961,7 +1022,7 @@ fn emit_kernel_with(
                 .iter()
                 .all(|r| *r == main || graph.ty(*r).numel() <= quads);
             if others_fit {
-                blocking::choose(graph, plan, kernel, main, &binding_of, &uniform).map(
+                blocking::choose(graph, plan, kernel, main, &binding_of, &uniform, &summed).map(
                     |(b, fns)| {
                         // Rows too, when the other roots still fit in the fewer invocations.
                         let rows = fns.rows_for(main, b.stride).filter(|r| {
@@ -976,6 +1037,7 @@ fn emit_kernel_with(
                             Some(r) => {
                                 let mut fresh =
                                     LaneFns::new(graph, plan, kernel, &binding_of, &uniform);
+                                fresh.chunked = summed.clone();
                                 let name = fresh.rows_fn(main, b.stride, r);
                                 (main, b, fresh, Some((r, name)))
                             }
@@ -1050,7 +1112,13 @@ fn emit_kernel_with(
                 ),
             };
             if let Some(n) = batch {
-                let Some(per) = per_invocation(n) else {
+                // Every dispatch of a summing kernel runs all its invocations.
+                let per = if sums.is_empty() {
+                    per_invocation(n)
+                } else {
+                    Some(1)
+                };
+                let Some(per) = per else {
                     return Ok(None);
                 };
                 let words: Vec<usize> = windowed
@@ -1068,7 +1136,7 @@ fn emit_kernel_with(
                     return Ok(None);
                 };
                 let count = n / images;
-                if numel as usize % count != 0 {
+                if sums.is_empty() && numel as usize % count != 0 {
                     return Ok(None);
                 }
                 let windows = windowed
@@ -1081,14 +1149,28 @@ fn emit_kernel_with(
                         vec4s: chunks::window_vec4s(images, w, align),
                     })
                     .collect::<Vec<_>>();
+                let table_binding = bindings.len() as u32;
                 chunking = Some(Chunks {
                     count,
                     images,
-                    invocations: numel as usize / count,
-                    table_binding: bindings.len() as u32,
+                    invocations: if sums.is_empty() {
+                        numel as usize / count
+                    } else {
+                        numel as usize
+                    },
+                    table_binding,
                     table_vec4s: 1 + windows.len().div_ceil(4),
                     windows,
                     alignment: align,
+                    sums: sums
+                        .iter()
+                        .enumerate()
+                        .map(|(k, (red, _))| chunks::Sum {
+                            binding: table_binding + 1 + k as u32,
+                            node: *red,
+                            words: graph.ty(*red).numel(),
+                        })
+                        .collect(),
                 });
             }
             // Each dispatch runs one chunk's invocations.
@@ -1223,15 +1305,33 @@ fn emit_kernel_with(
             "@group(0) @binding({}) var<uniform> chunk: array<vec4<u32>, {}>;",
             c.table_binding, c.table_vec4s
         );
+        for sum in &c.sums {
+            let _ = writeln!(
+                s,
+                "@group(0) @binding({}) var<storage, read_write> sum{}: array<f32>;",
+                sum.binding, sum.node.0
+            );
+        }
     }
     s.push('\n');
-    s.push_str(&functions(graph, plan, kernel, &binding_of, &uniform));
-    s.push('\n');
+    let mut fn_text = functions(graph, plan, kernel, &binding_of, &uniform, &summed);
+    // Summing kernels: each dispatch's reductions add the sums carried from the chunks before.
+    let batch_end = batch.unwrap_or(0);
+    let last_chunk_only = |carry: &str| -> String {
+        if carry.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "    if (chunk[0].w < {}) {{\n{carry}        return;\n    }}\n",
+                u(batch_end)
+            )
+        }
+    };
     match &kernel.kind {
         KernelKind::Map { roots } if blocking.is_some() => {
             let (main, b, fns, rows) = blocking.as_ref().expect("blocked");
-            s.push_str(&fns.text);
-            s.push('\n');
+            fn_text.push('\n');
+            fn_text.push_str(&fns.text);
             let lane = |k: usize| ["x", "y", "z", "w"][k];
             let main_numel = graph.ty(*main).numel();
             // The invocation grid: the main root's index space with its blocked axes divided
@@ -1281,6 +1381,40 @@ fn emit_kernel_with(
                         .collect(),
                 ),
             };
+            // Before the last chunk, store the running sums where the roots would go.
+            let mut carry = String::new();
+            for &(red, root) in &sums {
+                if root == *main {
+                    let call = match rows {
+                        Some((r, _)) if r.reduction == red && r.pool.is_none() => {
+                            format!("v{}_rows_of_reduction(i)", red.0)
+                        }
+                        Some(_) => return Ok(None),
+                        None => format!("{}(i)", lane_fn(red, b.stride)),
+                    };
+                    let var = if rows.is_some() { "rows" } else { "value" };
+                    let _ = writeln!(carry, "        let {var} = {call};");
+                    for (off, value) in &stores {
+                        let _ = writeln!(
+                            carry,
+                            "        sum{}[{}] = {value};",
+                            red.0,
+                            blocking::offset("i", *off)
+                        );
+                    }
+                    fn_text = chunks::carry_in(&fn_text, red, &stores);
+                } else {
+                    let _ = writeln!(
+                        carry,
+                        "        if (j < {}) {{\n            sum{r}[j] = v{r}(j);\n        }}",
+                        u(graph.ty(root).numel()),
+                        r = red.0
+                    );
+                    fn_text = chunks::carry_in(&fn_text, red, &[]);
+                }
+            }
+            s.push_str(&fn_text);
+            s.push('\n');
             s.push_str(&blocked_main(
                 graph,
                 plan,
@@ -1291,11 +1425,24 @@ fn emit_kernel_with(
                 workgroup_size,
                 dispatch,
                 chunking.is_some(),
+                &last_chunk_only(&carry),
                 &binding_of,
             ));
         }
         KernelKind::Map { roots } => {
-            let mut body = String::new();
+            let mut carry = String::new();
+            for &(red, root) in &sums {
+                let _ = writeln!(
+                    carry,
+                    "        if (i < {}) {{\n            sum{r}[i] = v{r}(i);\n        }}",
+                    u(graph.ty(root).numel()),
+                    r = red.0
+                );
+                fn_text = chunks::carry_in(&fn_text, red, &[]);
+            }
+            s.push_str(&fn_text);
+            s.push('\n');
+            let mut body = last_chunk_only(&carry);
             let mut numel = 0;
             for r in roots {
                 let n = numel_u32(&kernel.name, graph.ty(*r))?;
@@ -1326,7 +1473,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
                 ),
             );
         }
-        KernelKind::Head(h) => s.push_str(&head_main(graph, plan, h, &binding_of)),
+        KernelKind::Head(h) => {
+            s.push_str(&fn_text);
+            s.push('\n');
+            s.push_str(&head_main(graph, plan, h, &binding_of));
+        }
     }
     // The head's two partial-sum arrays (f32 and u32, one entry per invocation).
     let workgroup_storage_bytes = match kernel.kind {
@@ -1377,6 +1528,7 @@ fn blocked_main(
     workgroup_size: u32,
     dispatch: [u32; 3],
     chunked: bool,
+    carry: &str,
     binding_of: &dyn Fn(usize) -> u32,
 ) -> String {
     let slot = |r: NodeId| binding_of(plan.buffer_of[r.0].expect("roots are stored"));
@@ -1387,6 +1539,7 @@ fn blocked_main(
         .collect();
     let mut body = decode_from("j", &refs, grid);
     let _ = writeln!(body, "    let i = {};", terms.join(" + "));
+    body.push_str(carry);
     body.push_str(setup);
     for (off, value) in stores {
         let at = if *off == 0 {

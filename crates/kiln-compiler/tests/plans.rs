@@ -409,11 +409,12 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         .filter_map(|m| {
             m.chunks
                 .as_ref()
+                .filter(|c| c.sums.is_empty())
                 .map(|c| (m.name.as_str(), c.count, c.images))
         })
         .collect();
-    // Forward and input-gradient kernels; weight gradients (which sum over the batch) and the
-    // head are not image-local. conv1's activation gradient (k11) blocks four images per
+    // Forward and input-gradient kernels split their invocations by image; the head is not
+    // image-local and has no windows. conv1's activation gradient (k11) blocks four images per
     // invocation, and four of its 28x28x6 saved sigmoid outputs exceed a window.
     assert_eq!(
         chunked,
@@ -431,6 +432,38 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         "{}",
         describe(&g, &plan)
     );
+    // Weight gradients run every invocation per chunk over the chunk's images, carrying
+    // their sums (weight and bias) from chunk to chunk; the update runs in the last.
+    let summing: Vec<(&str, usize, usize, usize)> = modules
+        .iter()
+        .filter_map(|m| {
+            let c = m.chunks.as_ref()?;
+            (!c.sums.is_empty()).then_some((m.name.as_str(), c.count, c.invocations, c.sums.len()))
+        })
+        .collect();
+    assert_eq!(
+        summing,
+        [
+            ("k12_update_layer0", 128, 150, 2),
+            ("k13_update_layer3", 32, 120, 2),
+            ("k14_update_layer7", 8, 1500, 2),
+            ("k15_update_layer9", 2, 360, 2),
+            ("k16_update_layer11", 2, 42, 2),
+        ]
+    );
+    let conv2_dw = &modules[13].wgsl;
+    for needle in [
+        // The batch loop covers the chunk's images only.
+        "for (var n = chunk[0].z; n < chunk[0].w; n++) {",
+        // Before the last chunk the running sums are stored instead of the update.
+        "    if (chunk[0].w < 256u) {",
+        "@group(0) @binding(6) var<storage, read_write> sum55: array<f32>;",
+        // The sums so far are added after the first chunk.
+        "    if (chunk[0].z != 0u) {",
+        "fn v55_rows_of_reduction_chunk(i: u32) -> array<vec4<f32>, 5> {",
+    ] {
+        assert!(conv2_dw.contains(needle), "{needle}\n{conv2_dw}");
+    }
     let conv2 = &modules[2];
     let c = conv2.chunks.as_ref().unwrap();
     // 25 invocations per image (16 channels x 25 pooled pixels in blocks of 16).
@@ -460,7 +493,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         conv2.wgsl
     );
     // The GPU tests' small-window schedule (20 KiB) chunks their batch of 8 too: both
-    // convolutions and conv2's pooled activation gradient.
+    // convolutions, conv2's pooled activation gradient and both convolution weight gradients.
     let g8 = step_graph(&lenet(), 8, 64);
     let small = Target {
         max_uniform_buffer_binding_size: 20 << 10,
@@ -474,7 +507,13 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         .collect();
     assert_eq!(
         chunked8,
-        ["k01_avg_pool2d_l2", "k02_reshape_l6", "k09_sigmoid_grad_l4"]
+        [
+            "k01_avg_pool2d_l2",
+            "k02_reshape_l6",
+            "k09_sigmoid_grad_l4",
+            "k12_update_layer0",
+            "k13_update_layer3"
+        ]
     );
     // Other devices keep one dispatch per kernel.
     let portable = emit_wgsl(

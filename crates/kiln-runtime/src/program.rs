@@ -20,7 +20,8 @@ pub struct Program {
     pipelines: Vec<wgpu::ComputePipeline>,
     /// Per kernel: its bind group, or one per image chunk (each with its windows and table).
     bind_groups: Vec<Vec<wgpu::BindGroup>>,
-    /// The chunk tables of chunked kernels, kept alive with their bind groups.
+    /// The chunk tables and running sums of chunked kernels, kept alive with their bind
+    /// groups.
     _tables: Vec<wgpu::Buffer>,
     /// One per plan buffer; leaves may be shared with other programs.
     buffers: Vec<Arc<wgpu::Buffer>>,
@@ -59,7 +60,8 @@ pub fn check_limits(gpu: &Gpu, compiled: &Compiled) -> Result<(), RuntimeError> 
         let what = format!("kernel {} of graph `{}`", m.name, compiled.graph.name);
         let uniform =
             |b: &&kiln_compiler::Binding| matches!(b.access, Access::Uniform | Access::Window);
-        let n = m.bindings.iter().filter(|b| !uniform(b)).count() as u64;
+        let n = (m.bindings.iter().filter(|b| !uniform(b)).count()
+            + m.chunks.as_ref().map_or(0, |c| c.sums.len())) as u64;
         if n > l.max_storage_buffers_per_shader_stage as u64 {
             return Err(gpu.limit_error(
                 what.clone(),
@@ -221,6 +223,19 @@ impl Program {
                             contents: &table,
                             usage: wgpu::BufferUsages::UNIFORM,
                         });
+                    // Running sums of summing kernels: read and written by every chunk.
+                    let sums: Vec<wgpu::Buffer> = c
+                        .sums
+                        .iter()
+                        .map(|sum| {
+                            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                                label: Some(&format!("{} running sum of {}", m.name, sum.node)),
+                                size: (sum.words.max(4) as u64 * 4).div_ceil(16) * 16,
+                                usage: wgpu::BufferUsages::STORAGE,
+                                mapped_at_creation: false,
+                            })
+                        })
+                        .collect();
                     let mut groups = Vec::with_capacity(c.count);
                     for (k, e) in chunk_entries.iter().enumerate() {
                         let mut entries: Vec<wgpu::BindGroupEntry> = m
@@ -253,9 +268,16 @@ impl Program {
                                 size: wgpu::BufferSize::new(c.table_vec4s as u64 * 16),
                             }),
                         });
+                        for (sum, buffer) in c.sums.iter().zip(&sums) {
+                            entries.push(wgpu::BindGroupEntry {
+                                binding: sum.binding,
+                                resource: buffer.as_entire_binding(),
+                            });
+                        }
                         groups.push(bind(&entries)?);
                     }
                     tables.push(table);
+                    tables.extend(sums);
                     groups
                 }
             };
