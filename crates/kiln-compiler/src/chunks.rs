@@ -261,20 +261,22 @@ pub(crate) fn batch_sums(
 }
 
 /// `text` with every function computing reduction `red` (scalar, lanes, rows) renamed
-/// `..._chunk` and wrapped: the wrapper adds the sum carried in `sum<red>` from the chunks
-/// before, except in the first chunk. `rows_stores` are the rows function's offsets from `i`
-/// and the `rows[q].<lane>` they hold.
-pub(crate) fn carry_in(text: &str, red: NodeId, rows_stores: &[(usize, String)]) -> String {
+/// `..._chunk` (the chunk's own images) and replaced by a load of the finished sum from
+/// `sum<red>`, which the entry point stores before the epilogue reads it: the reduction is
+/// computed once per dispatch, not once for the running sum and again for the update.
+/// `rows_stores` are the rows function's offsets from `i`, four lanes per row in order.
+pub(crate) fn sum_loads(text: &str, red: NodeId, rows_stores: &[(usize, String)]) -> String {
     let v = format!("v{}", red.0);
     let sum = format!("sum{}", red.0);
-    let at = |off: usize| crate::blocking::offset("i", off);
+    let at = |off: usize| format!("{sum}[{}]", crate::blocking::offset("i", off));
     let mut out = text.to_string();
-    let mut wrappers = String::new();
+    let mut loads = String::new();
     let scalar = format!("fn {v}(i: u32) -> f32 {{");
     if out.contains(&scalar) {
         out = out.replace(&scalar, &format!("fn {v}_chunk(i: u32) -> f32 {{"));
-        wrappers.push_str(&format!(
-            "fn {v}(i: u32) -> f32 {{\n    if (chunk[0].z == 0u) {{\n        return {v}_chunk(i);\n    }}\n    return {v}_chunk(i) + {sum}[i];\n}}\n"
+        loads.push_str(&format!(
+            "fn {v}(i: u32) -> f32 {{\n    return {};\n}}\n",
+            at(0)
         ));
     }
     let lanes_prefix = format!("fn {v}_x4s");
@@ -295,12 +297,10 @@ pub(crate) fn carry_in(text: &str, red: NodeId, rows_stores: &[(usize, String)])
             &format!("fn {name}(i: u32)"),
             &format!("fn {name}_chunk(i: u32)"),
         );
-        let carried: Vec<String> = (0..4)
-            .map(|k| format!("{sum}[{}]", at(k * stride)))
-            .collect();
-        wrappers.push_str(&format!(
-            "fn {name}(i: u32) -> vec4<f32> {{\n    if (chunk[0].z == 0u) {{\n        return {name}_chunk(i);\n    }}\n    return {name}_chunk(i) + vec4<f32>({});\n}}\n",
-            carried.join(", ")
+        let lanes: Vec<String> = (0..4).map(|k| at(k * stride)).collect();
+        loads.push_str(&format!(
+            "fn {name}(i: u32) -> vec4<f32> {{\n    return vec4<f32>({});\n}}\n",
+            lanes.join(", ")
         ));
     }
     let rows_name = format!("{v}_rows_of_reduction");
@@ -312,17 +312,49 @@ pub(crate) fn carry_in(text: &str, red: NodeId, rows_stores: &[(usize, String)])
             .collect();
         let ret = ret.trim().to_string();
         out = out.replace(&rows_head, &format!("fn {rows_name}_chunk(i: u32) -> "));
-        let adds: Vec<String> = rows_stores
-            .iter()
-            .map(|(off, value)| format!("        {value} += {sum}[{}];", at(*off)))
+        let rows: Vec<String> = rows_stores
+            .chunks(4)
+            .map(|lanes| {
+                let l: Vec<String> = lanes.iter().map(|(off, _)| at(*off)).collect();
+                format!("vec4<f32>({})", l.join(", "))
+            })
             .collect();
-        wrappers.push_str(&format!(
-            "fn {rows_name}(i: u32) -> {ret} {{\n    var rows = {rows_name}_chunk(i);\n    if (chunk[0].z != 0u) {{\n{}\n    }}\n    return rows;\n}}\n",
-            adds.join("\n")
+        loads.push_str(&format!(
+            "fn {rows_name}(i: u32) -> {ret} {{\n    return {ret}({});\n}}\n",
+            rows.join(", ")
         ));
     }
-    out.push_str(&wrappers);
+    out.push_str(&loads);
     out
+}
+
+/// Entry-point statements (in a block of their own) that compute reduction `red`'s chunk
+/// part with `call` (a `_chunk` function of `index`) into `var`, add the running sum after
+/// the first chunk and store it: `stores` are the offsets from `index` and the parts of `var`
+/// they hold.
+pub(crate) fn running_sum(
+    red: NodeId,
+    var: &str,
+    call: &str,
+    stores: &[(usize, String)],
+) -> String {
+    let sum = format!("sum{}", red.0);
+    let mut add = String::new();
+    let mut store = String::new();
+    for (off, value) in stores {
+        let at = format!("{sum}[{}]", crate::blocking::offset(var_index(call), *off));
+        add.push_str(&format!("            {value} += {at};\n"));
+        store.push_str(&format!("        {at} = {value};\n"));
+    }
+    format!(
+        "    {{\n        var {var} = {call};\n        if (chunk[0].z != 0u) {{\n{add}        }}\n{store}    }}\n"
+    )
+}
+
+/// The index argument of a call `f(x)`.
+fn var_index(call: &str) -> &str {
+    call.rsplit_once('(')
+        .map_or("i", |(_, rest)| rest.trim_end_matches(')'))
 }
 
 /// Whether `id` can be read through a window: batched f32 words.

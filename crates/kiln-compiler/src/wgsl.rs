@@ -1322,7 +1322,7 @@ fn emit_kernel_with(
             String::new()
         } else {
             format!(
-                "    if (chunk[0].w < {}) {{\n{carry}        return;\n    }}\n",
+                "{carry}    if (chunk[0].w < {}) {{\n        return;\n    }}\n",
                 u(batch_end)
             )
         }
@@ -1381,36 +1381,34 @@ fn emit_kernel_with(
                         .collect(),
                 ),
             };
-            // Before the last chunk, store the running sums where the roots would go.
+            // Every chunk adds its part to the running sums; the last then runs the epilogue,
+            // which loads the finished sums.
             let mut carry = String::new();
             for &(red, root) in &sums {
                 if root == *main {
                     let call = match rows {
                         Some((r, _)) if r.reduction == red && r.pool.is_none() => {
-                            format!("v{}_rows_of_reduction(i)", red.0)
+                            format!("v{}_rows_of_reduction_chunk(i)", red.0)
                         }
                         Some(_) => return Ok(None),
-                        None => format!("{}(i)", lane_fn(red, b.stride)),
+                        None => format!("{}_chunk(i)", lane_fn(red, b.stride)),
                     };
                     let var = if rows.is_some() { "rows" } else { "value" };
-                    let _ = writeln!(carry, "        let {var} = {call};");
-                    for (off, value) in &stores {
-                        let _ = writeln!(
-                            carry,
-                            "        sum{}[{}] = {value};",
-                            red.0,
-                            blocking::offset("i", *off)
-                        );
-                    }
-                    fn_text = chunks::carry_in(&fn_text, red, &stores);
+                    carry.push_str(&chunks::running_sum(red, var, &call, &stores));
+                    fn_text = chunks::sum_loads(&fn_text, red, &stores);
                 } else {
-                    let _ = writeln!(
+                    let _ = write!(
                         carry,
-                        "        if (j < {}) {{\n            sum{r}[j] = v{r}(j);\n        }}",
+                        "    if (j < {}) {{\n{}    }}\n",
                         u(graph.ty(root).numel()),
-                        r = red.0
+                        chunks::running_sum(
+                            red,
+                            "part",
+                            &format!("v{}_chunk(j)", red.0),
+                            &[(0, "part".into())]
+                        )
                     );
-                    fn_text = chunks::carry_in(&fn_text, red, &[]);
+                    fn_text = chunks::sum_loads(&fn_text, red, &[]);
                 }
             }
             s.push_str(&fn_text);
@@ -1432,13 +1430,18 @@ fn emit_kernel_with(
         KernelKind::Map { roots } => {
             let mut carry = String::new();
             for &(red, root) in &sums {
-                let _ = writeln!(
+                let _ = write!(
                     carry,
-                    "        if (i < {}) {{\n            sum{r}[i] = v{r}(i);\n        }}",
+                    "    if (i < {}) {{\n{}    }}\n",
                     u(graph.ty(root).numel()),
-                    r = red.0
+                    chunks::running_sum(
+                        red,
+                        "part",
+                        &format!("v{}_chunk(i)", red.0),
+                        &[(0, "part".into())]
+                    )
                 );
-                fn_text = chunks::carry_in(&fn_text, red, &[]);
+                fn_text = chunks::sum_loads(&fn_text, red, &[]);
             }
             s.push_str(&fn_text);
             s.push('\n');
