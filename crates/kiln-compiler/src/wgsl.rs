@@ -473,6 +473,47 @@ pub(crate) fn body_over(
         } => {
             let [n, c, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
             let [_, o, oh, ow] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
+            if *stride == [1, 1] && *padding != [0, 0] {
+                // Padded, stride 1: loop over exactly the outputs whose tap lands inside the
+                // input (testing every tap was most of the loop on lavapipe).
+                return format!(
+                    "{}    let oy_lo = u32(max({PY} - i32(ky), 0i));
+    let oy_end = u32(min({HP} - i32(ky), {OHi}));
+    let ox_lo = u32(max({PX} - i32(kx), 0i));
+    let ox_end = u32(min({WP} - i32(kx), {OWi}));
+    var acc = {zero};
+    for (var n = {N0}; n < {N}; n++) {{
+        for (var oy = oy_lo; oy < oy_end; oy++) {{
+            let iy = oy + ky - {PYu};
+            for (var ox = ox_lo; ox < ox_end; ox++) {{
+                let ix = ox + kx - {PXu};
+                acc += {x}(((n * {C} + c) * {H} + iy) * {W} + ix) * {dy}(((n * {O} + o) * {OH} + oy) * {OW} + ox);
+            }}
+        }}
+    }}
+    return acc;
+",
+                    decode(&["o", "c", "ky", "kx"], out),
+                    PY = i(padding[0]),
+                    PX = i(padding[1]),
+                    PYu = u(padding[0]),
+                    PXu = u(padding[1]),
+                    HP = i(h + padding[0]),
+                    WP = i(w + padding[1]),
+                    OHi = i(oh),
+                    OWi = i(ow),
+                    N0 = batch_range(n, chunked).0,
+                    N = batch_range(n, chunked).1,
+                    C = u(c),
+                    H = u(h),
+                    W = u(w),
+                    O = u(o),
+                    OH = u(oh),
+                    OW = u(ow),
+                    x = x(0),
+                    dy = x(1),
+                );
+            }
             let (ty, iy) = tap("            ", "iy", "oy", "ky", stride[0], padding[0], h);
             let (tx, ix) = tap(
                 "                ",
