@@ -121,11 +121,16 @@ fn main() -> Result<()> {
     println!("kiln bench: LeNet-5, batch {batch}");
     println!("device: {}", gpu.describe());
     println!(
-        "schedule: {}",
+        "schedule: {}{}",
         if gpu.target.block_outputs {
             "register-blocked (4 lanes x up to 8 rows of outputs per invocation where a reduction allows)"
         } else {
             "one output per invocation (--unblocked)"
+        },
+        if gpu.target.class == kiln::compiler::DeviceClass::Cpu {
+            "; image chunks read through uniform windows (CPU-class device)"
+        } else {
+            ""
         }
     );
 
