@@ -64,6 +64,9 @@ pub struct LaneFns<'a> {
     pub blocked: Vec<String>,
     /// Reductions over the batch that sum only the images of the kernel's current chunk.
     pub chunked: Vec<NodeId>,
+    /// Whether a blocked reduction shares an operand between its lanes (a convolution or a
+    /// matmul: one load for four outputs), as opposed to only vectorising (poolings).
+    pub shares_loads: bool,
 }
 
 pub fn lane_fn(id: NodeId, stride: usize) -> String {
@@ -95,6 +98,7 @@ impl<'a> LaneFns<'a> {
             blocked_work: 0,
             blocked: Vec::new(),
             chunked: Vec::new(),
+            shares_loads: false,
         }
     }
 
@@ -236,6 +240,7 @@ impl<'a> LaneFns<'a> {
             .collect();
         let work = reduction_length(graph, id);
         if work > 1 {
+            self.shares_loads |= operands.iter().any(|o| matches!(o, Shared));
             self.blocked_work += work;
             self.blocked.push(format!(
                 "{id} {} (axis {})",

@@ -15,6 +15,8 @@
 //! first element, which the element functions subtract. The compiler computes the tables and
 //! window offsets ([`Chunks::entry`]); the runtime only binds and dispatches.
 
+use std::fmt::Write as _;
+
 use kiln_ir::{DType, Graph, NodeId, Op};
 
 /// A kernel split into dispatches of `images` images each.
@@ -355,6 +357,120 @@ pub(crate) fn running_sum(
 fn var_index(call: &str) -> &str {
     call.rsplit_once('(')
         .map_or("i", |(_, rest)| rest.trim_end_matches(')'))
+}
+
+/// The kernel-column schedule of an unblocked summing kernel whose main root is (elementwise)
+/// a stride-1 convolution weight gradient `red`: one invocation per `(o, c, ky)` computes all
+/// `KW` kernel columns, sliding a window of `KW` input pixels along each input row so that
+/// every step loads one pixel and one output gradient for `KW` multiply-adds (instead of two
+/// loads per multiply-add). Returns `KW`, or `None` where it does not apply.
+pub(crate) fn kernel_columns(graph: &Graph, red: NodeId) -> Option<usize> {
+    let node = graph.node(red);
+    match &node.op {
+        Op::Conv2dGradWeight { stride, .. } if *stride == [1, 1] => {
+            let kw = node.ty.shape[3];
+            (2..=8).contains(&kw).then_some(kw)
+        }
+        _ => None,
+    }
+}
+
+/// `fn v<red>_columns_chunk(i) -> array<f32, KW>`: the `KW` kernel columns of weight-gradient
+/// `red` starting at flat index `i` (`kx = 0`), summed over the current chunk's images; `x`
+/// and `dy` name the operands' element functions.
+pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, x: &str, dy: &str) -> String {
+    let node = graph.node(red);
+    let Op::Conv2dGradWeight { padding, .. } = &node.op else {
+        unreachable!("kernel columns are a conv weight gradient's")
+    };
+    let [_, c, h, w] =
+        <[usize; 4]>::try_from(graph.ty(node.inputs[0]).shape.as_slice()).expect("rank 4");
+    let [_, o, oh, ow] =
+        <[usize; 4]>::try_from(graph.ty(node.inputs[1]).shape.as_slice()).expect("rank 4");
+    let kw = node.ty.shape[3];
+    let u = crate::wgsl::u;
+    let i = crate::wgsl::i;
+    let mut s = format!(
+        "fn v{}_columns_chunk(i: u32) -> array<f32, {kw}> {{\n",
+        red.0
+    );
+    s.push_str(&crate::wgsl::decode(
+        &["o", "c", "ky", "kx"],
+        &node.ty.shape,
+    ));
+    let _ = write!(
+        s,
+        "    let oy_lo = u32(max({py} - i32(ky), 0i));
+    let oy_end = u32(min({hp} - i32(ky), {ohi}));
+",
+        py = i(padding[0]),
+        hp = i(h + padding[0]),
+        ohi = i(oh),
+    );
+    for k in 0..kw {
+        let _ = writeln!(s, "    var acc{k} = 0.0f;");
+    }
+    // Pixel `ix` of the current input row, zero in the padding.
+    let pixel = |ix: &str| {
+        format!(
+            "select(0.0f, {x}(row + u32(clamp({ix}, 0i, {wm}))), {ix} >= 0i && {ix} < {wi})",
+            wm = i(w - 1),
+            wi = i(w)
+        )
+    };
+    let _ = writeln!(
+        s,
+        "    for (var n = chunk[0].z; n < chunk[0].w; n++) {{
+        for (var oy = oy_lo; oy < oy_end; oy++) {{
+            let row = ((n * {C} + c) * {H} + oy + ky - {PY}) * {W};
+            let drow = ((n * {O} + o) * {OH} + oy) * {OW};",
+        C = u(c),
+        H = u(h),
+        W = u(w),
+        O = u(o),
+        OH = u(oh),
+        OW = u(ow),
+        PY = u(padding[0]),
+    );
+    // The window holds pixels ox - pad .. ox - pad + KW - 1; the first KW - 1 are loaded
+    // before the loop, each step loads the last.
+    for k in 0..kw - 1 {
+        let _ = writeln!(
+            s,
+            "            var p{k} = {};",
+            pixel(&format!("{} - {}", i(k), i(padding[1])))
+        );
+    }
+    let _ = writeln!(
+        s,
+        "            for (var ox = 0u; ox < {OW}; ox++) {{
+                let last = i32(ox) + {last_k} - {px};
+                let p{l} = {load};
+                let d = {dy}(drow + ox);",
+        OW = u(ow),
+        last_k = i(kw - 1),
+        px = i(padding[1]),
+        l = kw - 1,
+        load = pixel("last"),
+    );
+    for k in 0..kw {
+        let _ = writeln!(s, "                acc{k} += p{k} * d;");
+    }
+    for k in 0..kw - 1 {
+        let _ = writeln!(s, "                p{k} = p{};", k + 1);
+    }
+    let accs: Vec<String> = (0..kw).map(|k| format!("acc{k}")).collect();
+    let _ = write!(
+        s,
+        "            }}
+        }}
+    }}
+    return array<f32, {kw}>({});
+}}
+",
+        accs.join(", ")
+    );
+    s
 }
 
 /// Whether `id` can be read through a window: batched f32 words.

@@ -885,22 +885,35 @@ pub fn emit_kernel(
     kernel: &Kernel,
     target: &Target,
 ) -> Result<KernelModule, CodegenError> {
-    match emit_kernel_with(graph, plan, kernel, target, true)? {
-        Some(m) => Ok(m),
-        // Its schedule leaves no chunk size that fits the windows: one dispatch.
-        None => Ok(emit_kernel_with(graph, plan, kernel, target, false)?.expect("unchunked")),
+    let (module, shares_loads) = emit_kernel_with(graph, plan, kernel, target, true)?;
+    if let Some(m) = module {
+        return Ok(m);
     }
+    // The blocked schedule leaves no chunk size that fits the windows (its lanes span images).
+    // Where blocking shares no loads (elementwise kernels) chunks without it read cheaper.
+    if target.block_outputs && !shares_loads {
+        let plain = Target {
+            block_outputs: false,
+            ..target.clone()
+        };
+        if let (Some(m), _) = emit_kernel_with(graph, plan, kernel, &plain, true)? {
+            return Ok(m);
+        }
+    }
+    let (module, _) = emit_kernel_with(graph, plan, kernel, target, false)?;
+    Ok(module.expect("an unchunked schedule always applies"))
 }
 
-/// [`emit_kernel`], trying image chunks when `try_chunks`; `None` when the chosen schedule
-/// cannot be cut into chunks after all.
+/// [`emit_kernel`], trying image chunks when `try_chunks`; no module when the chosen schedule
+/// cannot be cut into chunks after all. The flag says whether the schedule's register
+/// blocking shares loads between outputs (blocks a reduction).
 fn emit_kernel_with(
     graph: &Graph,
     plan: &Plan,
     kernel: &Kernel,
     target: &Target,
     try_chunks: bool,
-) -> Result<Option<KernelModule>, CodegenError> {
+) -> Result<(Option<KernelModule>, bool), CodegenError> {
     // Bindings: every buffer read or written, in buffer order; written ones read_write.
     let mut used: Vec<(usize, Access)> = Vec::new();
     for n in kernel.reads.iter().chain(&kernel.stores) {
@@ -1092,6 +1105,30 @@ fn emit_kernel_with(
         }
         _ => None,
     };
+    let shares_loads = blocking
+        .as_ref()
+        .is_some_and(|(_, _, fns, rows)| fns.shares_loads || rows.is_some());
+    // A summing kernel that found no blocking (conv1's weight gradient: no axis in fours) but
+    // whose main root is a stride-1 conv weight gradient: kernel columns per invocation.
+    let columns: Option<(NodeId, NodeId, usize)> = match &kernel.kind {
+        KernelKind::Map { roots }
+            if blocking.is_none() && target.block_outputs && batch.is_some() =>
+        {
+            let main = *roots
+                .iter()
+                .max_by_key(|r| (graph.ty(**r).numel(), std::cmp::Reverse(r.0)))
+                .expect("map kernels have a root");
+            sums.iter().find(|(_, r)| *r == main).and_then(|&(red, _)| {
+                let kw = chunks::kernel_columns(graph, red)?;
+                let per = graph.ty(main).numel() / kw;
+                let fits = roots
+                    .iter()
+                    .all(|r| *r == main || graph.ty(*r).numel() <= per);
+                (fits && graph.ty(main).numel() == graph.ty(red).numel()).then_some((main, red, kw))
+            })
+        }
+        _ => None,
+    };
     let mut chunking: Option<Chunks> = None;
     let (workgroup_size, dispatch, schedule) = match &kernel.kind {
         KernelKind::Map { roots } => {
@@ -1134,23 +1171,34 @@ fn emit_kernel_with(
                     None => Some(1),
                 }
             };
-            let (numel, schedule) = match &blocking {
-                Some((main, b, fns, rows)) => {
-                    let per = LANES * rows.as_ref().map_or(1, |(r, _)| r.count);
-                    let n = numel / per as u32;
+            let (numel, schedule) = match (&blocking, columns) {
+                (None, Some((main, red, kw))) => {
+                    let n = numel / kw as u32;
                     (
                         n,
                         format!(
-                            "{per} elements of {main} per invocation, lanes at stride {} ({n} invocations; blocked: {})",
-                            b.stride,
-                            fns.blocked.join(", ")
+                            "{kw} kernel columns of {main} per invocation, sliding along the input rows ({n} invocations; {red} conv2d_grad_weight)"
                         ),
                     )
                 }
-                None => (
-                    numel,
-                    format!("one invocation per element of {root} ({numel} invocations)"),
-                ),
+                _ => match &blocking {
+                    Some((main, b, fns, rows)) => {
+                        let per = LANES * rows.as_ref().map_or(1, |(r, _)| r.count);
+                        let n = numel / per as u32;
+                        (
+                            n,
+                            format!(
+                                "{per} elements of {main} per invocation, lanes at stride {} ({n} invocations; blocked: {})",
+                                b.stride,
+                                fns.blocked.join(", ")
+                            ),
+                        )
+                    }
+                    None => (
+                        numel,
+                        format!("one invocation per element of {root} ({numel} invocations)"),
+                    ),
+                },
             };
             if let Some(n) = batch {
                 // Every dispatch of a summing kernel runs all its invocations.
@@ -1160,7 +1208,7 @@ fn emit_kernel_with(
                     Some(1)
                 };
                 let Some(per) = per else {
-                    return Ok(None);
+                    return Ok((None, shares_loads));
                 };
                 let words: Vec<usize> = windowed
                     .iter()
@@ -1174,11 +1222,11 @@ fn emit_kernel_with(
                     align,
                     target.max_uniform_buffer_binding_size,
                 ) else {
-                    return Ok(None);
+                    return Ok((None, shares_loads));
                 };
                 let count = n / images;
                 if sums.is_empty() && numel as usize % count != 0 {
-                    return Ok(None);
+                    return Ok((None, shares_loads));
                 }
                 let windows = windowed
                     .iter()
@@ -1369,6 +1417,65 @@ fn emit_kernel_with(
         }
     };
     match &kernel.kind {
+        KernelKind::Map { roots } if columns.is_some() => {
+            let (main, red, kw) = columns.expect("columns");
+            let ins = &graph.node(red).inputs;
+            fn_text.push('\n');
+            fn_text.push_str(&chunks::kernel_columns_fn(
+                graph,
+                red,
+                &v(ins[0]),
+                &v(ins[1]),
+            ));
+            let mut carry = String::new();
+            for &(r, root) in &sums {
+                if r == red {
+                    let stores: Vec<(usize, String)> =
+                        (0..kw).map(|k| (k, format!("rows[{k}]"))).collect();
+                    let call = format!("v{}_columns_chunk(i)", red.0);
+                    carry.push_str(&chunks::running_sum(red, "rows", &call, &stores));
+                } else {
+                    let _ = write!(
+                        carry,
+                        "    if (j < {}) {{\n{}    }}\n",
+                        u(graph.ty(root).numel()),
+                        chunks::running_sum(
+                            r,
+                            "part",
+                            &format!("v{}_chunk(j)", r.0),
+                            &[(0, "part".into())]
+                        )
+                    );
+                }
+                fn_text = chunks::sum_loads(&fn_text, r, &[]);
+            }
+            s.push_str(&fn_text);
+            s.push('\n');
+            let slot = |r: NodeId| binding_of(plan.buffer_of[r.0].expect("roots are stored"));
+            let mut body = format!("    let i = j * {};\n", u(kw));
+            body.push_str(&last_chunk_only(&carry));
+            for k in 0..kw {
+                let at = blocking::offset("i", k);
+                let _ = writeln!(body, "    buf{}[{at}] = {}({at});", slot(main), v(main));
+            }
+            for &r in roots.iter().filter(|&&r| r != main) {
+                let _ = writeln!(
+                    body,
+                    "    if (j < {}) {{\n        buf{}[j] = {}(j);\n    }}",
+                    u(graph.ty(r).numel()),
+                    slot(r),
+                    v(r)
+                );
+            }
+            let _ = write!(
+                s,
+                "@compute @workgroup_size({workgroup_size})
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
+{}{body}}}
+",
+                invocation_index("j", dispatch[0] as usize * workgroup_size as usize, 0, true),
+            );
+        }
         KernelKind::Map { roots } if blocking.is_some() => {
             let (main, b, fns, rows) = blocking.as_ref().expect("blocked");
             fn_text.push('\n');
@@ -1431,7 +1538,7 @@ fn emit_kernel_with(
                         Some((r, _)) if r.reduction == red && r.pool.is_none() => {
                             format!("v{}_rows_of_reduction_chunk(i)", red.0)
                         }
-                        Some(_) => return Ok(None),
+                        Some(_) => return Ok((None, shares_loads)),
                         None => format!("{}_chunk(i)", lane_fn(red, b.stride)),
                     };
                     let var = if rows.is_some() { "rows" } else { "value" };
@@ -1528,15 +1635,18 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
         KernelKind::Head(_) => 2 * HEAD_WORKGROUP as u64 * 4,
         KernelKind::Map { .. } => 0,
     };
-    Ok(Some(KernelModule {
-        name: kernel.name.clone(),
-        wgsl: s,
-        bindings,
-        dispatch,
-        workgroup_size,
-        workgroup_storage_bytes,
-        chunks: chunking,
-    }))
+    Ok((
+        Some(KernelModule {
+            name: kernel.name.clone(),
+            wgsl: s,
+            bindings,
+            dispatch,
+            workgroup_size,
+            workgroup_storage_bytes,
+            chunks: chunking,
+        }),
+        shares_loads,
+    ))
 }
 
 /// The statements of an entry point that name its invocation `var` (`row` invocations per

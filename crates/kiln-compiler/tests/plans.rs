@@ -414,8 +414,9 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         })
         .collect();
     // Forward and input-gradient kernels split their invocations by image; the head is not
-    // image-local and has no windows. conv1's activation gradient (k11) blocks four images per
-    // invocation, and four of its 28x28x6 saved sigmoid outputs exceed a window.
+    // image-local and has no windows. conv1's activation gradient (k11) would block four images
+    // per invocation, and four of its 28x28x6 saved sigmoid outputs exceed a window: as its
+    // blocking shares no loads, it runs unblocked in chunks of two images instead.
     assert_eq!(
         chunked,
         [
@@ -428,6 +429,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             ("k08_reshape_l6", 2, 128),
             ("k09_sigmoid_grad_l4", 32, 8),
             ("k10_conv2d_grad_input_l3", 32, 8),
+            ("k11_sigmoid_grad_l1", 128, 2),
         ],
         "{}",
         describe(&g, &plan)
@@ -444,13 +446,24 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
     assert_eq!(
         summing,
         [
-            ("k12_update_layer0", 128, 150, 2),
+            ("k12_update_layer0", 128, 30, 2),
             ("k13_update_layer3", 32, 120, 2),
             ("k14_update_layer7", 8, 1500, 2),
             ("k15_update_layer9", 2, 360, 2),
             ("k16_update_layer11", 2, 42, 2),
         ]
     );
+    // conv1's weight gradient (6 output channels, no axis in fours) computes the 5 kernel
+    // columns of one (o, c, ky) per invocation, sliding along each input row.
+    let conv1_dw = &modules[12].wgsl;
+    for needle in [
+        "5 kernel columns of %61 per invocation, sliding along the input rows (30 invocations",
+        "fn v59_columns_chunk(i: u32) -> array<f32, 5> {",
+        "                acc4 += p4 * d;",
+        "        var rows = v59_columns_chunk(i);",
+    ] {
+        assert!(conv1_dw.contains(needle), "{needle}\n{conv1_dw}");
+    }
     let conv2_dw = &modules[13].wgsl;
     for needle in [
         // The batch loop covers the chunk's images only.
@@ -493,7 +506,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         conv2.wgsl
     );
     // The GPU tests' small-window schedule (20 KiB) chunks their batch of 8 too: both
-    // convolutions, conv2's pooled activation gradient and both convolution weight gradients.
+    // convolutions, both pooled activation gradients and both convolution weight gradients.
     let g8 = step_graph(&lenet(), 8, 64);
     let small = Target {
         max_uniform_buffer_binding_size: 20 << 10,
@@ -511,6 +524,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "k01_avg_pool2d_l2",
             "k02_reshape_l6",
             "k09_sigmoid_grad_l4",
+            "k11_sigmoid_grad_l1",
             "k12_update_layer0",
             "k13_update_layer3"
         ]
