@@ -704,11 +704,51 @@ impl LaneFns<'_> {
                 let [_, o, oh, ow] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
                 let x = v(node.inputs[0]);
                 let dy = self.request(node.inputs[1], in_strides(1)[1]);
-                let adds: Vec<String> = (0..r)
-                    .map(|k| format!("                acc{k} += {x}({}) * d;", offset("xb", k)))
-                    .collect();
-                format!(
-                    "{}{s}    for (var n = {N0}; n < {N}; n++) {{
+                if stride[1] == 1 {
+                    // Row k reads pixel ox + kx + k: one step along ox later it is row k - 1's.
+                    // A window of the rows' pixels slides along the input row, one load per
+                    // step instead of one per row.
+                    let preload: String = (0..r - 1)
+                        .map(|k| format!("            var p{k} = {x}({});\n", offset("xb", k)))
+                        .collect();
+                    let adds: String = (0..r)
+                        .map(|k| format!("                acc{k} += p{k} * d;\n"))
+                        .collect();
+                    let shift: String = (0..r - 1)
+                        .map(|k| format!("                p{k} = p{};\n", k + 1))
+                        .collect();
+                    format!(
+                        "{}{s}    for (var n = {N0}; n < {N}; n++) {{
+        for (var oy = 0u; oy < {OH}; oy++) {{
+            let iy = oy * {SY} + ky;
+            let xb = ((n * {C} + c) * {H} + iy) * {W} + kx;
+            let db = ((n * {O} + o) * {OH} + oy) * {OW};
+{preload}            for (var ox = 0u; ox < {OW}; ox++) {{
+                let p{last} = {x}(xb + ox + {LAST});
+                let d = {dy}(db + ox);
+{adds}{shift}            }}
+        }}
+    }}
+",
+                        crate::wgsl::decode(&["o", "c", "ky", "kx"], out),
+                        N0 = batch_range(n, chunked).0,
+                        N = batch_range(n, chunked).1,
+                        C = u(c),
+                        H = u(h),
+                        W = u(w),
+                        O = u(o),
+                        OH = u(oh),
+                        OW = u(ow),
+                        SY = u(stride[0]),
+                        last = r - 1,
+                        LAST = u(r - 1),
+                    )
+                } else {
+                    let adds: Vec<String> = (0..r)
+                        .map(|k| format!("                acc{k} += {x}({}) * d;", offset("xb", k)))
+                        .collect();
+                    format!(
+                        "{}{s}    for (var n = {N0}; n < {N}; n++) {{
         for (var oy = 0u; oy < {OH}; oy++) {{
             let iy = oy * {SY} + ky;
             for (var ox = 0u; ox < {OW}; ox++) {{
@@ -719,19 +759,20 @@ impl LaneFns<'_> {
         }}
     }}
 ",
-                    crate::wgsl::decode(&["o", "c", "ky", "kx"], out),
-                    N0 = batch_range(n, chunked).0,
-                    N = batch_range(n, chunked).1,
-                    C = u(c),
-                    H = u(h),
-                    W = u(w),
-                    O = u(o),
-                    OH = u(oh),
-                    OW = u(ow),
-                    SY = u(stride[0]),
-                    SX = u(stride[1]),
-                    adds = adds.join("\n"),
-                )
+                        crate::wgsl::decode(&["o", "c", "ky", "kx"], out),
+                        N0 = batch_range(n, chunked).0,
+                        N = batch_range(n, chunked).1,
+                        C = u(c),
+                        H = u(h),
+                        W = u(w),
+                        O = u(o),
+                        OH = u(oh),
+                        OW = u(ow),
+                        SY = u(stride[0]),
+                        SX = u(stride[1]),
+                        adds = adds.join("\n"),
+                    )
+                }
             }
             Op::Conv2dGradInput { padding, .. } => {
                 let kk = shape(1)[2] * shape(1)[3];
