@@ -498,6 +498,10 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         conv2.wgsl
     );
     assert!(conv2.wgsl.contains("let w = (i - chunk[1].x);"));
+    // The four taps of each 2x2 pooling window are computed together, sharing the weight
+    // loads and sliding two pixel columns along the input rows.
+    assert!(conv2.wgsl.contains("let taps = v12_rows_at_pool_taps(base);"));
+    assert!(conv2.wgsl.contains("                a3_3 += n1_3 * wv;"));
     assert!(
         conv2
             .wgsl
