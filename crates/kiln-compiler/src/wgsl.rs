@@ -40,6 +40,28 @@ pub enum Access {
     /// A batched operand read through a uniform window over the images of each chunk
     /// (see [`Chunks`]).
     Window,
+    /// A read-only value too large for one uniform binding, bound as `parts` consecutive
+    /// uniform bindings of `part_bytes` each (the last one the rest), from `binding` on; a
+    /// load reads every part and selects (CPU-class targets: still cheaper than a storage load).
+    Split {
+        parts: u32,
+        part_bytes: u64,
+    },
+}
+
+impl Access {
+    /// Binding slots the access takes.
+    pub fn slots(self) -> u32 {
+        match self {
+            Access::Split { parts, .. } => parts,
+            _ => 1,
+        }
+    }
+
+    /// Whether the binding is one or more uniform buffers.
+    pub fn is_uniform(self) -> bool {
+        !matches!(self, Access::Read | Access::ReadWrite)
+    }
 }
 
 /// One `@group(0) @binding(n)` of a kernel.
@@ -792,13 +814,40 @@ fn functions(
     kernel: &Kernel,
     binding_of: &dyn Fn(usize) -> u32,
     uniform: UniformIndex,
+    split: &dyn Fn(usize) -> Option<(u32, u64)>,
     summed: &[NodeId],
 ) -> String {
     let mut s = String::new();
     for &r in &kernel.reads {
         let b = plan.buffer_of[r.0].expect("reads have buffers");
         let buf = &plan.buffers[b];
-        if let Some(index) = uniform(b, "i") {
+        if let Some((parts, part_bytes)) = split(b) {
+            // Every part is read (an index past a part's end reads zero or a clamped
+            // element) and the one holding element `i` selected: branch-free on SIMD lanes.
+            let slot = binding_of(b);
+            let per = part_bytes / 16;
+            let mut body = "    let q = i >> 2u;\n    let l = i & 3u;\n".to_string();
+            for k in 0..parts {
+                let _ = writeln!(
+                    body,
+                    "    let p{k} = buf{slot}_{k}[min(q - {}, {})][l];",
+                    u((u64::from(k) * per) as usize),
+                    u((part_len(buf.bytes(), part_bytes, k) / 16 - 1) as usize)
+                );
+            }
+            let mut pick = "p0".to_string();
+            for k in 1..parts {
+                pick = format!(
+                    "select({pick}, p{k}, q >= {})",
+                    u((u64::from(k) * per) as usize)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "fn {}(i: u32) -> f32 {{\n{body}    return {pick};\n}}",
+                v(r)
+            );
+        } else if let Some(index) = uniform(b, "i") {
             let (setup, w) = if index == "i" {
                 (String::new(), "i")
             } else {
@@ -1023,14 +1072,39 @@ fn emit_kernel_with(
                 }
             }
         }
+        // What is still read from storage and fits in three uniform bindings (a dense
+        // layer's weights) is split over several: each load reads them all and selects.
+        let part = max / u64::from(target.min_uniform_buffer_offset_alignment.max(16))
+            * u64::from(target.min_uniform_buffer_offset_alignment.max(16));
+        let keep = u32::from(batch.is_some());
+        for (b, access) in used.iter_mut() {
+            let buf = &plan.buffers[*b];
+            let parts = buf.bytes().div_ceil(part.max(1));
+            if *access == Access::Read
+                && buf.ty.dtype == DType::F32
+                && !buf.packed_u8
+                && (2..=3).contains(&parts)
+                && uniforms + parts as u32 + keep <= target.max_uniform_buffers_per_stage
+            {
+                *access = Access::Split {
+                    parts: parts as u32,
+                    part_bytes: part,
+                };
+                uniforms += parts as u32;
+            }
+        }
     }
+    let mut next = 0u32;
     let bindings: Vec<Binding> = used
         .iter()
-        .enumerate()
-        .map(|(k, &(buffer, access))| Binding {
-            binding: k as u32,
-            buffer,
-            access,
+        .map(|&(buffer, access)| {
+            let binding = next;
+            next += access.slots();
+            Binding {
+                binding,
+                buffer,
+                access,
+            }
         })
         .collect();
     let binding_of = |buffer: usize| {
@@ -1059,7 +1133,7 @@ fn emit_kernel_with(
                     .expect("windowed");
                 Some(format!("({var} - {})", window_base(w)))
             }
-            Access::Read | Access::ReadWrite => None,
+            Access::Read | Access::ReadWrite | Access::Split { .. } => None,
         }
     };
     let summed: Vec<NodeId> = sums.iter().map(|s| s.0).collect();
@@ -1238,7 +1312,7 @@ fn emit_kernel_with(
                         vec4s: chunks::window_vec4s(images, w, align),
                     })
                     .collect::<Vec<_>>();
-                let table_binding = bindings.len() as u32;
+                let table_binding = next;
                 chunking = Some(Chunks {
                     count,
                     images,
@@ -1351,10 +1425,11 @@ fn emit_kernel_with(
                 ""
             },
             match b.access {
-                Access::ReadWrite => "read_write",
-                Access::Read => "read",
-                Access::Uniform => "uniform",
-                Access::Window => "uniform window",
+                Access::ReadWrite => "read_write".to_string(),
+                Access::Read => "read".to_string(),
+                Access::Uniform => "uniform".to_string(),
+                Access::Window => "uniform window".to_string(),
+                Access::Split { parts, .. } => format!("{parts} uniform parts"),
             }
         );
     }
@@ -1385,6 +1460,19 @@ fn emit_kernel_with(
                     .expect("windows are chunked")
                     .vec4s
             ),
+            Access::Split { parts, part_bytes } => {
+                for k in 0..parts {
+                    let bytes = part_len(buf.bytes(), part_bytes, k);
+                    let _ = writeln!(
+                        s,
+                        "@group(0) @binding({}) var<uniform> buf{}_{k}: array<vec4<f32>, {}>;",
+                        b.binding + k,
+                        b.binding,
+                        bytes / 16
+                    );
+                }
+                continue;
+            }
         };
         let _ = writeln!(s, "@group(0) @binding({}) {decl};", b.binding);
     }
@@ -1403,7 +1491,11 @@ fn emit_kernel_with(
         }
     }
     s.push('\n');
-    let mut fn_text = functions(graph, plan, kernel, &binding_of, &uniform, &summed);
+    let split = |buffer: usize| match bindings.iter().find(|b| b.buffer == buffer)?.access {
+        Access::Split { parts, part_bytes } => Some((parts, part_bytes)),
+        _ => None,
+    };
+    let mut fn_text = functions(graph, plan, kernel, &binding_of, &uniform, &split, &summed);
     // Summing kernels: each dispatch's reductions add the sums carried from the chunks before.
     let batch_end = batch.unwrap_or(0);
     let last_chunk_only = |carry: &str| -> String {
@@ -1647,6 +1739,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
         }),
         shares_loads,
     ))
+}
+
+/// Bytes of part `k` of a buffer of `bytes` split in parts of `part_bytes`.
+fn part_len(bytes: u64, part_bytes: u64, k: u32) -> u64 {
+    part_bytes.min(bytes - u64::from(k) * part_bytes)
 }
 
 /// The statements of an entry point that name its invocation `var` (`row` invocations per

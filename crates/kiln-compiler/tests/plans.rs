@@ -500,7 +500,11 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
     assert!(conv2.wgsl.contains("let w = (i - chunk[1].x);"));
     // The four taps of each 2x2 pooling window are computed together, sharing the weight
     // loads and sliding two pixel columns along the input rows.
-    assert!(conv2.wgsl.contains("let taps = v12_rows_at_pool_taps(base);"));
+    assert!(
+        conv2
+            .wgsl
+            .contains("let taps = v12_rows_at_pool_taps(base);")
+    );
     assert!(conv2.wgsl.contains("                a3_3 += n1_3 * wv;"));
     assert!(
         conv2
@@ -533,6 +537,19 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "k13_update_layer3"
         ]
     );
+    // fc1's weights (120x400 f32, 192,000 bytes) exceed one uniform binding: three parts.
+    let fc1 = &modules[3].wgsl;
+    assert!(
+        fc1.contains("//   1: 7.weight f32[120,400] (3 uniform parts)"),
+        "{fc1}"
+    );
+    for k in 0..3 {
+        // 12,000 vec4s: 4,096 + 4,096 + 3,808.
+        let size = if k < 2 { 4096 } else { 3808 };
+        let decl = format!("var<uniform> buf1_{k}: array<vec4<f32>, {size}>;");
+        assert!(fc1.contains(&decl), "{decl}\n{fc1}");
+    }
+    assert!(fc1.contains("    return select(select(p0, p1, q >= 4096u), p2, q >= 8192u);"));
     // Other devices keep one dispatch per kernel.
     let portable = emit_wgsl(
         &g,

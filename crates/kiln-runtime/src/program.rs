@@ -58,9 +58,7 @@ pub fn check_limits(gpu: &Gpu, compiled: &Compiled) -> Result<(), RuntimeError> 
     }
     for m in &compiled.modules {
         let what = format!("kernel {} of graph `{}`", m.name, compiled.graph.name);
-        let uniform =
-            |b: &&kiln_compiler::Binding| matches!(b.access, Access::Uniform | Access::Window);
-        let n = (m.bindings.iter().filter(|b| !uniform(b)).count()
+        let n = (m.bindings.iter().filter(|b| !b.access.is_uniform()).count()
             + m.chunks.as_ref().map_or(0, |c| c.sums.len())) as u64;
         if n > l.max_storage_buffers_per_shader_stage as u64 {
             return Err(gpu.limit_error(
@@ -70,8 +68,13 @@ pub fn check_limits(gpu: &Gpu, compiled: &Compiled) -> Result<(), RuntimeError> 
                 l.max_storage_buffers_per_shader_stage as u64,
             ));
         }
-        let n =
-            (m.bindings.iter().filter(uniform).count() + usize::from(m.chunks.is_some())) as u64;
+        let n = (m
+            .bindings
+            .iter()
+            .filter(|b| b.access.is_uniform())
+            .map(|b| b.access.slots() as usize)
+            .sum::<usize>()
+            + usize::from(m.chunks.is_some())) as u64;
         if n > l.max_uniform_buffers_per_shader_stage as u64 {
             return Err(gpu.limit_error(
                 what.clone(),
@@ -111,6 +114,37 @@ pub fn check_limits(gpu: &Gpu, compiled: &Compiled) -> Result<(), RuntimeError> 
         }
     }
     Ok(())
+}
+
+/// The bind group entries of binding `b` over `buffer`: the whole buffer, or each part of a
+/// value split over several uniform bindings.
+fn entries_of<'a>(
+    b: &kiln_compiler::Binding,
+    buffer: &'a wgpu::Buffer,
+    compiled: &Compiled,
+) -> Vec<wgpu::BindGroupEntry<'a>> {
+    match b.access {
+        Access::Split { parts, part_bytes } => {
+            let bytes = compiled.plan.buffers[b.buffer].bytes();
+            (0..parts)
+                .map(|k| {
+                    let offset = u64::from(k) * part_bytes;
+                    wgpu::BindGroupEntry {
+                        binding: b.binding + k,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer,
+                            offset,
+                            size: wgpu::BufferSize::new(part_bytes.min(bytes - offset)),
+                        }),
+                    }
+                })
+                .collect()
+        }
+        _ => vec![wgpu::BindGroupEntry {
+            binding: b.binding,
+            resource: buffer.as_entire_binding(),
+        }],
+    }
 }
 
 impl Program {
@@ -199,10 +233,7 @@ impl Program {
                     let entries: Vec<wgpu::BindGroupEntry> = m
                         .bindings
                         .iter()
-                        .map(|b| wgpu::BindGroupEntry {
-                            binding: b.binding,
-                            resource: buffers[b.buffer].as_entire_binding(),
-                        })
+                        .flat_map(|b| entries_of(b, &buffers[b.buffer], &compiled))
                         .collect();
                     vec![bind(&entries)?]
                 }
@@ -241,22 +272,21 @@ impl Program {
                         let mut entries: Vec<wgpu::BindGroupEntry> = m
                             .bindings
                             .iter()
-                            .map(|b| {
-                                let resource = match c
-                                    .windows
-                                    .iter()
-                                    .position(|w| w.binding == b.binding)
-                                {
-                                    Some(w) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                        buffer: &buffers[b.buffer],
-                                        offset: e.window_offsets[w],
-                                        size: wgpu::BufferSize::new(c.windows[w].vec4s as u64 * 16),
-                                    }),
-                                    None => buffers[b.buffer].as_entire_binding(),
-                                };
-                                wgpu::BindGroupEntry {
-                                    binding: b.binding,
-                                    resource,
+                            .flat_map(|b| {
+                                match c.windows.iter().position(|w| w.binding == b.binding) {
+                                    Some(w) => vec![wgpu::BindGroupEntry {
+                                        binding: b.binding,
+                                        resource: wgpu::BindingResource::Buffer(
+                                            wgpu::BufferBinding {
+                                                buffer: &buffers[b.buffer],
+                                                offset: e.window_offsets[w],
+                                                size: wgpu::BufferSize::new(
+                                                    c.windows[w].vec4s as u64 * 16,
+                                                ),
+                                            },
+                                        ),
+                                    }],
+                                    None => entries_of(b, &buffers[b.buffer], &compiled),
                                 }
                             })
                             .collect();
