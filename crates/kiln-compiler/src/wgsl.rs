@@ -623,6 +623,31 @@ pub(crate) fn body_over(
             let (oh, ow) = (dy_shape[2], dy_shape[3]);
             let (h, w) = (out[2], out[3]);
             let mut s = decode(&["nc", "h", "w"], &[out[0] * out[1], h, w]);
+            if matches!(node.op, Op::AvgPool2dGrad { .. }) && kernel == stride {
+                // Windows that tile the input: each element is in at most one window, so its
+                // gradient is that window's, shared evenly (no loop over the taps; the tap
+                // loop's divergent tests were most of the kernels that upsample gradients).
+                let outside = h != oh * kernel[0] || w != ow * kernel[1];
+                if outside {
+                    let _ = writeln!(
+                        s,
+                        "    if (h >= {} || w >= {}) {{\n        return {zero};\n    }}",
+                        u(oh * kernel[0]),
+                        u(ow * kernel[1])
+                    );
+                }
+                let _ = writeln!(
+                    s,
+                    "    return {}((nc * {OH} + h / {KH}) * {OW} + w / {KW}) / {};",
+                    x(0),
+                    f32_lit((kernel[0] * kernel[1]) as f32),
+                    OH = u(oh),
+                    OW = u(ow),
+                    KH = u(kernel[0]),
+                    KW = u(kernel[1]),
+                );
+                return s;
+            }
             let _ = writeln!(s, "    var acc = {zero};");
             let _ = write!(
                 s,
