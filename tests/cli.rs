@@ -185,7 +185,12 @@ fn assert_d2l_report(out: &str, epochs: usize) {
     let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("epoch ")).collect();
     assert_eq!(lines.len(), epochs, "{out}");
     for (i, line) in lines.iter().enumerate() {
-        let fields: Vec<&str> = line.split([':', ',']).map(str::trim).collect();
+        // ", " separates the fields; a rate of 1,000 or more has a comma of its own.
+        let fields: Vec<&str> = line
+            .splitn(2, ": ")
+            .flat_map(|f| f.split(", "))
+            .map(str::trim)
+            .collect();
         assert_eq!(fields[0], format!("epoch {}", i + 1));
         let number = |f: &str, prefix: &str| -> f64 {
             f.strip_prefix(prefix)
