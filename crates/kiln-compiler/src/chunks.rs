@@ -14,6 +14,10 @@
 //! table with its first and last invocation and, per window, the flat index of the window's
 //! first element, which the element functions subtract. The compiler computes the tables and
 //! window offsets ([`Chunks::entry`]); the runtime only binds and dispatches.
+//!
+//! Measured on lavapipe (`--profile`, batch 256, same machine): conv2's forward kernel 82 ->
+//! 27 ms per step, its weight gradient (summing chunks) 130 -> 27 ms, the whole step 510 ->
+//! 240 ms with these two alone.
 
 use std::fmt::Write as _;
 
@@ -29,8 +33,8 @@ pub struct Chunks {
     pub invocations: usize,
     /// The binding of the per-chunk table (`var<uniform> chunk: array<vec4<u32>, N>`).
     pub table_binding: u32,
-    /// `vec4<u32>` entries of the table: `(first invocation, end invocation, 0, 0)`, then the
-    /// windows' base indices four to an entry.
+    /// `vec4<u32>` entries of the table: `(first invocation, end invocation, first image, end
+    /// image)`, then the windows' base indices four to an entry.
     pub table_vec4s: usize,
     pub windows: Vec<Window>,
     /// Alignment of a uniform binding's offset, in bytes.
