@@ -357,6 +357,17 @@ pub(crate) fn running_sum(
     )
 }
 
+/// [`running_sum`] of element `index` (an invocation variable) of reduction `red`, for the
+/// invocations below `numel` (a second root, like a bias, smaller than the main one).
+pub(crate) fn element_running_sum(red: NodeId, index: &str, numel: usize) -> String {
+    let call = format!("v{}_chunk({index})", red.0);
+    format!(
+        "    if ({index} < {}) {{\n{}    }}\n",
+        crate::wgsl::u(numel),
+        running_sum(red, "part", &call, &[(0, "part".into())])
+    )
+}
+
 /// The index argument of a call `f(x)`.
 fn var_index(call: &str) -> &str {
     call.rsplit_once('(')
@@ -402,15 +413,7 @@ pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, x: &str, dy: &str) -
         &["o", "c", "ky", "kx"],
         &node.ty.shape,
     ));
-    let _ = write!(
-        s,
-        "    let oy_lo = u32(max({py} - i32(ky), 0i));
-    let oy_end = u32(min({hp} - i32(ky), {ohi}));
-",
-        py = i(padding[0]),
-        hp = i(h + padding[0]),
-        ohi = i(oh),
-    );
+    s.push_str(&crate::wgsl::valid_outputs("oy", "ky", padding[0], h, oh));
     for k in 0..kw {
         let _ = writeln!(s, "    var acc{k} = 0.0f;");
     }

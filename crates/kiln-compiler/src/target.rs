@@ -58,6 +58,12 @@ impl Target {
         }
     }
 
+    /// Bytes a uniform binding's offset is a multiple of (at least a `vec4`, so that windows
+    /// and parts start on one).
+    pub fn uniform_offset_alignment(&self) -> u64 {
+        u64::from(self.min_uniform_buffer_offset_alignment.max(16))
+    }
+
     /// Invocations per workgroup of map kernels: 256 on GPUs (enough warps per workgroup to
     /// hide memory latency), 64 elsewhere (lavapipe runs a workgroup as one coroutine over
     /// 8-wide lane groups; bigger groups only make the last one emptier).

@@ -222,6 +222,17 @@ pub(crate) fn tap(
     }
 }
 
+/// `let <o>_lo` and `let <o>_end`: the range of outputs `o` (`out` of them) along one axis
+/// whose stride-1 tap `k` lands inside an input of `size` padded by `pad` on each side.
+pub(crate) fn valid_outputs(o: &str, k: &str, pad: usize, size: usize, out: usize) -> String {
+    format!(
+        "    let {o}_lo = u32(max({} - i32({k}), 0i));\n    let {o}_end = u32(min({} - i32({k}), {}));\n",
+        i(pad),
+        i(size + pad),
+        i(out)
+    )
+}
+
 /// A matmul's reduction length and, at step `p`, the flat indices of `a` at row `row` and of
 /// `b` at column `c`.
 pub(crate) fn matmul_indices(
@@ -499,11 +510,7 @@ pub(crate) fn body_over(
                 // Padded, stride 1: loop over exactly the outputs whose tap lands inside the
                 // input (testing every tap was most of the loop on lavapipe).
                 return format!(
-                    "{}    let oy_lo = u32(max({PY} - i32(ky), 0i));
-    let oy_end = u32(min({HP} - i32(ky), {OHi}));
-    let ox_lo = u32(max({PX} - i32(kx), 0i));
-    let ox_end = u32(min({WP} - i32(kx), {OWi}));
-    var acc = {zero};
+                    "{}{}{}    var acc = {zero};
     for (var n = {N0}; n < {N}; n++) {{
         for (var oy = oy_lo; oy < oy_end; oy++) {{
             let iy = oy + ky - {PYu};
@@ -516,14 +523,10 @@ pub(crate) fn body_over(
     return acc;
 ",
                     decode(&["o", "c", "ky", "kx"], out),
-                    PY = i(padding[0]),
-                    PX = i(padding[1]),
+                    valid_outputs("oy", "ky", padding[0], h, oh),
+                    valid_outputs("ox", "kx", padding[1], w, ow),
                     PYu = u(padding[0]),
                     PXu = u(padding[1]),
-                    HP = i(h + padding[0]),
-                    WP = i(w + padding[1]),
-                    OHi = i(oh),
-                    OWi = i(ow),
                     N0 = batch_range(n, chunked).0,
                     N = batch_range(n, chunked).1,
                     C = u(c),
@@ -1022,7 +1025,6 @@ fn emit_kernel_with(
     // chunk by chunk too, carrying its partial sums.
     let mut batch = None;
     let mut sums: Vec<(NodeId, NodeId)> = Vec::new();
-    let mut sum_batch: Option<(usize, Vec<bool>)> = None;
     if target.class == DeviceClass::Cpu {
         let max = target.max_uniform_buffer_binding_size;
         for (b, access) in used.iter_mut() {
@@ -1042,27 +1044,27 @@ fn emit_kernel_with(
             _ => None,
         };
         // A kernel summing batched values over the batch (weight gradients): the batch is
-        // the first axis of what it reads.
-        if let KernelKind::Map { roots } = &kernel.kind
-            && try_chunks
-        {
-            for n in kernel
-                .reads
-                .iter()
-                .filter_map(|r| graph.ty(*r).shape.first())
-            {
-                let batched = chunks::batched(graph, *n);
-                if let Some(s) = chunks::batch_sums(graph, &kernel.nodes, roots, &batched) {
-                    sums = s;
-                    sum_batch = Some((*n, batched));
-                    break;
-                }
-            }
-        }
-        if let Some((n, batched)) = &sum_batch {
+        // the first axis of what it reads. Otherwise an image-local kernel, batched by its
+        // root's first axis.
+        let summing = match &kernel.kind {
+            KernelKind::Map { roots } if try_chunks => kernel.reads.iter().find_map(|r| {
+                let n = *graph.ty(*r).shape.first()?;
+                let batched = chunks::batched(graph, n);
+                let s = chunks::batch_sums(graph, &kernel.nodes, roots, &batched)?;
+                Some((n, batched, s))
+            }),
+            _ => None,
+        };
+        let candidate = summing.or_else(|| {
+            let (root, &n) = root.and_then(|r| Some((r, graph.ty(r).shape.first()?)))?;
+            let batched = chunks::batched(graph, n);
+            chunks::kernel_is_image_local(graph, &kernel.nodes, root, &batched)
+                .then(|| (n, batched, Vec::new()))
+        });
+        if let Some((n, batched, s)) = candidate {
             for (b, access) in used.iter_mut() {
                 let windowable = kernel.reads.iter().any(|r| {
-                    plan.buffer_of[r.0] == Some(*b) && chunks::windowable(graph, *r, batched)
+                    plan.buffer_of[r.0] == Some(*b) && chunks::windowable(graph, *r, &batched)
                 });
                 if *access == Access::Read
                     && windowable
@@ -1073,34 +1075,14 @@ fn emit_kernel_with(
                 }
             }
             if used.iter().any(|(_, a)| *a == Access::Window) {
-                batch = Some(*n);
-            } else {
-                sums.clear();
-            }
-        } else if let Some((root, &n)) = root.and_then(|r| Some((r, graph.ty(r).shape.first()?))) {
-            let batched = chunks::batched(graph, n);
-            if chunks::kernel_is_image_local(graph, &kernel.nodes, root, &batched) {
-                for (b, access) in used.iter_mut() {
-                    let windowable = kernel.reads.iter().any(|r| {
-                        plan.buffer_of[r.0] == Some(*b) && chunks::windowable(graph, *r, &batched)
-                    });
-                    if *access == Access::Read
-                        && windowable
-                        && uniforms + 1 < target.max_uniform_buffers_per_stage
-                    {
-                        *access = Access::Window;
-                        uniforms += 1;
-                    }
-                }
-                if used.iter().any(|(_, a)| *a == Access::Window) {
-                    batch = Some(n);
-                }
+                batch = Some(n);
+                sums = s;
             }
         }
         // What is still read from storage and fits in three uniform bindings (a dense
         // layer's weights) is split over several: each load reads them all and selects.
-        let part = max / u64::from(target.min_uniform_buffer_offset_alignment.max(16))
-            * u64::from(target.min_uniform_buffer_offset_alignment.max(16));
+        let align = target.uniform_offset_alignment();
+        let part = max / align * align;
         let keep = u32::from(batch.is_some());
         for (b, access) in used.iter_mut() {
             let buf = &plan.buffers[*b];
@@ -1313,7 +1295,7 @@ fn emit_kernel_with(
                     .iter()
                     .map(|&b| plan.buffers[b].ty.numel() / n)
                     .collect();
-                let align = u64::from(target.min_uniform_buffer_offset_alignment.max(16));
+                let align = target.uniform_offset_alignment();
                 let Some(images) = chunks::images_per_chunk(
                     n,
                     per,
@@ -1552,17 +1534,7 @@ fn emit_kernel_with(
                     let call = format!("v{}_columns_chunk(i)", red.0);
                     carry.push_str(&chunks::running_sum(red, "rows", &call, &stores));
                 } else {
-                    let _ = write!(
-                        carry,
-                        "    if (j < {}) {{\n{}    }}\n",
-                        u(graph.ty(root).numel()),
-                        chunks::running_sum(
-                            r,
-                            "part",
-                            &format!("v{}_chunk(j)", r.0),
-                            &[(0, "part".into())]
-                        )
-                    );
+                    carry.push_str(&chunks::element_running_sum(r, "j", graph.ty(root).numel()));
                 }
                 fn_text = chunks::sum_loads(&fn_text, r, &[]);
             }
@@ -1662,17 +1634,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
                     carry.push_str(&chunks::running_sum(red, var, &call, &stores));
                     fn_text = chunks::sum_loads(&fn_text, red, &stores);
                 } else {
-                    let _ = write!(
-                        carry,
-                        "    if (j < {}) {{\n{}    }}\n",
-                        u(graph.ty(root).numel()),
-                        chunks::running_sum(
-                            red,
-                            "part",
-                            &format!("v{}_chunk(j)", red.0),
-                            &[(0, "part".into())]
-                        )
-                    );
+                    carry.push_str(&chunks::element_running_sum(
+                        red,
+                        "j",
+                        graph.ty(root).numel(),
+                    ));
                     fn_text = chunks::sum_loads(&fn_text, red, &[]);
                 }
             }
@@ -1695,17 +1661,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
         KernelKind::Map { roots } => {
             let mut carry = String::new();
             for &(red, root) in &sums {
-                let _ = write!(
-                    carry,
-                    "    if (i < {}) {{\n{}    }}\n",
-                    u(graph.ty(root).numel()),
-                    chunks::running_sum(
-                        red,
-                        "part",
-                        &format!("v{}_chunk(i)", red.0),
-                        &[(0, "part".into())]
-                    )
-                );
+                carry.push_str(&chunks::element_running_sum(
+                    red,
+                    "i",
+                    graph.ty(root).numel(),
+                ));
                 fn_text = chunks::sum_loads(&fn_text, red, &[]);
             }
             s.push_str(&fn_text);
