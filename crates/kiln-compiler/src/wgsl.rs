@@ -1156,30 +1156,31 @@ fn emit_kernel_with(
             let others_fit = roots
                 .iter()
                 .all(|r| *r == main || graph.ty(*r).numel() <= quads);
+            let fresh = || {
+                let mut fns = LaneFns::new(graph, plan, kernel, &binding_of, &uniform);
+                fns.chunked = summed.clone();
+                fns
+            };
             if others_fit {
-                blocking::choose(graph, plan, kernel, main, &binding_of, &uniform, &summed).map(
-                    |(b, fns)| {
-                        // Rows too, when the other roots still fit in the fewer invocations.
-                        let rows = fns.rows_for(main, b.stride).filter(|r| {
-                            let n = graph.ty(main).numel() / (LANES * r.count);
-                            roots
-                                .iter()
-                                .all(|x| *x == main || graph.ty(*x).numel() <= n)
-                        });
-                        match rows {
-                            // The rows functions replace the lane functions of the choice:
-                            // start from none, so the module carries no unused ones.
-                            Some(r) => {
-                                let mut fresh =
-                                    LaneFns::new(graph, plan, kernel, &binding_of, &uniform);
-                                fresh.chunked = summed.clone();
-                                let name = fresh.rows_fn(main, b.stride, r);
-                                (main, b, fresh, Some((r, name)))
-                            }
-                            None => (main, b, fns, None),
+                blocking::choose(&fresh, main, target.class == DeviceClass::Cpu).map(|(b, fns)| {
+                    // Rows too, when the other roots still fit in the fewer invocations.
+                    let rows = fns.rows_for(main, b.stride).filter(|r| {
+                        let n = graph.ty(main).numel() / (LANES * r.count);
+                        roots
+                            .iter()
+                            .all(|x| *x == main || graph.ty(*x).numel() <= n)
+                    });
+                    match rows {
+                        // The rows functions replace the lane functions of the choice:
+                        // start from none, so the module carries no unused ones.
+                        Some(r) => {
+                            let mut fns = fresh();
+                            let name = fns.rows_fn(main, b.stride, r);
+                            (main, b, fns, Some((r, name)))
                         }
-                    },
-                )
+                        None => (main, b, fns, None),
+                    }
+                })
             } else {
                 None
             }
@@ -1266,12 +1267,16 @@ fn emit_kernel_with(
                     Some((main, b, fns, rows)) => {
                         let per = LANES * rows.as_ref().map_or(1, |(r, _)| r.count);
                         let n = numel / per as u32;
+                        let what = if fns.blocked.is_empty() {
+                            "no reduction to block: vec4 reads".to_string()
+                        } else {
+                            format!("blocked: {}", fns.blocked.join(", "))
+                        };
                         (
                             n,
                             format!(
-                                "{per} elements of {main} per invocation, lanes at stride {} ({n} invocations; blocked: {})",
+                                "{per} elements of {main} per invocation, lanes at stride {} ({n} invocations; {what})",
                                 b.stride,
-                                fns.blocked.join(", ")
                             ),
                         )
                     }

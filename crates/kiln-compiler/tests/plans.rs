@@ -414,9 +414,9 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         })
         .collect();
     // Forward and input-gradient kernels split their invocations by image; the head is not
-    // image-local and has no windows. conv1's activation gradient (k11) would block four images
-    // per invocation, and four of its 28x28x6 saved sigmoid outputs exceed a window: as its
-    // blocking shares no loads, it runs unblocked in chunks of two images instead.
+    // image-local and has no windows. conv1's activation gradient (k11) has no load to share:
+    // it computes four consecutive columns per invocation (one image, so chunks of two images
+    // fit its 28x28x6 saved sigmoid outputs in a window).
     assert_eq!(
         chunked,
         [
@@ -434,6 +434,16 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         "{}",
         describe(&g, &plan)
     );
+    let act_grad = &modules[11].wgsl;
+    for needle in [
+        "4 elements of %57 per invocation, lanes at stride 1 (301056 invocations; no reduction to block: vec4 reads)",
+        // The saved sigmoid output: one vec4 of its window.
+        "    return buf0[(i - chunk[1].x) >> 2u];",
+        // Four columns of the 2x2 average pooling's gradient fall in two windows.
+        "    return vec4<f32>(g0, g0, g1, g1) / 4.0f;",
+    ] {
+        assert!(act_grad.contains(needle), "{needle}\n{act_grad}");
+    }
     // Weight gradients run every invocation per chunk over the chunk's images, carrying
     // their sums (weight and bias) from chunk to chunk; the update runs in the last.
     let summing: Vec<(&str, usize, usize, usize)> = modules
