@@ -80,6 +80,8 @@ pub struct LaneFns<'a> {
     /// Whether a blocked reduction shares an operand between its lanes (a convolution or a
     /// matmul: one load for four outputs), as opposed to only vectorising (poolings).
     pub shares_loads: bool,
+    /// Whether rows may take two columns ([`Rows::columns`]); set for CPU-class targets.
+    pub pair_columns: bool,
 }
 
 pub fn lane_fn(id: NodeId, stride: usize) -> String {
@@ -112,6 +114,7 @@ impl<'a> LaneFns<'a> {
             blocked: Vec::new(),
             chunked: Vec::new(),
             shares_loads: false,
+            pair_columns: false,
         }
     }
 
@@ -453,9 +456,25 @@ pub struct Rows {
     pub lane_axis: usize,
     pub row_axis: usize,
     pub count: usize,
+    /// Consecutive elements of the last axis per row (1, or 2 where a convolution's input
+    /// gradient slides its `dy` loads along the row: one load per step feeds both columns).
+    pub columns: usize,
 }
 
 impl Rows {
+    /// The `vec4` accumulators of one invocation: `columns` per row.
+    pub fn accumulators(&self) -> usize {
+        self.count * self.columns
+    }
+
+    /// The flat offset of each accumulator's lane 0 from the invocation's first element, in
+    /// accumulator order (row-major over rows and columns), given the rows' stride.
+    pub fn offsets(&self, row_stride: usize) -> Vec<usize> {
+        (0..self.count)
+            .flat_map(|q| (0..self.columns).map(move |c| q * row_stride + c))
+            .collect()
+    }
+
     /// The node whose flat index space the invocations enumerate: the pool's output, or the
     /// reduction (the root has the same flat indices, reshapes at most between).
     pub fn top(&self) -> NodeId {
@@ -551,6 +570,13 @@ impl LaneFns<'_> {
                 .rev()
                 .find(|r| size % r == 0)
                 .unwrap_or(1);
+            // A stride-1 input gradient slides its dy loads along the row for two columns.
+            let last = shape.len() - 1;
+            let slides = matches!(graph.node(red).op, Op::Conv2dGradInput { .. })
+                && pool.is_none()
+                && !self.chunked.contains(&red)
+                && shape[last] % 2 == 0;
+            let columns = if self.pair_columns && slides { 2 } else { 1 };
             if count > 1 {
                 return Some(Rows {
                     reduction: red,
@@ -558,6 +584,7 @@ impl LaneFns<'_> {
                     lane_axis,
                     row_axis,
                     count,
+                    columns,
                 });
             }
         }
@@ -633,7 +660,7 @@ impl LaneFns<'_> {
         let graph = self.graph;
         let red = rows.reduction;
         let r = rows.count;
-        let arr = format!("array<vec4<f32>, {r}>");
+        let arr = format!("array<vec4<f32>, {}>", rows.accumulators());
         let red_strides = strides(&graph.ty(red).shape);
         let red_lanes = red_strides[rows.lane_axis];
         // A stride-1 convolution under a 2x2 pooling computes its four window taps together.
@@ -658,12 +685,15 @@ impl LaneFns<'_> {
             self.row_path(root, top, lane_stride, rows.lane_axis);
         }
         let t = strides(&graph.ty(top).shape)[rows.row_axis];
-        let per_row: Vec<String> = (0..r)
-            .map(|k| {
+        let per_row: Vec<String> = rows
+            .offsets(t)
+            .into_iter()
+            .enumerate()
+            .map(|(k, at)| {
                 if root == top {
                     format!("top[{k}]")
                 } else {
-                    format!("v{}_row({}, top[{k}])", root.0, offset("i", k * t))
+                    format!("v{}_row({}, top[{k}])", root.0, offset("i", at))
                 }
             })
             .collect();
@@ -675,8 +705,13 @@ impl LaneFns<'_> {
         );
         let label = format!("{red} ");
         self.blocked.retain(|b| !b.starts_with(&label));
+        let columns = if rows.columns > 1 {
+            format!(" x {} columns", rows.columns)
+        } else {
+            String::new()
+        };
         self.blocked.push(format!(
-            "{red} {} ({LANES} lanes on axis {} x {r} rows on axis {})",
+            "{red} {} ({LANES} lanes on axis {} x {r} rows on axis {}{columns})",
             graph.node(red).op.name(),
             rows.lane_axis,
             rows.row_axis
@@ -953,12 +988,18 @@ impl LaneFns<'_> {
         let in_strides = |k: usize| strides(&graph.ty(node.inputs[k]).shape);
         let name = format!("v{}_rows_of_reduction", red.0);
         let chunked = self.chunked.contains(&red);
-        let accs: Vec<String> = (0..r).map(|k| format!("acc{k}")).collect();
+        let accs: Vec<String> = if rows.columns > 1 {
+            (0..r)
+                .flat_map(|k| (0..rows.columns).map(move |c| format!("acc{k}_{c}")))
+                .collect()
+        } else {
+            (0..r).map(|k| format!("acc{k}")).collect()
+        };
         let mut s = String::new();
         for a in &accs {
             let _ = writeln!(s, "    var {a} = vec4<f32>(0.0f);");
         }
-        let arr = format!("array<vec4<f32>, {r}>");
+        let arr = format!("array<vec4<f32>, {}>", accs.len());
         let body = match &node.op {
             Op::Conv2dGradWeight { stride, .. } => {
                 let [n, c, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
@@ -1035,6 +1076,11 @@ impl LaneFns<'_> {
                     )
                 }
             }
+            Op::Conv2dGradInput { padding, .. } if rows.columns > 1 => format!(
+                "{}{s}{}",
+                crate::wgsl::decode(&["n", "c", "h", "w"], out),
+                self.grad_input_columns(red, rows, *padding)
+            ),
             Op::Conv2dGradInput { padding, .. } => {
                 let kk = shape(1)[2] * shape(1)[3];
                 let dy = self.request(node.inputs[0], in_strides(0)[0]);
@@ -1145,5 +1191,88 @@ impl LaneFns<'_> {
             accs.join(", ")
         );
         name
+    }
+}
+
+impl LaneFns<'_> {
+    /// The tap loops of a stride-1 input gradient computing `rows.columns` adjacent columns
+    /// (`w`, `w + 1`, ...) of each row: column `k` at kernel column `kx` reads `dy` at
+    /// `ox = w + k + px - kx`, which is column `k - 1`'s value one step earlier, so each step
+    /// loads one new `dy` (four images) for all columns; `kx` runs over the whole kernel and
+    /// loads outside `dy` are selected away (their index clamped).
+    fn grad_input_columns(&mut self, red: NodeId, rows: Rows, padding: [usize; 2]) -> String {
+        let graph = self.graph;
+        let node = graph.node(red);
+        let dys = graph.ty(node.inputs[0]).shape.clone();
+        let ws = graph.ty(node.inputs[1]).shape.clone();
+        let [_, o, oh, ow] = <[usize; 4]>::try_from(dys.as_slice()).expect("rank 4");
+        let [_, c, kh, kw] = <[usize; 4]>::try_from(ws.as_slice()).expect("rank 4");
+        let dy = self.request(node.inputs[0], strides(&dys)[0]);
+        let wt = v(node.inputs[1]);
+        let cols = rows.columns;
+        let (ii, uu) = (crate::wgsl::i, u);
+        let load = |x: &str| {
+            format!(
+                "select(vec4<f32>(0.0f), {dy}(db + u32(clamp({x}, 0i, {OW1}))), {x} >= 0i && {x} < {OWi})",
+                OW1 = ii(ow - 1),
+                OWi = ii(ow),
+            )
+        };
+        let mut s = format!(
+            "    let ky_lo = u32(max(i32(h) + {PY} - {OH1}, 0i));
+    let ky_end = u32(min(i32(h) + {PY} + 1i, {KHi}));
+    for (var o = 0u; o < {O}; o++) {{
+        for (var ky = ky_lo; ky < ky_end; ky++) {{
+            let db = ((n * {O} + o) * {OH} + h + {PYu} - ky) * {OW};
+            let wb = ((o * {C} + c) * {KH} + ky) * {KW};
+",
+            PY = ii(padding[0]),
+            OH1 = ii(oh - 1),
+            KHi = ii(kh),
+            O = uu(o),
+            OH = uu(oh),
+            OW = uu(ow),
+            PYu = uu(padding[0]),
+            C = uu(c),
+            KH = uu(kh),
+            KW = uu(kw),
+        );
+        // Columns 1.. at kx = 0; column 0 is loaded at the top of each step.
+        for k in 1..cols {
+            let x = format!("x{k}");
+            let _ = writeln!(
+                s,
+                "            let {x} = i32(w) + {};
+            var p{k} = {};",
+                ii(k + padding[1]),
+                load(&x)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "            for (var kx = 0u; kx < {KW}; kx++) {{
+                let x0 = i32(w) + {PX} - i32(kx);
+                let p0 = {};",
+            load("x0"),
+            KW = uu(kw),
+            PX = ii(padding[1]),
+        );
+        for q in 0..rows.count {
+            let _ = writeln!(
+                s,
+                "                let w{q} = {wt}({});",
+                offset("wb + kx", q * kh * kw)
+            );
+        }
+        for q in 0..rows.count {
+            for k in 0..cols {
+                let _ = writeln!(s, "                acc{q}_{k} += w{q} * p{k};");
+            }
+        }
+        for k in (1..cols).rev() {
+            let _ = writeln!(s, "                p{k} = p{};", k - 1);
+        }
+        s.push_str("            }\n        }\n    }\n");
+        s
     }
 }

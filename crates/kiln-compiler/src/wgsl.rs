@@ -1159,13 +1159,14 @@ fn emit_kernel_with(
             let fresh = || {
                 let mut fns = LaneFns::new(graph, plan, kernel, &binding_of, &uniform);
                 fns.chunked = summed.clone();
+                fns.pair_columns = target.class == DeviceClass::Cpu;
                 fns
             };
             if others_fit {
                 blocking::choose(&fresh, main, target.class == DeviceClass::Cpu).map(|(b, fns)| {
                     // Rows too, when the other roots still fit in the fewer invocations.
                     let rows = fns.rows_for(main, b.stride).filter(|r| {
-                        let n = graph.ty(main).numel() / (LANES * r.count);
+                        let n = graph.ty(main).numel() / (LANES * r.accumulators());
                         roots
                             .iter()
                             .all(|x| *x == main || graph.ty(*x).numel() <= n)
@@ -1265,7 +1266,7 @@ fn emit_kernel_with(
                 }
                 _ => match &blocking {
                     Some((main, b, fns, rows)) => {
-                        let per = LANES * rows.as_ref().map_or(1, |(r, _)| r.count);
+                        let per = LANES * rows.as_ref().map_or(1, |(r, _)| r.accumulators());
                         let n = numel / per as u32;
                         let what = if fns.blocked.is_empty() {
                             "no reduction to block: vec4 reads".to_string()
@@ -1587,16 +1588,19 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
                             LANES
                         } else if d == r.row_axis {
                             r.count
+                        } else if d + 1 == shape.len() {
+                            r.columns
                         } else {
                             1
                         }
                     };
-                    let t = st[r.row_axis];
-                    let stores: Vec<(usize, String)> = (0..r.count)
-                        .flat_map(|q| {
-                            (0..LANES).map(move |k| {
-                                (q * t + k * b.stride, format!("rows[{q}].{}", lane(k)))
-                            })
+                    let stores: Vec<(usize, String)> = r
+                        .offsets(st[r.row_axis])
+                        .into_iter()
+                        .enumerate()
+                        .flat_map(|(q, at)| {
+                            (0..LANES)
+                                .map(move |k| (at + k * b.stride, format!("rows[{q}].{}", lane(k))))
                         })
                         .collect();
                     (

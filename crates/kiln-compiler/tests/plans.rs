@@ -444,6 +444,18 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
     ] {
         assert!(act_grad.contains(needle), "{needle}\n{act_grad}");
     }
+    // conv2's input gradient computes two columns of six channels for four images: one dy
+    // load per step (sliding along the row) for both columns.
+    let conv2_dx = &modules[10].wgsl;
+    for needle in [
+        "48 elements of %54 per invocation, lanes at stride 1176 (6272 invocations; blocked: %54 conv2d_grad_input (4 lanes on axis 0 x 6 rows on axis 1 x 2 columns))",
+        "                acc5_1 += w5 * p1;",
+        "                p1 = p0;",
+        "    let i = g0 * 4704u + g1 * 1176u + g2 * 14u + g3 * 2u;",
+        "    buf2[i + 1u] = rows[1].x;",
+    ] {
+        assert!(conv2_dx.contains(needle), "{needle}\n{conv2_dx}");
+    }
     // Weight gradients run every invocation per chunk over the chunk's images, carrying
     // their sums (weight and bias) from chunk to chunk; the update runs in the last.
     let summing: Vec<(&str, usize, usize, usize)> = modules
