@@ -1311,8 +1311,8 @@ fn emit_kernel_with(
                 ) else {
                     return Ok((None, shares_loads));
                 };
-                let count = n / images;
-                if sums.is_empty() && numel as usize % count != 0 {
+                let count = n.div_ceil(images);
+                if sums.is_empty() && numel as usize * images % n != 0 {
                     return Ok((None, shares_loads));
                 }
                 let windows = windowed
@@ -1329,8 +1329,9 @@ fn emit_kernel_with(
                 chunking = Some(Chunks {
                     count,
                     images,
+                    batch: n,
                     invocations: if sums.is_empty() {
-                        numel as usize / count
+                        numel as usize * images / n
                     } else {
                         numel as usize
                     },
@@ -1414,9 +1415,15 @@ fn emit_kernel_with(
             .iter()
             .map(|w| format!("{} ({} bytes)", plan.buffers[w.buffer].name, w.vec4s * 16))
             .collect();
+        let rest = c.batch - (c.count - 1) * c.images;
+        let last = if rest == c.images {
+            String::new()
+        } else {
+            format!(", the last of {rest}")
+        };
         let _ = writeln!(
             s,
-            "// chunks: {} dispatches of {} images ({} invocations each), reading {} through uniform windows",
+            "// chunks: {} dispatches of {} images{last} ({} invocations each), reading {} through uniform windows",
             c.count,
             c.images,
             c.invocations,
