@@ -1159,7 +1159,7 @@ fn emit_kernel_with(
             let fresh = || {
                 let mut fns = LaneFns::new(graph, plan, kernel, &binding_of, &uniform);
                 fns.chunked = summed.clone();
-                fns.pair_columns = target.class == DeviceClass::Cpu;
+                fns.inner_rows = target.class == DeviceClass::Cpu;
                 fns
             };
             if others_fit {
@@ -1595,14 +1595,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
                             LANES
                         } else if d == r.row_axis {
                             r.count
-                        } else if d + 1 == shape.len() {
-                            r.columns
+                        } else if d == r.inner_axis {
+                            r.inner
                         } else {
                             1
                         }
                     };
                     let stores: Vec<(usize, String)> = r
-                        .offsets(st[r.row_axis])
+                        .offsets(&st)
                         .into_iter()
                         .enumerate()
                         .flat_map(|(q, at)| {

@@ -448,7 +448,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
     // load per step (sliding along the row) for both columns.
     let conv2_dx = &modules[10].wgsl;
     for needle in [
-        "48 elements of %54 per invocation, lanes at stride 1176 (6272 invocations; blocked: %54 conv2d_grad_input (4 lanes on axis 0 x 6 rows on axis 1 x 2 columns))",
+        "48 elements of %54 per invocation, lanes at stride 1176 (6272 invocations; blocked: %54 conv2d_grad_input (4 lanes on axis 0 x 6 rows on axis 1 x 2 on axis 3))",
         "                acc5_1 += w5 * p1;",
         "                p1 = p0;",
         "    let i = g0 * 4704u + g1 * 1176u + g2 * 14u + g3 * 2u;",
@@ -469,7 +469,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         summing,
         [
             ("k12_update_layer0", 86, 30, 2),
-            ("k13_update_layer3", 26, 120, 2),
+            ("k13_update_layer3", 26, 24, 2),
             ("k14_update_layer7", 7, 1500, 2),
             ("k15_update_layer9", 2, 360, 2),
             ("k16_update_layer11", 2, 42, 2),
@@ -495,7 +495,12 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         "@group(0) @binding(6) var<storage, read_write> sum55: array<f32>;",
         // The sums so far are added after the first chunk.
         "    if (chunk[0].z != 0u) {",
-        "fn v55_rows_of_reduction_chunk(i: u32) -> array<vec4<f32>, 5> {",
+        "fn v55_rows_of_reduction_chunk(i: u32) -> array<vec4<f32>, 25> {",
+        // Every kernel row shares each dy load (four output channels), each sliding its
+        // own pixel window along its input row.
+        "(24 invocations; blocked: %55 conv2d_grad_weight (4 lanes on axis 0 x 5 rows on axis 3 x 5 on axis 2))",
+        "                acc4_4 += p4_4 * d;",
+        "                p3_4 = p4_4;",
     ] {
         assert!(conv2_dw.contains(needle), "{needle}\n{conv2_dw}");
     }
