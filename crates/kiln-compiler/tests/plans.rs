@@ -441,6 +441,10 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         "    return buf0[(i - chunk[1].x) >> 2u];",
         // Four columns of the 2x2 average pooling's gradient fall in two windows.
         "    return vec4<f32>(g0, g0, g1, g1) / 4.0f;",
+        // Its four consecutive outputs are stored as one vec4.
+        "//   2: %57 f32[256,6,28,28] (read_write, stored as vec4)",
+        "var<storage, read_write> buf2: array<vec4<f32>>;",
+        "    buf2[i >> 2u] = value;",
     ] {
         assert!(act_grad.contains(needle), "{needle}\n{act_grad}");
     }
