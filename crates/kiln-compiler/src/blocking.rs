@@ -45,10 +45,10 @@
 //! CPU-class targets take a second rows axis ([`Rows::inner`]) where it shares loads: a
 //! stride-1 input gradient computes two adjacent columns per row, one `dy` load per step
 //! (sliding along the row) feeding both (conv2's input gradient 28 -> 21.5 ms per step on
-//! lavapipe); a stride-1 weight gradient whose rows cover a kernel row takes every kernel row,
-//! all sharing each `dy` load (conv2's weight gradient 15.5 -> 12.9 ms, 25 accumulators in 24
-//! invocations). On lavapipe every load is a per-lane gather while spilled accumulators are
-//! cheap stack traffic, so more accumulators per invocation win even with few invocations.
+//! lavapipe). On lavapipe every load is a per-lane gather while spilled accumulators are
+//! cheap stack traffic, so more accumulators per invocation win even with few invocations,
+//! up to what the driver's JIT can afford at the first dispatch (a weight gradient with 25
+//! accumulators was 17% faster and cost 3.7 s of cold start).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -466,8 +466,7 @@ pub struct Rows {
     pub count: usize,
     /// A second rows axis on CPU-class targets, `inner` elements of `inner_axis` per row (1:
     /// none): two adjacent columns of a convolution's input gradient, whose `dy` loads slide
-    /// along the row for both; every kernel row of a weight gradient, all sharing each `dy`
-    /// load. More accumulators per invocation, fewer loads per multiply-add.
+    /// along the row for both. More accumulators per invocation, fewer loads per multiply-add.
     pub inner_axis: usize,
     pub inner: usize,
 }
@@ -497,10 +496,6 @@ impl Rows {
 
 /// Most rows per invocation (accumulators: four lanes each).
 const MAX_ROWS: usize = 8;
-
-/// Most `vec4` accumulators with a second rows axis (lavapipe spills them to the stack, which
-/// costs far less than the loads they save).
-const MAX_ACCUMULATORS: usize = 25;
 
 /// Same-shape elementwise ops: element `i` of the output needs element `i` of each operand.
 fn passes_through(op: &Op) -> bool {
@@ -587,9 +582,10 @@ impl LaneFns<'_> {
                 .rev()
                 .find(|r| size % r == 0)
                 .unwrap_or(1);
-            // A stride-1 input gradient slides its dy loads along the row for two columns; a
-            // stride-1 weight gradient whose rows are a whole kernel row takes every kernel
-            // row (conv2's: 25 accumulators, measured 1.8x faster than 5 on lavapipe).
+            // A stride-1 input gradient slides its dy loads along the row for two columns.
+            // (A weight gradient taking every kernel row, 25 accumulators sharing each dy
+            // load, ran conv2's 15.5 -> 12.9 ms per step but its JIT added 3.7 s to the cold
+            // start on lavapipe: not done.)
             let (inner_axis, inner) = match &graph.node(red).op {
                 Op::Conv2dGradInput { .. }
                     if self.inner_rows
@@ -598,14 +594,6 @@ impl LaneFns<'_> {
                         && shape[3] % 2 == 0 =>
                 {
                     (3, 2)
-                }
-                Op::Conv2dGradWeight { .. }
-                    if self.inner_rows
-                        && row_axis == 3
-                        && count == shape[3]
-                        && count * shape[2] <= MAX_ACCUMULATORS =>
-                {
-                    (2, shape[2])
                 }
                 _ => (row_axis, 1),
             };
@@ -1038,59 +1026,7 @@ impl LaneFns<'_> {
                 let [_, o, oh, ow] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
                 let x = v(node.inputs[0]);
                 let dy = self.request(node.inputs[1], in_strides(1)[1]);
-                if stride[1] == 1 && rows.inner > 1 {
-                    // Every kernel row t reads input row oy + ky + t: one pixel window per
-                    // kernel row slides along its input row; all share each dy load.
-                    let mut rows_setup = String::new();
-                    let mut steps = String::new();
-                    for t in 0..rows.inner {
-                        let _ = writeln!(
-                            rows_setup,
-                            "            let xb{t} = ((n * {C} + c) * {H} + oy * {SY} + ky + {T}) * {W} + kx;",
-                            C = u(c),
-                            H = u(h),
-                            SY = u(stride[0]),
-                            T = u(t),
-                            W = u(w),
-                        );
-                        for k in 0..r - 1 {
-                            let _ = writeln!(
-                                rows_setup,
-                                "            var p{k}_{t} = {x}({});",
-                                offset(&format!("xb{t}"), k)
-                            );
-                        }
-                        let _ = writeln!(
-                            steps,
-                            "                let p{l}_{t} = {x}(xb{t} + ox + {L});",
-                            l = r - 1,
-                            L = u(r - 1)
-                        );
-                        for k in 0..r {
-                            let _ = writeln!(steps, "                acc{k}_{t} += p{k}_{t} * d;");
-                        }
-                        for k in 0..r - 1 {
-                            let _ = writeln!(steps, "                p{k}_{t} = p{}_{t};", k + 1);
-                        }
-                    }
-                    format!(
-                        "{}{s}    for (var n = {N0}; n < {N}; n++) {{
-        for (var oy = 0u; oy < {OH}; oy++) {{
-            let db = ((n * {O} + o) * {OH} + oy) * {OW};
-{rows_setup}            for (var ox = 0u; ox < {OW}; ox++) {{
-                let d = {dy}(db + ox);
-{steps}            }}
-        }}
-    }}
-",
-                        crate::wgsl::decode(&["o", "c", "ky", "kx"], out),
-                        N0 = batch_range(n, chunked).0,
-                        N = batch_range(n, chunked).1,
-                        O = u(o),
-                        OH = u(oh),
-                        OW = u(ow),
-                    )
-                } else if stride[1] == 1 {
+                if stride[1] == 1 {
                     // Row k reads pixel ox + kx + k: one step along ox later it is row k - 1's.
                     // A window of the rows' pixels slides along the input row, one load per
                     // step instead of one per row.
