@@ -90,6 +90,9 @@ pub struct LaneFns<'a> {
     pub shares_loads: bool,
     /// Whether rows may take a second axis ([`Rows::inner`]); set for CPU-class targets.
     pub inner_rows: bool,
+    /// Lanes are four consecutive flat elements starting at a multiple of four, on no axis
+    /// (see [`choose`]): every operand read at the root's index is aligned.
+    flat: bool,
 }
 
 pub fn lane_fn(id: NodeId, stride: usize) -> String {
@@ -123,6 +126,7 @@ impl<'a> LaneFns<'a> {
             chunked: Vec::new(),
             shares_loads: false,
             inner_rows: false,
+            flat: false,
         }
     }
 
@@ -190,7 +194,8 @@ impl<'a> LaneFns<'a> {
         let b = self.plan.buffer_of[id.0]?;
         let shape = &self.graph.ty(id).shape;
         let st = strides(shape);
-        let aligned = stride == 1 && (0..shape.len()).any(|a| st[a] == 1 && shape[a] % LANES == 0);
+        let aligned = stride == 1
+            && (self.flat || (0..shape.len()).any(|a| st[a] == 1 && shape[a] % LANES == 0));
         let index = (self.uniform)(b, "i")?;
         (self.kernel.reads.contains(&id) && aligned).then(|| ((self.binding_of)(b), index))
     }
@@ -430,18 +435,21 @@ pub fn choose<'a>(
     if vectorise && best.as_ref().is_none_or(|(_, b)| !b.shares_loads) {
         // No load to share: four consecutive elements of the innermost axis per invocation
         // turn each aligned uniform read into one vec4 load instead (and keep an image's
-        // lanes in one image, so its chunks stay small).
+        // lanes in one image, so its chunks stay small). Where that axis is not in fours but
+        // an image is, four consecutive elements of the image: ops with a rule for an axis
+        // then evaluate their lanes one by one, elementwise ops and reads stay vec4.
         let inner = *ty.shape.last()?;
-        if inner % LANES == 0 {
+        let image = numel / ty.shape.first().copied().unwrap_or(1).max(1);
+        let extent = if inner % LANES == 0 {
+            Some(inner)
+        } else {
+            (ty.shape.len() > 1 && image % LANES == 0).then_some(image)
+        };
+        if let Some(extent) = extent {
             let mut fns = fresh();
+            fns.flat = extent != inner;
             fns.request(root, 1);
-            best = Some((
-                Blocking {
-                    stride: 1,
-                    extent: inner,
-                },
-                fns,
-            ));
+            best = Some((Blocking { stride: 1, extent }, fns));
         }
     }
     best

@@ -448,6 +448,16 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
     ] {
         assert!(act_grad.contains(needle), "{needle}\n{act_grad}");
     }
+    // conv2's pooled activation gradient: rows of 10 are not in fours, images of 1,600 are.
+    let conv2_act = &modules[9].wgsl;
+    for needle in [
+        "4 elements of %52 per invocation, lanes at stride 1 (102400 invocations; no reduction to block: vec4 reads)",
+        "    return buf0[(i - chunk[1].x) >> 2u];",
+        "    return vec4<f32>(v51(i), v51(i + 1u), v51(i + 2u), v51(i + 3u));",
+        "    buf2[i >> 2u] = value;",
+    ] {
+        assert!(conv2_act.contains(needle), "{needle}\n{conv2_act}");
+    }
     // conv2's input gradient computes two columns of six channels for four images: one dy
     // load per step (sliding along the row) for both columns.
     let conv2_dx = &modules[10].wgsl;
