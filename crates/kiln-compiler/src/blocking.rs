@@ -30,10 +30,11 @@
 //! forward kernels cost lavapipe's JIT enough to push the cold start from 7 s to 11 s.
 //!
 //! On CPU-class targets a kernel with no load to share (an activation gradient upsampled
-//! through a pooling) takes four consecutive elements of its innermost axis instead: its
-//! aligned uniform reads become one `vec4` load each and a tiling average pool's gradient
-//! loads one value per window, not per column (conv1's activation gradient 11.4 -> 7.7 ms
-//! per step on lavapipe; it is bound by its 1.2 M stores).
+//! through a pooling) takes four consecutive elements of its innermost axis instead (of an
+//! image, where rows are not in fours): its aligned uniform reads become one `vec4` load each
+//! and a tiling average pool's gradient loads one value per window, not per column (conv1's
+//! activation gradient 11.4 -> 7.7 ms per step on lavapipe; storing its outputs a `vec4` at a
+//! time, `vec4_out` in wgsl.rs, then took it to ~5 ms).
 //!
 //! Two rows bodies reuse loads along the input row. A stride-1 convolution under a 2x2 pooling
 //! of stride 2 computes the window's four taps in one pass ([`LaneFns::rows_fn`] via
@@ -380,8 +381,8 @@ pub(crate) fn offset(base: &str, delta: usize) -> String {
 /// channel-like axis 1 is tried first, so it wins ties.
 ///
 /// `fresh` makes an empty set of lane functions for the kernel. With `vectorise` (CPU-class
-/// targets), a kernel whose best blocking shares no loads is blocked along its innermost axis
-/// instead, when that axis is in fours.
+/// targets), a kernel whose best blocking shares no loads takes four consecutive elements of
+/// its innermost axis instead when that axis is in fours, else of an image when images are.
 pub fn choose<'a>(
     fresh: &dyn Fn() -> LaneFns<'a>,
     root: NodeId,
