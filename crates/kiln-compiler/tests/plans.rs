@@ -386,6 +386,13 @@ fn the_scaled_batch_is_read_from_the_data_set_only_a_batch_at_a_time() {
     assert_eq!(c.flops, 256 * 784);
 }
 
+/// Asserts that generated `wgsl` contains every needle, showing the module when one is missing.
+fn assert_contains(wgsl: &str, needles: &[&str]) {
+    for needle in needles {
+        assert!(wgsl.contains(needle), "{needle}\n{wgsl}");
+    }
+}
+
 fn lavapipe() -> Target {
     Target {
         name: "llvmpipe".into(),
@@ -435,41 +442,44 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         describe(&g, &plan)
     );
     let act_grad = &modules[11].wgsl;
-    for needle in [
-        "4 elements of %57 per invocation, lanes at stride 1 (301056 invocations; no reduction to block: vec4 reads)",
-        // The saved sigmoid output: one vec4 of its window.
-        "    return buf0[(i - chunk[1].x) >> 2u];",
-        // Four columns of the 2x2 average pooling's gradient fall in two windows.
-        "    return vec4<f32>(g0, g0, g1, g1) / 4.0f;",
-        // Its four consecutive outputs are stored as one vec4.
-        "//   2: %57 f32[256,6,28,28] (read_write, stored as vec4)",
-        "var<storage, read_write> buf2: array<vec4<f32>>;",
-        "    buf2[i >> 2u] = value;",
-    ] {
-        assert!(act_grad.contains(needle), "{needle}\n{act_grad}");
-    }
+    assert_contains(
+        act_grad,
+        &[
+            "4 elements of %57 per invocation, lanes at stride 1 (301056 invocations; no reduction to block: vec4 reads)",
+            // The saved sigmoid output: one vec4 of its window.
+            "    return buf0[(i - chunk[1].x) >> 2u];",
+            // Four columns of the 2x2 average pooling's gradient fall in two windows.
+            "    return vec4<f32>(g0, g0, g1, g1) / 4.0f;",
+            // Its four consecutive outputs are stored as one vec4.
+            "//   2: %57 f32[256,6,28,28] (read_write, stored as vec4)",
+            "var<storage, read_write> buf2: array<vec4<f32>>;",
+            "    buf2[i >> 2u] = value;",
+        ],
+    );
     // conv2's pooled activation gradient: rows of 10 are not in fours, images of 1,600 are.
     let conv2_act = &modules[9].wgsl;
-    for needle in [
-        "4 elements of %52 per invocation, lanes at stride 1 (102400 invocations; no reduction to block: vec4 reads)",
-        "    return buf0[(i - chunk[1].x) >> 2u];",
-        "    return vec4<f32>(v51(i), v51(i + 1u), v51(i + 2u), v51(i + 3u));",
-        "    buf2[i >> 2u] = value;",
-    ] {
-        assert!(conv2_act.contains(needle), "{needle}\n{conv2_act}");
-    }
+    assert_contains(
+        conv2_act,
+        &[
+            "4 elements of %52 per invocation, lanes at stride 1 (102400 invocations; no reduction to block: vec4 reads)",
+            "    return buf0[(i - chunk[1].x) >> 2u];",
+            "    return vec4<f32>(v51(i), v51(i + 1u), v51(i + 2u), v51(i + 3u));",
+            "    buf2[i >> 2u] = value;",
+        ],
+    );
     // conv2's input gradient computes two columns of six channels for four images: one dy
     // load per step (sliding along the row) for both columns.
     let conv2_dx = &modules[10].wgsl;
-    for needle in [
-        "48 elements of %54 per invocation, lanes at stride 1176 (6272 invocations; blocked: %54 conv2d_grad_input (4 lanes on axis 0 x 6 rows on axis 1 x 2 on axis 3))",
-        "                acc5_1 += w5 * p1;",
-        "                p1 = p0;",
-        "    let i = g0 * 4704u + g1 * 1176u + g2 * 14u + g3 * 2u;",
-        "    buf2[i + 1u] = rows[1].x;",
-    ] {
-        assert!(conv2_dx.contains(needle), "{needle}\n{conv2_dx}");
-    }
+    assert_contains(
+        conv2_dx,
+        &[
+            "48 elements of %54 per invocation, lanes at stride 1176 (6272 invocations; blocked: %54 conv2d_grad_input (4 lanes on axis 0 x 6 rows on axis 1 x 2 on axis 3))",
+            "                acc5_1 += w5 * p1;",
+            "                p1 = p0;",
+            "    let i = g0 * 4704u + g1 * 1176u + g2 * 14u + g3 * 2u;",
+            "    buf2[i + 1u] = rows[1].x;",
+        ],
+    );
     // Weight gradients run every invocation per chunk over the chunk's images, carrying
     // their sums (weight and bias) from chunk to chunk; the update runs in the last.
     let summing: Vec<(&str, usize, usize, usize)> = modules
@@ -492,27 +502,29 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
     // conv1's weight gradient (6 output channels, no axis in fours) computes the 5 kernel
     // columns of one (o, c, ky) per invocation, sliding along each input row.
     let conv1_dw = &modules[12].wgsl;
-    for needle in [
-        "5 kernel columns of %61 per invocation, sliding along the input rows (30 invocations",
-        "fn v59_columns_chunk(i: u32) -> array<f32, 5> {",
-        "                acc4 += p4 * d;",
-        "        var rows = v59_columns_chunk(i);",
-    ] {
-        assert!(conv1_dw.contains(needle), "{needle}\n{conv1_dw}");
-    }
+    assert_contains(
+        conv1_dw,
+        &[
+            "5 kernel columns of %61 per invocation, sliding along the input rows (30 invocations",
+            "fn v59_columns_chunk(i: u32) -> array<f32, 5> {",
+            "                acc4 += p4 * d;",
+            "        var rows = v59_columns_chunk(i);",
+        ],
+    );
     let conv2_dw = &modules[13].wgsl;
-    for needle in [
-        // The batch loop covers the chunk's images only.
-        "for (var n = chunk[0].z; n < chunk[0].w; n++) {",
-        // Before the last chunk the running sums are stored instead of the update.
-        "    if (chunk[0].w < 256u) {",
-        "@group(0) @binding(6) var<storage, read_write> sum55: array<f32>;",
-        // The sums so far are added after the first chunk.
-        "    if (chunk[0].z != 0u) {",
-        "fn v55_rows_of_reduction_chunk(i: u32) -> array<vec4<f32>, 5> {",
-    ] {
-        assert!(conv2_dw.contains(needle), "{needle}\n{conv2_dw}");
-    }
+    assert_contains(
+        conv2_dw,
+        &[
+            // The batch loop covers the chunk's images only.
+            "for (var n = chunk[0].z; n < chunk[0].w; n++) {",
+            // Before the last chunk the running sums are stored instead of the update.
+            "    if (chunk[0].w < 256u) {",
+            "@group(0) @binding(6) var<storage, read_write> sum55: array<f32>;",
+            // The sums so far are added after the first chunk.
+            "    if (chunk[0].z != 0u) {",
+            "fn v55_rows_of_reduction_chunk(i: u32) -> array<vec4<f32>, 5> {",
+        ],
+    );
     let conv2 = &modules[2];
     let c = conv2.chunks.as_ref().unwrap();
     // 25 invocations per image (16 channels x 25 pooled pixels in blocks of 16).
