@@ -396,10 +396,36 @@ pub(crate) fn kernel_columns(graph: &Graph, red: NodeId) -> Option<usize> {
     }
 }
 
+/// How [`kernel_columns_fn`] reads its operands.
+pub(crate) enum ColumnLoads<'a> {
+    /// One element at a time, through the operands' element functions (`x`, `dy`).
+    Scalar { x: &'a str, dy: &'a str },
+    /// Four consecutive elements at a time from uniform bindings whose rows (input and output
+    /// gradient) are whole `vec4`s: `x`/`dy` map a flat element index that is a multiple of four
+    /// to the `vec4` index expression's `var<uniform>` binding and its element offset.
+    Vec4 {
+        x: (u32, &'a dyn Fn(&str) -> String),
+        dy: (u32, &'a dyn Fn(&str) -> String),
+    },
+}
+
+/// Whether weight gradient `red`'s kernel columns can read whole `vec4`s: the input and output
+/// gradient rows are both in fours (so every row starts at a multiple of four).
+pub(crate) fn columns_in_vec4s(graph: &Graph, red: NodeId) -> bool {
+    let node = graph.node(red);
+    let w = graph.ty(node.inputs[0]).shape[3];
+    let ow = graph.ty(node.inputs[1]).shape[3];
+    w % 4 == 0 && ow % 4 == 0
+}
+
 /// `fn v<red>_columns_chunk(i) -> array<f32, KW>`: the `KW` kernel columns of weight-gradient
-/// `red` starting at flat index `i` (`kx = 0`), summed over the current chunk's images; `x`
-/// and `dy` name the operands' element functions.
-pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, x: &str, dy: &str) -> String {
+/// `red` starting at flat index `i` (`kx = 0`), summed over the current chunk's images.
+///
+/// With [`ColumnLoads::Vec4`] each step covers four output columns: one `dy` `vec4` and one
+/// new pixel `vec4` (the window of pixel `vec4`s slides along the row), `4 * KW`
+/// multiply-adds for two loads, where scalar steps do `KW` for two (lavapipe: a `vec4` load
+/// costs about 1.5 scalar ones).
+pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, loads: ColumnLoads) -> String {
     let node = graph.node(red);
     let Op::Conv2dGradWeight { padding, .. } = &node.op else {
         unreachable!("kernel columns are a conv weight gradient's")
@@ -423,14 +449,6 @@ pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, x: &str, dy: &str) -
     for k in 0..kw {
         let _ = writeln!(s, "    var acc{k} = 0.0f;");
     }
-    // Pixel `ix` of the current input row, zero in the padding.
-    let pixel = |ix: &str| {
-        format!(
-            "select(0.0f, {x}(row + u32(clamp({ix}, 0i, {wm}))), {ix} >= 0i && {ix} < {wi})",
-            wm = i(w - 1),
-            wi = i(w)
-        )
-    };
     let _ = writeln!(
         s,
         "    for (var n = chunk[0].z; n < chunk[0].w; n++) {{
@@ -445,32 +463,104 @@ pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, x: &str, dy: &str) -
         OW = u(ow),
         PY = u(padding[0]),
     );
-    // The window holds pixels ox - pad .. ox - pad + KW - 1; the first KW - 1 are loaded
-    // before the loop, each step loads the last.
-    for k in 0..kw - 1 {
-        let _ = writeln!(
-            s,
-            "            var p{k} = {};",
-            pixel(&format!("{} - {}", i(k), i(padding[1])))
-        );
-    }
-    let _ = writeln!(
-        s,
-        "            for (var ox = 0u; ox < {OW}; ox++) {{
+    let px = padding[1] as i64;
+    match loads {
+        ColumnLoads::Scalar { x, dy } => {
+            // Pixel `ix` of the current input row, zero in the padding.
+            let pixel = |ix: &str| {
+                format!(
+                    "select(0.0f, {x}(row + u32(clamp({ix}, 0i, {wm}))), {ix} >= 0i && {ix} < {wi})",
+                    wm = i(w - 1),
+                    wi = i(w)
+                )
+            };
+            // The window holds pixels ox - pad .. ox - pad + KW - 1; the first KW - 1 are
+            // loaded before the loop, each step loads the last.
+            for k in 0..kw - 1 {
+                let _ = writeln!(
+                    s,
+                    "            var p{k} = {};",
+                    pixel(&format!("{} - {}", i(k), i(padding[1])))
+                );
+            }
+            let _ = writeln!(
+                s,
+                "            for (var ox = 0u; ox < {OW}; ox++) {{
                 let last = i32(ox) + {last_k} - {px};
                 let p{l} = {load};
                 let d = {dy}(drow + ox);",
-        OW = u(ow),
-        last_k = i(kw - 1),
-        px = i(padding[1]),
-        l = kw - 1,
-        load = pixel("last"),
-    );
-    for k in 0..kw {
-        let _ = writeln!(s, "                acc{k} += p{k} * d;");
-    }
-    for k in 0..kw - 1 {
-        let _ = writeln!(s, "                p{k} = p{};", k + 1);
+                OW = u(ow),
+                last_k = i(kw - 1),
+                px = i(padding[1]),
+                l = kw - 1,
+                load = pixel("last"),
+            );
+            for k in 0..kw {
+                let _ = writeln!(s, "                acc{k} += p{k} * d;");
+            }
+            for k in 0..kw - 1 {
+                let _ = writeln!(s, "                p{k} = p{};", k + 1);
+            }
+        }
+        ColumnLoads::Vec4 {
+            x: (xs, xat),
+            dy: (ds, dat),
+        } => {
+            // A step at output column `4 * q` needs pixels `4q - px ..= 4q + 3 + KW - 1 - px`:
+            // pixel vec4s `q + lo ..= q + hi` of the row (zero outside it), held in
+            // `p0 ..= p{hi - lo}`; each step loads the last.
+            let lo = (-px).div_euclid(4);
+            let hi = (3 + kw as i64 - 1 - px).div_euclid(4);
+            let blocks = (hi - lo + 1) as usize;
+            let _ = writeln!(
+                s,
+                "            let xq = {} >> 2u;\n            let dq = {} >> 2u;",
+                xat("row"),
+                dat("drow")
+            );
+            let block = |b: &str| {
+                format!(
+                    "select(vec4<f32>(0.0f), buf{xs}[xq + u32(clamp({b}, 0i, {wm}))], {b} >= 0i && {b} < {wi})",
+                    wm = i(w / 4 - 1),
+                    wi = i(w / 4)
+                )
+            };
+            for b in 0..blocks - 1 {
+                let _ = writeln!(
+                    s,
+                    "            var p{b} = {};",
+                    block(&format!("{}i", lo + b as i64))
+                );
+            }
+            let _ = writeln!(
+                s,
+                "            for (var q = 0u; q < {Q}; q++) {{
+                let last = i32(q) + {hi}i;
+                let p{l} = {load};
+                let d = buf{ds}[dq + q];",
+                Q = u(ow / 4),
+                l = blocks - 1,
+                load = block("last"),
+            );
+            const LANE: [char; 4] = ['x', 'y', 'z', 'w'];
+            for k in 0..kw {
+                // Output column 4q + j reads pixel 4q + j + k - px.
+                let taps: Vec<String> = (0..4)
+                    .map(|j| {
+                        let r = j + k as i64 - px - 4 * lo;
+                        format!("p{}.{}", r / 4, LANE[(r % 4) as usize])
+                    })
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "                acc{k} += dot(vec4<f32>({}), d);",
+                    taps.join(", ")
+                );
+            }
+            for b in 0..blocks - 1 {
+                let _ = writeln!(s, "                p{b} = p{};", b + 1);
+            }
+        }
     }
     let accs: Vec<String> = (0..kw).map(|k| format!("acc{k}")).collect();
     let _ = write!(

@@ -500,15 +500,26 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         ]
     );
     // conv1's weight gradient (6 output channels, no axis in fours) computes the 5 kernel
-    // columns of one (o, c, ky) per invocation, sliding along each input row.
+    // columns of one (o, c, ky) per invocation, sliding along each input row four output
+    // columns a step: its rows of 28 are whole vec4s of the uniform windows.
     let conv1_dw = &modules[12].wgsl;
     assert_contains(
         conv1_dw,
         &[
-            "5 kernel columns of %61 per invocation, sliding along the input rows (30 invocations",
+            "5 kernel columns of %61 per invocation, sliding along the input rows four output columns a step (vec4 loads) (30 invocations",
             "fn v59_columns_chunk(i: u32) -> array<f32, 5> {",
-            "                acc4 += p4 * d;",
+            // Pixels ox - 2 ..= ox + 5 of the four columns: vec4s q - 1 ..= q + 1 of the row,
+            // zero outside it.
+            "            var p0 = select(vec4<f32>(0.0f), buf0[xq + u32(clamp(-1i, 0i, 6i))], -1i >= 0i && -1i < 7i);",
+            "                let p2 = select(vec4<f32>(0.0f), buf0[xq + u32(clamp(last, 0i, 6i))], last >= 0i && last < 7i);",
+            "                let d = buf3[dq + q];",
+            "                acc0 += dot(vec4<f32>(p0.z, p0.w, p1.x, p1.y), d);",
+            "                acc4 += dot(vec4<f32>(p1.z, p1.w, p2.x, p2.y), d);",
             "        var rows = v59_columns_chunk(i);",
+            // Its bias gradient sums each image's channel plane a vec4 at a time.
+            "        let q = ((r0 * 4704u + k1 * 784u) - chunk[1].y) >> 2u;",
+            "            acc += buf3[q + r];",
+            "    return acc.x + acc.y + acc.z + acc.w;",
         ],
     );
     let conv2_dw = &modules[13].wgsl;
