@@ -5,6 +5,7 @@
 mod blocking;
 mod chunks;
 mod compile;
+mod conv_quads;
 mod plan;
 mod report;
 mod target;

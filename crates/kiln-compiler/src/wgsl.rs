@@ -1248,10 +1248,31 @@ fn emit_kernel_with(
         }
     };
     let summed: Vec<NodeId> = sums.iter().map(|s| s.0).collect();
+    // A small stride-1 convolution whose input is a uniform binding (whole or a window) on a
+    // CPU-class target: column quads (conv_quads.rs), when the values it stores as vec4s are
+    // not read here.
+    let conv_quads = match &kernel.kind {
+        KernelKind::Map { roots }
+            if target.class == DeviceClass::Cpu && target.block_outputs && sums.is_empty() =>
+        {
+            let main = *roots
+                .iter()
+                .max_by_key(|r| (graph.ty(**r).numel(), std::cmp::Reverse(r.0)))
+                .expect("map kernels have a root");
+            let uniform_of = |id: NodeId| plan.buffer_of[id.0].and_then(|b| uniform(b, "i"));
+            crate::conv_quads::find(graph, kernel, roots, main, &uniform_of).filter(|q| {
+                q.quads_out.iter().all(|m| {
+                    let buffer = plan.buffer_of[m.0];
+                    !kernel.reads.iter().any(|n| plan.buffer_of[n.0] == buffer)
+                })
+            })
+        }
+        _ => None,
+    };
     // Register blocking: the largest root, four elements per invocation, when that gives a
     // reduction a blocked rule and the other roots fit in the fewer invocations.
     let blocking = match &kernel.kind {
-        KernelKind::Map { roots } if target.block_outputs => {
+        KernelKind::Map { roots } if target.block_outputs && conv_quads.is_none() => {
             let main = *roots
                 .iter()
                 .max_by_key(|r| (graph.ty(**r).numel(), std::cmp::Reverse(r.0)))
@@ -1296,7 +1317,7 @@ fn emit_kernel_with(
     // at a time (lavapipe: 1.3 G floats/s against 0.4-0.5 for scalar stores), its binding
     // declared as vec4s; only when the kernel writes that buffer nowhere else and reads it
     // not at all (a parameter updated in place is read too).
-    let vec4_out: Option<usize> = match &blocking {
+    let blocked_vec4_out: Option<usize> = match &blocking {
         Some((main, b, _, rows))
             if target.class == DeviceClass::Cpu && b.stride == 1 && sums.is_empty() =>
         {
@@ -1312,6 +1333,14 @@ fn emit_kernel_with(
         }
         _ => None,
     };
+    let vec4_out: Vec<usize> = blocked_vec4_out
+        .into_iter()
+        .chain(conv_quads.iter().flat_map(|q| {
+            q.quads_out
+                .iter()
+                .map(|m| plan.buffer_of[m.0].expect("stored nodes have buffers"))
+        }))
+        .collect();
     let shares_loads = blocking
         .as_ref()
         .is_some_and(|(_, _, fns, rows)| fns.shares_loads || rows.is_some());
@@ -1399,6 +1428,19 @@ fn emit_kernel_with(
                 }
             };
             let (numel, schedule) = match (&blocking, columns) {
+                _ if conv_quads.is_some() => {
+                    let q = conv_quads.as_ref().expect("quads");
+                    let n = q.invocations(graph) as u32;
+                    (
+                        n,
+                        format!(
+                            "{} row{} x 4 columns of every channel of {} per invocation (column quads: vec4 pixel rows, constant-index weights; {n} invocations)",
+                            q.rows,
+                            if q.rows == 1 { "" } else { "s" },
+                            q.conv
+                        ),
+                    )
+                }
                 (None, Some((main, red, kw))) => {
                     let n = numel / kw as u32;
                     (
@@ -1594,7 +1636,7 @@ fn emit_kernel_with(
                 ""
             },
             match b.access {
-                Access::ReadWrite if vec4_out == Some(b.buffer) => {
+                Access::ReadWrite if vec4_out.contains(&b.buffer) => {
                     "read_write, stored as vec4".to_string()
                 }
                 Access::ReadWrite => "read_write".to_string(),
@@ -1613,7 +1655,7 @@ fn emit_kernel_with(
         } else {
             wgsl_type(buf.ty.dtype)
         };
-        let elem = if vec4_out == Some(b.buffer) {
+        let elem = if vec4_out.contains(&b.buffer) {
             "vec4<f32>"
         } else {
             elem
@@ -1698,6 +1740,30 @@ fn emit_kernel_with(
         }
     };
     match &kernel.kind {
+        KernelKind::Map { .. } if conv_quads.is_some() => {
+            // Every value is loaded and stored in the entry point itself.
+            let q = conv_quads.as_ref().expect("quads");
+            let buffer = |id: NodeId| plan.buffer_of[id.0].expect("bound nodes have buffers");
+            let body = crate::conv_quads::body(
+                graph,
+                q,
+                &|id, var| uniform(buffer(id), var).expect("read from a uniform binding"),
+                &|id| binding_of(buffer(id)),
+            );
+            let _ = write!(
+                s,
+                "@compute @workgroup_size({workgroup_size})
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
+{}{body}}}
+",
+                invocation_index(
+                    "j",
+                    dispatch[0] as usize * workgroup_size as usize,
+                    q.invocations(graph),
+                    chunking.is_some()
+                ),
+            );
+        }
         KernelKind::Map { roots } if columns.is_some() => {
             let (main, red, kw) = columns.expect("columns");
             let ins = &graph.node(red).inputs;
@@ -1841,7 +1907,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
             s.push_str(&fn_text);
             s.push('\n');
             let slot = binding_of(plan.buffer_of[main.0].expect("roots are stored"));
-            let store_text: String = if vec4_out.is_some() {
+            let store_text: String = if blocked_vec4_out.is_some() {
                 quads
                     .iter()
                     .map(|(off, value)| {

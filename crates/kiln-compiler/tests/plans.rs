@@ -536,6 +536,25 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "fn v55_rows_of_reduction_chunk(i: u32) -> array<vec4<f32>, 5> {",
         ],
     );
+    // conv1 (one input channel, 6 outputs, rows of 28) runs in column quads: four output
+    // columns of both rows of a pooling window per invocation, every channel, pixel rows
+    // read as vec4s shared by the taps, weights at constant indices, the saved activation
+    // stored as vec4s.
+    let conv1 = &modules[1].wgsl;
+    assert_contains(
+        conv1,
+        &[
+            "// schedule: 2 rows x 4 columns of every channel of %6 per invocation (column quads: vec4 pixel rows, constant-index weights; 25088 invocations)",
+            "//   3: %8 f32[256,6,28,28] (read_write, stored as vec4)",
+            "@group(0) @binding(3) var<storage, read_write> buf3: array<vec4<f32>>;",
+            "            let p0 = select(vec4<f32>(0.0f), buf0[xq + u32(clamp(qi + -1i, 0i, 6i))], ok && qi + -1i >= 0i && qi + -1i < 7i);",
+            "            a0 += vec4<f32>(p0.z, p0.w, p1.x, p1.y) * buf1[0u].x;",
+            // The last weight (o 5, ky 4, kx 4) for the second row.
+            "            a1 += vec4<f32>(p1.z, p1.w, p2.x, p2.y) * buf1[37u].y;",
+            "        buf3[((n * 6u + 5u) * 28u + g * 2u + 1u) * 7u + q] = e1_1;",
+            "        buf4[((n * 6u + 0u) * 14u + g) * 14u + q * 2u + 1u] = (y0.z + y0.w + y1.z + y1.w) / 4.0f;",
+        ],
+    );
     let conv2 = &modules[2];
     let c = conv2.chunks.as_ref().unwrap();
     // 25 invocations per image (16 channels x 25 pooled pixels in blocks of 16).
