@@ -218,6 +218,15 @@ impl<'a> LaneFns<'a> {
                 return Some(body);
             }
         }
+        // Four consecutive bytes starting at a multiple of four are one packed word.
+        let word_aligned = stride == 1 && (self.flat || axis == Some(out.len() - 1));
+        if word_aligned && node.op == Op::ScaleU8 {
+            if let Some(word) = self.packed_word(node.inputs[0]) {
+                return Some(format!(
+                    "    let w = {word}(i);\n    return vec4<f32>(f32(w & 0xffu), f32((w >> 8u) & 0xffu), f32((w >> 16u) & 0xffu), f32(w >> 24u)) / 255.0f;\n"
+                ));
+            }
+        }
         use Operand::{Lanes, Shared};
         let operands: Vec<Operand> = match (&node.op, axis) {
             (
@@ -294,6 +303,44 @@ impl<'a> LaneFns<'a> {
 }
 
 impl LaneFns<'_> {
+    /// `fn v<id>_word(i) -> u32`: the packed word holding bytes `i ..= i + 3` of u8 value
+    /// `id` (`i` a multiple of four), one load where four byte reads load it four times
+    /// (the batch's pixels, gathered from the data set by row). `None` unless `id` is read
+    /// from a packed buffer or gathered by rows in fours from one.
+    fn packed_word(&mut self, id: NodeId) -> Option<String> {
+        let graph = self.graph;
+        let name = format!("v{}_word", id.0);
+        if graph.ty(id).dtype != DType::U8 {
+            return None;
+        }
+        let body = if self.kernel.reads.contains(&id) {
+            let b = self.plan.buffer_of[id.0]?;
+            if !self.plan.buffers[b].packed_u8 {
+                return None;
+            }
+            format!("    return buf{}[i >> 2u];\n", (self.binding_of)(b))
+        } else if self.kernel.nodes.contains(&id) && graph.node(id).op == Op::Gather {
+            let [data, rows] = [graph.node(id).inputs[0], graph.node(id).inputs[1]];
+            let row: usize = graph.ty(data).shape[1..].iter().product();
+            if row % LANES != 0 {
+                return None;
+            }
+            let word = self.packed_word(data)?;
+            format!(
+                "    let row = i / {r};\n    return {word}({}(row) * {r} + i % {r});\n",
+                v(rows),
+                r = u(row)
+            )
+        } else {
+            return None;
+        };
+        // Stride 0 marks the word function among the lane functions done.
+        if self.done.insert((id, 0)) {
+            let _ = writeln!(self.text, "fn {name}(i: u32) -> u32 {{\n{body}}}");
+        }
+        Some(name)
+    }
+
     /// Four consecutive columns of an average-pooling gradient whose windows tile the input
     /// along rows (kernel = stride, dividing four): the columns fall in `4 / stride` windows,
     /// so one load per window instead of one per column.

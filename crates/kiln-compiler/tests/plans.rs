@@ -536,6 +536,15 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "fn v55_rows_of_reduction_chunk(i: u32) -> array<vec4<f32>, 5> {",
         ],
     );
+    // The batch is scaled four pixels at a time: one packed word of the data set each.
+    assert_contains(
+        &modules[0].wgsl,
+        &[
+            "fn v2_word(i: u32) -> u32 {\n    let row = i / 784u;\n    return v1_word(v0(row) * 784u + i % 784u);\n}",
+            "    let w = v2_word(i);",
+            "    buf2[i >> 2u] = value;",
+        ],
+    );
     // conv1 (one input channel, 6 outputs, rows of 28) runs in column quads: four output
     // columns of both rows of a pooling window per invocation, every channel, pixel rows
     // read as vec4s shared by the taps, weights at constant indices, the saved activation
