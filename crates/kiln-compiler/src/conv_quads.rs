@@ -1,18 +1,26 @@
-//! Direct convolution in column quads, a CPU-class schedule for a small stride-1 convolution
-//! (conv1 of LeNet: 1 -> 6 channels, 5x5) and its epilogue: bias, activation, a 2x2 pooling.
+//! Direct convolution over `vec4`s of pixel rows, a CPU-class schedule for a stride-1
+//! convolution and its epilogue (bias, activation, a 2x2 pooling, a flatten), in two covers:
 //!
-//! Each invocation computes four consecutive output columns of every output channel, for the
-//! two rows of a pooling window (one row without a pooling): the input pixels the quad needs
-//! are whole `vec4`s of the uniform window (rows in fours), loaded once per input row and
-//! shared by every channel and kernel tap, and the weights are read at compile-time-constant
-//! indices, which lavapipe turns into broadcasts (~10 G/s against ~2 G/s for an index that
-//! varies, even one the same for every lane). The saved activations are stored a `vec4` at a
-//! time. Measured on the 2-core CI machine (lavapipe, `--profile`, batch 256): conv1's
-//! forward kernel went from 11.5-12.5 ms per step (four images x three channels per
-//! invocation, scalar stores) to 6.9-7.5 (of which ~2 ms are the saved activation's stores).
+//! - *Column quads* (conv1 of LeNet: 1 -> 6 channels, 5x5, rows of 28): each invocation
+//!   computes four consecutive output columns of every output channel, for the two rows of a
+//!   pooling window (one row without a pooling). The pixels the quad needs are whole `vec4`s
+//!   of the uniform window (rows in fours), and the weights are read at compile-time-constant
+//!   indices, which lavapipe turns into broadcasts (~10 G/s against ~2 G/s for an index that
+//!   varies, even one the same for every lane). Loops are unrolled over channels and taps, so
+//!   this cover is taken only while the weights are few ([`MAX_WEIGHTS`]): lavapipe compiles
+//!   each shader at its first dispatch. conv1's forward kernel: 11.5-12.5 ms per step (four
+//!   images x three channels per invocation, scalar stores) -> 6.9-7.5 (of which ~2 ms are the
+//!   saved activation's stores).
+//! - *Whole rows* (conv2: 6 -> 16 channels, rows of 14 -> 10): each invocation computes both
+//!   rows of a pooling window, every column, of four output channels. Rows of an even width
+//!   start at a multiple of four or two past one, which the parity of the row tells
+//!   statically, so each input row is read as `vec4`s from the aligned word at or before its
+//!   start and shared by the four channels; each weight (a gather: its channel is the
+//!   invocation's) serves a whole row of multiply-adds. conv2's forward kernel: 13.2 ms per
+//!   step (blocked over four channels x four images, scalar pixel loads) -> 8.3-9.9.
 //!
-//! The loops are unrolled over channels and taps, so the schedule is taken only while the
-//! weights are few ([`MAX_WEIGHTS`]): lavapipe compiles each shader at its first dispatch.
+//! Measured on the 2-core CI machine with lavapipe (`--profile`, batch 256). Stored values of
+//! the convolution's shape (the saved activation) are written a `vec4` at a time.
 
 use std::fmt::Write as _;
 
@@ -21,23 +29,47 @@ use kiln_ir::{DType, Graph, NodeId, Op};
 use crate::plan::Kernel;
 use crate::wgsl::{i, u};
 
-/// Most weights (`O * C * KH * KW`) a quad kernel unrolls.
+/// Most weights (`O * C * KH * KW`) the column-quad cover unrolls.
 pub(crate) const MAX_WEIGHTS: usize = 256;
 
-/// A convolution kernel scheduled in column quads.
+/// Most output values (both rows of a window) a whole-rows invocation accumulates per
+/// channel.
+const MAX_ROW_VALUES: usize = 32;
+
+/// Output channels per whole-rows invocation, sharing each pixel load. conv2's forward
+/// kernel per step: 1 channel 11.7-13.9 ms, 2 10.1-11.9, 4 8.3-9.9, 8 7.4-10.2 (three
+/// alternating runs each); lavapipe's JIT of the kernel grows with it (cold start 6.7 s
+/// with 1, 8.2-8.5 with 4, 11 with 8).
+const CHANNELS_PER_ROWS: usize = 4;
+
+/// What one invocation covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cover {
+    /// Four columns of every channel; weights at constant indices.
+    Quads,
+    /// Every column of one channel.
+    WholeRows,
+}
+
+/// A convolution kernel scheduled over `vec4`s of pixel rows.
 #[derive(Clone, Debug)]
 pub(crate) struct ConvQuads {
+    pub cover: Cover,
     pub conv: NodeId,
     /// The convolution's epilogue up to the pooling (or the root), bottom up.
     pub chain: Vec<NodeId>,
-    /// The 2x2, stride-2 pooling at the top, if any: the kernel's main root then.
+    /// The 2x2, stride-2 pooling at the top, if any.
     pub pool: Option<NodeId>,
+    /// The kernel's main root: the pooling, a reshape of it, or the chain's top.
+    pub out: NodeId,
     /// Values of the convolution's shape this kernel stores, each a `vec4` at a time.
     pub quads_out: Vec<NodeId>,
     /// Output rows per invocation: a pooling window's two, or one.
     pub rows: usize,
     /// Invocations per image.
     pub per_image: usize,
+    /// Output channels per invocation (whole rows).
+    pub channels: usize,
 }
 
 impl ConvQuads {
@@ -45,9 +77,27 @@ impl ConvQuads {
     pub fn invocations(&self, graph: &Graph) -> usize {
         graph.ty(self.conv).shape[0] * self.per_image
     }
+
+    /// The schedule line of the kernel's header.
+    pub fn describe(&self, graph: &Graph) -> String {
+        let n = self.invocations(graph);
+        let rows = if self.rows == 1 { "1 row" } else { "2 rows" };
+        match self.cover {
+            Cover::Quads => format!(
+                "{rows} x 4 columns of every channel of {} per invocation (column quads: vec4 pixel rows, constant-index weights; {n} invocations)",
+                self.conv
+            ),
+            Cover::WholeRows => format!(
+                "{rows} x every column of {} channel{} of {} per invocation (whole rows: vec4 pixel rows shared by the channels, one weight load per row of multiply-adds; {n} invocations)",
+                self.channels,
+                if self.channels == 1 { "" } else { "s" },
+                self.conv
+            ),
+        }
+    }
 }
 
-/// The quad schedule of `kernel`, whose largest root is `main`, where it applies.
+/// The schedule of `kernel`, whose largest root is `main`, where one applies.
 /// `uniform_of(id)` is the index expression of element `i` of `id` where the kernel reads
 /// `id` from a uniform binding (a whole buffer or a window), else `None`.
 pub(crate) fn find(
@@ -58,17 +108,28 @@ pub(crate) fn find(
     uniform_of: &dyn Fn(NodeId) -> Option<String>,
 ) -> Option<ConvQuads> {
     let read_uniform = |id: NodeId| kernel.reads.contains(&id) && uniform_of(id).is_some();
-    // A whole buffer (not a window): its weights are read at constant indices.
+    // A whole buffer (not a window): read at any index, constant or not.
     let whole = |id: NodeId| read_uniform(id) && uniform_of(id).as_deref() == Some("i");
     let computed = |id: NodeId| kernel.nodes.contains(&id) && graph.ty(id).dtype == DType::F32;
-    let (pool, mut at) = match &graph.node(main).op {
+    let mut members = Vec::new();
+    let mut at = main;
+    while computed(at) && matches!(graph.node(at).op, Op::Reshape { .. }) {
+        members.push(at);
+        at = graph.node(at).inputs[0];
+    }
+    let pool = match &graph.node(at).op {
         Op::AvgPool2d { kernel, stride } | Op::MaxPool2d { kernel, stride }
-            if *kernel == [2, 2] && *stride == [2, 2] =>
+            if *kernel == [2, 2] && *stride == [2, 2] && computed(at) =>
         {
-            (Some(main), graph.node(main).inputs[0])
+            members.push(at);
+            at = graph.node(at).inputs[0];
+            Some(members[members.len() - 1])
         }
-        _ => (None, main),
+        _ => None,
     };
+    if pool.is_none() && !members.is_empty() {
+        return None;
+    }
     let mut chain = Vec::new();
     loop {
         if !computed(at) {
@@ -86,44 +147,63 @@ pub(crate) fn find(
     }
     chain.reverse();
     let conv = at;
+    members.push(conv);
+    members.extend(&chain);
     let node = graph.node(conv);
     let (x, w) = (node.inputs[0], node.inputs[1]);
     let [_, c, h, wi] = <[usize; 4]>::try_from(graph.ty(x).shape.as_slice()).ok()?;
     let [_, o, oh, ow] = <[usize; 4]>::try_from(node.ty.shape.as_slice()).ok()?;
     let [_, _, kh, kw] = <[usize; 4]>::try_from(graph.ty(w).shape.as_slice()).ok()?;
-    let fits = read_uniform(x)
-        && whole(w)
-        && !kernel.nodes.contains(&x)
-        && wi % 4 == 0
-        && ow % 4 == 0
-        && h > 0
-        && o * c * kh * kw <= MAX_WEIGHTS
-        && (pool.is_none() || oh % 2 == 0);
-    // Exactly the chain is computed here, and only its values are stored.
-    let members: Vec<NodeId> = std::iter::once(conv)
-        .chain(chain.iter().copied())
-        .chain(pool)
-        .collect();
-    let only_chain = kernel.nodes.len() == members.len()
+    let operands = read_uniform(x) && whole(w) && !kernel.nodes.contains(&x) && h > 0;
+    let pooled = pool.is_none() || oh % 2 == 0;
+    let quads = wi % 4 == 0 && ow % 4 == 0 && o * c * kh * kw <= MAX_WEIGHTS;
+    // Row pairs of an even width start at a multiple of four or two past one: the parity of
+    // the input row (static under a pooling's pair of rows) says which; the stored values of
+    // both rows are whole vec4s.
+    let rows = pool.is_some()
+        && wi % 2 == 0
+        && (h * wi) % 4 == 0
+        && (2 * ow) % 4 == 0
+        && 2 * ow <= MAX_ROW_VALUES;
+    let cover = if quads {
+        Cover::Quads
+    } else if rows {
+        Cover::WholeRows
+    } else {
+        return None;
+    };
+    // Exactly these nodes are computed here, and only their values are stored.
+    let only_these = kernel.nodes.len() == members.len()
         && kernel.nodes.iter().all(|n| members.contains(n))
         && roots.iter().all(|r| members.contains(r))
         && kernel.stores.iter().all(|s| members.contains(s));
-    if !fits || !only_chain {
+    if !operands || !pooled || !only_these {
         return None;
     }
-    let quads_out = members
-        .iter()
-        .copied()
-        .filter(|&m| Some(m) != pool && (kernel.stores.contains(&m) || roots.contains(&m)))
+    // Below the pooling, a stored value has the convolution's shape.
+    let quads_out = std::iter::once(conv)
+        .chain(chain.iter().copied())
+        .filter(|m| kernel.stores.contains(m) || roots.contains(m))
         .collect();
     let rows = if pool.is_some() { 2 } else { 1 };
+    let channels = [CHANNELS_PER_ROWS, 2, 1]
+        .into_iter()
+        .find(|k| o % k == 0)
+        .expect("1 divides");
+    let per_image = match cover {
+        Cover::Quads => oh / rows * (ow / 4),
+        Cover::WholeRows => oh / rows * (o / channels),
+    };
     Some(ConvQuads {
+        cover,
         conv,
         chain,
         pool,
+        out: main,
         quads_out,
         rows,
-        per_image: oh / rows * (ow / 4),
+        per_image,
+        channels,
     })
 }
 
@@ -141,32 +221,87 @@ fn tap(r: i64, lo: i64) -> (i64, char) {
     (at / 4, LANE[(at % 4) as usize])
 }
 
-/// The statements of the entry point after invocation `j` is known: the quad's
-/// accumulation, its epilogue and its stores. `uniform_of` as in [`find`]; `slot(id)` is the
-/// binding of what `id` is read from or stored to.
+/// The statements of the entry point after invocation `j` is known: the accumulation, the
+/// epilogue and the stores. `uniform_of` as in [`find`]; `slot(id)` is the binding of what
+/// `id` is read from or stored to.
 pub(crate) fn body(
     graph: &Graph,
     q: &ConvQuads,
     uniform_of: &dyn Fn(NodeId, &str) -> String,
     slot: &dyn Fn(NodeId) -> u32,
 ) -> String {
-    let node = graph.node(q.conv);
+    match q.cover {
+        Cover::Quads => quads_body(graph, q, uniform_of, slot),
+        Cover::WholeRows => rows_body(graph, q, uniform_of, slot),
+    }
+}
+
+/// Shapes of a convolution: input `[c, h, w]`, output `[o, oh, ow]`, kernel `[kh, kw]`,
+/// padding.
+struct Dims {
+    c: usize,
+    h: usize,
+    wi: usize,
+    o: usize,
+    oh: usize,
+    ow: usize,
+    kh: usize,
+    kw: usize,
+    py: i64,
+    px: i64,
+}
+
+fn dims(graph: &Graph, conv: NodeId) -> Dims {
+    let node = graph.node(conv);
     let Op::Conv2d { padding, .. } = &node.op else {
         unreachable!("quads are a convolution's")
     };
-    let (x, w) = (node.inputs[0], node.inputs[1]);
-    let [_, c, h, wi] = <[usize; 4]>::try_from(graph.ty(x).shape.as_slice()).expect("rank 4");
-    let [_, o, oh, ow] = <[usize; 4]>::try_from(node.ty.shape.as_slice()).expect("rank 4");
-    let [_, _, kh, kw] = <[usize; 4]>::try_from(graph.ty(w).shape.as_slice()).expect("rank 4");
-    let (py, px) = (padding[0] as i64, padding[1] as i64);
+    let shape = |id: NodeId| -> [usize; 4] {
+        <[usize; 4]>::try_from(graph.ty(id).shape.as_slice()).expect("rank 4")
+    };
+    let [_, c, h, wi] = shape(node.inputs[0]);
+    let [_, o, oh, ow] = shape(conv);
+    let [_, _, kh, kw] = shape(node.inputs[1]);
+    Dims {
+        c,
+        h,
+        wi,
+        o,
+        oh,
+        ow,
+        kh,
+        kw,
+        py: padding[0] as i64,
+        px: padding[1] as i64,
+    }
+}
+
+fn quads_body(
+    graph: &Graph,
+    q: &ConvQuads,
+    uniform_of: &dyn Fn(NodeId, &str) -> String,
+    slot: &dyn Fn(NodeId) -> u32,
+) -> String {
+    let Dims {
+        c,
+        h,
+        wi,
+        o,
+        oh,
+        ow,
+        kh,
+        kw,
+        py,
+        px,
+    } = dims(graph, q.conv);
+    let (x, w) = (graph.node(q.conv).inputs[0], graph.node(q.conv).inputs[1]);
     let rows = q.rows;
-    let groups = oh / rows;
     let quads = ow / 4;
     let mut s = format!(
         "    let n = j / {};\n    let g = (j / {}) % {};\n    let q = j % {};\n    let qi = i32(q);\n",
         u(q.per_image),
         u(quads),
-        u(groups),
+        u(oh / rows),
         u(quads)
     );
     // Pixels 4q - px ..= 4q + 3 + KW - 1 - px of each input row: vec4s q + lo ..= q + hi.
@@ -236,76 +371,256 @@ pub(crate) fn body(
                 s.push_str("        }\n");
             }
         }
-        // The epilogue of each row, bottom up; stored values a vec4 at a time.
-        let store = |s: &mut String, id: NodeId, r: usize, value: &str| {
-            if q.quads_out.contains(&id) {
-                let _ = writeln!(
-                    s,
-                    "        buf{}[((n * {} + {oc}u) * {} + g * {} + {r}u) * {} + q] = {value};",
-                    slot(id),
-                    u(o),
-                    u(oh),
-                    u(rows),
-                    u(quads)
-                );
-            }
-        };
-        for r in 0..rows {
-            let mut value = format!("a{r}");
-            store(&mut s, q.conv, r, &value);
-            for (k, &id) in q.chain.iter().enumerate() {
-                let next = format!("e{r}_{k}");
-                let formula = match &graph.node(id).op {
-                    Op::BiasAdd { .. } => {
-                        format!("{value} + {}", constant(slot(graph.node(id).inputs[1]), oc))
-                    }
-                    Op::Sigmoid => format!("1.0f / (1.0f + exp(-{value}))"),
-                    Op::Relu => {
-                        format!("select({value}, vec4<f32>(0.0f), {value} < vec4<f32>(0.0f))")
-                    }
-                    Op::Tanh => format!("tanh({value})"),
-                    op => unreachable!("{} is not in a quad chain", op.name()),
-                };
-                let _ = writeln!(s, "        let {next} = {formula};");
-                value = next;
-                store(&mut s, id, r, &value);
-            }
-            let _ = writeln!(s, "        let y{r} = {value};");
-        }
-        if let Some(pool) = q.pool {
-            // Two windows: columns (x, y) and (z, w) of both rows, in the reference's order.
-            let at = format!(
-                "((n * {} + {oc}u) * {} + g) * {} + q * 2u",
+        let accs: Vec<String> = (0..rows).map(|r| format!("a{r}")).collect();
+        let stored = |r: usize| {
+            format!(
+                "((n * {} + {oc}u) * {} + g * {} + {r}u) * {} + q",
                 u(o),
-                u(oh / 2),
-                u(ow / 2)
-            );
-            for (k, pair) in [["x", "y"], ["z", "w"]].iter().enumerate() {
-                let taps = [
-                    format!("y0.{}", pair[0]),
-                    format!("y0.{}", pair[1]),
-                    format!("y1.{}", pair[0]),
-                    format!("y1.{}", pair[1]),
-                ];
-                let value = if matches!(graph.node(pool).op, Op::AvgPool2d { .. }) {
-                    format!("({}) / 4.0f", taps.join(" + "))
-                } else {
-                    // Keep the first maximum; NaN wins, as in the reference.
-                    let _ = writeln!(s, "        var best{k} = {};", taps[0]);
-                    for t in &taps[1..] {
-                        let _ = writeln!(
-                            s,
-                            "        best{k} = select(best{k}, {t}, !(best{k} != best{k}) & !({t} <= best{k}));"
-                        );
-                    }
-                    format!("best{k}")
-                };
-                let _ = writeln!(s, "        buf{}[{at} + {k}u] = {value};", slot(pool));
-            }
-        }
+                u(oh),
+                u(rows),
+                u(quads)
+            )
+        };
+        let bias = |b: NodeId| constant(slot(b), oc);
+        // Value (r, column k of the quad) is lane k of vec4 r; pooled columns 2q, 2q + 1.
+        let pooled = format!(
+            "((n * {} + {oc}u) * {} + g) * {} + q * 2u",
+            u(o),
+            u(oh / 2),
+            u(ow / 2)
+        );
+        epilogue(graph, q, &mut s, &accs, &stored, &bias, slot, 4, &pooled);
         s.push_str("    }\n");
     }
     s
+}
+
+fn rows_body(
+    graph: &Graph,
+    q: &ConvQuads,
+    uniform_of: &dyn Fn(NodeId, &str) -> String,
+    slot: &dyn Fn(NodeId) -> u32,
+) -> String {
+    let Dims {
+        c,
+        h,
+        wi,
+        o,
+        oh,
+        ow,
+        kh,
+        kw,
+        py,
+        px,
+    } = dims(graph, q.conv);
+    let (x, w) = (graph.node(q.conv).inputs[0], graph.node(q.conv).inputs[1]);
+    let rows = q.rows;
+    let groups = oh / rows;
+    let per = q.channels;
+    let sets = o / per;
+    // Channels fastest: the lanes of a SIMD group read the same pixels.
+    let mut s = format!(
+        "    let n = j / {};\n    let g = (j / {}) % {};\n    let o0 = (j % {}) * {};\n",
+        u(q.per_image),
+        u(sets),
+        u(groups),
+        u(sets),
+        u(per)
+    );
+    for k in 0..per {
+        for r in 0..rows {
+            for ox in 0..ow {
+                let _ = writeln!(s, "    var a{k}_{r}_{ox} = 0.0f;");
+            }
+        }
+    }
+    let xs = slot(x);
+    let ws = slot(w);
+    let _ = writeln!(s, "    for (var c = 0u; c < {}; c++) {{", u(c));
+    // Each weight is loaded once per input channel (a gather: the channel is the lane's) and
+    // serves a row of multiply-adds for each output row.
+    for k in 0..per {
+        let _ = writeln!(
+            s,
+            "        let wb{k} = ((o0 + {k}u) * {} + c) * {};",
+            u(c),
+            u(kh * kw)
+        );
+        for t in 0..kh * kw {
+            let _ = writeln!(
+                s,
+                "        let w{k}_{t} = buf{ws}[(wb{k} + {t}u) >> 2u][(wb{k} + {t}u) & 3u];"
+            );
+        }
+    }
+    for t in 0..rows + kh - 1 {
+        let dy = t as i64 - py;
+        // Row rows * g + dy starts `skew` words past a multiple of four (g's rows are even):
+        // whole vec4s from the aligned word at or before its start.
+        let skew = ((dy * wi as i64).rem_euclid(4)) as usize;
+        let blocks = (skew + wi).div_ceil(4);
+        let _ = writeln!(
+            s,
+            "        {{\n            let iy = i32(g * {}) + {};\n            let ok = iy >= 0i && iy < {};",
+            u(rows),
+            i64_lit(dy),
+            i(h)
+        );
+        let row = format!(
+            "((n * {} + c) * {} + u32(clamp(iy, 0i, {}))) * {}",
+            u(c),
+            u(h),
+            i(h - 1),
+            u(wi)
+        );
+        let _ = writeln!(
+            s,
+            "            let xq = ({} - {}) >> 2u;",
+            uniform_of(x, &row),
+            u(skew)
+        );
+        for b in 0..blocks {
+            let _ = writeln!(
+                s,
+                "            let p{b} = select(vec4<f32>(0.0f), buf{xs}[xq + {}], ok);",
+                u(b)
+            );
+        }
+        for r in 0..rows {
+            let Some(ky) = t.checked_sub(r).filter(|&ky| ky < kh) else {
+                continue;
+            };
+            for k in 0..per {
+                for kx in 0..kw {
+                    for ox in 0..ow {
+                        let ix = (ox + kx) as i64 - px;
+                        if ix < 0 || ix >= wi as i64 {
+                            continue;
+                        }
+                        let at = ix as usize + skew;
+                        let _ = writeln!(
+                            s,
+                            "            a{k}_{r}_{ox} += p{}.{} * w{k}_{};",
+                            at / 4,
+                            LANE[at % 4],
+                            ky * kw + kx
+                        );
+                    }
+                }
+            }
+        }
+        s.push_str("        }\n");
+    }
+    s.push_str("    }\n");
+    for k in 0..per {
+        let _ = writeln!(s, "    {{\n        let o = o0 + {};", u(k));
+        // The rows' values, four at a time in memory order (rows x columns).
+        let values: Vec<String> = (0..rows * ow)
+            .map(|v| format!("a{k}_{}_{}", v / ow, v % ow))
+            .collect();
+        let accs: Vec<String> = values
+            .chunks(4)
+            .enumerate()
+            .map(|(v, four)| {
+                let _ = writeln!(s, "        let v{v} = vec4<f32>({});", four.join(", "));
+                format!("v{v}")
+            })
+            .collect();
+        let stored = |v: usize| {
+            format!(
+                "(((n * {} + o) * {} + g * {}) * {}) / 4u + {}",
+                u(o),
+                u(oh),
+                u(rows),
+                u(ow),
+                u(v)
+            )
+        };
+        let bias = |b: NodeId| format!("buf{0}[o >> 2u][o & 3u]", slot(b));
+        let pooled = format!("((n * {} + o) * {} + g) * {}", u(o), u(oh / 2), u(ow / 2));
+        epilogue(graph, q, &mut s, &accs, &stored, &bias, slot, ow, &pooled);
+        s.push_str("    }\n");
+    }
+    s
+}
+
+/// The epilogue of one output channel's accumulated `vec4`s `accs` (values in memory order
+/// of `rows x columns`, `columns` per row): the chain, bottom up, stores of the stored values
+/// (`vec4` `k` at `stored(k)`), and the 2x2 pooling of the two rows' `columns / 2` windows
+/// from flat index `pooled` of the kernel's main root.
+#[allow(clippy::too_many_arguments)]
+fn epilogue(
+    graph: &Graph,
+    q: &ConvQuads,
+    s: &mut String,
+    accs: &[String],
+    stored: &dyn Fn(usize) -> String,
+    bias: &dyn Fn(NodeId) -> String,
+    slot: &dyn Fn(NodeId) -> u32,
+    columns: usize,
+    pooled: &str,
+) {
+    let store = |s: &mut String, id: NodeId, k: usize, value: &str| {
+        if q.quads_out.contains(&id) {
+            let _ = writeln!(s, "        buf{}[{}] = {value};", slot(id), stored(k));
+        }
+    };
+    let mut tops = Vec::new();
+    for (k, acc) in accs.iter().enumerate() {
+        let mut value = acc.clone();
+        store(s, q.conv, k, &value);
+        for (step, &id) in q.chain.iter().enumerate() {
+            let next = format!("e{k}_{step}");
+            let formula = match &graph.node(id).op {
+                Op::BiasAdd { .. } => format!("{value} + {}", bias(graph.node(id).inputs[1])),
+                Op::Sigmoid => format!("1.0f / (1.0f + exp(-{value}))"),
+                Op::Relu => {
+                    format!("select({value}, vec4<f32>(0.0f), {value} < vec4<f32>(0.0f))")
+                }
+                Op::Tanh => format!("tanh({value})"),
+                op => unreachable!("{} is not in a quad chain", op.name()),
+            };
+            let _ = writeln!(s, "        let {next} = {formula};");
+            value = next;
+            store(s, id, k, &value);
+        }
+        tops.push(value);
+    }
+    let Some(pool) = q.pool else {
+        return;
+    };
+    // Window p of the two rows: columns 2p, 2p + 1 of rows 0 and 1, in the reference's order.
+    let value = |r: usize, col: usize| {
+        let k = r * columns + col;
+        format!("{}.{}", tops[k / 4], LANE[k % 4])
+    };
+    for p in 0..columns / 2 {
+        let taps = [
+            value(0, 2 * p),
+            value(0, 2 * p + 1),
+            value(1, 2 * p),
+            value(1, 2 * p + 1),
+        ];
+        let result = if matches!(graph.node(pool).op, Op::AvgPool2d { .. }) {
+            format!("({}) / 4.0f", taps.join(" + "))
+        } else {
+            // Keep the first maximum; NaN wins, as in the reference.
+            let _ = writeln!(s, "        var best{p} = {};", taps[0]);
+            for t in &taps[1..] {
+                let _ = writeln!(
+                    s,
+                    "        best{p} = select(best{p}, {t}, !(best{p} != best{p}) & !({t} <= best{p}));"
+                );
+            }
+            format!("best{p}")
+        };
+        let _ = writeln!(
+            s,
+            "        buf{}[{pooled} + {}] = {result};",
+            slot(q.out),
+            u(p)
+        );
+    }
 }
 
 fn i64_lit(v: i64) -> String {

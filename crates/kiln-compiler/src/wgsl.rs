@@ -1430,16 +1430,7 @@ fn emit_kernel_with(
             let (numel, schedule) = match (&blocking, columns) {
                 _ if conv_quads.is_some() => {
                     let q = conv_quads.as_ref().expect("quads");
-                    let n = q.invocations(graph) as u32;
-                    (
-                        n,
-                        format!(
-                            "{} row{} x 4 columns of every channel of {} per invocation (column quads: vec4 pixel rows, constant-index weights; {n} invocations)",
-                            q.rows,
-                            if q.rows == 1 { "" } else { "s" },
-                            q.conv
-                        ),
-                    )
+                    (q.invocations(graph) as u32, q.describe(graph))
                 }
                 (None, Some((main, red, kw))) => {
                     let n = numel / kw as u32;

@@ -428,7 +428,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         chunked,
         [
             ("k01_avg_pool2d_l2", 13, 20),
-            ("k02_reshape_l6", 22, 12),
+            ("k02_reshape_l6", 20, 13),
             ("k03_sigmoid_l8", 7, 40),
             ("k04_sigmoid_l10", 2, 128),
             ("k06_sigmoid_grad_l10", 2, 128),
@@ -561,44 +561,39 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             // The last weight (o 5, ky 4, kx 4) for the second row.
             "            a1 += vec4<f32>(p1.z, p1.w, p2.x, p2.y) * buf1[37u].y;",
             "        buf3[((n * 6u + 5u) * 28u + g * 2u + 1u) * 7u + q] = e1_1;",
-            "        buf4[((n * 6u + 0u) * 14u + g) * 14u + q * 2u + 1u] = (y0.z + y0.w + y1.z + y1.w) / 4.0f;",
+            "        buf4[((n * 6u + 0u) * 14u + g) * 14u + q * 2u + 1u] = (e0_1.z + e0_1.w + e1_1.z + e1_1.w) / 4.0f;",
         ],
     );
     let conv2 = &modules[2];
     let c = conv2.chunks.as_ref().unwrap();
-    // 25 invocations per image (16 channels x 25 pooled pixels in blocks of 16).
-    assert_eq!(c.invocations, 300);
+    // 20 invocations per image (5 pooled rows x 4 sets of 4 channels), 13 images a chunk.
+    assert_eq!(c.invocations, 260);
     assert_eq!(c.windows.len(), 1);
     assert_eq!(plan.buffers[c.windows[0].buffer].ty.shape, [256, 6, 14, 14]);
-    // Each window covers its 12 images wherever they start, within 64 KiB.
-    assert!(c.windows[0].vec4s * 16 >= 12 * 1176 * 4 + 28 && c.windows[0].vec4s <= 4096);
-    assert!(
-        conv2
-            .wgsl
-            .contains("var<uniform> chunk: array<vec4<u32>, 2>;")
-    );
-    assert!(
-        conv2
-            .wgsl
-            .contains("let j = gid.x + gid.y * 320u + chunk[0].x;"),
-        "{}",
-        conv2.wgsl
-    );
-    assert!(conv2.wgsl.contains("let w = (i - chunk[1].x);"));
-    // The four taps of each 2x2 pooling window are computed together, sharing the weight
-    // loads and sliding two pixel columns along the input rows.
-    assert!(
-        conv2
-            .wgsl
-            .contains("let taps = v12_rows_at_pool_taps(base);")
-    );
-    assert!(conv2.wgsl.contains("                a3_3 += n1_3 * wv;"));
-    assert!(
-        conv2.wgsl.contains(
-            "// chunks: 22 dispatches of 12 images, the last of 4 (300 invocations each)"
-        ),
-        "{}",
-        conv2.wgsl
+    // Each window covers its 13 images wherever they start, within 64 KiB.
+    assert!(c.windows[0].vec4s * 16 >= 13 * 1176 * 4 + 28 && c.windows[0].vec4s <= 4096);
+    // conv2 (rows of 14 -> 10, 2,400 weights) runs in whole rows: both rows of a pooling
+    // window, every column, four channels per invocation; input rows start at a multiple of
+    // four (even rows) or two past one (odd rows), read as whole vec4s from there.
+    assert_contains(
+        &conv2.wgsl,
+        &[
+            "// schedule: 2 rows x every column of 4 channels of %12 per invocation (whole rows: vec4 pixel rows shared by the channels, one weight load per row of multiply-adds; 5120 invocations)",
+            "// chunks: 20 dispatches of 13 images, the last of 9 (260 invocations each)",
+            "var<uniform> chunk: array<vec4<u32>, 2>;",
+            "    let j = gid.x + gid.y * 288u + chunk[0].x;",
+            "    let n = j / 20u;\n    let g = (j / 4u) % 5u;\n    let o0 = (j % 4u) * 4u;",
+            "        let w1_24 = buf1[(wb1 + 24u) >> 2u][(wb1 + 24u) & 3u];",
+            "            let xq = ((((n * 6u + c) * 14u + u32(clamp(iy, 0i, 13i))) * 14u - chunk[1].x) - 0u) >> 2u;",
+            "            let xq = ((((n * 6u + c) * 14u + u32(clamp(iy, 0i, 13i))) * 14u - chunk[1].x) - 2u) >> 2u;",
+            // Column 9's kernel tap (4, 4) reads pixel 13: lane 13 of input row 4 (even),
+            // lane 15 of row 5 (odd, two words later), for output rows 0 and 1.
+            "            a0_0_9 += p3.y * w0_24;",
+            "            a0_1_9 += p3.w * w0_24;",
+            // Both rows' 20 saved activations are five vec4s; the pooled row five scalars.
+            "        buf3[(((n * 16u + o) * 10u + g * 2u) * 10u) / 4u + 4u] = e4_1;",
+            "        buf4[((n * 16u + o) * 5u + g) * 5u + 4u] = (e2_1.x + e2_1.y + e4_1.z + e4_1.w) / 4.0f;",
+        ],
     );
     // The GPU tests' small-window schedule (20 KiB) chunks their batch of 8 too: both
     // convolutions, both pooled activation gradients and both convolution weight gradients.
