@@ -12,12 +12,12 @@
 //!   images x three channels per invocation, scalar stores) -> 6.9-7.5 (of which ~2 ms are the
 //!   saved activation's stores).
 //! - *Whole rows* (conv2: 6 -> 16 channels, rows of 14 -> 10): each invocation computes both
-//!   rows of a pooling window, every column, of four output channels. Rows of an even width
-//!   start at a multiple of four or two past one, which the parity of the row tells
-//!   statically, so each input row is read as `vec4`s from the aligned word at or before its
-//!   start and shared by the four channels; each weight (a gather: its channel is the
-//!   invocation's) serves a whole row of multiply-adds. conv2's forward kernel: 13.2 ms per
-//!   step (blocked over four channels x four images, scalar pixel loads) -> 8.3-9.9.
+//!   rows of a pooling window, every column, of four output channels. A row of an even width
+//!   starts at a multiple of four or two past one, so it is read as `vec4`s from the aligned
+//!   word at or before its start (each pixel's lane picked by the row's offset) and shared
+//!   by the four channels; each weight (a gather: its channel is the invocation's) serves a
+//!   whole row of multiply-adds. conv2's forward kernel: 13.2 ms per
+//!   step (blocked over four channels x four images, scalar pixel loads) -> 9.5-10.9.
 //!
 //! Measured on the 2-core CI machine with lavapipe (`--profile`, batch 256). Stored values of
 //! the convolution's shape (the saved activation) are written a `vec4` at a time.
@@ -37,9 +37,10 @@ pub(crate) const MAX_WEIGHTS: usize = 256;
 const MAX_ROW_VALUES: usize = 32;
 
 /// Output channels per whole-rows invocation, sharing each pixel load. conv2's forward
-/// kernel per step: 1 channel 11.7-13.9 ms, 2 10.1-11.9, 4 8.3-9.9, 8 7.4-10.2 (three
-/// alternating runs each); lavapipe's JIT of the kernel grows with it (cold start 6.7 s
-/// with 1, 8.2-8.5 with 4, 11 with 8).
+/// kernel per step, kernel rows unrolled: 1 channel 11.7-13.9 ms, 2 10.1-11.9, 4 8.3-9.9,
+/// 8 7.4-10.2 (three alternating runs each), but lavapipe's JIT grew with it (cold start
+/// 6.7 s with 1, 8.2-9.4 with 4, 11 with 8); with the kernel-row loop, 4 channels run in
+/// 9.5-10.9 ms and 8 in 10.0-11.8, at the unrolled single channel's JIT cost.
 const CHANNELS_PER_ROWS: usize = 4;
 
 /// What one invocation covers.
@@ -157,9 +158,8 @@ pub(crate) fn find(
     let operands = read_uniform(x) && whole(w) && !kernel.nodes.contains(&x) && h > 0;
     let pooled = pool.is_none() || oh % 2 == 0;
     let quads = wi % 4 == 0 && ow % 4 == 0 && o * c * kh * kw <= MAX_WEIGHTS;
-    // Row pairs of an even width start at a multiple of four or two past one: the parity of
-    // the input row (static under a pooling's pair of rows) says which; the stored values of
-    // both rows are whole vec4s.
+    // Rows of an even width start at a multiple of four or two past one (planes in fours);
+    // the stored values of a pooling window's two rows are whole vec4s.
     let rows = pool.is_some()
         && wi % 2 == 0
         && (h * wi) % 4 == 0
@@ -436,34 +436,41 @@ fn rows_body(
     }
     let xs = slot(x);
     let ws = slot(w);
-    let _ = writeln!(s, "    for (var c = 0u; c < {}; c++) {{", u(c));
-    // Each weight is loaded once per input channel (a gather: the channel is the lane's) and
-    // serves a row of multiply-adds for each output row.
+    // Loops over input channels and kernel rows keep the shader small (lavapipe compiles it
+    // at the first dispatch; the same kernel unrolled over kernel rows took ~1 s more).
+    let _ = writeln!(
+        s,
+        "    for (var c = 0u; c < {}; c++) {{\n        for (var ky = 0u; ky < {}; ky++) {{",
+        u(c),
+        u(kh)
+    );
+    // The kernel row's weights of each channel: gathers (the channel is the lane's), each
+    // serving a row of multiply-adds for each output row.
     for k in 0..per {
         let _ = writeln!(
             s,
-            "        let wb{k} = ((o0 + {k}u) * {} + c) * {};",
+            "            let wb{k} = (((o0 + {k}u) * {} + c) * {} + ky) * {};",
             u(c),
-            u(kh * kw)
+            u(kh),
+            u(kw)
         );
-        for t in 0..kh * kw {
+        for kx in 0..kw {
             let _ = writeln!(
                 s,
-                "        let w{k}_{t} = buf{ws}[(wb{k} + {t}u) >> 2u][(wb{k} + {t}u) & 3u];"
+                "            let w{k}_{kx} = buf{ws}[(wb{k} + {kx}u) >> 2u][(wb{k} + {kx}u) & 3u];"
             );
         }
     }
-    for t in 0..rows + kh - 1 {
-        let dy = t as i64 - py;
-        // Row rows * g + dy starts `skew` words past a multiple of four (g's rows are even):
-        // whole vec4s from the aligned word at or before its start.
-        let skew = ((dy * wi as i64).rem_euclid(4)) as usize;
-        let blocks = (skew + wi).div_ceil(4);
+    // A row of an even width starts at a multiple of four or two past one (`skew`): read
+    // whole vec4s from the aligned word at or before its start, pick each pixel's lane.
+    let skewed = wi % 4 != 0;
+    let blocks = (wi + if skewed { 2 } else { 0 }).div_ceil(4);
+    for r in 0..rows {
         let _ = writeln!(
             s,
-            "        {{\n            let iy = i32(g * {}) + {};\n            let ok = iy >= 0i && iy < {};",
+            "            {{\n                let iy = i32(g * {} + {r}u + ky) - {};\n                let ok = iy >= 0i && iy < {};",
             u(rows),
-            i64_lit(dy),
+            i(py as usize),
             i(h)
         );
         let row = format!(
@@ -473,45 +480,41 @@ fn rows_body(
             i(h - 1),
             u(wi)
         );
-        let _ = writeln!(
-            s,
-            "            let xq = ({} - {}) >> 2u;",
-            uniform_of(x, &row),
-            u(skew)
-        );
+        let _ = writeln!(s, "                let at = {};", uniform_of(x, &row));
+        if skewed {
+            s.push_str("                let skew = at & 3u;\n");
+        }
+        s.push_str("                let xq = at >> 2u;\n");
         for b in 0..blocks {
             let _ = writeln!(
                 s,
-                "            let p{b} = select(vec4<f32>(0.0f), buf{xs}[xq + {}], ok);",
+                "                let p{b} = select(vec4<f32>(0.0f), buf{xs}[xq + {}], ok);",
                 u(b)
             );
         }
-        for r in 0..rows {
-            let Some(ky) = t.checked_sub(r).filter(|&ky| ky < kh) else {
-                continue;
+        let lane = |at: usize| format!("p{}.{}", at / 4, LANE[at % 4]);
+        for ix in 0..wi {
+            let pick = if skewed {
+                format!("select({}, {}, skew != 0u)", lane(ix), lane(ix + 2))
+            } else {
+                lane(ix)
             };
-            for k in 0..per {
-                for kx in 0..kw {
-                    for ox in 0..ow {
-                        let ix = (ox + kx) as i64 - px;
-                        if ix < 0 || ix >= wi as i64 {
-                            continue;
-                        }
-                        let at = ix as usize + skew;
-                        let _ = writeln!(
-                            s,
-                            "            a{k}_{r}_{ox} += p{}.{} * w{k}_{};",
-                            at / 4,
-                            LANE[at % 4],
-                            ky * kw + kx
-                        );
+            let _ = writeln!(s, "                let x{ix} = {pick};");
+        }
+        for k in 0..per {
+            for kx in 0..kw {
+                for ox in 0..ow {
+                    let ix = (ox + kx) as i64 - px;
+                    if ix < 0 || ix >= wi as i64 {
+                        continue;
                     }
+                    let _ = writeln!(s, "                a{k}_{r}_{ox} += x{ix} * w{k}_{kx};");
                 }
             }
         }
-        s.push_str("        }\n");
+        s.push_str("            }\n");
     }
-    s.push_str("    }\n");
+    s.push_str("        }\n    }\n");
     for k in 0..per {
         let _ = writeln!(s, "    {{\n        let o = o0 + {};", u(k));
         // The rows' values, four at a time in memory order (rows x columns).

@@ -573,8 +573,8 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
     // Each window covers its 13 images wherever they start, within 64 KiB.
     assert!(c.windows[0].vec4s * 16 >= 13 * 1176 * 4 + 28 && c.windows[0].vec4s <= 4096);
     // conv2 (rows of 14 -> 10, 2,400 weights) runs in whole rows: both rows of a pooling
-    // window, every column, four channels per invocation; input rows start at a multiple of
-    // four (even rows) or two past one (odd rows), read as whole vec4s from there.
+    // window, every column, four channels per invocation; an input row starts at a multiple
+    // of four (even rows) or two past one (odd rows) and is read as whole vec4s from there.
     assert_contains(
         &conv2.wgsl,
         &[
@@ -583,13 +583,17 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "var<uniform> chunk: array<vec4<u32>, 2>;",
             "    let j = gid.x + gid.y * 288u + chunk[0].x;",
             "    let n = j / 20u;\n    let g = (j / 4u) % 5u;\n    let o0 = (j % 4u) * 4u;",
-            "        let w1_24 = buf1[(wb1 + 24u) >> 2u][(wb1 + 24u) & 3u];",
-            "            let xq = ((((n * 6u + c) * 14u + u32(clamp(iy, 0i, 13i))) * 14u - chunk[1].x) - 0u) >> 2u;",
-            "            let xq = ((((n * 6u + c) * 14u + u32(clamp(iy, 0i, 13i))) * 14u - chunk[1].x) - 2u) >> 2u;",
-            // Column 9's kernel tap (4, 4) reads pixel 13: lane 13 of input row 4 (even),
-            // lane 15 of row 5 (odd, two words later), for output rows 0 and 1.
-            "            a0_0_9 += p3.y * w0_24;",
-            "            a0_1_9 += p3.w * w0_24;",
+            "        for (var ky = 0u; ky < 5u; ky++) {",
+            "            let wb1 = (((o0 + 1u) * 6u + c) * 5u + ky) * 5u;",
+            "            let w1_4 = buf1[(wb1 + 4u) >> 2u][(wb1 + 4u) & 3u];",
+            "                let iy = i32(g * 2u + 1u + ky) - 0i;",
+            "                let at = (((n * 6u + c) * 14u + u32(clamp(iy, 0i, 13i))) * 14u - chunk[1].x);",
+            "                let skew = at & 3u;",
+            "                let xq = at >> 2u;",
+            "                let p3 = select(vec4<f32>(0.0f), buf0[xq + 3u], ok);",
+            // Pixel 13 is lane 13 of an even row's vec4s, lane 15 of an odd one's.
+            "                let x13 = select(p3.y, p3.w, skew != 0u);",
+            "                a0_1_9 += x13 * w0_4;",
             // Both rows' 20 saved activations are five vec4s; the pooled row five scalars.
             "        buf3[(((n * 16u + o) * 10u + g * 2u) * 10u) / 4u + 4u] = e4_1;",
             "        buf4[((n * 16u + o) * 5u + g) * 5u + 4u] = (e2_1.x + e2_1.y + e4_1.z + e4_1.w) / 4.0f;",
