@@ -19,8 +19,16 @@
 //!   whole row of multiply-adds. conv2's forward kernel: 13.2 ms per
 //!   step (blocked over four channels x four images, scalar pixel loads) -> 9.5-10.9.
 //!
+//! - *Input-gradient rows* (conv2's input gradient: `dy` rows of 10 -> rows of 14): each
+//!   invocation computes both rows of a row pair, every column, of three input channels,
+//!   looping over output channels and kernel rows; each `dy` row is read as `vec4`s like the
+//!   pixel rows above and shared by the channels. 17-20 -> 10-12 ms per step.
+//!
 //! Measured on the 2-core CI machine with lavapipe (`--profile`, batch 256). Stored values of
-//! the convolution's shape (the saved activation) are written a `vec4` at a time.
+//! the convolution's shape (the saved activation, the input gradient) are written a `vec4`
+//! at a time. Every gather on lavapipe costs about as much as 16 multiply-adds (a
+//! micro-benchmark: 30-50 GFLOP/s of pure multiply-adds, ~1 ns per lane for each `vec4`
+//! gathered), so each schedule here maximises multiply-adds per gather.
 
 use std::fmt::Write as _;
 
@@ -48,8 +56,10 @@ const CHANNELS_PER_ROWS: usize = 4;
 pub(crate) enum Cover {
     /// Four columns of every channel; weights at constant indices.
     Quads,
-    /// Every column of one channel.
+    /// Every column of a few channels.
     WholeRows,
+    /// A stride-1 input gradient: every column of a pair of rows of a few input channels.
+    GradInputRows,
 }
 
 /// A convolution kernel scheduled over `vec4`s of pixel rows.
@@ -88,6 +98,10 @@ impl ConvQuads {
                 "{rows} x 4 columns of every channel of {} per invocation (column quads: vec4 pixel rows, constant-index weights; {n} invocations)",
                 self.conv
             ),
+            Cover::GradInputRows => format!(
+                "2 rows x every column of {} channels of {} per invocation (whole rows: vec4 output-gradient rows shared by the channels, one weight load per row of multiply-adds; {n} invocations)",
+                self.channels, self.conv
+            ),
             Cover::WholeRows => format!(
                 "{rows} x every column of {} channel{} of {} per invocation (whole rows: vec4 pixel rows shared by the channels, one weight load per row of multiply-adds; {n} invocations)",
                 self.channels,
@@ -112,6 +126,9 @@ pub(crate) fn find(
     // A whole buffer (not a window): read at any index, constant or not.
     let whole = |id: NodeId| read_uniform(id) && uniform_of(id).as_deref() == Some("i");
     let computed = |id: NodeId| kernel.nodes.contains(&id) && graph.ty(id).dtype == DType::F32;
+    if let Some(q) = grad_input_rows(graph, kernel, roots, main, &read_uniform, &whole) {
+        return Some(q);
+    }
     let mut members = Vec::new();
     let mut at = main;
     while computed(at) && matches!(graph.node(at).op, Op::Reshape { .. }) {
@@ -193,6 +210,7 @@ pub(crate) fn find(
     let per_image = match cover {
         Cover::Quads => oh / rows * (ow / 4),
         Cover::WholeRows => oh / rows * (o / channels),
+        Cover::GradInputRows => unreachable!("input gradients are found above"),
     };
     Some(ConvQuads {
         cover,
@@ -205,6 +223,196 @@ pub(crate) fn find(
         per_image,
         channels,
     })
+}
+
+/// Input channels per grad-input invocation, sharing each output-gradient load. conv2's
+/// input gradient per step (alternating runs, a noisy hour): 1 channel 18.6-19.1 ms, 2
+/// 14.4-14.6, 3 12.1-14.6, 6 9.7-14.0; 20 ms before (blocked over images, two columns).
+const GRAD_INPUT_CHANNELS: usize = 3;
+
+/// The whole-rows schedule of a kernel computing only a stride-1 convolution input gradient
+/// (conv2's: `dy` rows of 10, input rows of 14).
+fn grad_input_rows(
+    graph: &Graph,
+    kernel: &Kernel,
+    roots: &[NodeId],
+    main: NodeId,
+    read_uniform: &dyn Fn(NodeId) -> bool,
+    whole: &dyn Fn(NodeId) -> bool,
+) -> Option<ConvQuads> {
+    let node = graph.node(main);
+    let Op::Conv2dGradInput { stride, .. } = &node.op else {
+        return None;
+    };
+    let (dy, w) = (node.inputs[0], node.inputs[1]);
+    let [_, c, h, wi] = <[usize; 4]>::try_from(node.ty.shape.as_slice()).ok()?;
+    let [_, _, oh, ow] = <[usize; 4]>::try_from(graph.ty(dy).shape.as_slice()).ok()?;
+    let fits = *stride == [1, 1]
+        && kernel.nodes == [main]
+        && roots == [main]
+        && node.ty.dtype == DType::F32
+        && read_uniform(dy)
+        && whole(w)
+        && ow % 2 == 0
+        && (oh * ow) % 4 == 0
+        && h % 2 == 0
+        && (2 * wi) % 4 == 0
+        && (h * wi) % 4 == 0
+        && 2 * wi <= MAX_ROW_VALUES;
+    if !fits {
+        return None;
+    }
+    let channels = [GRAD_INPUT_CHANNELS, 2, 1]
+        .into_iter()
+        .find(|k| c % k == 0)
+        .expect("1 divides");
+    Some(ConvQuads {
+        cover: Cover::GradInputRows,
+        conv: main,
+        chain: Vec::new(),
+        pool: None,
+        out: main,
+        quads_out: vec![main],
+        rows: 2,
+        per_image: h / 2 * (c / channels),
+        channels,
+    })
+}
+
+/// `p<b>` vec4s of a row of `width` (even) words starting `skew` (0 or 2, known at run time
+/// where the width is not in fours) past the aligned word `xq`, and `let <name><k>` for each
+/// of its elements.
+fn skewed_row(s: &mut String, indent: &str, slot: u32, width: usize, name: &str) {
+    let skewed = width % 4 != 0;
+    let blocks = (width + if skewed { 2 } else { 0 }).div_ceil(4);
+    for b in 0..blocks {
+        let _ = writeln!(
+            s,
+            "{indent}let p{b} = select(vec4<f32>(0.0f), buf{slot}[xq + {}], ok);",
+            u(b)
+        );
+    }
+    let lane = |at: usize| format!("p{}.{}", at / 4, LANE[at % 4]);
+    for k in 0..width {
+        let pick = if skewed {
+            format!("select({}, {}, skew != 0u)", lane(k), lane(k + 2))
+        } else {
+            lane(k)
+        };
+        let _ = writeln!(s, "{indent}let {name}{k} = {pick};");
+    }
+}
+
+fn grad_input_body(
+    graph: &Graph,
+    q: &ConvQuads,
+    uniform_of: &dyn Fn(NodeId, &str) -> String,
+    slot: &dyn Fn(NodeId) -> u32,
+) -> String {
+    let node = graph.node(q.conv);
+    let Op::Conv2dGradInput { padding, .. } = &node.op else {
+        unreachable!("grad-input rows are an input gradient's")
+    };
+    let (dy, w) = (node.inputs[0], node.inputs[1]);
+    let shape = |id: NodeId| -> [usize; 4] {
+        <[usize; 4]>::try_from(graph.ty(id).shape.as_slice()).expect("rank 4")
+    };
+    let [_, c, h, wi] = shape(q.conv);
+    let [_, o, oh, ow] = shape(dy);
+    let [_, _, kh, kw] = shape(w);
+    let per = q.channels;
+    let sets = c / per;
+    let mut s = format!(
+        "    let n = j / {};\n    let g = (j / {}) % {};\n    let c0 = (j % {}) * {};\n",
+        u(q.per_image),
+        u(sets),
+        u(h / 2),
+        u(sets),
+        u(per)
+    );
+    for k in 0..per {
+        for r in 0..2 {
+            for ix in 0..wi {
+                let _ = writeln!(s, "    var a{k}_{r}_{ix} = 0.0f;");
+            }
+        }
+    }
+    let ws = slot(w);
+    // dx[iy, ix] sums dy[iy + py - ky, ix + px - kx] w[ky, kx] over the output channels.
+    let _ = writeln!(
+        s,
+        "    for (var o = 0u; o < {}; o++) {{\n        for (var ky = 0u; ky < {}; ky++) {{",
+        u(o),
+        u(kh)
+    );
+    for k in 0..per {
+        let _ = writeln!(
+            s,
+            "            let wb{k} = ((o * {} + c0 + {k}u) * {} + ky) * {};",
+            u(c),
+            u(kh),
+            u(kw)
+        );
+        for kx in 0..kw {
+            let _ = writeln!(
+                s,
+                "            let w{k}_{kx} = buf{ws}[(wb{k} + {kx}u) >> 2u][(wb{k} + {kx}u) & 3u];"
+            );
+        }
+    }
+    for r in 0..2 {
+        let _ = writeln!(
+            s,
+            "            {{\n                let oy = i32(g * 2u + {}) - i32(ky);\n                let ok = oy >= 0i && oy < {};",
+            u(r + padding[0]),
+            i(oh)
+        );
+        let row = format!(
+            "((n * {} + o) * {} + u32(clamp(oy, 0i, {}))) * {}",
+            u(o),
+            u(oh),
+            i(oh - 1),
+            u(ow)
+        );
+        let _ = writeln!(s, "                let at = {};", uniform_of(dy, &row));
+        if ow % 4 != 0 {
+            s.push_str("                let skew = at & 3u;\n");
+        }
+        s.push_str("                let xq = at >> 2u;\n");
+        skewed_row(&mut s, "                ", slot(dy), ow, "d");
+        for k in 0..per {
+            for kx in 0..kw {
+                for ix in 0..wi {
+                    let ox = (ix + padding[1]) as i64 - kx as i64;
+                    if ox < 0 || ox >= ow as i64 {
+                        continue;
+                    }
+                    let _ = writeln!(s, "                a{k}_{r}_{ix} += d{ox} * w{k}_{kx};");
+                }
+            }
+        }
+        s.push_str("            }\n");
+    }
+    s.push_str("        }\n    }\n");
+    // Both rows of each channel, four values at a time in memory order.
+    for k in 0..per {
+        let values: Vec<String> = (0..2 * wi)
+            .map(|v| format!("a{k}_{}_{}", v / wi, v % wi))
+            .collect();
+        for (v, four) in values.chunks(4).enumerate() {
+            let _ = writeln!(
+                s,
+                "    buf{}[(((n * {} + c0 + {k}u) * {} + g * 2u) * {}) / 4u + {}] = vec4<f32>({});",
+                slot(q.conv),
+                u(c),
+                u(h),
+                u(wi),
+                u(v),
+                four.join(", ")
+            );
+        }
+    }
+    s
 }
 
 const LANE: [char; 4] = ['x', 'y', 'z', 'w'];
@@ -233,6 +441,7 @@ pub(crate) fn body(
     match q.cover {
         Cover::Quads => quads_body(graph, q, uniform_of, slot),
         Cover::WholeRows => rows_body(graph, q, uniform_of, slot),
+        Cover::GradInputRows => grad_input_body(graph, q, uniform_of, slot),
     }
 }
 

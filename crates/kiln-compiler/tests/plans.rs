@@ -435,7 +435,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             ("k07_sigmoid_grad_l8", 2, 128),
             ("k08_reshape_l6", 2, 128),
             ("k09_sigmoid_grad_l4", 26, 10),
-            ("k10_conv2d_grad_input_l3", 32, 8),
+            ("k10_conv2d_grad_input_l3", 26, 10),
             ("k11_sigmoid_grad_l1", 86, 3),
         ],
         "{}",
@@ -467,17 +467,24 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "    buf2[i >> 2u] = value;",
         ],
     );
-    // conv2's input gradient computes two columns of six channels for four images: one dy
-    // load per step (sliding along the row) for both columns.
+    // conv2's input gradient runs in whole rows: both rows of a row pair, every column, of
+    // three input channels per invocation, looping over output channels and kernel rows;
+    // each dy row (10 wide: starting at a multiple of four or two past one) is read as vec4s
+    // shared by the channels, and the rows are stored as vec4s.
     let conv2_dx = &modules[10].wgsl;
     assert_contains(
         conv2_dx,
         &[
-            "48 elements of %54 per invocation, lanes at stride 1176 (6272 invocations; blocked: %54 conv2d_grad_input (4 lanes on axis 0 x 6 rows on axis 1 x 2 on axis 3))",
-            "                acc5_1 += w5 * p1;",
-            "                p1 = p0;",
-            "    let i = g0 * 4704u + g1 * 1176u + g2 * 14u + g3 * 2u;",
-            "    buf2[i + 1u] = rows[1].x;",
+            "// schedule: 2 rows x every column of 3 channels of %54 per invocation (whole rows: vec4 output-gradient rows shared by the channels, one weight load per row of multiply-adds; 3584 invocations)",
+            "//   2: %54 f32[256,6,14,14] (read_write, stored as vec4)",
+            "    let c0 = (j % 2u) * 3u;",
+            "    for (var o = 0u; o < 16u; o++) {\n        for (var ky = 0u; ky < 5u; ky++) {",
+            "            let w2_4 = buf0[(wb2 + 4u) >> 2u][(wb2 + 4u) & 3u];",
+            "                let oy = i32(g * 2u + 1u) - i32(ky);",
+            "                let d9 = select(p2.y, p2.w, skew != 0u);",
+            // Column 13 of row 1 takes dy column 9 through kernel column 4.
+            "                a2_1_13 += d9 * w2_4;",
+            "    buf2[(((n * 6u + c0 + 2u) * 14u + g * 2u) * 14u) / 4u + 3u] = vec4<f32>(a2_0_12, a2_0_13, a2_1_0, a2_1_1);",
         ],
     );
     // Weight gradients run every invocation per chunk over the chunk's images, carrying
@@ -614,14 +621,15 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             (c.count > 1).then_some((m.name.as_str(), c.count, c.images))
         })
         .collect();
-    // conv2's pooled activation gradient and weight gradient run 3 + 3 + 2 images: the GPU
-    // tests cover a shorter last chunk of both kinds.
+    // conv2's pooled activation gradient, input gradient and weight gradient run 3 + 3 + 2
+    // images: the GPU tests cover a shorter last chunk of each kind.
     assert_eq!(
         chunked8,
         [
             ("k01_avg_pool2d_l2", 2, 4),
             ("k02_reshape_l6", 2, 4),
             ("k09_sigmoid_grad_l4", 3, 3),
+            ("k10_conv2d_grad_input_l3", 3, 3),
             ("k11_sigmoid_grad_l1", 8, 1),
             ("k12_update_layer0", 8, 1),
             ("k13_update_layer3", 3, 3)
