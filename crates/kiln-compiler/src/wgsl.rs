@@ -1269,10 +1269,50 @@ fn emit_kernel_with(
         }
         _ => None,
     };
+    // The buffer of `id` where the kernel reads it straight from a uniform binding.
+    let direct = |id: NodeId| -> Option<usize> {
+        if !kernel.reads.contains(&id) || kernel.nodes.contains(&id) {
+            return None;
+        }
+        let buffer = plan.buffer_of[id.0]?;
+        uniform(buffer, "i").map(|_| buffer)
+    };
+    // A summing kernel on a CPU-class target whose main root is (elementwise) a stride-1
+    // conv weight gradient over even rows read from uniform bindings: the kernel columns of
+    // several output channels per invocation, in whole rows (conv_quads.rs).
+    let weight_rows: Option<(NodeId, NodeId, usize, usize)> = match &kernel.kind {
+        KernelKind::Map { roots }
+            if target.class == DeviceClass::Cpu
+                && target.block_outputs
+                && batch.is_some()
+                && !sums.is_empty() =>
+        {
+            let main = *roots
+                .iter()
+                .max_by_key(|r| (graph.ty(**r).numel(), std::cmp::Reverse(r.0)))
+                .expect("map kernels have a root");
+            sums.iter().find(|(_, r)| *r == main).and_then(|&(red, _)| {
+                let kw = chunks::kernel_columns(graph, red)?;
+                let channels = crate::conv_quads::weight_rows_channels(graph, red)?;
+                let ins = &graph.node(red).inputs;
+                direct(ins[0])?;
+                direct(ins[1])?;
+                let per = graph.ty(main).numel() / (kw * channels);
+                let fits = roots
+                    .iter()
+                    .all(|r| *r == main || graph.ty(*r).numel() <= per);
+                (fits && graph.ty(main).numel() == graph.ty(red).numel())
+                    .then_some((main, red, kw, channels))
+            })
+        }
+        _ => None,
+    };
     // Register blocking: the largest root, four elements per invocation, when that gives a
     // reduction a blocked rule and the other roots fit in the fewer invocations.
     let blocking = match &kernel.kind {
-        KernelKind::Map { roots } if target.block_outputs && conv_quads.is_none() => {
+        KernelKind::Map { roots }
+            if target.block_outputs && conv_quads.is_none() && weight_rows.is_none() =>
+        {
             let main = *roots
                 .iter()
                 .max_by_key(|r| (graph.ty(**r).numel(), std::cmp::Reverse(r.0)))
@@ -1346,7 +1386,7 @@ fn emit_kernel_with(
         .is_some_and(|(_, _, fns, rows)| fns.shares_loads || rows.is_some());
     // A summing kernel that found no blocking (conv1's weight gradient: no axis in fours) but
     // whose main root is a stride-1 conv weight gradient: kernel columns per invocation.
-    let columns: Option<(NodeId, NodeId, usize)> = match &kernel.kind {
+    let columns: Option<(NodeId, NodeId, usize, usize)> = weight_rows.or(match &kernel.kind {
         KernelKind::Map { roots }
             if blocking.is_none() && target.block_outputs && batch.is_some() =>
         {
@@ -1360,21 +1400,15 @@ fn emit_kernel_with(
                 let fits = roots
                     .iter()
                     .all(|r| *r == main || graph.ty(*r).numel() <= per);
-                (fits && graph.ty(main).numel() == graph.ty(red).numel()).then_some((main, red, kw))
+                (fits && graph.ty(main).numel() == graph.ty(red).numel())
+                    .then_some((main, red, kw, 1))
             })
         }
         _ => None,
-    };
+    });
     // CPU-class targets read four kernel-column steps at a time where both operands come
     // straight from uniform bindings whose rows are whole vec4s.
-    let direct = |id: NodeId| -> Option<usize> {
-        if !kernel.reads.contains(&id) || kernel.nodes.contains(&id) {
-            return None;
-        }
-        let buffer = plan.buffer_of[id.0]?;
-        uniform(buffer, "i").map(|_| buffer)
-    };
-    let column_quads = columns.and_then(|(_, red, _)| {
+    let column_quads = columns.filter(|c| c.3 == 1).and_then(|(_, red, _, _)| {
         let ins = &graph.node(red).inputs;
         match (direct(ins[0]), direct(ins[1])) {
             (Some(x), Some(dy))
@@ -1432,7 +1466,17 @@ fn emit_kernel_with(
                     let q = conv_quads.as_ref().expect("quads");
                     (q.invocations(graph) as u32, q.describe(graph))
                 }
-                (None, Some((main, red, kw))) => {
+                (None, Some((main, red, kw, channels))) if channels > 1 => {
+                    let n = numel / (kw * channels) as u32;
+                    (
+                        n,
+                        format!(
+                            "{kw} kernel columns x {channels} output channels of {main} per invocation, in whole rows (vec4 rows of the input and dy, each pixel serving {} multiply-adds; {n} invocations; {red} conv2d_grad_weight)",
+                            kw * channels
+                        ),
+                    )
+                }
+                (None, Some((main, red, kw, _))) => {
                     let n = numel / kw as u32;
                     (
                         n,
@@ -1756,25 +1800,48 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
             );
         }
         KernelKind::Map { roots } if columns.is_some() => {
-            let (main, red, kw) = columns.expect("columns");
+            let (main, red, kw, channels) = columns.expect("columns");
             let ins = &graph.node(red).inputs;
             fn_text.push('\n');
             let (xv, dyv) = (v(ins[0]), v(ins[1]));
             let at = |buffer: usize| move |var: &str| uniform(buffer, var).expect("uniform");
-            let quad_at = column_quads.map(|(x, dy)| (x, at(x), dy, at(dy)));
-            let loads = match &quad_at {
-                Some((x, x_at, dy, dy_at)) => chunks::ColumnLoads::Vec4 {
-                    x: (binding_of(*x), x_at),
-                    dy: (binding_of(*dy), dy_at),
-                },
-                None => chunks::ColumnLoads::Scalar { x: &xv, dy: &dyv },
-            };
-            fn_text.push_str(&chunks::kernel_columns_fn(graph, red, loads));
+            // Offsets from `i` of the values an invocation computes: kernel columns of each of
+            // its output channels.
+            let channel_words = graph.ty(red).numel() / graph.ty(red).shape[0];
+            let offsets: Vec<usize> = (0..channels)
+                .flat_map(|k| (0..kw).map(move |kx| k * channel_words + kx))
+                .collect();
+            if channels > 1 {
+                let (x, dy) = (
+                    direct(ins[0]).expect("read directly"),
+                    direct(ins[1]).expect("read directly"),
+                );
+                fn_text.push_str(&crate::conv_quads::weight_rows_fn(
+                    graph,
+                    red,
+                    channels,
+                    (binding_of(x), &at(x)),
+                    (binding_of(dy), &at(dy)),
+                ));
+            } else {
+                let quad_at = column_quads.map(|(x, dy)| (x, at(x), dy, at(dy)));
+                let loads = match &quad_at {
+                    Some((x, x_at, dy, dy_at)) => chunks::ColumnLoads::Vec4 {
+                        x: (binding_of(*x), x_at),
+                        dy: (binding_of(*dy), dy_at),
+                    },
+                    None => chunks::ColumnLoads::Scalar { x: &xv, dy: &dyv },
+                };
+                fn_text.push_str(&chunks::kernel_columns_fn(graph, red, loads));
+            }
             let mut carry = String::new();
             for &(r, root) in &sums {
                 if r == red {
-                    let stores: Vec<(usize, String)> =
-                        (0..kw).map(|k| (k, format!("rows[{k}]"))).collect();
+                    let stores: Vec<(usize, String)> = offsets
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &off)| (off, format!("rows[{k}]")))
+                        .collect();
                     let call = format!("v{}_columns_chunk(i)", red.0);
                     carry.push_str(&chunks::running_sum(red, "rows", &call, &stores));
                 } else {
@@ -1785,9 +1852,21 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
             s.push_str(&fn_text);
             s.push('\n');
             let slot = |r: NodeId| binding_of(plan.buffer_of[r.0].expect("roots are stored"));
-            let mut body = format!("    let i = j * {};\n", u(kw));
+            // Invocation j covers channels `channels * (j / per_set) ..` at kernel row
+            // `j % per_set` (an (input channel, kernel row) pair).
+            let per_set = channel_words / kw;
+            let mut body = if channels > 1 {
+                format!(
+                    "    let i = (j / {per}) * {block} + (j % {per}) * {kw};\n",
+                    per = u(per_set),
+                    block = u(channels * channel_words),
+                    kw = u(kw)
+                )
+            } else {
+                format!("    let i = j * {};\n", u(kw))
+            };
             body.push_str(&last_chunk_only(&carry));
-            for k in 0..kw {
+            for &k in &offsets {
                 let at = blocking::offset("i", k);
                 let _ = writeln!(body, "    buf{}[{at}] = {}({at});", slot(main), v(main));
             }

@@ -481,7 +481,9 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "    for (var o = 0u; o < 16u; o++) {\n        for (var ky = 0u; ky < 5u; ky++) {",
             "            let w2_4 = buf0[(wb2 + 4u) >> 2u][(wb2 + 4u) & 3u];",
             "                let oy = i32(g * 2u + 1u) - i32(ky);",
-            "                let d9 = select(p2.y, p2.w, skew != 0u);",
+            "                let dat = (((n * 16u + o) * 10u + u32(clamp(oy, 0i, 9i))) * 10u - chunk[1].x);",
+            "                let dq2 = select(vec4<f32>(0.0f), buf1[(dat >> 2u) + 2u], ok);",
+            "                let d9 = select(dq2.y, dq2.w, dskew != 0u);",
             // Column 13 of row 1 takes dy column 9 through kernel column 4.
             "                a2_1_13 += d9 * w2_4;",
             "    buf2[(((n * 6u + c0 + 2u) * 14u + g * 2u) * 14u) / 4u + 3u] = vec4<f32>(a2_0_12, a2_0_13, a2_1_0, a2_1_1);",
@@ -529,10 +531,21 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "    return acc.x + acc.y + acc.z + acc.w;",
         ],
     );
+    // conv2's weight gradient: the five kernel columns of four output channels per
+    // invocation, each input row and dy row read as vec4s (rows of 14 and 10), each pixel
+    // serving 20 multiply-adds; the running sums and the update cover the four channels.
     let conv2_dw = &modules[13].wgsl;
     assert_contains(
         conv2_dw,
         &[
+            "// schedule: 5 kernel columns x 4 output channels of %65 per invocation, in whole rows (vec4 rows of the input and dy, each pixel serving 20 multiply-adds; 120 invocations; %55 conv2d_grad_weight)",
+            "fn v55_columns_chunk(i: u32) -> array<f32, 20> {",
+            "            let xat = (((n * 6u + c) * 14u + oy + ky - 0u) * 14u - chunk[1].x);",
+            "                let dat = (((n * 16u + o + 3u) * 10u + oy) * 10u - chunk[1].y);",
+            "                a3_4 += d0 * x4 + d1 * x5 + d2 * x6 + d3 * x7 + d4 * x8 + d5 * x9 + d6 * x10 + d7 * x11 + d8 * x12 + d9 * x13;",
+            "    let i = (j / 30u) * 600u + (j % 30u) * 5u;",
+            "            rows[19] += sum55[i + 454u];",
+            "    buf1[i + 454u] = v65(i + 454u);",
             // The batch loop covers the chunk's images only.
             "for (var n = chunk[0].z; n < chunk[0].w; n++) {",
             // Before the last chunk the running sums are stored instead of the update.
@@ -540,7 +553,6 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "@group(0) @binding(6) var<storage, read_write> sum55: array<f32>;",
             // The sums so far are added after the first chunk.
             "    if (chunk[0].z != 0u) {",
-            "fn v55_rows_of_reduction_chunk(i: u32) -> array<vec4<f32>, 5> {",
         ],
     );
     // The batch is scaled four pixels at a time: one packed word of the data set each.
@@ -594,12 +606,11 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "            let wb1 = (((o0 + 1u) * 6u + c) * 5u + ky) * 5u;",
             "            let w1_4 = buf1[(wb1 + 4u) >> 2u][(wb1 + 4u) & 3u];",
             "                let iy = i32(g * 2u + 1u + ky) - 0i;",
-            "                let at = (((n * 6u + c) * 14u + u32(clamp(iy, 0i, 13i))) * 14u - chunk[1].x);",
-            "                let skew = at & 3u;",
-            "                let xq = at >> 2u;",
-            "                let p3 = select(vec4<f32>(0.0f), buf0[xq + 3u], ok);",
+            "                let xat = (((n * 6u + c) * 14u + u32(clamp(iy, 0i, 13i))) * 14u - chunk[1].x);",
+            "                let xskew = xat & 3u;",
+            "                let xq3 = select(vec4<f32>(0.0f), buf0[(xat >> 2u) + 3u], ok);",
             // Pixel 13 is lane 13 of an even row's vec4s, lane 15 of an odd one's.
-            "                let x13 = select(p3.y, p3.w, skew != 0u);",
+            "                let x13 = select(xq3.y, xq3.w, xskew != 0u);",
             "                a0_1_9 += x13 * w0_4;",
             // Both rows' 20 saved activations are five vec4s; the pooled row five scalars.
             "        buf3[(((n * 16u + o) * 10u + g * 2u) * 10u) / 4u + 4u] = e4_1;",
