@@ -150,6 +150,32 @@ fn emit_kernels_lists_the_fused_plan() {
 }
 
 #[test]
+fn emit_for_device_shows_the_adapters_schedules() {
+    // The flag only makes sense with --emit.
+    let o = run(&["--for-device"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--emit <EMIT>"), "{}", stderr(&o));
+    if no_gpu() {
+        return;
+    }
+    let gpu = kiln::runtime::Gpu::new().unwrap();
+    let o = run(&["--emit", "wgsl", "--for-device"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.matches("// kiln kernel ").count(), 23);
+    assert!(
+        out.contains(&format!("// target: {} (", gpu.target.name)),
+        "{}",
+        &out[..out.len().min(2000)]
+    );
+    if gpu.target.class == kiln::compiler::DeviceClass::Cpu {
+        // A CPU-type adapter (lavapipe in CI): image chunks and the CPU-class convolutions.
+        assert!(out.contains("// chunks: "), "{}", &out[..2000]);
+        assert!(out.contains("(column quads: "), "{}", &out[..2000]);
+    }
+}
+
+#[test]
 fn emit_wgsl_prints_or_writes_one_module_per_kernel() {
     let o = run(&["--emit", "wgsl", "--batch-size", "96"]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -96,6 +96,11 @@ struct Args {
     /// With `--emit wgsl`: write one .wgsl file per kernel into this directory.
     #[arg(long, requires = "emit")]
     emit_dir: Option<PathBuf>,
+    /// With `--emit kernels|wgsl`: compile for the adapter wgpu finds (its schedules: on a
+    /// CPU-type adapter such as lavapipe, image chunks and the CPU-class kernels) instead of
+    /// the portable target the snapshot tests pin.
+    #[arg(long, requires = "emit")]
+    for_device: bool,
     /// Train the model in this file, in kiln's IR text form (what `--emit ir` prints; its
     /// input `x` and output `output` are rebuilt for each batch size). Overrides --variant.
     #[arg(long, value_name = "FILE")]
@@ -206,8 +211,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Compiles the training step and the evaluation graph for the portable target and prints
-/// (or writes) the requested stage.
+/// Compiles the training step and the evaluation graph for the portable target (or, with
+/// `--for-device`, the adapter's) and prints (or writes) the requested stage.
 fn emit_compiled(model: &ir::Model, args: &Args, stage: Stage) -> Result<()> {
     use kiln::autodiff::{evaluation_graph, read_batches_from_dataset, training_step};
     use kiln::compiler::{Target, compile};
@@ -216,7 +221,11 @@ fn emit_compiled(model: &ir::Model, args: &Args, stage: Stage) -> Result<()> {
     let train_rows = args.limit.unwrap_or(60_000).min(60_000);
     let input = TensorType::new(DType::U8, [batch, 1, side, side]);
     let forward = model.forward("lenet", input).map_err(anyhow::Error::msg)?;
-    let target = Target::portable();
+    let target = if args.for_device {
+        Gpu::new()?.target
+    } else {
+        Target::portable()
+    };
     let step = read_batches_from_dataset(&training_step(&forward, args.lr)?, train_rows)?;
     let eval = read_batches_from_dataset(&evaluation_graph(&forward)?, 10_000)?;
     let compiled = [compile(&step, &target)?, compile(&eval, &target)?];
