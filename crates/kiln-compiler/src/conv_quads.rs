@@ -652,6 +652,12 @@ fn quads_body(
         for r in 0..rows {
             let _ = writeln!(s, "        var a{r} = vec4<f32>(0.0f);");
         }
+        // The channel's weights as whole vec4s at constant indices (naga validates a module
+        // with a constant-index load per multiply-add twice as slowly).
+        let per_channel = c * kh * kw;
+        for m in oc * per_channel / 4..=((oc + 1) * per_channel - 1) / 4 {
+            let _ = writeln!(s, "        let wq{m} = buf{ws}[{m}u];");
+        }
         for ci in 0..c {
             // Input row t of the invocation is y = rows * g + t - py; output row r reads it
             // through kernel row t - r.
@@ -682,23 +688,27 @@ fn quads_body(
                         end = i(wi / 4),
                     );
                 }
+                // The quad's pixels under kernel column kx, shared by both output rows.
+                for kx in 0..kw {
+                    let taps: Vec<String> = (0..4)
+                        .map(|j| {
+                            let (b, lane) = tap(j + kx as i64 - px, lo);
+                            format!("p{b}.{lane}")
+                        })
+                        .collect();
+                    let _ = writeln!(s, "            let s{kx} = vec4<f32>({});", taps.join(", "));
+                }
                 for r in 0..rows {
                     let Some(ky) = t.checked_sub(r).filter(|&ky| ky < kh) else {
                         continue;
                     };
                     for kx in 0..kw {
-                        let taps: Vec<String> = (0..4)
-                            .map(|j| {
-                                let (b, lane) = tap(j + kx as i64 - px, lo);
-                                format!("p{b}.{lane}")
-                            })
-                            .collect();
                         let k = ((oc * c + ci) * kh + ky) * kw + kx;
                         let _ = writeln!(
                             s,
-                            "            a{r} += vec4<f32>({}) * {};",
-                            taps.join(", "),
-                            constant(ws, k)
+                            "            a{r} += s{kx} * wq{}.{};",
+                            k / 4,
+                            LANE[k % 4]
                         );
                     }
                 }

@@ -576,9 +576,15 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "//   3: %8 f32[256,6,28,28] (read_write, stored as vec4)",
             "@group(0) @binding(3) var<storage, read_write> buf3: array<vec4<f32>>;",
             "            let p0 = select(vec4<f32>(0.0f), buf0[xq + u32(clamp(qi + -1i, 0i, 6i))], ok && qi + -1i >= 0i && qi + -1i < 7i);",
-            "            a0 += vec4<f32>(p0.z, p0.w, p1.x, p1.y) * buf1[0u].x;",
+            // Each channel's weights are vec4s at constant indices; the quad's pixels under
+            // each kernel column are shared by both rows.
+            "        let wq0 = buf1[0u];",
+            "            let s0 = vec4<f32>(p0.z, p0.w, p1.x, p1.y);",
+            "            let s4 = vec4<f32>(p1.z, p1.w, p2.x, p2.y);",
+            "            a0 += s0 * wq0.x;",
             // The last weight (o 5, ky 4, kx 4) for the second row.
-            "            a1 += vec4<f32>(p1.z, p1.w, p2.x, p2.y) * buf1[37u].y;",
+            "        let wq37 = buf1[37u];",
+            "            a1 += s4 * wq37.y;",
             "        buf3[((n * 6u + 5u) * 28u + g * 2u + 1u) * 7u + q] = e1_1;",
             "        buf4[((n * 6u + 0u) * 14u + g) * 14u + q * 2u + 1u] = (e0_1.z + e0_1.w + e1_1.z + e1_1.w) / 4.0f;",
         ],
