@@ -121,14 +121,28 @@ pub fn emit_wgsl(
     plan: &Plan,
     target: &Target,
 ) -> Result<Vec<KernelModule>, CodegenError> {
-    plan.kernels
-        .iter()
-        .map(|k| {
-            let m = emit_kernel(graph, plan, k, target)?;
-            validate_wgsl(&m.name, &m.wgsl)?;
-            Ok(m)
-        })
-        .collect()
+    // One thread per kernel: naga's validation of the largest CPU-class modules (~20 ms for
+    // conv1's column quads) dominates the compile time.
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = plan
+            .kernels
+            .iter()
+            .map(|k| {
+                scope.spawn(move || {
+                    let m = emit_kernel(graph, plan, k, target)?;
+                    validate_wgsl(&m.name, &m.wgsl)?;
+                    Ok(m)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h.join() {
+                Ok(result) => result,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
 }
 
 fn wgsl_type(d: DType) -> &'static str {
