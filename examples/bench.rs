@@ -127,10 +127,15 @@ fn main() -> Result<()> {
         } else {
             "one output per invocation (--unblocked)"
         },
-        if gpu.target.class == kiln::compiler::DeviceClass::Cpu {
-            "; image chunks read through uniform windows (CPU-class device)"
-        } else {
-            ""
+        match (gpu.target.class, gpu.target.block_outputs) {
+            (kiln::compiler::DeviceClass::Cpu, true) => {
+                "; image chunks read through uniform windows, convolutions over vec4 pixel rows \
+                 (CPU-class device)"
+            }
+            (kiln::compiler::DeviceClass::Cpu, false) => {
+                "; image chunks read through uniform windows (CPU-class device)"
+            }
+            _ => "",
         }
     );
 
