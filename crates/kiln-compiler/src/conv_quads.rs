@@ -347,13 +347,7 @@ fn grad_input_body(
         u(sets),
         u(per)
     );
-    for k in 0..per {
-        for r in 0..2 {
-            for ix in 0..wi {
-                let _ = writeln!(s, "    var a{k}_{r}_{ix} = 0.0f;");
-            }
-        }
-    }
+    accumulators(&mut s, per, 2, wi);
     let ws = slot(w);
     // dx[iy, ix] sums dy[iy + py - ky, ix + px - kx] w[ky, kx] over the output channels.
     let _ = writeln!(
@@ -362,21 +356,9 @@ fn grad_input_body(
         u(o),
         u(kh)
     );
-    for k in 0..per {
-        let _ = writeln!(
-            s,
-            "            let wb{k} = ((o * {} + c0 + {k}u) * {} + ky) * {};",
-            u(c),
-            u(kh),
-            u(kw)
-        );
-        for kx in 0..kw {
-            let _ = writeln!(
-                s,
-                "            let w{k}_{kx} = buf{ws}[(wb{k} + {kx}u) >> 2u][(wb{k} + {kx}u) & 3u];"
-            );
-        }
-    }
+    kernel_row_weights(&mut s, ws, per, kw, &|k| {
+        format!("((o * {} + c0 + {k}u) * {} + ky) * {}", u(c), u(kh), u(kw))
+    });
     for r in 0..2 {
         let _ = writeln!(
             s,
@@ -538,6 +520,37 @@ pub(crate) fn weight_rows_fn(
         accs.join(", ")
     );
     s
+}
+
+/// `var a<k>_<r>_<x> = 0.0f;` for `channels x rows x width` scalar accumulators.
+fn accumulators(s: &mut String, channels: usize, rows: usize, width: usize) {
+    for k in 0..channels {
+        for r in 0..rows {
+            for x in 0..width {
+                let _ = writeln!(s, "    var a{k}_{r}_{x} = 0.0f;");
+            }
+        }
+    }
+}
+
+/// `let w<k>_<kx>`: the `kw` weights of a kernel row starting at flat index `base(k)` (an
+/// expression) for each of `channels` channels, gathered from uniform binding `slot`.
+fn kernel_row_weights(
+    s: &mut String,
+    slot: u32,
+    channels: usize,
+    kw: usize,
+    base: &dyn Fn(usize) -> String,
+) {
+    for k in 0..channels {
+        let _ = writeln!(s, "            let wb{k} = {};", base(k));
+        for kx in 0..kw {
+            let _ = writeln!(
+                s,
+                "            let w{k}_{kx} = buf{slot}[(wb{k} + {kx}u) >> 2u][(wb{k} + {kx}u) & 3u];"
+            );
+        }
+    }
 }
 
 const LANE: [char; 4] = ['x', 'y', 'z', 'w'];
@@ -771,13 +784,7 @@ fn rows_body(
         u(sets),
         u(per)
     );
-    for k in 0..per {
-        for r in 0..rows {
-            for ox in 0..ow {
-                let _ = writeln!(s, "    var a{k}_{r}_{ox} = 0.0f;");
-            }
-        }
-    }
+    accumulators(&mut s, per, rows, ow);
     let xs = slot(x);
     let ws = slot(w);
     // Loops over input channels and kernel rows keep the shader small (lavapipe compiles it
@@ -790,21 +797,14 @@ fn rows_body(
     );
     // The kernel row's weights of each channel: gathers (the channel is the lane's), each
     // serving a row of multiply-adds for each output row.
-    for k in 0..per {
-        let _ = writeln!(
-            s,
-            "            let wb{k} = (((o0 + {k}u) * {} + c) * {} + ky) * {};",
+    kernel_row_weights(&mut s, ws, per, kw, &|k| {
+        format!(
+            "(((o0 + {k}u) * {} + c) * {} + ky) * {}",
             u(c),
             u(kh),
             u(kw)
-        );
-        for kx in 0..kw {
-            let _ = writeln!(
-                s,
-                "            let w{k}_{kx} = buf{ws}[(wb{k} + {kx}u) >> 2u][(wb{k} + {kx}u) & 3u];"
-            );
-        }
-    }
+        )
+    });
     for r in 0..rows {
         let _ = writeln!(
             s,

@@ -1799,19 +1799,12 @@ fn emit_kernel_with(
                 &|id, var| uniform(buffer(id), var).expect("read from a uniform binding"),
                 &|id| binding_of(buffer(id)),
             );
-            let _ = write!(
-                s,
-                "@compute @workgroup_size({workgroup_size})
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
-{}{body}}}
-",
-                invocation_index(
-                    "j",
-                    dispatch[0] as usize * workgroup_size as usize,
-                    q.invocations(graph),
-                    chunking.is_some()
-                ),
-            );
+            s.push_str(&entry_point(
+                workgroup_size,
+                dispatch,
+                ("j", q.invocations(graph), chunking.is_some()),
+                &body,
+            ));
         }
         KernelKind::Map { roots } if columns.is_some() => {
             let (main, red, kw, channels) = columns.expect("columns");
@@ -1893,14 +1886,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
                     v(r)
                 );
             }
-            let _ = write!(
-                s,
-                "@compute @workgroup_size({workgroup_size})
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
-{}{body}}}
-",
-                invocation_index("j", dispatch[0] as usize * workgroup_size as usize, 0, true),
-            );
+            s.push_str(&entry_point(
+                workgroup_size,
+                dispatch,
+                ("j", 0, true),
+                &body,
+            ));
         }
         KernelKind::Map { roots } if blocking.is_some() => {
             let (main, b, fns, rows) = blocking.as_ref().expect("blocked");
@@ -2056,19 +2047,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
                     );
                 }
             }
-            let _ = write!(
-                s,
-                "@compute @workgroup_size({workgroup_size})
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
-{}{body}}}
-",
-                invocation_index(
-                    "i",
-                    dispatch[0] as usize * workgroup_size as usize,
-                    numel as usize,
-                    chunking.is_some()
-                ),
-            );
+            s.push_str(&entry_point(
+                workgroup_size,
+                dispatch,
+                ("i", numel as usize, chunking.is_some()),
+                &body,
+            ));
         }
         KernelKind::Head(h) => {
             s.push_str(&fn_text);
@@ -2103,6 +2087,28 @@ fn part_len(bytes: u64, part_bytes: u64, k: u32) -> u64 {
 /// The statements of an entry point that name its invocation `var` (`row` invocations per
 /// row of workgroups) and return past the last: `count` of them, or in a chunked kernel the
 /// range in the chunk's table.
+/// A compute entry point `main` over invocation `var` (see [`invocation_index`]) running
+/// `body`.
+fn entry_point(
+    workgroup_size: u32,
+    dispatch: [u32; 3],
+    (var, count, chunked): (&str, usize, bool),
+    body: &str,
+) -> String {
+    format!(
+        "@compute @workgroup_size({workgroup_size})
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
+{}{body}}}
+",
+        invocation_index(
+            var,
+            dispatch[0] as usize * workgroup_size as usize,
+            count,
+            chunked
+        ),
+    )
+}
+
 fn invocation_index(var: &str, row: usize, count: usize, chunked: bool) -> String {
     if chunked {
         format!(
@@ -2156,17 +2162,11 @@ fn blocked_main(
             v(r)
         );
     }
-    format!(
-        "@compute @workgroup_size({workgroup_size})
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
-{}{body}}}
-",
-        invocation_index(
-            "j",
-            dispatch[0] as usize * workgroup_size as usize,
-            grid.iter().product(),
-            chunked
-        ),
+    entry_point(
+        workgroup_size,
+        dispatch,
+        ("j", grid.iter().product(), chunked),
+        &body,
     )
 }
 
