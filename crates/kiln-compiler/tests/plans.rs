@@ -244,17 +244,23 @@ proptest! {
         batch in 1usize..5,
         side in 3usize..9,
         buffers in 5u32..9,
+        uniform_bytes in proptest::sample::select(vec![256u64, 1024, 65536]),
     ) {
         let Some(model) = random_model(1, side, convs, hidden, classes) else {
             return Err(TestCaseError::reject("layers do not fit"));
         };
         let fwd = model.build("m", TensorType::new(DType::U8, [batch, 1, side, side])).unwrap();
-        let t = Target { max_storage_buffers_per_stage: buffers, ..Target::portable() };
-        for g in [
-            read_batches_from_dataset(&training_step(&fwd, 0.1).unwrap(), 7).unwrap(),
-            read_batches_from_dataset(&evaluation_graph(&fwd).unwrap(), 5).unwrap(),
-            training_step(&fwd, 0.5).unwrap(),
-        ] {
+        let portable = Target { max_storage_buffers_per_stage: buffers, ..Target::portable() };
+        // The CPU-class schedules too (chunks through small windows, vec4 rows, quads).
+        let cpu = Target { max_uniform_buffer_binding_size: uniform_bytes, ..lavapipe() };
+        for (t, g) in [portable, cpu].into_iter().flat_map(|t| {
+            [
+                read_batches_from_dataset(&training_step(&fwd, 0.1).unwrap(), 7).unwrap(),
+                read_batches_from_dataset(&evaluation_graph(&fwd).unwrap(), 5).unwrap(),
+                training_step(&fwd, 0.5).unwrap(),
+            ]
+            .map(|g| (t.clone(), g))
+        }) {
             let plan = fuse(&g, &t).unwrap();
             verify_plan(&g, &plan, &t).map_err(|e| TestCaseError::fail(format!("{e}\n{}", describe(&g, &plan))))?;
             emit_wgsl(&g, &plan, &t).map_err(|e| TestCaseError::fail(e.to_string()))?;
