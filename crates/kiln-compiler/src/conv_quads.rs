@@ -1,39 +1,35 @@
-//! Direct convolution over `vec4`s of pixel rows, a CPU-class schedule for a stride-1
-//! convolution and its epilogue (bias, activation, a 2x2 pooling, a flatten), in two covers:
-//!
-//! - *Column quads* (conv1 of LeNet: 1 -> 6 channels, 5x5, rows of 28): each invocation
-//!   computes four consecutive output columns of every output channel, for the two rows of a
-//!   pooling window (one row without a pooling). The pixels the quad needs are whole `vec4`s
-//!   of the uniform window (rows in fours), and the weights are read at compile-time-constant
-//!   indices, which lavapipe turns into broadcasts (~10 G/s against ~2 G/s for an index that
-//!   varies, even one the same for every lane). Loops are unrolled over channels and taps, so
-//!   this cover is taken only while the weights are few ([`MAX_WEIGHTS`]): lavapipe compiles
-//!   each shader at its first dispatch. conv1's forward kernel: 11.5-12.5 ms per step (four
-//!   images x three channels per invocation, scalar stores) -> 6.9-7.5 (of which ~2 ms are the
-//!   saved activation's stores).
-//! - *Whole rows* (conv2: 6 -> 16 channels, rows of 14 -> 10): each invocation computes both
-//!   rows of a pooling window, every column, of four output channels. A row of an even width
-//!   starts at a multiple of four or two past one, so it is read as `vec4`s from the aligned
-//!   word at or before its start (each pixel's lane picked by the row's offset) and shared
-//!   by the four channels; each weight (a gather: its channel is the invocation's) serves a
-//!   whole row of multiply-adds. conv2's forward kernel: 13.2 ms per
-//!   step (blocked over four channels x four images, scalar pixel loads) -> 9.5-10.9.
-//!
-//! - *Input-gradient rows* (conv2's input gradient: `dy` rows of 10 -> rows of 14): each
-//!   invocation computes both rows of a row pair, every column, of three input channels,
-//!   looping over output channels and kernel rows; each `dy` row is read as `vec4`s like the
-//!   pixel rows above and shared by the channels. 17-20 -> 10-12 ms per step.
-//!
-//! - *Weight-gradient rows* (conv2's weight gradient, a sum over the batch carried from chunk
-//!   to chunk): each invocation computes the five kernel columns of four output channels at
-//!   one input channel and kernel row, reading each input row and each channel's `dy` row
-//!   as `vec4`s; every pixel serves 20 multiply-adds. 14.5-17.7 -> 11.9-15.8 ms per step.
-//!
-//! Measured on the 2-core CI machine with lavapipe (`--profile`, batch 256). Stored values of
-//! the convolution's shape (the saved activation, the input gradient) are written a `vec4`
-//! at a time. Every gather on lavapipe costs about as much as 16 multiply-adds (a
+//! Direct convolutions over `vec4`s of pixel rows: CPU-class schedules for stride-1
+//! convolutions, their epilogues (bias, activation, a 2x2 pooling, a flatten) and their
+//! gradients. On lavapipe every gather costs about as much as 16 multiply-adds (a
 //! micro-benchmark: 30-50 GFLOP/s of pure multiply-adds, ~1 ns per lane for each `vec4`
-//! gathered), so each schedule here maximises multiply-adds per gather.
+//! gathered), so each schedule makes every gathered `vec4` serve as many multiply-adds as it
+//! can. Rows of a width in fours are whole `vec4`s of the uniform window; a row of another
+//! even width starts at a multiple of four or two past one, so [`skewed_row`] reads it as
+//! `vec4`s from the aligned word at or before its start and picks each element's lane by the
+//! row's offset. Values of the convolution's shape a kernel stores (the saved activation, the
+//! input gradient) are written a `vec4` at a time. Four covers, each measured on the 2-core CI
+//! machine with lavapipe (`--profile`, batch 256, ms per step):
+//!
+//! - *Column quads* (conv1 forward: 1 -> 6 channels, 5x5, rows of 28): four consecutive
+//!   output columns of every output channel per invocation, for both rows of a pooling window
+//!   (one row without a pooling); weights at compile-time-constant indices, which lavapipe
+//!   turns into broadcasts (~10 G/s against ~2 G/s for an index that varies, even one the same
+//!   for every lane). Unrolled over channels and taps, so taken only while the weights are few
+//!   ([`MAX_WEIGHTS`]): lavapipe compiles each shader at its first dispatch. 11.5-12.5 (four
+//!   images x three channels per invocation, scalar stores) -> 6.9-7.7, of which ~2 ms are the
+//!   saved activation's stores.
+//! - *Whole rows* (conv2 forward: 6 -> 16 channels, rows of 14 -> 10): both rows of a pooling
+//!   window, every column, of four output channels per invocation, which share each pixel
+//!   row; each weight (a gather: its channel is the invocation's) serves a whole row of
+//!   multiply-adds. 13.2 (blocked over four channels x four images, scalar pixel loads) ->
+//!   9.5-12.4.
+//! - *Input-gradient rows* (conv2's input gradient: `dy` rows of 10 -> rows of 14): both rows
+//!   of a row pair, every column, of three input channels per invocation, looping over output
+//!   channels and kernel rows, the `dy` rows shared by the channels. 17-20 -> 10-14.6.
+//! - *Weight-gradient rows* ([`weight_rows_fn`], conv2's weight gradient, a sum over the batch
+//!   carried from chunk to chunk): the five kernel columns of four output channels at one
+//!   input channel and kernel row per invocation; every pixel serves 20 multiply-adds.
+//!   14.5-17.7 -> 11.9-15.8.
 
 use std::fmt::Write as _;
 
