@@ -744,39 +744,14 @@ pub(crate) fn body_over(
         }
         Op::ReduceSum { axes } | Op::ReduceMean { axes } => {
             let xs = shape(0);
-            let st = strides(&xs);
-            let kept: Vec<usize> = (0..xs.len()).filter(|d| !axes.contains(d)).collect();
-            let names: Vec<String> = kept.iter().map(|d| format!("k{d}")).collect();
-            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            let kept_shape: Vec<usize> = kept.iter().map(|&d| xs[d]).collect();
-            let mut s = decode(&refs, &kept_shape);
-            let _ = writeln!(s, "    var acc = {zero};");
-            let mut indent = String::from("    ");
-            for &a in axes {
-                let (lo, hi) = batch_range(xs[a], chunked && a == 0);
-                let _ = writeln!(s, "{indent}for (var r{a} = {lo}; r{a} < {hi}; r{a}++) {{");
-                indent.push_str("    ");
-            }
-            let terms: Vec<String> = (0..xs.len())
-                .map(|d| {
-                    let var = if axes.contains(&d) {
-                        format!("r{d}")
-                    } else {
-                        format!("k{d}")
-                    };
-                    format!("{var} * {}", u(st[d]))
-                })
-                .collect();
-            let index = if terms.is_empty() {
-                "0u".into()
-            } else {
-                terms.join(" + ")
-            };
-            let _ = writeln!(s, "{indent}acc += {}({index});", x(0));
-            for _ in axes {
-                indent.truncate(indent.len() - 4);
-                let _ = writeln!(s, "{indent}}}");
-            }
+            let mut s = reduction_nest(
+                &xs,
+                axes,
+                (axes, xs.len()),
+                chunked,
+                &format!("var acc = {zero};"),
+                &|indent, index| format!("{indent}acc += {}({index});\n", x(0)),
+            );
             if matches!(node.op, Op::ReduceMean { .. }) {
                 let count: usize = axes.iter().map(|&a| xs[a]).product();
                 let _ = writeln!(s, "    return acc / {};", f32_lit(count as f32));
@@ -847,6 +822,14 @@ pub(crate) fn body_over(
             )
         }
     }
+}
+
+/// A map kernel's main root: its largest (the first of those), which decides its schedule.
+fn main_root(graph: &Graph, roots: &[NodeId]) -> NodeId {
+    *roots
+        .iter()
+        .max_by_key(|r| (graph.ty(**r).numel(), std::cmp::Reverse(r.0)))
+        .expect("map kernels have a root")
 }
 
 /// How a kernel addresses its buffers: each one's binding, the index expression of a uniform
@@ -981,6 +964,50 @@ fn functions(
     s
 }
 
+/// The start of a reduction over `axes` of a value of shape `xs`: the kept axes decoded from
+/// `i` (`k<d>`), `acc` declared, a loop over each of `loops.0` (`r<d>`; the batch axis over
+/// the chunk's images when `chunked`), and inside them `inner(indent, index)`, where `index`
+/// is the flat index of the coordinates of the axes before `loops.1` (the rest are 0).
+fn reduction_nest(
+    xs: &[usize],
+    axes: &[usize],
+    (loops, dims): (&[usize], usize),
+    chunked: bool,
+    acc: &str,
+    inner: &dyn Fn(&str, &str) -> String,
+) -> String {
+    let st = strides(xs);
+    let kept: Vec<usize> = (0..xs.len()).filter(|d| !axes.contains(d)).collect();
+    let names: Vec<String> = kept.iter().map(|d| format!("k{d}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let kept_shape: Vec<usize> = kept.iter().map(|&d| xs[d]).collect();
+    let mut s = decode(&refs, &kept_shape);
+    let _ = writeln!(s, "    {acc}");
+    let mut indent = String::from("    ");
+    for &a in loops {
+        let (lo, hi) = batch_range(xs[a], chunked && a == 0);
+        let _ = writeln!(s, "{indent}for (var r{a} = {lo}; r{a} < {hi}; r{a}++) {{");
+        indent.push_str("    ");
+    }
+    let terms: Vec<String> = (0..dims)
+        .map(|d| {
+            let var = if axes.contains(&d) { "r" } else { "k" };
+            format!("{var}{d} * {}", u(st[d]))
+        })
+        .collect();
+    let index = if terms.is_empty() {
+        "0u".to_string()
+    } else {
+        terms.join(" + ")
+    };
+    s.push_str(&inner(&indent, &index));
+    for _ in loops {
+        indent.truncate(indent.len() - 4);
+        let _ = writeln!(s, "{indent}}}");
+    }
+    s
+}
+
 /// The body of reduction `n` reading its operand a `vec4` at a time, where the operand comes
 /// straight from a uniform binding and the reduced axes end with a contiguous run in fours
 /// (conv1's bias gradient sums rows of 784 per image and channel). lavapipe gathers a `vec4`
@@ -1005,7 +1032,6 @@ fn reduce_sum_in_quads(
     }
     let buffer = plan.buffer_of[x.0]?;
     let xs = &graph.ty(x).shape;
-    let st = strides(xs);
     // The reduced axes that end the shape: one contiguous run.
     let run_from = (0..=xs.len())
         .rev()
@@ -1018,51 +1044,23 @@ fn reduce_sum_in_quads(
         return None;
     }
     uniform(buffer, "i")?;
-    let kept: Vec<usize> = (0..xs.len()).filter(|d| !axes.contains(d)).collect();
-    let names: Vec<String> = kept.iter().map(|d| format!("k{d}")).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let kept_shape: Vec<usize> = kept.iter().map(|&d| xs[d]).collect();
-    let mut s = decode(&refs, &kept_shape);
-    s.push_str(
-        "    var acc = vec4<f32>(0.0f);
-",
-    );
-    let mut indent = String::from("    ");
     let outer: Vec<usize> = axes.iter().copied().filter(|&a| a < run_from).collect();
-    for &a in &outer {
-        let (lo, hi) = batch_range(xs[a], chunked && a == 0);
-        let _ = writeln!(s, "{indent}for (var r{a} = {lo}; r{a} < {hi}; r{a}++) {{");
-        indent.push_str("    ");
-    }
-    let terms: Vec<String> = (0..run_from)
-        .map(|d| {
-            let var = if axes.contains(&d) { "r" } else { "k" };
-            format!("{var}{d} * {}", u(st[d]))
-        })
-        .collect();
-    let base = if terms.is_empty() {
-        "0u".to_string()
-    } else {
-        terms.join(" + ")
-    };
-    let _ = writeln!(
-        s,
-        "{indent}let q = {} >> 2u;
-{indent}for (var r = 0u; r < {}; r++) {{
-{indent}    acc += buf{}[q + r];
-{indent}}}",
-        uniform(buffer, &format!("({base})"))?,
-        u(run / 4),
-        binding_of(buffer)
+    let slot = binding_of(buffer);
+    let mut s = reduction_nest(
+        xs,
+        axes,
+        (&outer, run_from),
+        chunked,
+        "var acc = vec4<f32>(0.0f);",
+        &|indent, base| {
+            format!(
+                "{indent}let q = {} >> 2u;\n{indent}for (var r = 0u; r < {}; r++) {{\n{indent}    acc += buf{slot}[q + r];\n{indent}}}\n",
+                uniform(buffer, &format!("({base})")).expect("a uniform binding"),
+                u(run / 4),
+            )
+        },
     );
-    for _ in &outer {
-        indent.truncate(indent.len() - 4);
-        let _ = writeln!(s, "{indent}}}");
-    }
-    s.push_str(
-        "    return acc.x + acc.y + acc.z + acc.w;
-",
-    );
+    s.push_str("    return acc.x + acc.y + acc.z + acc.w;\n");
     Some(s)
 }
 
@@ -1269,10 +1267,7 @@ fn emit_kernel_with(
         KernelKind::Map { roots }
             if target.class == DeviceClass::Cpu && target.block_outputs && sums.is_empty() =>
         {
-            let main = *roots
-                .iter()
-                .max_by_key(|r| (graph.ty(**r).numel(), std::cmp::Reverse(r.0)))
-                .expect("map kernels have a root");
+            let main = main_root(graph, roots);
             let uniform_of = |id: NodeId| plan.buffer_of[id.0].and_then(|b| uniform(b, "i"));
             crate::conv_quads::find(graph, kernel, roots, main, &uniform_of).filter(|q| {
                 q.quads_out.iter().all(|m| {
@@ -1291,46 +1286,45 @@ fn emit_kernel_with(
         let buffer = plan.buffer_of[id.0]?;
         uniform(buffer, "i").map(|_| buffer)
     };
-    // A summing kernel on a CPU-class target whose main root is (elementwise) a stride-1
-    // conv weight gradient over even rows read from uniform bindings: the kernel columns of
-    // several output channels per invocation, in whole rows (conv_quads.rs).
-    let weight_rows: Option<(NodeId, NodeId, usize, usize)> = match &kernel.kind {
-        KernelKind::Map { roots }
-            if target.class == DeviceClass::Cpu
-                && target.block_outputs
-                && batch.is_some()
-                && !sums.is_empty() =>
-        {
-            let main = *roots
-                .iter()
-                .max_by_key(|r| (graph.ty(**r).numel(), std::cmp::Reverse(r.0)))
-                .expect("map kernels have a root");
-            sums.iter().find(|(_, r)| *r == main).and_then(|&(red, _)| {
+    // A summing kernel whose main root is (elementwise) a stride-1 conv weight gradient:
+    // the kernel columns of one `(o, c, ky)` per invocation (`kernel_columns`), or, on a
+    // CPU-class target reading both operands straight from uniform bindings (`operands`)
+    // where the rows allow, of several output channels in whole rows (conv_quads.rs; taken
+    // before blocking, which the single-channel columns only replace where it found nothing).
+    let (column_candidate, column_operands) = match &kernel.kind {
+        KernelKind::Map { roots } if target.block_outputs && batch.is_some() => {
+            let main = main_root(graph, roots);
+            let found = sums.iter().find(|(_, r)| *r == main).and_then(|&(red, _)| {
                 let kw = chunks::kernel_columns(graph, red)?;
-                let channels = crate::conv_quads::weight_rows_channels(graph, red)?;
                 let ins = &graph.node(red).inputs;
-                direct(ins[0])?;
-                direct(ins[1])?;
-                let per = graph.ty(main).numel() / (kw * channels);
-                let fits = roots
-                    .iter()
-                    .all(|r| *r == main || graph.ty(*r).numel() <= per);
-                (fits && graph.ty(main).numel() == graph.ty(red).numel())
-                    .then_some((main, red, kw, channels))
-            })
+                let operands = match (direct(ins[0]), direct(ins[1])) {
+                    (Some(x), Some(dy)) if target.class == DeviceClass::Cpu => Some((x, dy)),
+                    _ => None,
+                };
+                let rows =
+                    operands.and_then(|_| crate::conv_quads::weight_rows_channels(graph, red));
+                let candidate = rows.into_iter().chain([1]).find_map(|channels| {
+                    let per = graph.ty(main).numel() / (kw * channels);
+                    let fits = roots
+                        .iter()
+                        .all(|r| *r == main || graph.ty(*r).numel() <= per);
+                    (fits && graph.ty(main).numel() == graph.ty(red).numel())
+                        .then_some((main, red, kw, channels))
+                })?;
+                Some((candidate, operands))
+            });
+            (found.map(|f| f.0), found.and_then(|f| f.1))
         }
-        _ => None,
+        _ => (None, None),
     };
+    let weight_rows = column_candidate.filter(|c| c.3 > 1);
     // Register blocking: the largest root, four elements per invocation, when that gives a
     // reduction a blocked rule and the other roots fit in the fewer invocations.
     let blocking = match &kernel.kind {
         KernelKind::Map { roots }
             if target.block_outputs && conv_quads.is_none() && weight_rows.is_none() =>
         {
-            let main = *roots
-                .iter()
-                .max_by_key(|r| (graph.ty(**r).numel(), std::cmp::Reverse(r.0)))
-                .expect("map kernels have a root");
+            let main = main_root(graph, roots);
             let quads = graph.ty(main).numel() / LANES;
             let others_fit = roots
                 .iter()
@@ -1398,41 +1392,13 @@ fn emit_kernel_with(
     let shares_loads = blocking
         .as_ref()
         .is_some_and(|(_, _, fns, rows)| fns.shares_loads || rows.is_some());
-    // A summing kernel that found no blocking (conv1's weight gradient: no axis in fours) but
-    // whose main root is a stride-1 conv weight gradient: kernel columns per invocation.
-    let columns: Option<(NodeId, NodeId, usize, usize)> = weight_rows.or(match &kernel.kind {
-        KernelKind::Map { roots }
-            if blocking.is_none() && target.block_outputs && batch.is_some() =>
-        {
-            let main = *roots
-                .iter()
-                .max_by_key(|r| (graph.ty(**r).numel(), std::cmp::Reverse(r.0)))
-                .expect("map kernels have a root");
-            sums.iter().find(|(_, r)| *r == main).and_then(|&(red, _)| {
-                let kw = chunks::kernel_columns(graph, red)?;
-                let per = graph.ty(main).numel() / kw;
-                let fits = roots
-                    .iter()
-                    .all(|r| *r == main || graph.ty(*r).numel() <= per);
-                (fits && graph.ty(main).numel() == graph.ty(red).numel())
-                    .then_some((main, red, kw, 1))
-            })
-        }
-        _ => None,
-    });
+    let columns: Option<(NodeId, NodeId, usize, usize)> =
+        weight_rows.or(column_candidate.filter(|_| blocking.is_none()));
     // CPU-class targets read four kernel-column steps at a time where both operands come
     // straight from uniform bindings whose rows are whole vec4s.
-    let column_quads = columns.filter(|c| c.3 == 1).and_then(|(_, red, _, _)| {
-        let ins = &graph.node(red).inputs;
-        match (direct(ins[0]), direct(ins[1])) {
-            (Some(x), Some(dy))
-                if target.class == DeviceClass::Cpu && chunks::columns_in_vec4s(graph, red) =>
-            {
-                Some((x, dy))
-            }
-            _ => None,
-        }
-    });
+    let column_quads = columns
+        .filter(|c| c.3 == 1 && chunks::columns_in_vec4s(graph, c.1))
+        .and(column_operands);
     let mut chunking: Option<Chunks> = None;
     let (workgroup_size, dispatch, schedule) = match &kernel.kind {
         KernelKind::Map { roots } => {
@@ -1819,10 +1785,7 @@ fn emit_kernel_with(
                 .flat_map(|k| (0..kw).map(move |kx| k * channel_words + kx))
                 .collect();
             if channels > 1 {
-                let (x, dy) = (
-                    direct(ins[0]).expect("read directly"),
-                    direct(ins[1]).expect("read directly"),
-                );
+                let (x, dy) = column_operands.expect("whole rows read uniform bindings");
                 fn_text.push_str(&crate::conv_quads::weight_rows_fn(
                     graph,
                     red,
