@@ -506,11 +506,9 @@ pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, loads: ColumnLoads) 
             x: (xs, xat),
             dy: (ds, dat),
         } => {
-            // A step at output column `4 * q` needs pixels `4q - px ..= 4q + 3 + KW - 1 - px`:
-            // pixel vec4s `q + lo ..= q + hi` of the row (zero outside it), held in
-            // `p0 ..= p{hi - lo}`; each step loads the last.
-            let lo = (-px).div_euclid(4);
-            let hi = (3 + kw as i64 - 1 - px).div_euclid(4);
+            // A step at output column `4 * q` needs pixel vec4s `q + lo ..= q + hi` of the
+            // row (zero outside it), held in `p0 ..= p{hi - lo}`; each step loads the last.
+            let (lo, hi) = crate::conv_quads::quad_blocks(kw, px);
             let blocks = (hi - lo + 1) as usize;
             let _ = writeln!(
                 s,
@@ -518,13 +516,7 @@ pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, loads: ColumnLoads) 
                 xat("row"),
                 dat("drow")
             );
-            let block = |b: &str| {
-                format!(
-                    "select(vec4<f32>(0.0f), buf{xs}[xq + u32(clamp({b}, 0i, {wm}))], {b} >= 0i && {b} < {wi})",
-                    wm = i(w / 4 - 1),
-                    wi = i(w / 4)
-                )
-            };
+            let block = |b: &str| crate::conv_quads::row_quad(xs, b, w / 4, None);
             for b in 0..blocks - 1 {
                 let _ = writeln!(
                     s,
@@ -542,19 +534,11 @@ pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, loads: ColumnLoads) 
                 l = blocks - 1,
                 load = block("last"),
             );
-            const LANE: [char; 4] = ['x', 'y', 'z', 'w'];
             for k in 0..kw {
-                // Output column 4q + j reads pixel 4q + j + k - px.
-                let taps: Vec<String> = (0..4)
-                    .map(|j| {
-                        let r = j + k as i64 - px - 4 * lo;
-                        format!("p{}.{}", r / 4, LANE[(r % 4) as usize])
-                    })
-                    .collect();
                 let _ = writeln!(
                     s,
-                    "                acc{k} += dot(vec4<f32>({}), d);",
-                    taps.join(", ")
+                    "                acc{k} += dot({}, d);",
+                    crate::conv_quads::quad_taps(k, px, lo)
                 );
             }
             for b in 0..blocks - 1 {

@@ -140,9 +140,10 @@ pub(crate) fn find(
         Op::AvgPool2d { kernel, stride } | Op::MaxPool2d { kernel, stride }
             if *kernel == [2, 2] && *stride == [2, 2] && computed(at) =>
         {
-            members.push(at);
-            at = graph.node(at).inputs[0];
-            Some(members[members.len() - 1])
+            let pool = at;
+            members.push(pool);
+            at = graph.node(pool).inputs[0];
+            Some(pool)
         }
         _ => None,
     };
@@ -556,11 +557,35 @@ fn constant(slot: u32, k: usize) -> String {
     format!("buf{slot}[{}u].{}", k / 4, LANE[k % 4])
 }
 
-/// `vec4` block and lane of pixel `r` (relative to a quad's first column) among the blocks
-/// `lo ..` loaded for the quad.
-fn tap(r: i64, lo: i64) -> (i64, char) {
-    let at = r - 4 * lo;
-    (at / 4, LANE[(at % 4) as usize])
+/// The pixel `vec4`s a quad of output columns `4q ..= 4q + 3` reads through a kernel row
+/// of `kw` columns at padding `px`: pixels `4q - px ..= 4q + 3 + kw - 1 - px`, in `vec4`s
+/// `q + lo ..= q + hi` of the row.
+pub(crate) fn quad_blocks(kw: usize, px: i64) -> (i64, i64) {
+    ((-px).div_euclid(4), (3 + kw as i64 - 1 - px).div_euclid(4))
+}
+
+/// `vec4` `b` (an `i32` expression) of a row of `row_vec4s` whole `vec4`s starting at `vec4`
+/// `xq` of binding `slot`: zero outside the row, or where `ok` (if given) is false.
+pub(crate) fn row_quad(slot: u32, b: &str, row_vec4s: usize, ok: Option<&str>) -> String {
+    let ok = ok.map_or(String::new(), |ok| format!("{ok} && "));
+    format!(
+        "select(vec4<f32>(0.0f), buf{slot}[xq + u32(clamp({b}, 0i, {}))], {ok}{b} >= 0i && {b} < {})",
+        i(row_vec4s - 1),
+        i(row_vec4s)
+    )
+}
+
+/// The quad's four pixels under kernel column `kx`, from the blocks `p0 ..` loaded from
+/// [`quad_blocks`]'s `lo` (padding `px`): output column `4q + j` reads pixel
+/// `4q + j + kx - px`.
+pub(crate) fn quad_taps(kx: usize, px: i64, lo: i64) -> String {
+    let taps: Vec<String> = (0..4)
+        .map(|j| {
+            let at = j + kx as i64 - px - 4 * lo;
+            format!("p{}.{}", at / 4, LANE[(at % 4) as usize])
+        })
+        .collect();
+    format!("vec4<f32>({})", taps.join(", "))
 }
 
 /// The statements of the entry point after invocation `j` is known: the accumulation, the
@@ -647,9 +672,7 @@ fn quads_body(
         u(oh / rows),
         u(quads)
     );
-    // Pixels 4q - px ..= 4q + 3 + KW - 1 - px of each input row: vec4s q + lo ..= q + hi.
-    let lo = (-px).div_euclid(4);
-    let hi = (3 + kw as i64 - 1 - px).div_euclid(4);
+    let (lo, hi) = quad_blocks(kw, px);
     let xs = slot(x);
     let ws = slot(w);
     // One output channel at a time: its two accumulators stay in registers (SIMD lanes hold
@@ -688,24 +711,12 @@ fn quads_body(
                 );
                 let _ = writeln!(s, "            let xq = {} >> 2u;", uniform_of(x, &row));
                 for b in lo..=hi {
-                    let _ = writeln!(
-                        s,
-                        "            let p{k} = select(vec4<f32>(0.0f), buf{xs}[xq + u32(clamp(qi + {b}, 0i, {last}))], ok && qi + {b} >= 0i && qi + {b} < {end});",
-                        k = b - lo,
-                        b = i64_lit(b),
-                        last = i(wi / 4 - 1),
-                        end = i(wi / 4),
-                    );
+                    let quad = row_quad(xs, &format!("qi + {}", i64_lit(b)), wi / 4, Some("ok"));
+                    let _ = writeln!(s, "            let p{} = {quad};", b - lo);
                 }
                 // The quad's pixels under kernel column kx, shared by both output rows.
                 for kx in 0..kw {
-                    let taps: Vec<String> = (0..4)
-                        .map(|j| {
-                            let (b, lane) = tap(j + kx as i64 - px, lo);
-                            format!("p{b}.{lane}")
-                        })
-                        .collect();
-                    let _ = writeln!(s, "            let s{kx} = vec4<f32>({});", taps.join(", "));
+                    let _ = writeln!(s, "            let s{kx} = {};", quad_taps(kx, px, lo));
                 }
                 for r in 0..rows {
                     let Some(ky) = t.checked_sub(r).filter(|&ky| ky < kh) else {
