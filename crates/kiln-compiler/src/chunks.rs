@@ -51,6 +51,10 @@ pub struct Chunks {
     /// dispatch runs all invocations over its own images and adds the sums so far; the last
     /// one runs the epilogue. Empty for image chunks, whose dispatches split the invocations.
     pub sums: Vec<Sum>,
+    /// The chunks one dispatch runs, in order, each reading its own windows and table
+    /// ([`crate::spans`]); the first uses `windows` and `table_binding`. Dispatch `d` runs
+    /// chunks `d * spans.len() ..`; a span past the last chunk gets an all-zero table.
+    pub spans: Vec<crate::spans::Span>,
 }
 
 /// The running sum of one reduction over the batch, a storage buffer the runtime creates.
@@ -109,6 +113,16 @@ impl Chunks {
             table,
             window_offsets,
         }
+    }
+
+    /// Dispatches of the kernel: its chunks, `spans.len()` to a dispatch.
+    pub fn dispatches(&self) -> usize {
+        self.count.div_ceil(self.spans.len().max(1))
+    }
+
+    /// The first binding number after the table and the running sums.
+    pub fn next_binding(&self) -> u32 {
+        self.table_binding + 1 + self.sums.len() as u32
     }
 
     /// Bytes between two chunks' tables in the table buffer.
@@ -641,6 +655,7 @@ mod tests {
             }],
             alignment,
             sums: Vec::new(),
+            spans: Vec::new(),
         };
         let bytes = (256 * words * 4) as u64;
         for k in 0..c.count {
@@ -684,6 +699,7 @@ mod tests {
             windows: vec![window.clone()],
             alignment,
             sums: Vec::new(),
+            spans: Vec::new(),
         };
         let bytes = (256 * words * 4) as u64;
         let last = image_chunks.entry(21, &|_| bytes);

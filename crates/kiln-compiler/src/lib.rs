@@ -8,6 +8,7 @@ mod compile;
 mod conv_quads;
 mod plan;
 mod report;
+mod spans;
 mod target;
 mod verify_plan;
 mod wgsl;
@@ -19,6 +20,7 @@ pub use plan::{
     MAX_INLINE_REUSE, Placement, Plan, fuse, is_anchor,
 };
 pub use report::{KernelCost, describe, kernel_cost, node_flops};
+pub use spans::Span;
 pub use target::{DeviceClass, Target};
 pub use verify_plan::{PlanError, verify_plan};
 pub use wgsl::{

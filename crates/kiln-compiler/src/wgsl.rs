@@ -1543,6 +1543,10 @@ fn emit_kernel_with(
                     },
                     table_binding,
                     table_vec4s: 1 + windows.len().div_ceil(4),
+                    spans: vec![crate::spans::Span {
+                        windows: windows.iter().map(|w| w.binding).collect(),
+                        table: table_binding,
+                    }],
                     windows,
                     alignment: align,
                     sums: sums
@@ -1629,11 +1633,12 @@ fn emit_kernel_with(
         };
         let _ = writeln!(
             s,
-            "// chunks: {} dispatches of {} images{last} ({} invocations each), reading {} through uniform windows",
+            "// chunks: {} of {} images{last} ({} invocations each), reading {} through uniform windows{}",
             c.count,
             c.images,
             c.invocations,
-            names.join(", ")
+            names.join(", "),
+            crate::spans::ONE_PER_DISPATCH
         );
     }
     let _ = writeln!(s, "// bindings:");
@@ -2022,6 +2027,13 @@ fn emit_kernel_with(
             s.push('\n');
             s.push_str(&head_main(graph, plan, h, &binding_of));
         }
+    }
+    // Several chunks per dispatch where binding slots and code size allow.
+    if let Some(c) = chunking.as_mut() {
+        let free = target
+            .max_uniform_buffers_per_stage
+            .saturating_sub(uniforms + 1);
+        s = crate::spans::repeat(&s, c, free);
     }
     // The head's two partial-sum arrays (f32 and u32, one entry per invocation).
     let workgroup_storage_bytes = match kernel.kind {

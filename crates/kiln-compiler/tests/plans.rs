@@ -399,6 +399,86 @@ fn assert_contains(wgsl: &str, needles: &[&str]) {
     }
 }
 
+#[test]
+fn kernels_of_many_small_chunks_run_several_to_a_dispatch_on_cpus() {
+    let g = step_graph(&lenet(), 256, 60_000);
+    let t = lavapipe();
+    let plan = fuse(&g, &t).unwrap();
+    let modules = emit_wgsl(&g, &plan, &t).unwrap();
+    // (kernel, chunks, chunks per dispatch, dispatches): only kernels of 16 chunks or more
+    // whose copies are small; conv1's weight gradient (a loop nest per copy) takes two.
+    let spanned: Vec<(&str, usize, usize, usize)> = modules
+        .iter()
+        .filter_map(|m| {
+            let c = m.chunks.as_ref()?;
+            (c.spans.len() > 1).then_some((m.name.as_str(), c.count, c.spans.len(), c.dispatches()))
+        })
+        .collect();
+    assert_eq!(
+        spanned,
+        [
+            ("k09_sigmoid_grad_l4", 26, 5, 6),
+            ("k11_sigmoid_grad_l1", 86, 5, 18),
+            ("k12_update_layer0", 86, 2, 43),
+        ]
+    );
+    for m in &modules {
+        let Some(c) = &m.chunks else { continue };
+        // Every span has one binding per window and a table, none shared with another.
+        let mut bindings: Vec<u32> = c
+            .spans
+            .iter()
+            .flat_map(|s| s.windows.iter().copied().chain([s.table]))
+            .collect();
+        assert!(c.spans.iter().all(|s| s.windows.len() == c.windows.len()));
+        bindings.sort();
+        bindings.dedup();
+        assert_eq!(
+            bindings.len(),
+            c.spans.len() * (c.windows.len() + 1),
+            "{}",
+            m.name
+        );
+        assert_eq!(c.dispatches(), c.count.div_ceil(c.spans.len()));
+    }
+    let act_grad = &modules[11].wgsl;
+    assert_contains(
+        act_grad,
+        &[
+            "// chunks: 86 of 3 images, the last of 1 (3528 invocations each), reading %8 (56480 bytes), %54 (14144 bytes) through uniform windows, 5 per dispatch (18 dispatches; each chunk reads its own windows)",
+            "//   13-15: span 4: 2 windows, then its chunk table",
+            "@group(0) @binding(4) var<uniform> buf0_s1: array<vec4<f32>, 3530>;",
+            "@group(0) @binding(15) var<uniform> chunk_s4: array<vec4<u32>, 2>;",
+            // Each span's copy reads its own window through its own table.
+            "fn v8_x4s1_s3(i: u32) -> vec4<f32> {\n    return buf0_s3[(i - chunk_s3[1].x) >> 2u];",
+            "    let g0 = v54_s2(b);",
+            "fn chunk_main_s4(gid: vec3<u32>) {\n    let j = gid.x + gid.y * 3584u + chunk_s4[0].x;\n    if (j >= chunk_s4[0].y) {\n        return;\n    }",
+            "    let value = v57_x4s1_s4(i);\n    buf2[i >> 2u] = value;",
+            "@compute @workgroup_size(64)\nfn main(@builtin(global_invocation_id) gid: vec3<u32>) {\n    chunk_main(gid);\n    chunk_main_s1(gid);\n    chunk_main_s2(gid);\n    chunk_main_s3(gid);\n    chunk_main_s4(gid);\n}",
+        ],
+    );
+    // Functions that read no window are not copied.
+    assert!(!act_grad.contains("fn v57_s1("));
+    // conv1's weight gradient: both spans add to the same running sums, in chunk order.
+    let conv1_dw = &modules[12].wgsl;
+    assert_contains(
+        conv1_dw,
+        &[
+            "@group(0) @binding(5) var<storage, read_write> sum58: array<f32>;",
+            "@group(0) @binding(7) var<uniform> buf0_s1: array<vec4<f32>, 590>;",
+            "@group(0) @binding(8) var<uniform> buf3_s1: array<vec4<f32>, 3530>;",
+            "@group(0) @binding(9) var<uniform> chunk_s1: array<vec4<u32>, 2>;",
+            "        var rows = v59_columns_chunk_s1(i);",
+            "    chunk_main(gid);\n    chunk_main_s1(gid);\n}",
+        ],
+    );
+    assert_eq!(conv1_dw.matches("        sum59[i] = rows[0];").count(), 2);
+    assert_eq!(
+        conv1_dw.matches("    if (chunk_s1[0].w < 256u) {").count(),
+        1
+    );
+}
+
 fn lavapipe() -> Target {
     Target {
         name: "llvmpipe".into(),
@@ -610,7 +690,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         &conv2.wgsl,
         &[
             "// schedule: 2 rows x every column of 4 channels of %12 per invocation (whole rows: vec4 pixel rows shared by the channels, one weight load per row of multiply-adds; 5120 invocations)",
-            "// chunks: 20 dispatches of 13 images, the last of 9 (260 invocations each)",
+            "// chunks: 20 of 13 images, the last of 9 (260 invocations each), reading %9 (61184 bytes) through uniform windows, one per dispatch",
             "var<uniform> chunk: array<vec4<u32>, 2>;",
             "    let j = gid.x + gid.y * 288u + chunk[0].x;",
             "    let n = j / 20u;\n    let g = (j / 4u) % 5u;\n    let o0 = (j % 4u) * 4u;",

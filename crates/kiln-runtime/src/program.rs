@@ -18,7 +18,8 @@ use crate::gpu::{Gpu, RuntimeError};
 pub struct Program {
     pub compiled: Compiled,
     pipelines: Vec<wgpu::ComputePipeline>,
-    /// Per kernel: its bind group, or one per image chunk (each with its windows and table).
+    /// Per kernel: its bind group, or one per dispatch of image chunks (each binding the
+    /// windows and tables of the chunks it runs).
     bind_groups: Vec<Vec<wgpu::BindGroup>>,
     /// The chunk tables and running sums of chunked kernels, kept alive with their bind
     /// groups.
@@ -74,7 +75,10 @@ pub fn check_limits(gpu: &Gpu, compiled: &Compiled) -> Result<(), RuntimeError> 
             .filter(|b| b.access.is_uniform())
             .map(|b| b.access.slots() as usize)
             .sum::<usize>()
-            + usize::from(m.chunks.is_some())) as u64;
+            + m.chunks.as_ref().map_or(0, |c| {
+                // Each span beyond the first adds its windows; every span has a table.
+                c.spans.len() + c.spans.len().saturating_sub(1) * c.windows.len()
+            })) as u64;
         if n > l.max_uniform_buffers_per_shader_stage as u64 {
             return Err(gpu.limit_error(
                 what.clone(),
@@ -241,7 +245,11 @@ impl Program {
                     let bytes = |b: usize| buffers[b].size();
                     let stride = c.table_stride();
                     let chunk_entries: Vec<_> = (0..c.count).map(|k| c.entry(k, &bytes)).collect();
-                    let mut table = vec![0u8; (stride * c.count as u64) as usize];
+                    // One table per span of every dispatch; spans past the last chunk keep
+                    // an all-zero table (no invocations).
+                    let spans = c.spans.len().max(1);
+                    let slots = c.dispatches() * spans;
+                    let mut table = vec![0u8; (stride * slots as u64) as usize];
                     for (k, e) in chunk_entries.iter().enumerate() {
                         let at = k * stride as usize;
                         let words: &[u8] = bytemuck::cast_slice(&e.table);
@@ -267,37 +275,40 @@ impl Program {
                             })
                         })
                         .collect();
-                    let mut groups = Vec::with_capacity(c.count);
-                    for (k, e) in chunk_entries.iter().enumerate() {
+                    let window = |w: usize, k: usize| {
+                        // A span past the last chunk reads the last chunk's windows (unused).
+                        let e = &chunk_entries[k.min(c.count - 1)];
+                        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &buffers[c.windows[w].buffer],
+                            offset: e.window_offsets[w],
+                            size: wgpu::BufferSize::new(c.windows[w].vec4s as u64 * 16),
+                        })
+                    };
+                    let mut groups = Vec::with_capacity(c.dispatches());
+                    for d in 0..c.dispatches() {
                         let mut entries: Vec<wgpu::BindGroupEntry> = m
                             .bindings
                             .iter()
-                            .flat_map(|b| {
-                                match c.windows.iter().position(|w| w.binding == b.binding) {
-                                    Some(w) => vec![wgpu::BindGroupEntry {
-                                        binding: b.binding,
-                                        resource: wgpu::BindingResource::Buffer(
-                                            wgpu::BufferBinding {
-                                                buffer: &buffers[b.buffer],
-                                                offset: e.window_offsets[w],
-                                                size: wgpu::BufferSize::new(
-                                                    c.windows[w].vec4s as u64 * 16,
-                                                ),
-                                            },
-                                        ),
-                                    }],
-                                    None => entries_of(b, &buffers[b.buffer], &compiled),
-                                }
-                            })
+                            .filter(|b| !c.windows.iter().any(|w| w.binding == b.binding))
+                            .flat_map(|b| entries_of(b, &buffers[b.buffer], &compiled))
                             .collect();
-                        entries.push(wgpu::BindGroupEntry {
-                            binding: c.table_binding,
-                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                buffer: &table,
-                                offset: k as u64 * stride,
-                                size: wgpu::BufferSize::new(c.table_vec4s as u64 * 16),
-                            }),
-                        });
+                        for (s, span) in c.spans.iter().enumerate() {
+                            let k = d * spans + s;
+                            for (w, &binding) in span.windows.iter().enumerate() {
+                                entries.push(wgpu::BindGroupEntry {
+                                    binding,
+                                    resource: window(w, k),
+                                });
+                            }
+                            entries.push(wgpu::BindGroupEntry {
+                                binding: span.table,
+                                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                    buffer: &table,
+                                    offset: k as u64 * stride,
+                                    size: wgpu::BufferSize::new(c.table_vec4s as u64 * 16),
+                                }),
+                            });
+                        }
                         for (sum, buffer) in c.sums.iter().zip(&sums) {
                             entries.push(wgpu::BindGroupEntry {
                                 binding: sum.binding,

@@ -11,8 +11,9 @@
 
 mod common;
 
-use common::{compare, feeds, gpu, schedules};
+use common::{compare, compare_on, feeds, gpu, schedules};
 use kiln_autodiff::{evaluation_graph, read_batches_from_dataset, training_step};
+use kiln_compiler::{DeviceClass, Target, compile};
 use kiln_ir::testing::{random_layer, random_model};
 use kiln_ir::{DType, Graph, LenetVariant, Sequential, TensorType, lenet};
 use kiln_reference::execute;
@@ -23,10 +24,20 @@ const TOLERANCE: f64 = 1e-4;
 
 /// Compares `p_old - p_new` between the GPU and the reference for every parameter update.
 fn compare_updates(gpu: &Gpu, g: &Graph, seed: u64, classes: usize) {
+    compare_updates_on(gpu, &schedules(gpu), g, seed, classes);
+}
+
+fn compare_updates_on(
+    gpu: &Gpu,
+    schedules: &[(&str, Target)],
+    g: &Graph,
+    seed: u64,
+    classes: usize,
+) {
     let (inputs, params) = feeds(g, seed, classes);
     let reference = execute(g, &inputs, &params).unwrap();
-    for (schedule, target) in schedules(gpu) {
-        let run = run_graph_on(gpu, &target, g, &inputs, &params).unwrap();
+    for (schedule, target) in schedules {
+        let run = run_graph_on(gpu, target, g, &inputs, &params).unwrap();
         compare_run_updates(g, &params, &run, &reference, schedule);
     }
 }
@@ -86,6 +97,36 @@ fn lenet_step_and_evaluation_match_reference() {
     );
     compare_updates(&gpu, &step, 2, 10);
     compare(&gpu, &eval, 3, 10, TOLERANCE);
+}
+
+#[test]
+fn lenet_running_several_chunks_per_dispatch_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    // Batch 17 through 20 KiB windows: conv1's activation and weight gradients run 17 chunks
+    // of one image, several to a dispatch (five and two, the last dispatch with spans past
+    // the last chunk), as batch 256 does through 64 KiB windows.
+    let target = Target {
+        class: DeviceClass::Cpu,
+        max_uniform_buffer_binding_size: 20 << 10,
+        ..gpu.target.clone()
+    };
+    let [step, _] = lenet_graphs(&lenet(), 17, 30);
+    let compiled = compile(&step, &target).unwrap();
+    let spanned: Vec<(&str, usize, usize)> = compiled
+        .modules
+        .iter()
+        .filter_map(|m| {
+            let c = m.chunks.as_ref()?;
+            (c.spans.len() > 1).then_some((m.name.as_str(), c.count, c.spans.len()))
+        })
+        .collect();
+    assert_eq!(
+        spanned,
+        [("k11_sigmoid_grad_l1", 17, 5), ("k12_update_layer0", 17, 2)]
+    );
+    let schedules = [("cpu-spans", target)];
+    compare_on(&gpu, &schedules, &step, 7, 10, TOLERANCE);
+    compare_updates_on(&gpu, &schedules, &step, 8, 10);
 }
 
 #[test]

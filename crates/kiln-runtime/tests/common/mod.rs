@@ -158,11 +158,23 @@ pub fn compare(
     classes: usize,
     tolerance: f64,
 ) -> Vec<(String, f64)> {
+    compare_on(gpu, &schedules(gpu), g, seed, classes, tolerance)
+}
+
+/// [`compare`] for the given schedules only.
+pub fn compare_on(
+    gpu: &Gpu,
+    schedules: &[(&str, Target)],
+    g: &Graph,
+    seed: u64,
+    classes: usize,
+    tolerance: f64,
+) -> Vec<(String, f64)> {
     let (inputs, params) = feeds(g, seed, classes);
     let reference = execute(g, &inputs, &params).unwrap();
     let mut report = Vec::new();
-    for (schedule, target) in schedules(gpu) {
-        let run = run_graph_on(gpu, &target, g, &inputs, &params).unwrap();
+    for (schedule, target) in schedules {
+        let run = run_graph_on(gpu, target, g, &inputs, &params).unwrap();
         let mut ids: Vec<&NodeId> = run.stored.keys().collect();
         ids.sort();
         for id in ids {
