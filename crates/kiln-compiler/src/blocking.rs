@@ -63,11 +63,39 @@ use crate::wgsl::{UniformIndex, batch_range, body_over, body_with, matmul_indice
 pub const LANES: usize = 4;
 
 /// How a blocked kernel splits its root's flat index space: four coordinates of a virtual axis
-/// of `extent` elements at `stride` per invocation.
+/// of `extent` elements at `stride` per invocation. Lanes are four consecutive coordinates of
+/// the axis, or (`quarter`) one in each quarter of it: lane `k` at coordinate `c + k * extent /
+/// 4`, so that `stride` is the axis's own stride times `extent / 4`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Blocking {
     pub stride: usize,
     pub extent: usize,
+    pub quarter: bool,
+}
+
+impl Blocking {
+    /// The axis's own flat stride (one coordinate to the next).
+    pub fn base(&self) -> usize {
+        if self.quarter {
+            self.stride * LANES / self.extent
+        } else {
+            self.stride
+        }
+    }
+
+    /// Flat distance between the first lanes of neighbouring invocations along the axis.
+    pub fn step(&self) -> usize {
+        if self.quarter {
+            self.base()
+        } else {
+            LANES * self.base()
+        }
+    }
+
+    /// Flat length of the whole axis.
+    pub fn span(&self) -> usize {
+        self.extent * self.base()
+    }
 }
 
 /// The lane functions of one kernel, generated on demand from the root down.
@@ -94,7 +122,17 @@ pub struct LaneFns<'a> {
     /// Lanes are four consecutive flat elements starting at a multiple of four, on no axis
     /// (see [`choose`]): every operand read at the root's index is aligned.
     flat: bool,
+    /// Lanes may lie one in each quarter of an axis ([`Blocking::quarter`]).
+    pub quarter: bool,
+    /// A value read from [`crate::Access::Split`] uniform parts: its binding, parts and
+    /// words per part.
+    split: SplitOf<'a>,
+    /// Lane loads that read one split part each (lanes a part apart) instead of every part.
+    pub direct_parts: usize,
 }
+
+/// The split uniform parts a value is read from: `(binding, parts, words per part)`.
+pub(crate) type SplitOf<'a> = &'a dyn Fn(NodeId) -> Option<(u32, u32, usize)>;
 
 pub fn lane_fn(id: NodeId, stride: usize) -> String {
     format!("v{}_x4s{stride}", id.0)
@@ -113,6 +151,7 @@ impl<'a> LaneFns<'a> {
         kernel: &'a Kernel,
         binding_of: &'a dyn Fn(usize) -> u32,
         uniform: UniformIndex<'a>,
+        split: SplitOf<'a>,
     ) -> Self {
         LaneFns {
             graph,
@@ -120,6 +159,9 @@ impl<'a> LaneFns<'a> {
             kernel,
             binding_of,
             uniform,
+            split,
+            quarter: false,
+            direct_parts: 0,
             done: BTreeSet::new(),
             text: String::new(),
             blocked_work: 0,
@@ -143,6 +185,22 @@ impl<'a> LaneFns<'a> {
         } else {
             None
         };
+        if let Some((slot, parts, words)) = (self.split)(id).filter(|_| !computed_here) {
+            if parts as usize == LANES && words == stride {
+                // Lanes a part apart: lane k reads part k at the same index, one load each
+                // instead of one from every part.
+                let lanes: Vec<String> = (0..LANES)
+                    .map(|k| format!("buf{slot}_{k}[i >> 2u][i & 3u]"))
+                    .collect();
+                let _ = writeln!(
+                    self.text,
+                    "fn {name}(i: u32) -> vec4<f32> {{\n    return vec4<f32>({});\n}}",
+                    lanes.join(", ")
+                );
+                self.direct_parts += 1;
+                return name;
+            }
+        }
         if let Some((slot, index)) = self.aligned_uniform(id, stride) {
             // Four consecutive values starting at a multiple of four: one vec4 of the binding
             // (a window starts at a multiple of four too).
@@ -210,9 +268,17 @@ impl<'a> LaneFns<'a> {
             return None;
         }
         let out = &node.ty.shape;
-        let out_strides = strides(out);
-        let axis = (0..out.len()).find(|&a| out_strides[a] == stride && out[a] % LANES == 0);
-        let in_strides = |k: usize| strides(&graph.ty(node.inputs[k]).shape);
+        let (axis, mult) = match self.lane_axis(out, stride) {
+            Some((a, m)) => (Some(a), m),
+            None => (None, 1),
+        };
+        // Operands' lanes lie `mult` coordinates apart along their own axis too.
+        let in_strides = |k: usize| -> Vec<usize> {
+            strides(&graph.ty(node.inputs[k]).shape)
+                .into_iter()
+                .map(|st| st * mult)
+                .collect()
+        };
         if stride == 1 && axis == Some(3) {
             if let Some(body) = self.tiling_pool_grad_columns(id) {
                 return Some(body);
@@ -244,7 +310,7 @@ impl<'a> LaneFns<'a> {
                 _,
             ) => node.inputs.iter().map(|_| Lanes(stride)).collect(),
             (Op::BiasAdd { axis: b }, Some(a)) => {
-                vec![Lanes(stride), if a == *b { Lanes(1) } else { Shared }]
+                vec![Lanes(stride), if a == *b { Lanes(mult) } else { Shared }]
             }
             (Op::Conv2d { .. }, Some(1)) => vec![Shared, Lanes(in_strides(1)[0])],
             (Op::Conv2d { .. }, Some(0)) => vec![Lanes(in_strides(0)[0]), Shared],
@@ -303,6 +369,25 @@ impl<'a> LaneFns<'a> {
 }
 
 impl LaneFns<'_> {
+    /// Whether the kernel reads a value split over uniform parts.
+    fn reads_split(&self) -> bool {
+        self.kernel.reads.iter().any(|&n| (self.split)(n).is_some())
+    }
+
+    /// The axis of `shape` whose lanes lie `stride` apart, and how many coordinates apart
+    /// that is: 1 (consecutive), or a quarter of the axis where [`Blocking::quarter`] lanes
+    /// are allowed (never the batch axis, which image chunks cut).
+    pub fn lane_axis(&self, shape: &[usize], stride: usize) -> Option<(usize, usize)> {
+        let st = strides(shape);
+        let exact = (0..shape.len()).find(|&a| st[a] == stride && shape[a] % LANES == 0);
+        exact.map(|a| (a, 1)).or_else(|| {
+            self.quarter.then_some(())?;
+            (1..shape.len())
+                .find(|&a| shape[a] % LANES == 0 && st[a] * (shape[a] / LANES) == stride)
+                .map(|a| (a, shape[a] / LANES))
+        })
+    }
+
     /// `fn v<id>_word(i) -> u32`: the packed word holding bytes `i ..= i + 3` of u8 value
     /// `id` (`i` a multiple of four), one load where four byte reads load it four times
     /// (the batch's pixels, gathered from the data set by row). `None` unless `id` is read
@@ -454,6 +539,7 @@ pub fn choose<'a>(
             .map(|a| Blocking {
                 stride: st[a],
                 extent: shape[a],
+                quarter: false,
             })
             .collect()
     };
@@ -480,6 +566,31 @@ pub fn choose<'a>(
             best = Some((c, fns));
         }
     }
+    // A value split over four uniform parts (fc1's weights on CPU-class targets) is read
+    // from every part and selected per load, unless the lanes lie a part apart: lanes in the
+    // four quarters of an axis then read one part each. Taken when that does as much
+    // blocked work as the best choice.
+    if probe.reads_split() {
+        for (a, &extent) in ty.shape.iter().enumerate().skip(1) {
+            if extent % LANES != 0 || extent < 2 * LANES {
+                continue;
+            }
+            let c = Blocking {
+                stride: strides(&ty.shape)[a] * (extent / LANES),
+                extent,
+                quarter: true,
+            };
+            let mut fns = fresh();
+            fns.quarter = true;
+            fns.request(root, c.stride);
+            let as_much = best
+                .as_ref()
+                .is_none_or(|(_, b)| fns.blocked_work >= b.blocked_work);
+            if fns.direct_parts > 0 && fns.blocked_work > 0 && as_much {
+                best = Some((c, fns));
+            }
+        }
+    }
     if vectorise && best.as_ref().is_none_or(|(_, b)| !b.shares_loads) {
         // No load to share: four consecutive elements of the innermost axis per invocation
         // turn each aligned uniform read into one vec4 load instead (and keep an image's
@@ -497,7 +608,14 @@ pub fn choose<'a>(
             let mut fns = fresh();
             fns.flat = extent != inner;
             fns.request(root, 1);
-            best = Some((Blocking { stride: 1, extent }, fns));
+            best = Some((
+                Blocking {
+                    stride: 1,
+                    extent,
+                    quarter: false,
+                },
+                fns,
+            ));
         }
     }
     best
@@ -525,6 +643,9 @@ pub struct Rows {
     /// along the row for both. More accumulators per invocation, fewer loads per multiply-add.
     pub inner_axis: usize,
     pub inner: usize,
+    /// Coordinates between lanes along the lane axis: 1, or a quarter of the axis
+    /// ([`Blocking::quarter`], matmul rows only).
+    pub lane_gap: usize,
 }
 
 impl Rows {
@@ -588,17 +709,13 @@ impl LaneFns<'_> {
     /// The rows schedule for a kernel whose root is blocked at `lane_stride`, if one applies.
     pub fn rows_for(&self, root: NodeId, lane_stride: usize) -> Option<Rows> {
         let graph = self.graph;
-        let lane_axis_of = |id: NodeId| {
-            let shape = &graph.ty(id).shape;
-            let st = strides(shape);
-            (0..shape.len()).find(|&a| st[a] == lane_stride && shape[a] % LANES == 0)
-        };
+        let lane_axis_of = |id: NodeId| self.lane_axis(&graph.ty(id).shape, lane_stride);
         for &red in &self.kernel.nodes {
             if red != root && self.kernel.stores.contains(&red) {
                 continue;
             }
             // Directly below the root, or below one pooling that is.
-            let (pool, lane_axis) = if self.leads_to(root, red) {
+            let (pool, (lane_axis, lane_gap)) = if self.leads_to(root, red) {
                 match lane_axis_of(red) {
                     Some(a) => (None, a),
                     None => continue,
@@ -613,10 +730,13 @@ impl LaneFns<'_> {
                         && (p == root || !self.kernel.stores.contains(&p))
                 });
                 match pool.and_then(|p| lane_axis_of(p).map(|a| (p, a))) {
-                    Some((p, a)) if a < 2 => (Some(p), a),
+                    Some((p, (a, 1))) if a < 2 => (Some(p), (a, 1)),
                     _ => continue,
                 }
             };
+            if lane_gap > 1 && !matches!(graph.node(red).op, Op::MatMul { .. }) {
+                continue;
+            }
             let shape = &graph.ty(red).shape;
             let row_axis = match (&graph.node(red).op, lane_axis, pool) {
                 (Op::Conv2dGradWeight { padding, .. }, 0, None) if *padding == [0, 0] => 3,
@@ -662,6 +782,7 @@ impl LaneFns<'_> {
                     count,
                     inner_axis,
                     inner,
+                    lane_gap,
                 });
             }
         }
@@ -671,7 +792,13 @@ impl LaneFns<'_> {
     /// `fn v<n>_row(i, red)` for every node from `from` down to `to` (exclusive): the node's
     /// four lanes at `i` given `red`, the lanes of `to` at `i`. Saved values store their
     /// lanes as they are computed.
-    fn row_path(&mut self, from: NodeId, to: NodeId, lane_stride: usize, lane_axis: usize) {
+    fn row_path(
+        &mut self,
+        from: NodeId,
+        to: NodeId,
+        lane_stride: usize,
+        (lane_axis, lane_gap): (usize, usize),
+    ) {
         let graph = self.graph;
         let mut path = Vec::new();
         let mut at = from;
@@ -695,9 +822,9 @@ impl LaneFns<'_> {
                     } else if self.leads_to(i, to) {
                         format!("v{}_row", i.0)
                     } else if let Op::BiasAdd { axis } = node.op {
-                        // Four consecutive biases along the lanes, or one shared by them.
+                        // Four biases along the lanes, or one shared by them.
                         if axis == lane_axis {
-                            self.request(i, 1)
+                            self.request(i, lane_gap)
                         } else {
                             v(i)
                         }
@@ -739,7 +866,7 @@ impl LaneFns<'_> {
         let r = rows.count;
         let arr = format!("array<vec4<f32>, {}>", rows.accumulators());
         let red_strides = strides(&graph.ty(red).shape);
-        let red_lanes = red_strides[rows.lane_axis];
+        let red_lanes = red_strides[rows.lane_axis] * rows.lane_gap;
         // A stride-1 convolution under a 2x2 pooling computes its four window taps together.
         let fused_taps = rows.pool.is_some_and(|p| self.pool_taps_fusable(red, p));
         let red_fn = if fused_taps {
@@ -752,14 +879,14 @@ impl LaneFns<'_> {
             Some(pool) => {
                 let input = graph.node(pool).inputs[0];
                 if input != red {
-                    self.row_path(input, red, red_lanes, rows.lane_axis);
+                    self.row_path(input, red, red_lanes, (rows.lane_axis, rows.lane_gap));
                 }
                 self.pool_rows(pool, &red_fn, rows, fused_taps)
             }
         };
         let top = rows.top();
         if root != top {
-            self.row_path(root, top, lane_stride, rows.lane_axis);
+            self.row_path(root, top, lane_stride, (rows.lane_axis, rows.lane_gap));
         }
         let per_row: Vec<String> = rows
             .offsets(&strides(&graph.ty(top).shape))
@@ -1188,21 +1315,57 @@ impl LaneFns<'_> {
                 let (k, _, bi) = matmul_indices(*transpose_a, *transpose_b, &a, &b, "r");
                 let ai = |row: String| matmul_indices(*transpose_a, *transpose_b, &a, &b, &row).1;
                 let av = v(node.inputs[0]);
-                let bv = self.request(node.inputs[1], in_strides(1)[usize::from(!*transpose_b)]);
                 let adds: Vec<String> = (0..r)
                     .map(|q| format!("        acc{q} += {av}({}) * bb;", ai(offset("r", q))))
                     .collect();
-                format!(
-                    "{}{s}    for (var p = {K0}; p < {K}; p++) {{
+                // A right-hand matrix `[K, N]` split in four parts of whole rows along the
+                // reduction: one loop per part, each reading its part's four consecutive
+                // columns as one vec4 (instead of every part per element).
+                let quarter_rows = (self.split)(node.inputs[1]).filter(|&(_, parts, words)| {
+                    !*transpose_b
+                        && !chunked
+                        && rows.lane_gap == 1
+                        && parts as usize == LANES
+                        && k % LANES == 0
+                        && b[1] % LANES == 0
+                        && words == k / LANES * b[1]
+                });
+                if let Some((slot, _, words)) = quarter_rows {
+                    self.direct_parts += 1;
+                    let per = k / LANES;
+                    let loops: String = (0..LANES)
+                        .map(|l| {
+                            format!(
+                                "    for (var p = {}; p < {}; p++) {{\n        let bb = buf{slot}_{l}[({}) >> 2u];\n{}\n    }}\n",
+                                u(l * per),
+                                u((l + 1) * per),
+                                if l == 0 {
+                                    bi.clone()
+                                } else {
+                                    format!("{bi} - {}", u(l * words))
+                                },
+                                adds.join("\n")
+                            )
+                        })
+                        .collect();
+                    format!("{}{s}{loops}", crate::wgsl::decode(&["r", "c"], out))
+                } else {
+                    let bv = self.request(
+                        node.inputs[1],
+                        in_strides(1)[usize::from(!*transpose_b)] * rows.lane_gap,
+                    );
+                    format!(
+                        "{}{s}    for (var p = {K0}; p < {K}; p++) {{
         let bb = {bv}({bi});
 {adds}
     }}
 ",
-                    crate::wgsl::decode(&["r", "c"], out),
-                    K0 = batch_range(k, chunked).0,
-                    K = batch_range(k, chunked).1,
-                    adds = adds.join("\n"),
-                )
+                        crate::wgsl::decode(&["r", "c"], out),
+                        K0 = batch_range(k, chunked).0,
+                        K = batch_range(k, chunked).1,
+                        adds = adds.join("\n"),
+                    )
+                }
             }
             Op::Conv2d { stride, padding } => {
                 let [_, c, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");

@@ -738,19 +738,39 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             ("k13_update_layer3", 3, 3)
         ]
     );
-    // fc1's weights (120x400 f32, 192,000 bytes) exceed one uniform binding: three parts.
+    // fc1's weights (120x400 f32, 192,000 bytes) exceed one uniform binding: four parts of
+    // 30 whole rows, so that no load reads every part. The forward kernel's lanes lie a
+    // quarter of the 120 features apart (lane k reads part k, at the same index), consecutive
+    // invocations one feature apart; its bias lanes too.
     let fc1 = &modules[3].wgsl;
-    assert!(
-        fc1.contains("//   1: 7.weight f32[120,400] (3 uniform parts)"),
-        "{fc1}"
+    assert_contains(
+        fc1,
+        &[
+            "lanes at stride 30 (960 invocations; blocked: %19 matmul (4 lanes on axis 1 x 8 rows on axis 0))",
+            "//   1: 7.weight f32[120,400] (4 uniform parts)",
+            "@group(0) @binding(4) var<uniform> buf1_3: array<vec4<f32>, 3000>;",
+            "fn v17_x4s12000(i: u32) -> vec4<f32> {\n    return vec4<f32>(buf1_0[i >> 2u][i & 3u], buf1_1[i >> 2u][i & 3u], buf1_2[i >> 2u][i & 3u], buf1_3[i >> 2u][i & 3u]);",
+            "        let bb = v17_x4s12000(c * 400u + p);",
+            "    return red + v18_x4s30((i / 1u) % 120u);",
+            "    let g0 = j / 30u;\n    let g1 = j % 30u;\n    let i = g0 * 960u + g1 * 1u;",
+            "    buf6[i + 90u] = rows[0].w;\n    buf6[i + 120u] = rows[1].x;",
+        ],
     );
-    for k in 0..3 {
-        // 12,000 vec4s: 4,096 + 4,096 + 3,808.
-        let size = if k < 2 { 4096 } else { 3808 };
-        let decl = format!("var<uniform> buf1_{k}: array<vec4<f32>, {size}>;");
-        assert!(fc1.contains(&decl), "{decl}\n{fc1}");
-    }
-    assert!(fc1.contains("    return select(select(p0, p1, q >= 4096u), p2, q >= 8192u);"));
+    // Its input gradient sums over the weights' rows: one loop per part, each reading four
+    // consecutive columns as one vec4 of its part.
+    let fc1_dx = &modules[8].wgsl;
+    assert_contains(
+        fc1_dx,
+        &[
+            "//   0: 7.weight f32[120,400] (4 uniform parts)",
+            "    for (var p = 0u; p < 30u; p++) {\n        let bb = buf0_0[(p * 400u + c) >> 2u];",
+            "    for (var p = 90u; p < 120u; p++) {\n        let bb = buf0_3[(p * 400u + c - 36000u) >> 2u];\n        acc0 += v46(r * 120u + p) * bb;",
+        ],
+    );
+    // A load that may fall in any part still reads every part and selects (the scalar form).
+    assert!(fc1.contains(
+        "    return select(select(select(p0, p1, q >= 3000u), p2, q >= 6000u), p3, q >= 9000u);"
+    ));
     // Other devices keep one dispatch per kernel.
     let portable = emit_wgsl(
         &g,
