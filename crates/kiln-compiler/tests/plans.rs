@@ -594,6 +594,18 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             ("k16_update_layer11", 2, 42, 2),
         ]
     );
+    // fc1's weight gradient carries its running sums a vec4 per row of lanes.
+    assert_contains(
+        &modules[14].wgsl,
+        &[
+            "var<storage, read_write> sum49: array<vec4<f32>>;",
+            "            rows[7] += sum49[(i + 2800u) >> 2u];",
+            "        sum49[(i + 2800u) >> 2u] = rows[7];",
+            "    return array<vec4<f32>, 8>(sum49[(i) >> 2u], sum49[(i + 400u) >> 2u],",
+            // Its bias sum stays scalar.
+            "var<storage, read_write> sum47: array<f32>;",
+        ],
+    );
     // conv1's weight gradient (6 output channels, no axis in fours) computes the 5 kernel
     // columns of one (o, c, ky) per invocation, sliding along each input row four output
     // columns a step: its rows of 28 are whole vec4s of the uniform windows.

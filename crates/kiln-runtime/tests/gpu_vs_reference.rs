@@ -104,7 +104,8 @@ fn lenet_running_several_chunks_per_dispatch_matches_reference() {
     let Some(gpu) = gpu() else { return };
     // Batch 17 through 20 KiB windows: conv1's activation and weight gradients run 17 chunks
     // of one image, several to a dispatch (five and two, the last dispatch with spans past
-    // the last chunk), as batch 256 does through 64 KiB windows.
+    // the last chunk), as batch 256 does through 64 KiB windows; the fc layers' weight
+    // gradients run two chunks, carrying their running sums as vec4s.
     let target = Target {
         class: DeviceClass::Cpu,
         max_uniform_buffer_binding_size: 20 << 10,
