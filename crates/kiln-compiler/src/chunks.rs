@@ -382,42 +382,26 @@ pub(crate) fn sum_loads(
 /// Entry-point statements (in a block of their own) that compute reduction `red`'s chunk
 /// part with `call` (a `_chunk` function of `index`) into `var`, add the running sum after
 /// the first chunk and store it: `stores` are the offsets from `index` and the parts of `var`
-/// they hold.
+/// they hold. With `quads` the sum is declared as `vec4`s ([`Sum::quads`]) and `stores` are
+/// the `vec4` parts of `var` (`rows[q]`) at offsets in fours: one load and one store each
+/// instead of four (lavapipe stores 1.3 G floats/s as `vec4`s, 0.4-0.5 G/s one at a time).
 pub(crate) fn running_sum(
     red: NodeId,
     var: &str,
     call: &str,
     stores: &[(usize, String)],
+    quads: bool,
 ) -> String {
     let sum = format!("sum{}", red.0);
-    carry(var, call, stores, |index| format!("{sum}[{index}]"))
-}
-
-/// [`running_sum`] of a sum declared as `vec4`s ([`Sum::quads`]): `quads` are the offsets
-/// from `i` (multiples of four) of the `vec4` parts of `var` (`rows[q]`), one load and one
-/// store each instead of four (lavapipe stores 1.3 G floats/s as `vec4`s, 0.4-0.5 G/s one
-/// at a time).
-pub(crate) fn running_sum_in_quads(
-    red: NodeId,
-    var: &str,
-    call: &str,
-    quads: &[(usize, String)],
-) -> String {
-    let sum = format!("sum{}", red.0);
-    carry(var, call, quads, |index| format!("{sum}[({index}) >> 2u]"))
-}
-
-/// The running-sum block of [`running_sum`], `at` giving the sum's element at an index.
-fn carry(
-    var: &str,
-    call: &str,
-    stores: &[(usize, String)],
-    at: impl Fn(String) -> String,
-) -> String {
     let mut add = String::new();
     let mut store = String::new();
     for (off, value) in stores {
-        let at = at(crate::blocking::offset(var_index(call), *off));
+        let index = crate::blocking::offset(var_index(call), *off);
+        let at = if quads {
+            format!("{sum}[({index}) >> 2u]")
+        } else {
+            format!("{sum}[{index}]")
+        };
         add.push_str(&format!("            {value} += {at};\n"));
         store.push_str(&format!("        {at} = {value};\n"));
     }
@@ -433,7 +417,7 @@ pub(crate) fn element_running_sum(red: NodeId, index: &str, numel: usize) -> Str
     format!(
         "    if ({index} < {}) {{\n{}    }}\n",
         crate::wgsl::u(numel),
-        running_sum(red, "part", &call, &[(0, "part".into())])
+        running_sum(red, "part", &call, &[(0, "part".into())], false)
     )
 }
 

@@ -1885,7 +1885,7 @@ fn emit_kernel_with(
                         .map(|(k, &off)| (off, format!("rows[{k}]")))
                         .collect();
                     let call = format!("v{}_columns_chunk(i)", red.0);
-                    carry.push_str(&chunks::running_sum(red, "rows", &call, &stores));
+                    carry.push_str(&chunks::running_sum(red, "rows", &call, &stores, false));
                 } else {
                     carry.push_str(&chunks::element_running_sum(r, "j", graph.ty(root).numel()));
                 }
@@ -2006,11 +2006,11 @@ fn emit_kernel_with(
                         None => format!("{}_chunk(i)", lane_fn(red, b.stride)),
                     };
                     let var = if rows.is_some() { "rows" } else { "value" };
-                    if quad_sum == Some(red) {
-                        carry.push_str(&chunks::running_sum_in_quads(red, var, &call, &quads));
+                    carry.push_str(&if quad_sum == Some(red) {
+                        chunks::running_sum(red, var, &call, &quads, true)
                     } else {
-                        carry.push_str(&chunks::running_sum(red, var, &call, &stores));
-                    }
+                        chunks::running_sum(red, var, &call, &stores, false)
+                    });
                     fn_text = chunks::sum_loads(&fn_text, red, &stores, quad_sum == Some(red));
                 } else {
                     carry.push_str(&chunks::element_running_sum(
