@@ -112,7 +112,6 @@ pub(crate) fn repeat(wgsl: &str, chunks: &mut Chunks, free_uniforms: u32) -> Str
     for (k, f) in functions.iter().enumerate() {
         copied[k] &= reached.contains(f.name);
     }
-    let entry = &wgsl[entry_at..];
     let copy_bytes: usize = functions
         .iter()
         .zip(&copied)
@@ -147,18 +146,16 @@ pub(crate) fn repeat(wgsl: &str, chunks: &mut Chunks, free_uniforms: u32) -> Str
     let main_body = &entry[body_start..];
     let mut out = String::with_capacity(wgsl.len() + copy_bytes * spans);
     let header_end = wgsl.find("\n\n").map_or(0, |e| e + 1);
+    let per_dispatch = format!(
+        ", {spans} per dispatch ({dispatches} dispatches; each chunk reads its own windows)"
+    );
     for line in wgsl[..header_end].lines() {
         if line.starts_with("// chunks: ") {
-            let line = line.replace(
-                ONE_PER_DISPATCH,
-                &format!(", {spans} per dispatch ({dispatches} dispatches; each chunk reads its own windows)"),
-            );
-            out.push_str(&line);
-            out.push('\n');
+            out.push_str(&line.replace(ONE_PER_DISPATCH, &per_dispatch));
         } else {
             out.push_str(line);
-            out.push('\n');
         }
+        out.push('\n');
     }
     // The extra spans' bindings, listed after the others.
     let listed: Vec<String> = all
