@@ -1405,23 +1405,28 @@ fn emit_kernel_with(
         }
         _ => None,
     };
-    // On CPU-class targets a main root whose lanes are consecutive elements is stored a vec4
-    // at a time (lavapipe: 1.3 G floats/s against 0.4-0.5 for scalar stores), its binding
-    // declared as vec4s; only when the kernel writes that buffer nowhere else and reads it
-    // not at all (a parameter updated in place is read too).
-    let blocked_vec4_out: Option<usize> = match &blocking {
-        Some((main, b, _, rows))
-            if target.class == DeviceClass::Cpu && b.stride == 1 && sums.is_empty() =>
-        {
-            let buffer = plan.buffer_of[main.0];
-            let aligned = rows.as_ref().is_none_or(|(r, _)| {
+    // On CPU-class targets, lanes that are four consecutive elements at offsets in fours
+    // (from the invocation's first element, for every row) can be stored and carried a vec4
+    // at a time.
+    let lanes_in_quads = match &blocking {
+        Some((_, b, _, rows)) if target.class == DeviceClass::Cpu && b.stride == 1 => {
+            rows.as_ref().is_none_or(|(r, _)| {
                 r.offsets(&strides(&graph.ty(r.top()).shape))
                     .iter()
                     .all(|o| o % LANES == 0)
-            });
+            })
+        }
+        _ => false,
+    };
+    // Such a main root is stored a vec4 at a time (lavapipe: 1.3 G floats/s against 0.4-0.5
+    // for scalar stores), its binding declared as vec4s; only when the kernel writes that
+    // buffer nowhere else and reads it not at all (a parameter updated in place is read too).
+    let blocked_vec4_out: Option<usize> = match &blocking {
+        Some((main, ..)) if lanes_in_quads && sums.is_empty() => {
+            let buffer = plan.buffer_of[main.0];
             let read_here = kernel.reads.iter().any(|n| plan.buffer_of[n.0] == buffer);
             let f32_out = graph.ty(*main).dtype == DType::F32;
-            buffer.filter(|_| aligned && !read_here && f32_out)
+            buffer.filter(|_| !read_here && f32_out)
         }
         _ => None,
     };
@@ -1433,24 +1438,14 @@ fn emit_kernel_with(
                 .map(|m| plan.buffer_of[m.0].expect("stored nodes have buffers"))
         }))
         .collect();
-    // The running sum of a blocked rows kernel whose lanes are four consecutive elements at
-    // aligned offsets is carried a vec4 at a time (fc1's weight gradient: 48,000 sums loaded
-    // and stored by each of its 7 chunks; its kernel 6.6-8.4 -> 5.8-6.6 ms per step,
-    // `--profile`, five alternating runs).
+    // The running sum of a blocked rows kernel with such lanes is carried a vec4 at a time
+    // (fc1's weight gradient: 48,000 sums loaded and stored by each of its 7 chunks; its
+    // kernel 6.6-8.4 -> 5.8-6.6 ms per step, `--profile`, five alternating runs).
     let quad_sum: Option<NodeId> = match &blocking {
-        Some((main, b, _, Some((r, _))))
-            if target.class == DeviceClass::Cpu && b.stride == 1 && !b.quarter =>
-        {
-            let aligned = r
-                .offsets(&strides(&graph.ty(r.top()).shape))
-                .iter()
-                .all(|o| o % LANES == 0);
-            sums.iter()
-                .find(|(red, root)| {
-                    aligned && root == main && *red == r.reduction && r.pool.is_none()
-                })
-                .map(|(red, _)| *red)
-        }
+        Some((main, _, _, Some((r, _)))) if lanes_in_quads && r.pool.is_none() => sums
+            .iter()
+            .find(|(red, root)| root == main && *red == r.reduction)
+            .map(|(red, _)| *red),
         _ => None,
     };
     let shares_loads = blocking
@@ -1966,9 +1961,10 @@ fn emit_kernel_with(
                             .collect::<Vec<_>>(),
                         (0..shape.len())
                             .map(|d| {
-                                // Lanes a quarter of the axis apart: neighbours are one apart.
-                                if d == r.lane_axis && r.lane_gap > 1 {
-                                    st[d]
+                                // Along the lanes: four apart, or one where the lanes lie a
+                                // quarter of the axis apart.
+                                if d == r.lane_axis {
+                                    b.step()
                                 } else {
                                     block(d) * st[d]
                                 }
