@@ -375,8 +375,59 @@ pub(crate) fn sum_loads(
             rows.join(", ")
         ));
     }
+    // A `_chunk` function computes the chunk's part of the sum, so every call it makes to
+    // another of the reduction's functions must reach that function's `_chunk` part too, not
+    // the loader of finished sums that now holds the old name (a lane function made of four
+    // scalar calls read the running sums instead of the chunk's images).
+    let renamed: Vec<String> = out
+        .match_indices("fn ")
+        .filter_map(|(k, _)| {
+            let name: String = out[k + 3..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            name.strip_suffix("_chunk")
+                .filter(|base| *base == v || base.starts_with(&format!("{v}_")))
+                .map(str::to_string)
+        })
+        .collect();
+    for base in &renamed {
+        out = redirect_calls(&out, &renamed, &format!("fn {base}_chunk("));
+    }
     out.push_str(&loads);
     out
+}
+
+/// Within the function whose text starts with `head`, calls `name(` of each of `names`
+/// become `name_chunk(`.
+fn redirect_calls(text: &str, names: &[String], head: &str) -> String {
+    let Some(start) = text.find(head) else {
+        return text.to_string();
+    };
+    let end = text[start..]
+        .find("\n}\n")
+        .map_or(text.len(), |e| start + e + 3);
+    let body = &text[start + head.len()..end];
+    let mut fixed = String::with_capacity(body.len());
+    let mut rest = body;
+    'scan: while !rest.is_empty() {
+        for name in names {
+            let call = format!("{name}(");
+            if rest.starts_with(&call) {
+                let before = fixed.chars().last();
+                if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    fixed.push_str(name);
+                    fixed.push_str("_chunk(");
+                    rest = &rest[call.len()..];
+                    continue 'scan;
+                }
+            }
+        }
+        let c = rest.chars().next().expect("non-empty");
+        fixed.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    format!("{}{head}{fixed}{}", &text[..start], &text[end..])
 }
 
 /// Entry-point statements (in a block of their own) that compute reduction `red`'s chunk

@@ -6,6 +6,7 @@ mod blocking;
 mod chunks;
 mod compile;
 mod conv_quads;
+mod interface;
 mod plan;
 mod report;
 mod spans;
@@ -15,6 +16,7 @@ mod wgsl;
 
 pub use chunks::{ChunkEntry, Chunks, Sum, Window};
 pub use compile::{CompileError, Compiled, compile};
+pub use interface::{LayoutEntry, Slot};
 pub use plan::{
     Buffer, BufferKind, FuseError, Head, Kernel, KernelKind, MAX_HEAD_CLASSES, MAX_INLINE_READS,
     MAX_INLINE_REUSE, Placement, Plan, fuse, is_anchor,
@@ -24,5 +26,6 @@ pub use spans::Span;
 pub use target::{DeviceClass, Target};
 pub use verify_plan::{PlanError, verify_plan};
 pub use wgsl::{
-    Access, Binding, CodegenError, KernelModule, emit_kernel, emit_wgsl, validate_wgsl,
+    Access, Binding, CodegenError, KernelModule, emit_kernel, emit_wgsl, validate_kernel,
+    validate_wgsl,
 };

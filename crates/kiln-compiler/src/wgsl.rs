@@ -16,6 +16,7 @@ use kiln_ir::{DType, Graph, NodeId, Op, TensorType};
 
 use crate::blocking::{self, LANES, LaneFns, lane_fn};
 use crate::chunks::{self, Chunks, Window, window_base};
+use crate::interface::{self, LayoutEntry, Slot};
 use crate::plan::{Head, Kernel, KernelKind, Placement, Plan};
 use crate::report::node_label;
 use crate::target::{DeviceClass, Target};
@@ -88,6 +89,54 @@ pub struct KernelModule {
     pub chunks: Option<Chunks>,
 }
 
+impl KernelModule {
+    /// Every `@group(0)` slot the kernel's dispatches bind, in binding order: each binding
+    /// (a split value one slot per part), and for chunked kernels each span's windows and
+    /// table and the running sums. The runtime builds the pipeline's bind group layout from
+    /// this list, and [`emit_wgsl`] refuses a module whose WGSL does not declare and use
+    /// exactly these slots.
+    pub fn layout(&self) -> Vec<LayoutEntry> {
+        let mut out = Vec::new();
+        for b in &self.bindings {
+            let slot = match b.access {
+                Access::Read => Slot::Storage { read_only: true },
+                Access::ReadWrite => Slot::Storage { read_only: false },
+                Access::Uniform | Access::Window | Access::Split { .. } => Slot::Uniform,
+            };
+            for k in 0..b.access.slots() {
+                out.push(LayoutEntry {
+                    binding: b.binding + k,
+                    slot,
+                });
+            }
+        }
+        if let Some(c) = &self.chunks {
+            for span in c.spans.iter().skip(1) {
+                for &binding in &span.windows {
+                    out.push(LayoutEntry {
+                        binding,
+                        slot: Slot::Uniform,
+                    });
+                }
+            }
+            for span in &c.spans {
+                out.push(LayoutEntry {
+                    binding: span.table,
+                    slot: Slot::Uniform,
+                });
+            }
+            for sum in &c.sums {
+                out.push(LayoutEntry {
+                    binding: sum.binding,
+                    slot: Slot::Storage { read_only: false },
+                });
+            }
+        }
+        out.sort_by_key(|e| e.binding);
+        out
+    }
+}
+
 /// How a kernel's code indexes a buffer bound as a uniform array: given the buffer and the
 /// name of a flat index variable, the index into the binding (the variable itself, or rebased
 /// to the chunk's window); `None` for storage bindings.
@@ -99,20 +148,39 @@ pub enum CodegenError {
     Unsupported { kernel: String, message: String },
     #[error("kernel {kernel} failed WGSL validation:\n{diagnostic}")]
     Invalid { kernel: String, diagnostic: String },
+    /// The WGSL's resources disagree with the kernel's binding list: a code generator bug.
+    #[error("kernel {kernel}: bindings disagree with the WGSL: {message}")]
+    Interface { kernel: String, message: String },
 }
 
 /// Parses and validates WGSL with naga (all validation flags, WebGPU core capabilities).
 pub fn validate_wgsl(kernel: &str, src: &str) -> Result<naga::Module, CodegenError> {
+    validate_module(kernel, src).map(|(module, _)| module)
+}
+
+fn validate_module(
+    kernel: &str,
+    src: &str,
+) -> Result<(naga::Module, naga::valid::ModuleInfo), CodegenError> {
     use naga::valid::{Capabilities, ValidationFlags, Validator};
     let invalid = |diagnostic| CodegenError::Invalid {
         kernel: kernel.to_string(),
         diagnostic,
     };
     let module = naga::front::wgsl::parse_str(src).map_err(|e| invalid(e.emit_to_string(src)))?;
-    Validator::new(ValidationFlags::all(), Capabilities::empty())
+    let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
         .validate(&module)
         .map_err(|e| invalid(e.emit_to_string(src)))?;
-    Ok(module)
+    Ok((module, info))
+}
+
+/// Validates `m`'s WGSL and checks its resources against [`KernelModule::layout`].
+pub fn validate_kernel(m: &KernelModule) -> Result<(), CodegenError> {
+    let (module, info) = validate_module(&m.name, &m.wgsl)?;
+    interface::check(&m.layout(), &module, &info).map_err(|message| CodegenError::Interface {
+        kernel: m.name.clone(),
+        message,
+    })
 }
 
 /// Generates and validates the modules of every kernel of `plan`, in execution order.
@@ -130,7 +198,7 @@ pub fn emit_wgsl(
             .map(|k| {
                 scope.spawn(move || {
                     let m = emit_kernel(graph, plan, k, target)?;
-                    validate_wgsl(&m.name, &m.wgsl)?;
+                    validate_kernel(&m)?;
                     Ok(m)
                 })
             })

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use kiln_compiler::{Access, BufferKind, Compiled, kernel_cost};
+use kiln_compiler::{Access, BufferKind, Compiled, Slot, kernel_cost};
 use kiln_ir::{DType, TensorType};
 use kiln_reference::{Data, Tensor};
 
@@ -199,6 +199,55 @@ impl Program {
         let mut bind_groups = Vec::new();
         let mut tables = Vec::new();
         for m in &compiled.modules {
+            // The layout comes from the compiler's binding list, not from the globals wgpu
+            // finds the shader using: one source of truth for what every dispatch binds
+            // (the compiler checked that the WGSL declares and uses exactly these slots).
+            let entries: Vec<wgpu::BindGroupLayoutEntry> = m
+                .layout()
+                .iter()
+                .map(|e| wgpu::BindGroupLayoutEntry {
+                    binding: e.binding,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: match e.slot {
+                            Slot::Uniform => wgpu::BufferBindingType::Uniform,
+                            Slot::Storage { read_only } => {
+                                wgpu::BufferBindingType::Storage { read_only }
+                            }
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                })
+                .collect();
+            let layout = gpu.scoped(
+                &format!(
+                    "bind group layout of kernel {} of graph `{graph_name}`",
+                    m.name
+                ),
+                || {
+                    gpu.device
+                        .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                            label: Some(&m.name),
+                            entries: &entries,
+                        })
+                },
+            )?;
+            let pipeline_layout = gpu.scoped(
+                &format!(
+                    "pipeline layout of kernel {} of graph `{graph_name}`",
+                    m.name
+                ),
+                || {
+                    gpu.device
+                        .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                            label: Some(&m.name),
+                            bind_group_layouts: &[Some(&layout)],
+                            immediate_size: 0,
+                        })
+                },
+            )?;
             let pipeline = gpu.scoped(
                 &format!("kernel {} of graph `{graph_name}`", m.name),
                 || {
@@ -211,7 +260,7 @@ impl Program {
                     gpu.device
                         .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                             label: Some(&m.name),
-                            layout: None,
+                            layout: Some(&pipeline_layout),
                             module: &module,
                             entry_point: Some("main"),
                             compilation_options: Default::default(),
@@ -219,7 +268,6 @@ impl Program {
                         })
                 },
             )?;
-            let layout = pipeline.get_bind_group_layout(0);
             let bind = |entries: &[wgpu::BindGroupEntry]| {
                 gpu.scoped(
                     &format!("bindings of kernel {} of graph `{graph_name}`", m.name),
