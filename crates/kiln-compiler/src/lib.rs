@@ -11,6 +11,7 @@ mod plan;
 mod report;
 mod spans;
 mod target;
+mod trips;
 mod verify_plan;
 mod wgsl;
 
@@ -23,7 +24,7 @@ pub use plan::{
 };
 pub use report::{KernelCost, describe, kernel_cost, node_flops};
 pub use spans::Span;
-pub use target::{DeviceClass, Target};
+pub use target::{DeviceClass, LAVAPIPE_LOOP_ITERATIONS, Target};
 pub use verify_plan::{PlanError, verify_plan};
 pub use wgsl::{
     Access, Binding, CodegenError, KernelModule, emit_kernel, emit_wgsl, validate_kernel,

@@ -2,6 +2,10 @@
 
 use std::fmt;
 
+/// Loop iterations after which lavapipe (Mesa 22.3's llvmpipe) ends every loop of an
+/// invocation, measured (see the trips module).
+pub const LAVAPIPE_LOOP_ITERATIONS: u64 = 65_535;
+
 /// The broad class of device, which decides the kernel schedule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DeviceClass {
@@ -37,6 +41,10 @@ pub struct Target {
     /// Compute four outputs per invocation where a kernel's reductions can share operand
     /// loads between them (see the blocking module). Off only to compare the two schedules.
     pub block_outputs: bool,
+    /// Loop iterations one invocation may run in all, where the device stops loops beyond
+    /// some count (lavapipe: 65,535, silently; see the trips module); kernels that would
+    /// run more are rescheduled or refused.
+    pub max_loop_iterations: Option<u64>,
 }
 
 impl Target {
@@ -55,6 +63,18 @@ impl Target {
             min_uniform_buffer_offset_alignment: 256,
             subgroup_size: None,
             block_outputs: true,
+            // WebGPU sets no such limit; a runtime compiling the portable schedule for a
+            // device that has one (lavapipe) sets the device's (`Target::portable_for`).
+            max_loop_iterations: None,
+        }
+    }
+
+    /// The portable schedule for a device whose own target is `device`: WebGPU's defaults,
+    /// with the device's loop limit (what `--target portable` runs).
+    pub fn portable_for(device: &Target) -> Target {
+        Target {
+            max_loop_iterations: device.max_loop_iterations,
+            ..Target::portable()
         }
     }
 

@@ -20,6 +20,7 @@ use crate::interface::{self, LayoutEntry, Slot};
 use crate::plan::{Head, Kernel, KernelKind, Placement, Plan};
 use crate::report::node_label;
 use crate::target::{DeviceClass, Target};
+use crate::trips;
 
 const UNPACK_U8: &str = include_str!("../../../shaders/unpack_u8.wgsl");
 const WORKGROUP_SUM: &str = include_str!("../../../shaders/workgroup_sum.wgsl");
@@ -87,6 +88,9 @@ pub struct KernelModule {
     pub workgroup_storage_bytes: u64,
     /// Dispatched as image chunks, `dispatch` workgroups each (CPU-class targets).
     pub chunks: Option<Chunks>,
+    /// The most loop iterations one invocation runs ([`crate::trips`]), `None` if unbounded;
+    /// set when the module is validated.
+    pub loop_iterations: Option<u64>,
 }
 
 impl KernelModule {
@@ -151,6 +155,19 @@ pub enum CodegenError {
     /// The WGSL's resources disagree with the kernel's binding list: a code generator bug.
     #[error("kernel {kernel}: bindings disagree with the WGSL: {message}")]
     Interface { kernel: String, message: String },
+    /// One invocation may run more loop iterations than the target allows (or an unknown
+    /// number): on lavapipe its loops would stop early without an error.
+    #[error(
+        "kernel {kernel}: one invocation runs {} loop iterations, but the device allows \
+         max_loop_iterations = {limit} (lavapipe stops longer loops early without an error); \
+         use a smaller batch or model",
+        found.map_or("an unbounded number of".to_string(), |n| n.to_string())
+    )]
+    LoopLimit {
+        kernel: String,
+        found: Option<u64>,
+        limit: u64,
+    },
 }
 
 /// Parses and validates WGSL with naga (all validation flags, WebGPU core capabilities).
@@ -175,12 +192,34 @@ fn validate_module(
 }
 
 /// Validates `m`'s WGSL and checks its resources against [`KernelModule::layout`].
-pub fn validate_kernel(m: &KernelModule) -> Result<(), CodegenError> {
+pub fn validate_kernel(m: &KernelModule) -> Result<naga::Module, CodegenError> {
     let (module, info) = validate_module(&m.name, &m.wgsl)?;
     interface::check(&m.layout(), &module, &info).map_err(|message| CodegenError::Interface {
         kernel: m.name.clone(),
         message,
-    })
+    })?;
+    Ok(module)
+}
+
+/// Validates `m` ([`validate_kernel`]) and bounds the loop iterations of one invocation
+/// ([`crate::trips`]) by the target's limit.
+fn check_kernel(m: &mut KernelModule, target: &Target) -> Result<(), CodegenError> {
+    let module = validate_kernel(m)?;
+    let images = m.chunks.as_ref().map(|c| c.images as u64);
+    m.loop_iterations = trips::loop_iterations(&module, images);
+    if let Some(limit) = target.max_loop_iterations {
+        match m.loop_iterations {
+            Some(n) if n <= limit => {}
+            found => {
+                return Err(CodegenError::LoopLimit {
+                    kernel: m.name.clone(),
+                    found,
+                    limit,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Generates and validates the modules of every kernel of `plan`, in execution order.
@@ -197,8 +236,23 @@ pub fn emit_wgsl(
             .iter()
             .map(|k| {
                 scope.spawn(move || {
-                    let m = emit_kernel(graph, plan, k, target)?;
-                    validate_kernel(&m)?;
+                    let mut m = emit_kernel(graph, plan, k, target)?;
+                    // A classifier head loops over the batch's rows in one workgroup: where
+                    // its invocations would loop too long, it takes more of them (powers of
+                    // two up to the device's workgroup limit; 256 fit in its storage).
+                    let most = target.max_workgroup_size_x.min(1024);
+                    let mut wg = HEAD_WORKGROUP;
+                    loop {
+                        match check_kernel(&mut m, target) {
+                            Err(CodegenError::LoopLimit { .. })
+                                if matches!(k.kind, KernelKind::Head(_)) && wg * 2 <= most =>
+                            {
+                                wg *= 2;
+                                m = emit_kernel_sized(graph, plan, k, target, wg)?;
+                            }
+                            result => break result,
+                        }
+                    }?;
                     Ok(m)
                 })
             })
@@ -1146,7 +1200,19 @@ pub fn emit_kernel(
     kernel: &Kernel,
     target: &Target,
 ) -> Result<KernelModule, CodegenError> {
-    let (module, shares_loads) = emit_kernel_with(graph, plan, kernel, target, true)?;
+    emit_kernel_sized(graph, plan, kernel, target, HEAD_WORKGROUP)
+}
+
+/// [`emit_kernel`] with a classifier head of `head_workgroup` invocations.
+fn emit_kernel_sized(
+    graph: &Graph,
+    plan: &Plan,
+    kernel: &Kernel,
+    target: &Target,
+    head_workgroup: u32,
+) -> Result<KernelModule, CodegenError> {
+    let hw = head_workgroup;
+    let (module, shares_loads) = emit_kernel_with(graph, plan, kernel, target, true, hw)?;
     if let Some(m) = module {
         return Ok(m);
     }
@@ -1157,11 +1223,11 @@ pub fn emit_kernel(
             block_outputs: false,
             ..target.clone()
         };
-        if let (Some(m), _) = emit_kernel_with(graph, plan, kernel, &plain, true)? {
+        if let (Some(m), _) = emit_kernel_with(graph, plan, kernel, &plain, true, hw)? {
             return Ok(m);
         }
     }
-    let (module, _) = emit_kernel_with(graph, plan, kernel, target, false)?;
+    let (module, _) = emit_kernel_with(graph, plan, kernel, target, false, hw)?;
     Ok(module.expect("an unchunked schedule always applies"))
 }
 
@@ -1174,6 +1240,7 @@ fn emit_kernel_with(
     kernel: &Kernel,
     target: &Target,
     try_chunks: bool,
+    head_workgroup: u32,
 ) -> Result<(Option<KernelModule>, bool), CodegenError> {
     // Bindings: every buffer read or written, in buffer order; written ones read_write.
     let mut used: Vec<(usize, Access)> = Vec::new();
@@ -1714,7 +1781,7 @@ fn emit_kernel_with(
             (wg, [gx, gy, 1], schedule)
         }
         KernelKind::Head(h) => (
-            HEAD_WORKGROUP,
+            head_workgroup,
             [1, 1, 1],
             format!(
                 "one workgroup looping over the {} rows of {}",
@@ -2163,7 +2230,7 @@ fn emit_kernel_with(
         KernelKind::Head(h) => {
             s.push_str(&fn_text);
             s.push('\n');
-            s.push_str(&head_main(graph, plan, h, &binding_of));
+            s.push_str(&head_main(graph, plan, h, &binding_of, head_workgroup));
         }
     }
     // Several chunks per dispatch where binding slots and code size allow.
@@ -2175,7 +2242,7 @@ fn emit_kernel_with(
     }
     // The head's two partial-sum arrays (f32 and u32, one entry per invocation).
     let workgroup_storage_bytes = match kernel.kind {
-        KernelKind::Head(_) => 2 * HEAD_WORKGROUP as u64 * 4,
+        KernelKind::Head(_) => 2 * u64::from(head_workgroup) * 4,
         KernelKind::Map { .. } => 0,
     };
     Ok((
@@ -2187,6 +2254,7 @@ fn emit_kernel_with(
             workgroup_size,
             workgroup_storage_bytes,
             chunks: chunking,
+            loop_iterations: None,
         }),
         shares_loads,
     ))
@@ -2283,10 +2351,16 @@ fn blocked_main(
     )
 }
 
-fn head_main(graph: &Graph, plan: &Plan, h: &Head, binding_of: &dyn Fn(usize) -> u32) -> String {
+fn head_main(
+    graph: &Graph,
+    plan: &Plan,
+    h: &Head,
+    binding_of: &dyn Fn(usize) -> u32,
+    workgroup: u32,
+) -> String {
     let [n, c] = <[usize; 2]>::try_from(graph.ty(h.logits).shape.as_slice()).expect("rank 2");
     let slot = |id: NodeId| binding_of(plan.buffer_of[id.0].expect("head outputs are stored"));
-    let wg = HEAD_WORKGROUP as usize;
+    let wg = workgroup as usize;
     let mut s = format!(
         "var<workgroup> part_loss: array<f32, {wg}>;
 var<workgroup> part_count: array<u32, {wg}>;

@@ -212,5 +212,9 @@ pub fn target_for(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> Target {
         // wgpu reports 0 when the backend does not know.
         subgroup_size: (info.subgroup_max_size > 0).then_some(info.subgroup_max_size),
         block_outputs: true,
+        // llvmpipe ends loops past 65,535 iterations per invocation; other software
+        // rasterisers are assumed to be as strict.
+        max_loop_iterations: (class == DeviceClass::Cpu)
+            .then_some(kiln_compiler::LAVAPIPE_LOOP_ITERATIONS),
     }
 }
