@@ -37,6 +37,10 @@ struct Args {
     /// Compile the kernels one output per invocation (no register blocking), to compare.
     #[arg(long)]
     unblocked: bool,
+    /// Which schedules to compile: the device's own (CPU-class kernels on lavapipe) or the
+    /// portable WebGPU ones (`--emit`'s), run on the same device.
+    #[arg(long, value_enum, default_value_t = Schedule::Device)]
+    target: Schedule,
     /// Skip the cold-start measurement (it JIT-compiles every shader from scratch).
     #[arg(long)]
     no_cold_start: bool,
@@ -47,6 +51,13 @@ struct Args {
     /// Internal: run as the cold-start child (open the device, compile, one step, exit).
     #[arg(long, hide = true)]
     cold_start_child: bool,
+}
+
+/// The schedule set `--target` chooses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Schedule {
+    Device,
+    Portable,
 }
 
 /// Median and range of a few timings.
@@ -115,6 +126,9 @@ fn main() -> Result<()> {
     }
     let batch = args.batch_size;
     let mut gpu = Gpu::new()?;
+    if args.target == Schedule::Portable {
+        gpu.target = kiln::compiler::Target::portable_for(&gpu.target);
+    }
     if args.unblocked {
         gpu.target.block_outputs = false;
     }
@@ -210,6 +224,11 @@ fn main() -> Result<()> {
         let mut child = Command::new(exe);
         child
             .arg("--cold-start-child")
+            .arg("--target")
+            .arg(match args.target {
+                Schedule::Device => "device",
+                Schedule::Portable => "portable",
+            })
             .arg("--batch-size")
             .arg(batch.to_string())
             .env("MESA_SHADER_CACHE_DISABLE", "true");

@@ -51,6 +51,17 @@ impl Variant {
     }
 }
 
+/// The schedule set `--target` chooses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Schedule {
+    /// The device's own schedules (on a CPU-type adapter such as lavapipe: image chunks and
+    /// the CPU-class kernels).
+    Device,
+    /// The portable WebGPU schedules that `--emit` prints, run on the same device (a way
+    /// around a schedule problem; slower on lavapipe).
+    Portable,
+}
+
 /// A compiler stage whose output `--emit` prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Stage {
@@ -108,6 +119,10 @@ struct Args {
     /// Which model to train.
     #[arg(long, value_enum, default_value_t = Variant::Lenet)]
     variant: Variant,
+    /// Which schedules the training step and the evaluation are compiled with (also for
+    /// --profile).
+    #[arg(long, value_enum, default_value_t = Schedule::Device)]
+    target: Schedule,
     /// Keep the data set's order instead of shuffling every epoch (reproducible comparisons).
     #[arg(long)]
     no_shuffle: bool,
@@ -279,11 +294,25 @@ fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.plot {
         plot::check_path(path)?;
     }
+    let side = data::SIDE;
     let model: ir::Model = match &args.model {
-        Some(path) => ir::parse_file(path)?.into(),
+        Some(path) => {
+            let model: ir::Model = ir::parse_file(path)?.into();
+            // Refused before anything is compiled: the file, and what Fashion-MNIST needs.
+            model
+                .check_task([1, side, side], data::CLASS_NAMES.len())
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: {e} (the model must take `x: f32[N,1,{side},{side}]` and return \
+                         `output: f32[N,{}]`)",
+                        path.display(),
+                        data::CLASS_NAMES.len()
+                    )
+                })?;
+            model
+        }
         None => args.variant.model().into(),
     };
-    let side = data::SIDE;
     if args.summary {
         let ir::Model::Sequential(layers) = &model else {
             anyhow::bail!(
@@ -447,8 +476,13 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let compile_start = Instant::now();
-    let mut trainer = GpuTrainer::new(
+    let target = match args.target {
+        Schedule::Device => gpu.target.clone(),
+        Schedule::Portable => kiln::compiler::Target::portable_for(&gpu.target),
+    };
+    let mut trainer = GpuTrainer::with_target(
         &gpu,
+        target,
         model.clone(),
         &train,
         &test,

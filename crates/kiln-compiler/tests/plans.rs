@@ -791,3 +791,79 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
     );
     assert!(portable.unwrap().iter().all(|m| m.chunks.is_none()));
 }
+
+/// The zoo's MLP (tests/zoo/mlp.kir): its bias updates sum a chunked `[256, 256]` gradient,
+/// whose vec4 lane function once called the finished-sum loader instead of the chunk's part,
+/// so the module declared a window it never read (and computed from stale sums). The
+/// compiler now refuses any module whose WGSL does not use exactly its binding list.
+#[test]
+fn chunked_bias_updates_read_their_windows() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/zoo/mlp.kir");
+    let model: kiln_ir::Model = kiln_ir::parse_file(std::path::Path::new(path))
+        .unwrap()
+        .into();
+    let fwd = model
+        .forward("mlp", TensorType::new(DType::U8, [256, 1, 28, 28]))
+        .unwrap();
+    let g = read_batches_from_dataset(&training_step(&fwd, 0.1).unwrap(), 60_000).unwrap();
+    let t = lavapipe();
+    let plan = fuse(&g, &t).unwrap();
+    let modules = emit_wgsl(&g, &plan, &t).unwrap();
+    let bias = modules
+        .iter()
+        .find(|m| m.name.ends_with("update_1.bias"))
+        .unwrap();
+    assert!(bias.chunks.is_some(), "{}", bias.wgsl);
+    assert!(bias.wgsl.contains("v26_chunk(i + 1u)"), "{}", bias.wgsl);
+}
+
+/// lavapipe ends an invocation's loops after 65,535 iterations: the classifier head of an
+/// evaluation over 10,000 images takes more invocations until each fits, and a batch no
+/// workgroup can cover is refused with the limit's name.
+#[test]
+fn kernels_stay_within_the_loop_limit_or_are_refused() {
+    let t = Target {
+        max_loop_iterations: Some(kiln_compiler::LAVAPIPE_LOOP_ITERATIONS),
+        max_workgroup_size_x: 1024,
+        ..lavapipe()
+    };
+    let g = eval_graph(&lenet(), 10_000, 10_000);
+    let plan = fuse(&g, &t).unwrap();
+    let modules = emit_wgsl(&g, &plan, &t).unwrap();
+    for m in &modules {
+        let n = m.loop_iterations.unwrap();
+        assert!(n <= 65_535, "{}: {n}", m.name);
+    }
+    let head = modules.iter().find(|m| m.name.contains("head")).unwrap();
+    assert!(head.workgroup_size > 64, "{}", head.workgroup_size);
+    // 60,000 rows in workgroups of at most 256: 235 rows of ~850 iterations each.
+    let small = Target {
+        max_workgroup_size_x: 256,
+        ..t.clone()
+    };
+    let g = eval_graph(&lenet(), 60_000, 60_000);
+    let plan = fuse(&g, &small).unwrap();
+    let e = emit_wgsl(&g, &plan, &small).unwrap_err().to_string();
+    assert!(
+        e.contains("k05_classifier_head") && e.contains("max_loop_iterations = 65535"),
+        "{e}"
+    );
+    // The portable schedule has no such limit of its own; on lavapipe it gets the device's.
+    let step = step_graph(&lenet(), 256, 60_000);
+    let portable = Target::portable_for(&t);
+    let e = emit_wgsl(&step, &fuse(&step, &portable).unwrap(), &portable)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("update_layer0") && e.contains("loop iterations"),
+        "{e}"
+    );
+    assert!(
+        emit_wgsl(
+            &step,
+            &fuse(&step, &Target::portable()).unwrap(),
+            &Target::portable()
+        )
+        .is_ok()
+    );
+}

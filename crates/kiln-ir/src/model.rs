@@ -34,6 +34,38 @@ impl From<Graph> for Model {
 }
 
 impl Model {
+    /// Checks that the model fits a classification task on images of `image` (`[channels,
+    /// height, width]`) with `classes` classes: it takes `[N, channels, height, width]`, its
+    /// output `output` is `[N, classes]` and it has at least one parameter to train. The
+    /// error says what was expected and what the model has.
+    pub fn check_task(&self, image: [usize; 3], classes: usize) -> Result<(), String> {
+        let [c, h, w] = image;
+        let g = self.forward("model", TensorType::f32([1, c, h, w]))?;
+        let out = g
+            .output("output")
+            .ok_or_else(|| "the model has no output named `output`".to_string())?;
+        let ty = g.ty(out);
+        if ty.shape != [1, classes] {
+            let got = if ty.rank() == 0 {
+                ty.to_string()
+            } else {
+                let mut shape = ty.shape.clone();
+                shape[0] = 0;
+                TensorType::new(ty.dtype, shape)
+                    .to_string()
+                    .replacen("[0", "[N", 1)
+            };
+            return Err(format!(
+                "the output must be the class scores, f32[N,{classes}] for the data set's \
+                 {classes} classes, but the model's output is {got}"
+            ));
+        }
+        if g.params().next().is_none() {
+            return Err("the model has no parameters to train".to_string());
+        }
+        Ok(())
+    }
+
     /// The forward graph for `input` (`T[batch, ...]`); a u8 input is scaled to [0, 1] first.
     pub fn forward(&self, name: &str, input: TensorType) -> Result<Graph, String> {
         match self {
@@ -120,6 +152,31 @@ mod tests {
         let a = from_text.forward("m", input.clone()).unwrap();
         let b = Model::from(lenet()).forward("m", input).unwrap();
         assert_eq!(print(&a), print(&b));
+    }
+
+    #[test]
+    fn models_that_do_not_fit_the_task_are_refused() {
+        assert_eq!(Model::from(lenet()).check_task([1, 28, 28], 10), Ok(()));
+        assert_eq!(
+            Model::from(lenet()).check_task([1, 28, 28], 7).unwrap_err(),
+            "the output must be the class scores, f32[N,7] for the data set's 7 classes, but \
+             the model's output is f32[N,10]"
+        );
+        let flat = parse(
+            "graph \"g\" {\n  %0 = input \"x\" : f32[1,1,28,28]\n  %1 = reshape(%0) shape=[1,784] : f32[1,784]\n  output \"output\" = %1\n}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            Model::from(flat.clone())
+                .check_task([1, 28, 28], 10)
+                .unwrap_err(),
+            "the output must be the class scores, f32[N,10] for the data set's 10 classes, but \
+             the model's output is f32[N,784]"
+        );
+        assert_eq!(
+            Model::from(flat).check_task([1, 28, 28], 784).unwrap_err(),
+            "the model has no parameters to train"
+        );
     }
 
     #[test]

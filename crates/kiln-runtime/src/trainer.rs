@@ -14,8 +14,8 @@ use kiln_autodiff::{
     CORRECT, DATASET_IMAGES, DATASET_LABELS, LOSS_SUM, evaluation_graph, read_batches_from_dataset,
     training_step,
 };
-use kiln_compiler::compile;
-use kiln_data::Split;
+use kiln_compiler::{Target, compile};
+use kiln_data::{CLASS_NAMES, Split};
 use kiln_ir::{BATCH_INDICES, DType, Model, TensorType};
 use kiln_reference::Tensor;
 use kiln_train::{Stats, batch_ranges, epoch_order, init_params};
@@ -53,6 +53,8 @@ pub struct GpuTrainer<'g> {
     seed: u64,
     /// Set by a signal handler: stop at the next chunk boundary.
     interrupt: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// What the kernels are compiled for.
+    target: Target,
 }
 
 fn stats_from(bytes: &[u8], steps: &[usize]) -> Stats {
@@ -79,10 +81,31 @@ impl<'g> GpuTrainer<'g> {
         lr: f32,
         seed: u64,
     ) -> Result<Self, RuntimeError> {
+        let target = gpu.target.clone();
+        Self::with_target(gpu, target, model, train, test, batch_size, lr, seed)
+    }
+
+    /// [`GpuTrainer::new`] with the kernels compiled for `target` instead of the device's own
+    /// (e.g. [`Target::portable_for`] the device: `--target portable`). `target` must not
+    /// promise more than the device's limits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_target(
+        gpu: &'g Gpu,
+        target: Target,
+        model: impl Into<Model>,
+        train: &Split,
+        test: &Split,
+        batch_size: usize,
+        lr: f32,
+        seed: u64,
+    ) -> Result<Self, RuntimeError> {
         if batch_size == 0 {
             return Err(RuntimeError::Setup("batch size must be positive".into()));
         }
         let model: Model = model.into();
+        model
+            .check_task([1, train.rows, train.cols], CLASS_NAMES.len())
+            .map_err(RuntimeError::Setup)?;
         let probe = model
             .forward(
                 "model",
@@ -126,6 +149,7 @@ impl<'g> GpuTrainer<'g> {
             test: resident(test, "test")?,
             seed,
             interrupt: None,
+            target,
         };
         // Compile every program up front: errors and device limits surface before training.
         for (training, rows) in [(true, t.train.rows), (false, t.test.rows)] {
@@ -159,7 +183,7 @@ impl<'g> GpuTrainer<'g> {
             evaluation_graph(&fwd).map_err(|e| setup(e.to_string()))?
         };
         let graph = read_batches_from_dataset(&graph, rows).map_err(|e| setup(e.to_string()))?;
-        let compiled = compile(&graph, &self.gpu.target).map_err(|e| setup(e.to_string()))?;
+        let compiled = compile(&graph, &self.target).map_err(|e| setup(e.to_string()))?;
         let mut external = self.params.clone();
         external.insert(DATASET_IMAGES.into(), resident.images.clone());
         external.insert(DATASET_LABELS.into(), resident.labels.clone());
