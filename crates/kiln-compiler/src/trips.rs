@@ -129,24 +129,26 @@ impl Walk<'_> {
             .rev()
             .find_map(stored)
             .or(f.local_variables[counter].init);
+        // The least `k` of the continuing block's `counter = counter <op> k`.
+        let update = |want: BinaryOperator| {
+            continuing
+                .iter()
+                .find_map(stored)
+                .and_then(|v| match exprs[v] {
+                    Expression::Binary { op, left, right }
+                        if op == want && loaded_local(exprs, left) == Some(counter) =>
+                    {
+                        Some(self.interval(f, right).0)
+                    }
+                    _ => None,
+                })
+        };
         let inclusive = match op {
             BinaryOperator::Less => 0,
             BinaryOperator::LessEqual => 1,
             // A halving loop (the workgroup tree sum): `while (s > 0) { s = s / d; }`.
             BinaryOperator::Greater if self.interval(f, right) == (0, 0) => {
-                let divisor = continuing
-                    .iter()
-                    .find_map(stored)
-                    .and_then(|v| match exprs[v] {
-                        Expression::Binary {
-                            op: BinaryOperator::Divide,
-                            left,
-                            right,
-                        } if loaded_local(exprs, left) == Some(counter) => {
-                            Some(self.interval(f, right).0)
-                        }
-                        _ => None,
-                    })?;
+                let divisor = update(BinaryOperator::Divide)?;
                 let (_, mut hi) = self.interval(f, start?);
                 if divisor < 2 || hi == u64::MAX {
                     return None;
@@ -161,23 +163,7 @@ impl Walk<'_> {
             _ => return None,
         };
         // The step: `counter = counter + step` in the continuing block.
-        let step = continuing.iter().find_map(|s| match s {
-            Statement::Store { pointer, value }
-                if matches!(exprs[*pointer], Expression::LocalVariable(v) if v == counter) =>
-            {
-                match exprs[*value] {
-                    Expression::Binary {
-                        op: BinaryOperator::Add,
-                        left,
-                        right,
-                    } if loaded_local(exprs, left) == Some(counter) => {
-                        Some(self.interval(f, right).0)
-                    }
-                    _ => None,
-                }
-            }
-            _ => None,
-        })?;
+        let step = update(BinaryOperator::Add)?;
         if step == 0 {
             return None;
         }
