@@ -225,10 +225,11 @@ fn main() -> Result<()> {
         child
             .arg("--cold-start-child")
             .arg("--target")
-            .arg(match args.target {
-                Schedule::Device => "device",
-                Schedule::Portable => "portable",
-            })
+            .arg(
+                clap::ValueEnum::to_possible_value(&args.target)
+                    .expect("every schedule has a name")
+                    .get_name(),
+            )
             .arg("--batch-size")
             .arg(batch.to_string())
             .env("MESA_SHADER_CACHE_DISABLE", "true");

@@ -46,14 +46,15 @@ impl Model {
             .ok_or_else(|| "the model has no output named `output`".to_string())?;
         let ty = g.ty(out);
         if ty.shape != [1, classes] {
-            let got = if ty.rank() == 0 {
-                ty.to_string()
-            } else {
-                let mut shape = ty.shape.clone();
-                shape[0] = 0;
-                TensorType::new(ty.dtype, shape)
-                    .to_string()
-                    .replacen("[0", "[N", 1)
+            // The batch axis is written `N`, as the expectation is.
+            let got = match ty.shape.split_first() {
+                None => ty.to_string(),
+                Some((_, rest)) => {
+                    let dims: Vec<String> = std::iter::once("N".to_string())
+                        .chain(rest.iter().map(usize::to_string))
+                        .collect();
+                    format!("{}[{}]", ty.dtype, dims.join(","))
+                }
             };
             return Err(format!(
                 "the output must be the class scores, f32[N,{classes}] for the data set's \

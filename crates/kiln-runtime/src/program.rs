@@ -221,31 +221,23 @@ impl Program {
                     count: None,
                 })
                 .collect();
-            let layout = gpu.scoped(
-                &format!(
-                    "bind group layout of kernel {} of graph `{graph_name}`",
-                    m.name
-                ),
+            let (layout, pipeline_layout) = gpu.scoped(
+                &format!("layouts of kernel {} of graph `{graph_name}`", m.name),
                 || {
-                    gpu.device
-                        .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                            label: Some(&m.name),
-                            entries: &entries,
-                        })
-                },
-            )?;
-            let pipeline_layout = gpu.scoped(
-                &format!(
-                    "pipeline layout of kernel {} of graph `{graph_name}`",
-                    m.name
-                ),
-                || {
-                    gpu.device
-                        .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                            label: Some(&m.name),
-                            bind_group_layouts: &[Some(&layout)],
-                            immediate_size: 0,
-                        })
+                    let layout =
+                        gpu.device
+                            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                                label: Some(&m.name),
+                                entries: &entries,
+                            });
+                    let pipeline_layout =
+                        gpu.device
+                            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                                label: Some(&m.name),
+                                bind_group_layouts: &[Some(&layout)],
+                                immediate_size: 0,
+                            });
+                    (layout, pipeline_layout)
                 },
             )?;
             let pipeline = gpu.scoped(
