@@ -158,7 +158,12 @@ fn the_zoo_covers_what_it_promises() {
 /// be found); run by `zoo_models_that_crash_lavapipe`, ignored until fixed.
 const CRASHING: &[&str] = &["deep4"];
 
+// Ignored in the default run: lavapipe's pipeline creation corrupts the heap now and then
+// (see docs/lavapipe-findings-2026-12-01.md), and this binary, creating ~150 new pipelines
+// on two devices at once, died with SIGSEGV in one run of `.ci/run` after passing in others.
+// Run with `cargo test --release -p kiln-runtime --test zoo -- --ignored --test-threads=1`.
 #[test]
+#[ignore = "lavapipe crashes intermittently while creating these pipelines; open"]
 fn zoo_models_train_like_the_reference_on_the_device_schedules() {
     let Some(gpu) = gpu() else { return };
     for (name, model) in zoo()
@@ -184,6 +189,7 @@ fn zoo_models_that_crash_lavapipe() {
 }
 
 #[test]
+#[ignore = "lavapipe crashes intermittently while creating these pipelines; open"]
 fn zoo_models_train_like_the_reference_on_the_portable_schedules_or_are_refused() {
     let Some(gpu) = gpu() else { return };
     let target = Target::portable_for(&gpu.target);
