@@ -39,14 +39,23 @@ pub struct Chunks {
     pub batch: usize,
     /// Invocations per dispatch (the last image chunk's may be fewer).
     pub invocations: usize,
-    /// The binding of the per-chunk table (`var<uniform> chunk: array<vec4<u32>, N>`).
+    /// The binding of the chunk's range (`var<storage, read> chunk: array<vec4<u32>, 1>`); the
+    /// next binding holds its windows' base indices (`var<uniform> bases`).
+    ///
+    /// The range decides branches and loop bounds, so it is read-only storage: Mesa's lavapipe
+    /// before 23.1 corrupts its heap compiling a shader whose control flow reads a uniform
+    /// binding at a constant offset ([`crate::uniform_control`]). The bases only enter index
+    /// arithmetic and stay uniform: they are read in the innermost loops, where a storage
+    /// load cost conv1's forward and weight-gradient kernels about 50% on lavapipe.
     pub table_binding: u32,
-    /// `vec4<u32>` entries of the table: `(first invocation, end invocation, first image, end
-    /// image)`, then the windows' base indices four to an entry.
+    /// `vec4<u32>` entries of a chunk's table: `(first invocation, end invocation, first
+    /// image, end image)`, then the windows' base indices four to an entry (the bases).
     pub table_vec4s: usize,
     pub windows: Vec<Window>,
-    /// Alignment of a uniform binding's offset, in bytes.
+    /// Alignment of a uniform binding's offset (the windows), in bytes.
     pub alignment: u64,
+    /// Alignment of a storage binding's offset (the ranges), in bytes.
+    pub table_alignment: u64,
     /// Reductions over the batch carried from chunk to chunk (weight gradients): every
     /// dispatch runs all invocations over its own images and adds the sums so far; the last
     /// one runs the epilogue. Empty for image chunks, whose dispatches split the invocations.
@@ -88,10 +97,20 @@ pub struct ChunkEntry {
 }
 
 impl Chunks {
-    /// Chunk `k`'s table and window offsets; `buffer_bytes(b)` is plan buffer `b`'s size.
-    /// The table's first entry is `(first invocation, end invocation, first image, end
-    /// image)`. A window starts at the aligned offset at or below its chunk's first image,
-    /// pulled back for the last chunks so that it ends inside the buffer.
+    /// Bytes a buffer read through this kernel's windows must be allocated past its data.
+    /// A window starts at the aligned offset at or below its chunk's first image; for the
+    /// last chunk it must also end inside the buffer, and without room past the data no
+    /// aligned start both covers the last words and fits (batch 211 of 84 features lost the
+    /// last image's last four).
+    pub fn window_slack(&self) -> u64 {
+        self.alignment
+    }
+
+    /// Chunk `k`'s table and window offsets; `buffer_bytes(b)` is plan buffer `b`'s size as
+    /// allocated, at least its data plus [`Chunks::window_slack`]. The table's first entry is
+    /// `(first invocation, end invocation, first image, end image)`. A window starts at the
+    /// aligned offset at or below its chunk's first image, pulled back for the last chunks so
+    /// that it ends inside the buffer.
     pub fn entry(&self, k: usize, buffer_bytes: &dyn Fn(usize) -> u64) -> ChunkEntry {
         let images = k * self.images;
         let end_image = (images + self.images).min(self.batch);
@@ -125,18 +144,30 @@ impl Chunks {
 
     /// The first binding number after the table and the running sums.
     pub fn next_binding(&self) -> u32 {
-        self.table_binding + 1 + self.sums.len() as u32
+        self.table_binding + 2 + self.sums.len() as u32
+    }
+
+    /// `vec4<u32>` entries of the window bases binding.
+    pub fn bases_vec4s(&self) -> usize {
+        self.table_vec4s - 1
+    }
+
+    /// Where a table's bases start in its slot of the table buffer: its range comes first,
+    /// and each part's offset meets its binding's alignment.
+    pub fn bases_offset(&self) -> u64 {
+        self.alignment.max(self.table_alignment).max(16)
     }
 
     /// Bytes between two chunks' tables in the table buffer.
     pub fn table_stride(&self) -> u64 {
-        ((self.table_vec4s * 16) as u64).div_ceil(self.alignment) * self.alignment
+        let a = self.bases_offset();
+        a + ((self.bases_vec4s() * 16) as u64).div_ceil(a) * a
     }
 }
 
-/// The WGSL expression of window `w`'s base index in the chunk table.
+/// The WGSL expression of window `w`'s base index in the chunk's bases.
 pub(crate) fn window_base(w: usize) -> String {
-    format!("chunk[{}].{}", 1 + w / 4, ["x", "y", "z", "w"][w % 4])
+    format!("bases[{}].{}", w / 4, ["x", "y", "z", "w"][w % 4])
 }
 
 /// Whether output image `n` of `node` needs only image `n` of its operand `k` (both batched).
@@ -721,13 +752,19 @@ mod tests {
 
     #[test]
     fn windows_cover_their_chunk_and_stay_inside_the_buffer() {
-        let words = 1176;
-        let images = 8;
+        // LeNet's conv2 input at batch 256; a hidden layer of 84 at batch 211 (its last
+        // chunk's data ends 16 bytes past an aligned window's reach without the slack).
+        for (batch, words, images) in [(256, 1176, 8), (211, 84, 106), (257, 6, 100)] {
+            windows_cover(batch, words, images);
+        }
+    }
+
+    fn windows_cover(batch: usize, words: usize, images: usize) {
         let alignment = 32;
         let c = Chunks {
-            count: 32,
+            count: batch.div_ceil(images),
             images,
-            batch: 256,
+            batch,
             invocations: 200,
             table_binding: 3,
             table_vec4s: 2,
@@ -738,26 +775,31 @@ mod tests {
                 vec4s: window_vec4s(images, words, alignment),
             }],
             alignment,
+            table_alignment: alignment,
             sums: Vec::new(),
             spans: Vec::new(),
         };
-        let bytes = (256 * words * 4) as u64;
+        let data = (batch * words * 4) as u64;
+        let bytes = data + c.window_slack();
         for k in 0..c.count {
             let e = c.entry(k, &|_| bytes);
             let off = e.window_offsets[0];
             let (start, end) = (
                 (k * images * words * 4) as u64,
-                ((k + 1) * images * words * 4) as u64,
+                (((k + 1) * images).min(batch) * words * 4) as u64,
             );
-            assert_eq!(off % alignment, 0, "chunk {k}");
+            let at = format!("batch {batch}, {words} words, chunk {k}");
+            assert_eq!(off % alignment, 0, "{at}");
             assert!(
                 off <= start && end <= off + c.windows[0].vec4s as u64 * 16,
-                "chunk {k}"
+                "{at}: window at {off} misses {start}..{end}"
             );
-            assert!(off + c.windows[0].vec4s as u64 * 16 <= bytes, "chunk {k}");
+            assert!(off + c.windows[0].vec4s as u64 * 16 <= bytes, "{at}");
             assert_eq!(e.table[4] as u64 * 4, off);
             let (j, n) = ((k * 200) as u32, (k * images) as u32);
-            assert_eq!(e.table[..4], [j, j + 200, n, n + images as u32]);
+            let all = (200 * batch / images) as u32;
+            let last = (n + images as u32).min(batch as u32);
+            assert_eq!(e.table[..4], [j, (j + 200).min(all), n, last], "{at}");
             assert_eq!(e.table.len(), 8);
         }
     }
@@ -782,6 +824,7 @@ mod tests {
             table_vec4s: 2,
             windows: vec![window.clone()],
             alignment,
+            table_alignment: alignment,
             sums: Vec::new(),
             spans: Vec::new(),
         };

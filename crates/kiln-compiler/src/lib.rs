@@ -12,6 +12,7 @@ mod report;
 mod spans;
 mod target;
 mod trips;
+mod uniform_control;
 mod verify_plan;
 mod wgsl;
 

@@ -379,6 +379,43 @@ fn closure(graph: &Graph, placement: &[Placement], roots: &[NodeId]) -> (Vec<Nod
     (nodes.into_iter().collect(), reads.into_iter().collect())
 }
 
+/// The matrix product computed inside `head`'s logits, if the head's rows would run more loop
+/// iterations per invocation than the target allows: one workgroup (of up to 1,024
+/// invocations) loops over the rows, and each row multiplies `classes x inputs` (a wide last
+/// layer: a flatten of 9,408 features into 10 logits is 94,080 per row). Half the limit
+/// leaves room for the head's own loops; `None` without a limit.
+fn wide_head_matmul(
+    graph: &Graph,
+    placement: &[Placement],
+    head: &Head,
+    target: &Target,
+) -> Option<NodeId> {
+    let limit = target.max_loop_iterations?;
+    let ty = graph.ty(head.logits);
+    let rows = ty.shape[0].div_ceil(target.max_workgroup_size_x.clamp(1, 1024) as usize) as u64;
+    let mut stack = vec![head.logits];
+    let mut seen = HashSet::new();
+    while let Some(id) = stack.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        let node = graph.node(id);
+        if matches!(node.op, Op::MatMul { .. }) {
+            let work = graph.ty(node.inputs[1]).numel() as u64;
+            if rows.saturating_mul(work) > limit / 2 {
+                return Some(id);
+            }
+        }
+        stack.extend(
+            node.inputs
+                .iter()
+                .filter(|i| placement[i.0] == Placement::Inline)
+                .copied(),
+        );
+    }
+    None
+}
+
 /// Finds classifier heads among the stored nodes (see the module docs).
 fn find_heads(graph: &Graph, consumers: &Consumers, placement: &[Placement]) -> Vec<Head> {
     let outputs: HashSet<NodeId> = graph.outputs().iter().map(|o| o.node).collect();
@@ -493,6 +530,18 @@ pub fn fuse(graph: &Graph, target: &Target) -> Result<Plan, FuseError> {
         let mut placement = place(graph, &consumers, &forced, allow_side);
         let mut heads = find_heads(graph, &consumers, &placement);
         heads.retain(|h| !no_head.contains(&h.logits));
+        // A head whose rows would loop past the device's limit computes its logits from a
+        // stored matrix product instead of multiplying in its own loop.
+        // The logits stay stored, so that the head is found again around them.
+        let wide: Vec<NodeId> = heads
+            .iter()
+            .filter_map(|h| wide_head_matmul(graph, &placement, h, target).map(|m| [m, h.logits]))
+            .flatten()
+            .collect();
+        if !wide.is_empty() {
+            forced.extend(wide);
+            continue;
+        }
         for head in &heads {
             // The head computes its logits row by row in registers; nothing else reads them.
             placement[head.logits.0] = Placement::Inline;

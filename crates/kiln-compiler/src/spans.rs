@@ -46,11 +46,20 @@ pub const MAX_SPAN_SUM_WORDS: usize = 4096;
 /// How the header's chunk line ends for a kernel running one chunk per dispatch.
 pub(crate) const ONE_PER_DISPATCH: &str = ", one per dispatch";
 
-/// The bindings of one span: its windows (in [`Chunks::windows`] order) and its table.
+/// The bindings of one span: its windows (in [`Chunks::windows`] order), its chunk range
+/// (storage) and its windows' bases (uniform).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Span {
     pub windows: Vec<u32>,
     pub table: u32,
+    pub bases: u32,
+}
+
+/// Binding slots a kernel leaves unused, per kind.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FreeSlots {
+    pub uniforms: u32,
+    pub storage: u32,
 }
 
 /// A top-level function of a module: its name and its whole text (header to closing brace).
@@ -60,16 +69,18 @@ struct Function<'a> {
 }
 
 /// Repeats a chunked module's span-dependent code so that one dispatch runs up to
-/// [`MAX_SPANS`] chunks, as many as `free_uniforms` uniform binding slots allow (each span
-/// takes one per window plus its table) and [`MAX_COPIED_BYTES`] of copies. Returns the new
-/// module text, and sets `chunks.spans`; a module that gains nothing is returned unchanged.
-pub(crate) fn repeat(wgsl: &str, chunks: &mut Chunks, free_uniforms: u32) -> String {
+/// [`MAX_SPANS`] chunks, as many as the free binding slots allow (each span takes one
+/// uniform slot per window and for its bases, one storage slot for its range) and
+/// [`MAX_COPIED_BYTES`] of
+/// copies. Returns the new module text, and sets `chunks.spans`; a module that gains nothing
+/// is returned unchanged.
+pub(crate) fn repeat(wgsl: &str, chunks: &mut Chunks, free: FreeSlots) -> String {
     let sum_words: usize = chunks.sums.iter().map(|s| s.words).sum();
     if sum_words > MAX_SPAN_SUM_WORDS || chunks.count < MIN_CHUNKS {
         return wgsl.to_string();
     }
-    let per_span = chunks.windows.len() + 1;
-    let by_slots = 1 + free_uniforms as usize / per_span;
+    let by_uniforms = 1 + free.uniforms as usize / (chunks.windows.len() + 1);
+    let by_slots = by_uniforms.min(1 + free.storage as usize);
     let Some((functions, entry_at)) = functions(wgsl) else {
         return wgsl.to_string();
     };
@@ -77,7 +88,7 @@ pub(crate) fn repeat(wgsl: &str, chunks: &mut Chunks, free_uniforms: u32) -> Str
         .windows
         .iter()
         .map(|w| format!("buf{}", w.binding))
-        .chain(["chunk".to_string()])
+        .chain(["chunk".to_string(), "bases".to_string()])
         .collect();
     // Functions reading a renamed name, directly or through a call, are copied per span.
     let mut copied: Vec<bool> = vec![false; functions.len()];
@@ -131,6 +142,7 @@ pub(crate) fn repeat(wgsl: &str, chunks: &mut Chunks, free_uniforms: u32) -> Str
     let mut all = vec![Span {
         windows: chunks.windows.iter().map(|w| w.binding).collect(),
         table: chunks.table_binding,
+        bases: chunks.table_binding + 1,
     }];
     for _ in 1..spans {
         let windows = (0..chunks.windows.len() as u32).map(|k| next + k).collect();
@@ -138,8 +150,9 @@ pub(crate) fn repeat(wgsl: &str, chunks: &mut Chunks, free_uniforms: u32) -> Str
         all.push(Span {
             windows,
             table: next,
+            bases: next + 1,
         });
-        next += 1;
+        next += 2;
     }
 
     let body_start = entry.find('{').expect("the entry point has a body");
@@ -164,9 +177,9 @@ pub(crate) fn repeat(wgsl: &str, chunks: &mut Chunks, free_uniforms: u32) -> Str
         .skip(1)
         .map(|(s, span)| {
             format!(
-                "//   {}-{}: span {s}: {} windows, then its chunk table",
+                "//   {}-{}: span {s}: {} windows, then its chunk range and window bases",
                 span.windows.first().copied().unwrap_or(span.table),
-                span.table,
+                span.bases,
                 span.windows.len()
             )
         })
@@ -193,16 +206,21 @@ pub(crate) fn repeat(wgsl: &str, chunks: &mut Chunks, free_uniforms: u32) -> Str
         if k == last_decl {
             for (s, span) in all.iter().enumerate().skip(1) {
                 for (w, b) in chunks.windows.iter().zip(&span.windows) {
-                    let decl = declaration(decls, &format!("buf{}", w.binding));
+                    let decl = declaration(decls, "var<uniform>", &format!("buf{}", w.binding));
                     out.push_str(&format!(
                         "@group(0) @binding({b}) var<uniform> buf{}_s{s}{}\n",
                         w.binding, decl
                     ));
                 }
-                let decl = declaration(decls, "chunk");
+                let decl = declaration(decls, "var<storage, read>", "chunk");
                 out.push_str(&format!(
-                    "@group(0) @binding({}) var<uniform> chunk_s{s}{}\n",
+                    "@group(0) @binding({}) var<storage, read> chunk_s{s}{}\n",
                     span.table, decl
+                ));
+                let decl = declaration(decls, "var<uniform>", "bases");
+                out.push_str(&format!(
+                    "@group(0) @binding({}) var<uniform> bases_s{s}{}\n",
+                    span.bases, decl
                 ));
             }
         }
@@ -248,9 +266,9 @@ fn offset_in(whole: &str, part: &str) -> usize {
     part.as_ptr() as usize - whole.as_ptr() as usize
 }
 
-/// The text after `var<uniform> NAME` in its declaration line (`: array<...>;`).
-fn declaration<'a>(decls: &'a str, name: &str) -> &'a str {
-    let key = format!("var<uniform> {name}:");
+/// The text after `var<SPACE> NAME` in its declaration line (`: array<...>;`).
+fn declaration<'a>(decls: &'a str, space: &str, name: &str) -> &'a str {
+    let key = format!("{space} {name}:");
     let line = decls
         .lines()
         .find(|l| l.contains(&key))

@@ -84,6 +84,11 @@ impl Target {
         u64::from(self.min_uniform_buffer_offset_alignment.max(16))
     }
 
+    /// Alignment of storage binding offsets, in bytes (at least 16, a `vec4`).
+    pub fn storage_offset_alignment(&self) -> u64 {
+        u64::from(self.min_storage_buffer_offset_alignment.max(16))
+    }
+
     /// Invocations per workgroup of map kernels: 256 on GPUs (enough warps per workgroup to
     /// hide memory latency), 64 elsewhere (lavapipe runs a workgroup as one coroutine over
     /// 8-wide lane groups; bigger groups only make the last one emptier).

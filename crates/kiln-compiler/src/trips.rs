@@ -250,7 +250,7 @@ fn loaded_local(
 }
 
 /// Whether `start` and `end` load components `.z` and `.w` of the same entry of a chunk
-/// table (a uniform global named `chunk...`).
+/// table (a global named `chunk...`).
 fn chunk_range(
     module: &Module,
     exprs: &naga::Arena<Expression>,
@@ -291,7 +291,7 @@ mod tests {
     fn bound(body: &str, chunk_images: Option<u64>) -> Option<u64> {
         let src = format!(
             "@group(0) @binding(0) var<storage, read_write> y: array<f32>;
-@group(0) @binding(1) var<uniform> chunk: array<vec4<u32>, 1>;
+@group(0) @binding(1) var<storage, read> chunk: array<vec4<u32>, 1>;
 fn sum(n: u32) -> f32 {{
     var acc = 0.0f;
     for (var k = 0u; k < 10u; k++) {{ acc += f32(k + n); }}

@@ -126,6 +126,10 @@ impl KernelModule {
             for span in &c.spans {
                 out.push(LayoutEntry {
                     binding: span.table,
+                    slot: Slot::Storage { read_only: true },
+                });
+                out.push(LayoutEntry {
+                    binding: span.bases,
                     slot: Slot::Uniform,
                 });
             }
@@ -168,6 +172,22 @@ pub enum CodegenError {
         found: Option<u64>,
         limit: u64,
     },
+    /// The kernel binds more buffers of one kind than the target allows in one shader stage.
+    #[error(
+        "kernel {kernel} binds {needed} {kind} buffers, but the device allows {limit} = \
+         {available}; use a smaller model"
+    )]
+    BindingLimit {
+        kernel: String,
+        kind: &'static str,
+        needed: usize,
+        limit: &'static str,
+        available: u32,
+    },
+    /// The kernel steers its control flow by uniform-buffer values, which crashes lavapipe's
+    /// shader compiler ([`crate::uniform_control`]): a code generator bug.
+    #[error("kernel {kernel}: {message}")]
+    UniformControl { kernel: String, message: String },
 }
 
 /// Parses and validates WGSL with naga (all validation flags, WebGPU core capabilities).
@@ -191,20 +211,51 @@ fn validate_module(
     Ok((module, info))
 }
 
-/// Validates `m`'s WGSL and checks its resources against [`KernelModule::layout`].
+/// Validates `m`'s WGSL, checks its resources against [`KernelModule::layout`], and refuses
+/// control flow steered by uniform values ([`crate::uniform_control`]).
 pub fn validate_kernel(m: &KernelModule) -> Result<naga::Module, CodegenError> {
     let (module, info) = validate_module(&m.name, &m.wgsl)?;
     interface::check(&m.layout(), &module, &info).map_err(|message| CodegenError::Interface {
         kernel: m.name.clone(),
         message,
     })?;
+    crate::uniform_control::check(&module).map_err(|message| CodegenError::UniformControl {
+        kernel: m.name.clone(),
+        message,
+    })?;
     Ok(module)
 }
 
-/// Validates `m` ([`validate_kernel`]) and bounds the loop iterations of one invocation
-/// ([`crate::trips`]) by the target's limit.
+/// Validates `m` ([`validate_kernel`]), counts its bindings against the target's limits, and
+/// bounds the loop iterations of one invocation ([`crate::trips`]) by the target's limit.
 fn check_kernel(m: &mut KernelModule, target: &Target) -> Result<(), CodegenError> {
     let module = validate_kernel(m)?;
+    let layout = m.layout();
+    let uniforms = layout.iter().filter(|e| e.slot == Slot::Uniform).count();
+    for (kind, needed, limit, available) in [
+        (
+            "uniform",
+            uniforms,
+            "max_uniform_buffers_per_shader_stage",
+            target.max_uniform_buffers_per_stage,
+        ),
+        (
+            "storage",
+            layout.len() - uniforms,
+            "max_storage_buffers_per_shader_stage",
+            target.max_storage_buffers_per_stage,
+        ),
+    ] {
+        if needed > available as usize {
+            return Err(CodegenError::BindingLimit {
+                kernel: m.name.clone(),
+                kind,
+                needed,
+                limit,
+                available,
+            });
+        }
+    }
     let images = m.chunks.as_ref().map(|c| c.images as u64);
     m.loop_iterations = trips::loop_iterations(&module, images);
     if let Some(limit) = target.max_loop_iterations {
@@ -1272,7 +1323,8 @@ fn emit_kernel_with(
     }
     // On CPU-class devices every small read-only f32 value is read from a uniform binding too,
     // and an image-local kernel reads its large batched operands through per-chunk windows
-    // (one uniform binding is kept for the chunk table). A kernel summing over the batch runs
+    // (one uniform binding is kept for the table of window bases). A kernel summing over the
+    // batch runs
     // chunk by chunk too, carrying its partial sums.
     let mut batch = None;
     let mut sums: Vec<(NodeId, NodeId)> = Vec::new();
@@ -1740,14 +1792,16 @@ fn emit_kernel_with(
                     spans: vec![crate::spans::Span {
                         windows: windows.iter().map(|w| w.binding).collect(),
                         table: table_binding,
+                        bases: table_binding + 1,
                     }],
                     windows,
                     alignment: align,
+                    table_alignment: target.storage_offset_alignment(),
                     sums: sums
                         .iter()
                         .enumerate()
                         .map(|(k, (red, _))| chunks::Sum {
-                            binding: table_binding + 1 + k as u32,
+                            binding: table_binding + 2 + k as u32,
                             node: *red,
                             words: graph.ty(*red).numel(),
                             quads: quad_sum == Some(*red),
@@ -1913,8 +1967,14 @@ fn emit_kernel_with(
     if let Some(c) = &chunking {
         let _ = writeln!(
             s,
-            "@group(0) @binding({}) var<uniform> chunk: array<vec4<u32>, {}>;",
-            c.table_binding, c.table_vec4s
+            "@group(0) @binding({}) var<storage, read> chunk: array<vec4<u32>, 1>;",
+            c.table_binding
+        );
+        let _ = writeln!(
+            s,
+            "@group(0) @binding({}) var<uniform> bases: array<vec4<u32>, {}>;",
+            c.table_binding + 1,
+            c.bases_vec4s()
         );
         for sum in &c.sums {
             let _ = writeln!(
@@ -2235,9 +2295,20 @@ fn emit_kernel_with(
     }
     // Several chunks per dispatch where binding slots and code size allow.
     if let Some(c) = chunking.as_mut() {
-        let free = target
-            .max_uniform_buffers_per_stage
-            .saturating_sub(uniforms + 1);
+        let storage = bindings
+            .iter()
+            .filter(|b| matches!(b.access, Access::Read | Access::ReadWrite))
+            .count()
+            + 1
+            + c.sums.len();
+        let free = crate::spans::FreeSlots {
+            uniforms: target
+                .max_uniform_buffers_per_stage
+                .saturating_sub(uniforms + 1),
+            storage: target
+                .max_storage_buffers_per_stage
+                .saturating_sub(storage as u32),
+        };
         s = crate::spans::repeat(&s, c, free);
     }
     // The head's two partial-sum arrays (f32 and u32, one entry per invocation).

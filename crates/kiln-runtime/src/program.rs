@@ -59,8 +59,12 @@ pub fn check_limits(gpu: &Gpu, compiled: &Compiled) -> Result<(), RuntimeError> 
     }
     for m in &compiled.modules {
         let what = format!("kernel {} of graph `{}`", m.name, compiled.graph.name);
-        let n = (m.bindings.iter().filter(|b| !b.access.is_uniform()).count()
-            + m.chunks.as_ref().map_or(0, |c| c.sums.len())) as u64;
+        let layout = m.layout();
+        let uniforms = layout
+            .iter()
+            .filter(|e| e.slot == kiln_compiler::Slot::Uniform)
+            .count() as u64;
+        let n = layout.len() as u64 - uniforms;
         if n > l.max_storage_buffers_per_shader_stage as u64 {
             return Err(gpu.limit_error(
                 what.clone(),
@@ -69,16 +73,7 @@ pub fn check_limits(gpu: &Gpu, compiled: &Compiled) -> Result<(), RuntimeError> 
                 l.max_storage_buffers_per_shader_stage as u64,
             ));
         }
-        let n = (m
-            .bindings
-            .iter()
-            .filter(|b| b.access.is_uniform())
-            .map(|b| b.access.slots() as usize)
-            .sum::<usize>()
-            + m.chunks.as_ref().map_or(0, |c| {
-                // Each span beyond the first adds its windows; every span has a table.
-                c.spans.len() + c.spans.len().saturating_sub(1) * c.windows.len()
-            })) as u64;
+        let n = uniforms;
         if n > l.max_uniform_buffers_per_shader_stage as u64 {
             return Err(gpu.limit_error(
                 what.clone(),
@@ -161,8 +156,16 @@ impl Program {
     ) -> Result<Program, RuntimeError> {
         check_limits(gpu, &compiled)?;
         let graph_name = compiled.graph.name.clone();
+        // Buffers read through chunk windows get room past their data (`window_slack`).
+        let mut slack = vec![0u64; compiled.plan.buffers.len()];
+        for c in compiled.modules.iter().filter_map(|m| m.chunks.as_ref()) {
+            for w in &c.windows {
+                slack[w.buffer] = slack[w.buffer].max(c.window_slack());
+            }
+        }
         let mut buffers = Vec::with_capacity(compiled.plan.buffers.len());
-        for b in &compiled.plan.buffers {
+        for (b, slack) in compiled.plan.buffers.iter().zip(&slack) {
+            let size = (b.bytes() + slack).div_ceil(16) * 16;
             let leaf = matches!(b.kind, BufferKind::Input | BufferKind::Param);
             let shared = if leaf {
                 external.get(&b.name).cloned()
@@ -171,22 +174,22 @@ impl Program {
             };
             let buffer = match shared {
                 Some(s) => {
-                    if s.size() < b.bytes() {
+                    if s.size() < b.bytes() + slack {
                         return Err(RuntimeError::Setup(format!(
                             "buffer `{}` of graph `{graph_name}` holds {} bytes, {} needed",
                             b.name,
                             s.size(),
-                            b.bytes()
+                            b.bytes() + slack
                         )));
                     }
                     s
                 }
                 None => Arc::new(gpu.scoped(
-                    &format!("creating buffer `{}` ({} bytes)", b.name, b.bytes()),
+                    &format!("creating buffer `{}` ({size} bytes)", b.name),
                     || {
                         gpu.device.create_buffer(&wgpu::BufferDescriptor {
                             label: Some(&b.name),
-                            size: b.bytes(),
+                            size,
                             usage: storage_usage(),
                             mapped_at_creation: false,
                         })
@@ -289,18 +292,24 @@ impl Program {
                     // an all-zero table (no invocations).
                     let spans = c.spans.len().max(1);
                     let slots = c.dispatches() * spans;
+                    // Each slot: the chunk's range (read as storage), then its windows' bases
+                    // (read as uniform) at an offset both bindings' alignments allow.
+                    let bases_at = c.bases_offset() as usize;
                     let mut table = vec![0u8; (stride * slots as u64) as usize];
                     for (k, e) in chunk_entries.iter().enumerate() {
                         let at = k * stride as usize;
-                        let words: &[u8] = bytemuck::cast_slice(&e.table);
-                        table[at..at + words.len()].copy_from_slice(words);
+                        let (range, bases) = e.table.split_at(4);
+                        let range: &[u8] = bytemuck::cast_slice(range);
+                        let bases: &[u8] = bytemuck::cast_slice(bases);
+                        table[at..at + range.len()].copy_from_slice(range);
+                        table[at + bases_at..at + bases_at + bases.len()].copy_from_slice(bases);
                     }
                     let table = gpu
                         .device
                         .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                             label: Some(&format!("{} chunk table", m.name)),
                             contents: &table,
-                            usage: wgpu::BufferUsages::UNIFORM,
+                            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
                         });
                     // Running sums of summing kernels: read and written by every chunk.
                     let sums: Vec<wgpu::Buffer> = c
@@ -345,7 +354,15 @@ impl Program {
                                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                                     buffer: &table,
                                     offset: k as u64 * stride,
-                                    size: wgpu::BufferSize::new(c.table_vec4s as u64 * 16),
+                                    size: wgpu::BufferSize::new(16),
+                                }),
+                            });
+                            entries.push(wgpu::BindGroupEntry {
+                                binding: span.bases,
+                                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                    buffer: &table,
+                                    offset: k as u64 * stride + bases_at as u64,
+                                    size: wgpu::BufferSize::new(c.bases_vec4s() as u64 * 16),
                                 }),
                             });
                         }

@@ -153,51 +153,25 @@ fn the_zoo_covers_what_it_promises() {
     }
 }
 
-/// Models whose training crashes the process on lavapipe's device schedules (a segmentation
-/// fault in a lavapipe worker thread during the first steps: an out-of-bounds access still to
-/// be found); run by `zoo_models_that_crash_lavapipe`, ignored until fixed.
-const CRASHING: &[&str] = &["deep4"];
-
-// Ignored in the default run: lavapipe's pipeline creation corrupts the heap now and then
-// (see docs/lavapipe-findings-2026-12-01.md), and this binary, creating ~150 new pipelines
-// on two devices at once, died with SIGSEGV in one run of `.ci/run` after passing in others.
-// Run with `cargo test --release -p kiln-runtime --test zoo -- --ignored --test-threads=1`.
+// deep4 used to die with SIGSEGV in a lavapipe thread and the others now and then with heap
+// corruption while their pipelines were created: lavapipe's uniform-inlining bug (see
+// kiln_compiler's uniform_control module), triggered by chunk tables in uniform buffers.
+// Every zoo model training here is the regression test.
 #[test]
-#[ignore = "lavapipe crashes intermittently while creating these pipelines; open"]
 fn zoo_models_train_like_the_reference_on_the_device_schedules() {
     let Some(gpu) = gpu() else { return };
-    for (name, model) in zoo()
-        .into_iter()
-        .filter(|(n, _)| !CRASHING.contains(&n.as_str()))
-    {
+    for (name, model) in zoo() {
         train_against_reference(&gpu, &gpu.target, &name, &model)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
 
 #[test]
-#[ignore = "deep4 crashes lavapipe (segmentation fault) on the device schedules; open"]
-fn zoo_models_that_crash_lavapipe() {
-    let Some(gpu) = gpu() else { return };
-    for (name, model) in zoo()
-        .into_iter()
-        .filter(|(n, _)| CRASHING.contains(&n.as_str()))
-    {
-        train_against_reference(&gpu, &gpu.target, &name, &model)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-    }
-}
-
-#[test]
-#[ignore = "lavapipe crashes intermittently while creating these pipelines; open"]
 fn zoo_models_train_like_the_reference_on_the_portable_schedules_or_are_refused() {
     let Some(gpu) = gpu() else { return };
     let target = Target::portable_for(&gpu.target);
     let mut trained = Vec::new();
-    for (name, model) in zoo()
-        .into_iter()
-        .filter(|(n, _)| !CRASHING.contains(&n.as_str()))
-    {
+    for (name, model) in zoo() {
         match train_against_reference(&gpu, &target, &name, &model) {
             Ok(()) => trained.push(name),
             Err(e) => {
