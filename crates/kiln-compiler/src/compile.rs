@@ -2,7 +2,7 @@
 
 use kiln_ir::Graph;
 
-use crate::plan::{FuseError, Plan, fuse};
+use crate::plan::{FuseError, KernelKind, Plan, fuse_with};
 use crate::report::describe;
 use crate::target::Target;
 use crate::verify_plan::{PlanError, verify_plan};
@@ -42,9 +42,23 @@ pub enum CompileError {
 
 /// Fuses `graph`, checks the plan with the plan verifier and generates naga-validated WGSL.
 pub fn compile(graph: &Graph, target: &Target) -> Result<Compiled, CompileError> {
-    let plan = fuse(graph, target)?;
+    let plan = fuse_with(graph, target, true)?;
     verify_plan(graph, &plan, target)?;
-    let modules = emit_wgsl(graph, &plan, target)?;
+    let (plan, modules) = match emit_wgsl(graph, &plan, target) {
+        // A layer's merged weight and bias updates are one kernel of several roots, which is
+        // never split into image chunks; apart, each can be, and fit the loop limit.
+        Err(CodegenError::LoopLimit { kernel, .. })
+            if plan.kernels.iter().any(|k| {
+                k.name == kernel && matches!(&k.kind, KernelKind::Map { roots } if roots.len() > 1)
+            }) =>
+        {
+            let plan = fuse_with(graph, target, false)?;
+            verify_plan(graph, &plan, target)?;
+            let modules = emit_wgsl(graph, &plan, target)?;
+            (plan, modules)
+        }
+        other => (plan, other?),
+    };
     Ok(Compiled {
         graph: graph.clone(),
         plan,

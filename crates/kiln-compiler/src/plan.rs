@@ -520,6 +520,17 @@ fn find_updates(graph: &Graph) -> Vec<(NodeId, NodeId)> {
 
 /// Partitions `graph` into kernels and orders them. The result satisfies [`crate::verify_plan`].
 pub fn fuse(graph: &Graph, target: &Target) -> Result<Plan, FuseError> {
+    fuse_with(graph, target, true)
+}
+
+/// [`fuse`], merging each layer's weight and bias updates into one kernel only when
+/// `merge_updates` is set. A merged kernel has several roots and so is never split into image
+/// chunks; [`crate::compile`] fuses again without merging when one would loop too long.
+pub(crate) fn fuse_with(
+    graph: &Graph,
+    target: &Target,
+    merge_updates: bool,
+) -> Result<Plan, FuseError> {
     verify(graph)?;
     let updates = find_updates(graph);
     let consumers = consumers_of(graph);
@@ -598,12 +609,16 @@ pub fn fuse(graph: &Graph, target: &Target) -> Result<Plan, FuseError> {
                 recomputed: Vec::new(),
             });
         }
-        let mut kernels = merge_layer_updates(
-            graph,
-            kernels,
-            &updates,
-            target.max_storage_buffers_per_stage as usize,
-        );
+        let mut kernels = if merge_updates {
+            merge_layer_updates(
+                graph,
+                kernels,
+                &updates,
+                target.max_storage_buffers_per_stage as usize,
+            )
+        } else {
+            kernels
+        };
         // Cheap nodes that several kernels compute.
         let mut count: HashMap<NodeId, usize> = HashMap::new();
         for k in &kernels {

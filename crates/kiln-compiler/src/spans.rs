@@ -79,7 +79,11 @@ pub(crate) fn repeat(wgsl: &str, chunks: &mut Chunks, free: FreeSlots) -> String
     if sum_words > MAX_SPAN_SUM_WORDS || chunks.count < MIN_CHUNKS {
         return wgsl.to_string();
     }
-    let by_uniforms = 1 + free.uniforms as usize / (chunks.windows.len() + 1);
+    // Each span's windows and its bases take uniform slots (no bases without windows).
+    let by_uniforms = match chunks.windows.len() {
+        0 => usize::MAX,
+        w => 1 + free.uniforms as usize / (w + 1),
+    };
     let by_slots = by_uniforms.min(1 + free.storage as usize);
     let Some((functions, entry_at)) = functions(wgsl) else {
         return wgsl.to_string();
@@ -217,11 +221,13 @@ pub(crate) fn repeat(wgsl: &str, chunks: &mut Chunks, free: FreeSlots) -> String
                     "@group(0) @binding({}) var<storage, read> chunk_s{s}{}\n",
                     span.table, decl
                 ));
-                let decl = declaration(decls, "var<uniform>", "bases");
-                out.push_str(&format!(
-                    "@group(0) @binding({}) var<uniform> bases_s{s}{}\n",
-                    span.bases, decl
-                ));
+                if !chunks.windows.is_empty() {
+                    let decl = declaration(decls, "var<uniform>", "bases");
+                    out.push_str(&format!(
+                        "@group(0) @binding({}) var<uniform> bases_s{s}{}\n",
+                        span.bases, decl
+                    ));
+                }
             }
         }
     }

@@ -128,10 +128,12 @@ impl KernelModule {
                     binding: span.table,
                     slot: Slot::Storage { read_only: true },
                 });
-                out.push(LayoutEntry {
-                    binding: span.bases,
-                    slot: Slot::Uniform,
-                });
+                if c.bases_vec4s() > 0 {
+                    out.push(LayoutEntry {
+                        binding: span.bases,
+                        slot: Slot::Uniform,
+                    });
+                }
             }
             for sum in &c.sums {
                 out.push(LayoutEntry {
@@ -292,6 +294,8 @@ pub fn emit_wgsl(
                     // its invocations would loop too long, it takes more of them (powers of
                     // two up to the device's workgroup limit; 256 fit in its storage).
                     let most = target.max_workgroup_size_x.min(1024);
+                    // A kernel summing over the batch takes it in chunks of fewer images, each
+                    // adding to running sums, until one chunk's loops fit.
                     let mut wg = HEAD_WORKGROUP;
                     loop {
                         match check_kernel(&mut m, target) {
@@ -299,7 +303,33 @@ pub fn emit_wgsl(
                                 if matches!(k.kind, KernelKind::Head(_)) && wg * 2 <= most =>
                             {
                                 wg *= 2;
-                                m = emit_kernel_sized(graph, plan, k, target, wg)?;
+                                m = emit_kernel_sized(graph, plan, k, target, wg, None)?;
+                            }
+                            Err(CodegenError::LoopLimit {
+                                found: Some(found),
+                                limit,
+                                ..
+                            }) if matches!(k.kind, KernelKind::Map { .. })
+                                && m.chunks
+                                    .as_ref()
+                                    .is_none_or(|c| !c.sums.is_empty() && c.images > 1) =>
+                            {
+                                // Not chunked yet: one chunk of the whole batch first, to
+                                // learn its images; then as many as scale to the limit
+                                // (with a margin), always fewer than before.
+                                let next = match &m.chunks {
+                                    None => usize::MAX,
+                                    Some(c) => {
+                                        let fit = limit as u128 * c.images as u128 / found as u128;
+                                        (fit as usize * 9 / 10).clamp(1, c.images - 1)
+                                    }
+                                };
+                                let again =
+                                    emit_kernel_sized(graph, plan, k, target, wg, Some(next))?;
+                                if again.chunks.as_ref().is_none_or(|c| c.sums.is_empty()) {
+                                    break check_kernel(&mut m, target);
+                                }
+                                m = again;
                             }
                             result => break result,
                         }
@@ -1251,18 +1281,20 @@ pub fn emit_kernel(
     kernel: &Kernel,
     target: &Target,
 ) -> Result<KernelModule, CodegenError> {
-    emit_kernel_sized(graph, plan, kernel, target, HEAD_WORKGROUP)
+    emit_kernel_sized(graph, plan, kernel, target, HEAD_WORKGROUP, None)
 }
 
-/// [`emit_kernel`] with a classifier head of `head_workgroup` invocations.
+/// [`emit_kernel`] with a classifier head of `head_workgroup` invocations, and a kernel
+/// summing over the batch cut into chunks of at most `max_chunk_images` images where given.
 fn emit_kernel_sized(
     graph: &Graph,
     plan: &Plan,
     kernel: &Kernel,
     target: &Target,
     head_workgroup: u32,
+    max_chunk_images: Option<usize>,
 ) -> Result<KernelModule, CodegenError> {
-    let hw = head_workgroup;
+    let hw = (head_workgroup, max_chunk_images);
     let (module, shares_loads) = emit_kernel_with(graph, plan, kernel, target, true, hw)?;
     if let Some(m) = module {
         return Ok(m);
@@ -1278,21 +1310,38 @@ fn emit_kernel_sized(
             return Ok(m);
         }
     }
+    // A kernel that must be cut into batch chunks (`max_chunk_images`) but whose windows do
+    // not fit (a convolution's output gradient of more than 64 KiB an image) reads its
+    // operands from storage instead, as the portable schedules do.
+    if max_chunk_images.is_some() && target.class == DeviceClass::Cpu {
+        let storage = Target {
+            class: DeviceClass::Other,
+            ..target.clone()
+        };
+        if let (Some(m), _) = emit_kernel_with(graph, plan, kernel, &storage, true, hw)? {
+            if m.chunks.is_some() {
+                return Ok(m);
+            }
+        }
+    }
     let (module, _) = emit_kernel_with(graph, plan, kernel, target, false, hw)?;
     Ok(module.expect("an unchunked schedule always applies"))
 }
 
 /// [`emit_kernel`], trying image chunks when `try_chunks`; no module when the chosen schedule
 /// cannot be cut into chunks after all. The flag says whether the schedule's register
-/// blocking shares loads between outputs (blocks a reduction).
+/// blocking shares loads between outputs (blocks a reduction). `sizes` are the classifier
+/// head's workgroup size and the most images per chunk of a kernel summing over the batch
+/// ([`emit_kernel_sized`]).
 fn emit_kernel_with(
     graph: &Graph,
     plan: &Plan,
     kernel: &Kernel,
     target: &Target,
     try_chunks: bool,
-    head_workgroup: u32,
+    sizes: (u32, Option<usize>),
 ) -> Result<(Option<KernelModule>, bool), CodegenError> {
+    let (head_workgroup, max_chunk_images) = sizes;
     // Bindings: every buffer read or written, in buffer order; written ones read_write.
     let mut used: Vec<(usize, Access)> = Vec::new();
     for n in kernel.reads.iter().chain(&kernel.stores) {
@@ -1382,6 +1431,7 @@ fn emit_kernel_with(
                 sums = s;
             }
         }
+
         // What is still read from storage and fits in up to four uniform bindings (a dense
         // layer's weights) is split over several: each load reads them all and selects.
         let align = target.uniform_offset_alignment();
@@ -1434,6 +1484,26 @@ fn emit_kernel_with(
                     part_bytes,
                 };
                 uniforms += parts as u32;
+            }
+        }
+    }
+    // A kernel summing over the batch whose batch loop would run past the device's loop
+    // limit (`emit_wgsl` gives the cap): chunks of images carrying running sums, as above,
+    // reading whatever has no window straight from storage (on any device class: the
+    // portable schedules on lavapipe need it as much as a convolution whose output gradient
+    // is too big for a window).
+    if let (None, Some(_), KernelKind::Map { roots }) = (batch, max_chunk_images, &kernel.kind) {
+        if try_chunks {
+            if let Some((n, s)) = kernel.reads.iter().find_map(|r| {
+                let n = *graph.ty(*r).shape.first()?;
+                let batched = chunks::batched(graph, n);
+                Some((
+                    n,
+                    chunks::batch_sums(graph, &kernel.nodes, roots, &batched)?,
+                ))
+            }) {
+                batch = Some(n);
+                sums = s;
             }
         }
     }
@@ -1754,7 +1824,7 @@ fn emit_kernel_with(
                     .map(|&b| plan.buffers[b].ty.numel() / n)
                     .collect();
                 let align = target.uniform_offset_alignment();
-                let Some(images) = chunks::images_per_chunk(
+                let Some(mut images) = chunks::images_per_chunk(
                     n,
                     per,
                     &words,
@@ -1763,6 +1833,11 @@ fn emit_kernel_with(
                 ) else {
                     return Ok((None, shares_loads));
                 };
+                if let Some(cap) = max_chunk_images.filter(|_| !sums.is_empty()) {
+                    // As few chunks of at most `cap` images as cover the batch, evened out.
+                    let count = n.div_ceil(images.min(cap).max(per));
+                    images = n.div_ceil(count).div_ceil(per) * per;
+                }
                 let count = n.div_ceil(images);
                 if sums.is_empty() && numel as usize * images % n != 0 {
                     return Ok((None, shares_loads));
@@ -1970,12 +2045,14 @@ fn emit_kernel_with(
             "@group(0) @binding({}) var<storage, read> chunk: array<vec4<u32>, 1>;",
             c.table_binding
         );
-        let _ = writeln!(
-            s,
-            "@group(0) @binding({}) var<uniform> bases: array<vec4<u32>, {}>;",
-            c.table_binding + 1,
-            c.bases_vec4s()
-        );
+        if c.bases_vec4s() > 0 {
+            let _ = writeln!(
+                s,
+                "@group(0) @binding({}) var<uniform> bases: array<vec4<u32>, {}>;",
+                c.table_binding + 1,
+                c.bases_vec4s()
+            );
+        }
         for sum in &c.sums {
             let _ = writeln!(
                 s,

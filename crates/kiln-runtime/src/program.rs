@@ -357,6 +357,9 @@ impl Program {
                                     size: wgpu::BufferSize::new(16),
                                 }),
                             });
+                            if c.bases_vec4s() == 0 {
+                                continue;
+                            }
                             entries.push(wgpu::BindGroupEntry {
                                 binding: span.bases,
                                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {

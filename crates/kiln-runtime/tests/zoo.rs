@@ -4,9 +4,9 @@
 //! parameter, each step's loss and correct count, and the evaluation's loss and count.
 //!
 //! The portable schedule sums a convolution's weight gradient over the whole batch in one
-//! invocation, which on lavapipe runs past its 65,535-iteration loop limit: there the
-//! compiler must refuse the step with the limit's name instead of computing a wrong
-//! gradient, and the test checks that it does.
+//! invocation, which on lavapipe runs past its 65,535-iteration loop limit; there the
+//! compiler cuts the batch into chunks that carry running sums, and the models must train
+//! alike on both schedule sets.
 
 mod common;
 
@@ -167,23 +167,11 @@ fn zoo_models_train_like_the_reference_on_the_device_schedules() {
 }
 
 #[test]
-fn zoo_models_train_like_the_reference_on_the_portable_schedules_or_are_refused() {
+fn zoo_models_train_like_the_reference_on_the_portable_schedules() {
     let Some(gpu) = gpu() else { return };
     let target = Target::portable_for(&gpu.target);
-    let mut trained = Vec::new();
     for (name, model) in zoo() {
-        match train_against_reference(&gpu, &target, &name, &model) {
-            Ok(()) => trained.push(name),
-            Err(e) => {
-                let message = e.to_string();
-                assert!(
-                    target.max_loop_iterations.is_some()
-                        && message.contains("max_loop_iterations = 65535"),
-                    "{name}: {message}"
-                );
-            }
-        }
+        train_against_reference(&gpu, &target, &name, &model)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
-    // The models without convolutions sum only 256 rows per weight.
-    assert!(trained.iter().any(|n| n == "mlp"), "{trained:?}");
 }
