@@ -825,6 +825,33 @@ fn trains_a_model_given_as_ir_text() {
         "{}",
         stderr(&o)
     );
+    // A model that does not end in the ten class scores is refused before it trains (it used
+    // to "train" and report an accuracy of 0.000).
+    let flat = dir.join("flat.kir");
+    std::fs::write(
+        &flat,
+        "graph \"flat\" {\n  %0 = input \"x\" : f32[1,1,28,28]\n  %1 = reshape(%0) shape=[1,784] : f32[1,784]\n  output \"output\" = %1\n}\n",
+    )
+    .unwrap();
+    let o = run(&[
+        "--model",
+        flat.to_str().unwrap(),
+        "--data",
+        &data,
+        "--limit",
+        "8",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains(&format!(
+            "{}: the output must be the class scores, f32[N,10] for the data set's 10 classes, \
+             but the model's output is f32[N,784]",
+            flat.display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stdout(&o).contains("acc"), "{}", stdout(&o));
 }
 
 #[test]
