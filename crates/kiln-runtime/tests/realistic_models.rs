@@ -2,7 +2,8 @@
 //! kernels 3/5/7, strides 1/2, paddings 0-3 and channel counts that are not multiples of
 //! four, optional max or average pooling 2/2, 3/2 or 3/3, up to two hidden linear layers of
 //! up to 512) at batches up to 256, compiled for the device's own schedules (the CPU-class
-//! ones on lavapipe) and trained one step and evaluated against the reference.
+//! ones on lavapipe) and for the portable ones, and trained one step and evaluated against
+//! the reference.
 //!
 //! The small random graphs of `gpu_vs_reference` never reach the CPU-class schedules (image
 //! chunks, spans, running sums, vec4 rows); these do. The case count is sized for CI;
@@ -137,41 +138,57 @@ fn realistic_random_models_train_and_evaluate_like_the_reference() {
     let train = synthetic(256, 31);
     let test = synthetic(TEST_IMAGES, 32);
     let lr = 0.05;
+    let targets = [
+        gpu.target.clone(),
+        kiln_compiler::Target::portable_for(&gpu.target),
+    ];
     runner
         .run(&case(), |(model, batch)| {
-            let summary = format!("{model:?} at batch {batch}");
-            let g = GpuTrainer::new(&gpu, model.clone(), &train, &test, batch, lr, 7)
-                .map_err(|e| TestCaseError::fail(format!("{summary}: {e}")))?;
+            // The reference: one step from the initial weights, then the evaluation.
             let mut cpu = CpuTrainer::new(model.clone(), [1, 28, 28], lr, 7).unwrap();
             let order: Vec<u32> = (0..batch as u32).rev().collect();
-            let got = g.train_order(&order).unwrap();
             let (loss, correct) = cpu.step(&train, &order).unwrap();
-            prop_assert!(
-                (got.loss_sum - loss).abs() <= TOLERANCE * loss.max(1.0),
-                "{summary}: loss {} vs {loss}",
-                got.loss_sum
-            );
-            prop_assert_eq!(got.correct, correct, "{}: correct count", summary);
-            let params = g.params().unwrap();
-            for (p, want) in &cpu.params {
-                let e = max_error(&params[p], want);
-                prop_assert!(e <= TOLERANCE, "{summary}: {p} differs by {e:e}");
-            }
-            // The updated weights evaluated in batches of `batch` (the last one partial).
-            let ge = g.evaluate().unwrap();
             let ce = cpu.evaluate(&test, batch).unwrap();
-            prop_assert_eq!(
-                ge.correct,
-                ce.correct,
-                "{}: evaluation's correct count",
-                summary
-            );
-            prop_assert!(
-                (ge.loss_sum - ce.loss_sum).abs() <= TOLERANCE * ce.loss_sum.max(1.0),
-                "{summary}: evaluation loss {} vs {}",
-                ge.loss_sum,
-                ce.loss_sum
-            );
+            for target in &targets {
+                let summary = format!("{model:?} at batch {batch} ({})", target.name);
+                let g = GpuTrainer::with_target(
+                    &gpu,
+                    target.clone(),
+                    model.clone(),
+                    &train,
+                    &test,
+                    batch,
+                    lr,
+                    7,
+                )
+                .map_err(|e| TestCaseError::fail(format!("{summary}: {e}")))?;
+                let got = g.train_order(&order).unwrap();
+                prop_assert!(
+                    (got.loss_sum - loss).abs() <= TOLERANCE * loss.max(1.0),
+                    "{summary}: loss {} vs {loss}",
+                    got.loss_sum
+                );
+                prop_assert_eq!(got.correct, correct, "{}: correct count", summary);
+                let params = g.params().unwrap();
+                for (p, want) in &cpu.params {
+                    let e = max_error(&params[p], want);
+                    prop_assert!(e <= TOLERANCE, "{summary}: {p} differs by {e:e}");
+                }
+                // The updated weights evaluated in batches of `batch` (the last one partial).
+                let ge = g.evaluate().unwrap();
+                prop_assert_eq!(
+                    ge.correct,
+                    ce.correct,
+                    "{}: evaluation's correct count",
+                    summary
+                );
+                prop_assert!(
+                    (ge.loss_sum - ce.loss_sum).abs() <= TOLERANCE * ce.loss_sum.max(1.0),
+                    "{summary}: evaluation loss {} vs {}",
+                    ge.loss_sum,
+                    ce.loss_sum
+                );
+            }
             Ok(())
         })
         .unwrap();
