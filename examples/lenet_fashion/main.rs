@@ -235,7 +235,12 @@ fn emit_compiled(model: &ir::Model, args: &Args, stage: Stage) -> Result<()> {
     let batch = args.batch_size as usize;
     let train_rows = args.limit.unwrap_or(60_000).min(60_000);
     let input = TensorType::new(DType::U8, [batch, 1, side, side]);
-    let forward = model.forward("lenet", input).map_err(anyhow::Error::msg)?;
+    // The graphs (and `--emit-dir`'s file names) are named after a `--model` file's graph.
+    let name = match model {
+        ir::Model::Graph(g) => g.name.as_str(),
+        ir::Model::Sequential(_) => "lenet",
+    };
+    let forward = model.forward(name, input).map_err(anyhow::Error::msg)?;
     let target = if args.for_device {
         Gpu::new()?.target
     } else {
