@@ -145,6 +145,13 @@ impl KernelModule {
         out.sort_by_key(|e| e.binding);
         out
     }
+
+    /// Uniform and storage slots of [`KernelModule::layout`], for the per-stage limits.
+    pub fn slot_counts(&self) -> (usize, usize) {
+        let layout = self.layout();
+        let uniforms = layout.iter().filter(|e| e.slot == Slot::Uniform).count();
+        (uniforms, layout.len() - uniforms)
+    }
 }
 
 /// How a kernel's code indexes a buffer bound as a uniform array: given the buffer and the
@@ -232,8 +239,7 @@ pub fn validate_kernel(m: &KernelModule) -> Result<naga::Module, CodegenError> {
 /// bounds the loop iterations of one invocation ([`crate::trips`]) by the target's limit.
 fn check_kernel(m: &mut KernelModule, target: &Target) -> Result<(), CodegenError> {
     let module = validate_kernel(m)?;
-    let layout = m.layout();
-    let uniforms = layout.iter().filter(|e| e.slot == Slot::Uniform).count();
+    let (uniforms, storage) = m.slot_counts();
     for (kind, needed, limit, available) in [
         (
             "uniform",
@@ -243,7 +249,7 @@ fn check_kernel(m: &mut KernelModule, target: &Target) -> Result<(), CodegenErro
         ),
         (
             "storage",
-            layout.len() - uniforms,
+            storage,
             "max_storage_buffers_per_shader_stage",
             target.max_storage_buffers_per_stage,
         ),
@@ -294,8 +300,6 @@ pub fn emit_wgsl(
                     // its invocations would loop too long, it takes more of them (powers of
                     // two up to the device's workgroup limit; 256 fit in its storage).
                     let most = target.max_workgroup_size_x.min(1024);
-                    // A kernel summing over the batch takes it in chunks of fewer images, each
-                    // adding to running sums, until one chunk's loops fit.
                     let mut wg = HEAD_WORKGROUP;
                     loop {
                         match check_kernel(&mut m, target) {
@@ -314,9 +318,11 @@ pub fn emit_wgsl(
                                     .as_ref()
                                     .is_none_or(|c| !c.sums.is_empty() && c.images > 1) =>
                             {
-                                // Not chunked yet: one chunk of the whole batch first, to
-                                // learn its images; then as many as scale to the limit
-                                // (with a margin), always fewer than before.
+                                // A kernel summing over the batch takes it in chunks of
+                                // fewer images, each adding to running sums, until one
+                                // chunk's loops fit. Not chunked yet: one chunk of the whole
+                                // batch first, to learn its images; then as many as scale to
+                                // the limit (with a margin), always fewer than before.
                                 let next = match &m.chunks {
                                     None => usize::MAX,
                                     Some(c) => {
@@ -1373,10 +1379,20 @@ fn emit_kernel_with(
     // On CPU-class devices every small read-only f32 value is read from a uniform binding too,
     // and an image-local kernel reads its large batched operands through per-chunk windows
     // (one uniform binding is kept for the table of window bases). A kernel summing over the
-    // batch runs
-    // chunk by chunk too, carrying its partial sums.
+    // batch runs chunk by chunk too, carrying its partial sums.
     let mut batch = None;
     let mut sums: Vec<(NodeId, NodeId)> = Vec::new();
+    // A kernel summing batched values over the batch (weight gradients): the batch is the
+    // first axis of what it reads.
+    let summing = match &kernel.kind {
+        KernelKind::Map { roots } if try_chunks => kernel.reads.iter().find_map(|r| {
+            let n = *graph.ty(*r).shape.first()?;
+            let batched = chunks::batched(graph, n);
+            let s = chunks::batch_sums(graph, &kernel.nodes, roots, &batched)?;
+            Some((n, batched, s))
+        }),
+        _ => None,
+    };
     if target.class == DeviceClass::Cpu {
         let max = target.max_uniform_buffer_binding_size;
         for (b, access) in used.iter_mut() {
@@ -1395,19 +1411,8 @@ fn emit_kernel_with(
             KernelKind::Map { roots } if try_chunks && roots.len() == 1 => Some(roots[0]),
             _ => None,
         };
-        // A kernel summing batched values over the batch (weight gradients): the batch is
-        // the first axis of what it reads. Otherwise an image-local kernel, batched by its
-        // root's first axis.
-        let summing = match &kernel.kind {
-            KernelKind::Map { roots } if try_chunks => kernel.reads.iter().find_map(|r| {
-                let n = *graph.ty(*r).shape.first()?;
-                let batched = chunks::batched(graph, n);
-                let s = chunks::batch_sums(graph, &kernel.nodes, roots, &batched)?;
-                Some((n, batched, s))
-            }),
-            _ => None,
-        };
-        let candidate = summing.or_else(|| {
+        // A summing kernel, or else an image-local kernel, batched by its root's first axis.
+        let candidate = summing.clone().or_else(|| {
             let (root, &n) = root.and_then(|r| Some((r, graph.ty(r).shape.first()?)))?;
             let batched = chunks::batched(graph, n);
             chunks::kernel_is_image_local(graph, &kernel.nodes, root, &batched)
@@ -1431,7 +1436,6 @@ fn emit_kernel_with(
                 sums = s;
             }
         }
-
         // What is still read from storage and fits in up to four uniform bindings (a dense
         // layer's weights) is split over several: each load reads them all and selects.
         let align = target.uniform_offset_alignment();
@@ -1492,20 +1496,9 @@ fn emit_kernel_with(
     // reading whatever has no window straight from storage (on any device class: the
     // portable schedules on lavapipe need it as much as a convolution whose output gradient
     // is too big for a window).
-    if let (None, Some(_), KernelKind::Map { roots }) = (batch, max_chunk_images, &kernel.kind) {
-        if try_chunks {
-            if let Some((n, s)) = kernel.reads.iter().find_map(|r| {
-                let n = *graph.ty(*r).shape.first()?;
-                let batched = chunks::batched(graph, n);
-                Some((
-                    n,
-                    chunks::batch_sums(graph, &kernel.nodes, roots, &batched)?,
-                ))
-            }) {
-                batch = Some(n);
-                sums = s;
-            }
-        }
+    if let (None, Some(_), Some((n, _, s))) = (batch, max_chunk_images, summing) {
+        batch = Some(n);
+        sums = s;
     }
     let mut next = 0u32;
     let bindings: Vec<Binding> = used

@@ -59,12 +59,8 @@ pub fn check_limits(gpu: &Gpu, compiled: &Compiled) -> Result<(), RuntimeError> 
     }
     for m in &compiled.modules {
         let what = format!("kernel {} of graph `{}`", m.name, compiled.graph.name);
-        let layout = m.layout();
-        let uniforms = layout
-            .iter()
-            .filter(|e| e.slot == kiln_compiler::Slot::Uniform)
-            .count() as u64;
-        let n = layout.len() as u64 - uniforms;
+        let (uniforms, storage) = m.slot_counts();
+        let n = storage as u64;
         if n > l.max_storage_buffers_per_shader_stage as u64 {
             return Err(gpu.limit_error(
                 what.clone(),
@@ -73,7 +69,7 @@ pub fn check_limits(gpu: &Gpu, compiled: &Compiled) -> Result<(), RuntimeError> 
                 l.max_storage_buffers_per_shader_stage as u64,
             ));
         }
-        let n = uniforms;
+        let n = uniforms as u64;
         if n > l.max_uniform_buffers_per_shader_stage as u64 {
             return Err(gpu.limit_error(
                 what.clone(),

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{gpu, max_error, noise};
+use common::{gpu, max_error, synthetic};
 use kiln_data::Split;
 use kiln_ir::lenet;
 use kiln_runtime::GpuTrainer;
@@ -25,22 +25,6 @@ const TOLERANCE: f64 = 1e-4;
 /// of each other (random weights make near ties among 10,000 images likely). A schedule bug
 /// moves thousands (batch 10,000 once scored 0.003 instead of 0.167).
 const TIES: u64 = 2;
-
-fn synthetic(count: usize, seed: u64) -> Split {
-    Split {
-        count,
-        rows: 28,
-        cols: 28,
-        images: noise(seed, count * 784, 0.0, 256.0)
-            .iter()
-            .map(|v| *v as u8)
-            .collect(),
-        labels: noise(seed + 1, count, 0.0, 10.0)
-            .iter()
-            .map(|v| *v as u8)
-            .collect(),
-    }
-}
 
 fn first(split: &Split, count: usize) -> Split {
     Split {

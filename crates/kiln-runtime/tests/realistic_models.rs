@@ -12,8 +12,7 @@
 
 mod common;
 
-use common::{gpu, max_error, noise};
-use kiln_data::Split;
+use common::{gpu, max_error, synthetic};
 use kiln_ir::testing::random_model;
 use kiln_ir::{Conv2d, Layer, Op, Sequential, TensorType};
 use kiln_runtime::GpuTrainer;
@@ -26,22 +25,6 @@ const TEST_IMAGES: usize = 300;
 /// Multiply-adds of one training step's forward pass the reference may run per case (the
 /// backward pass is about twice as many): keeps a case within seconds in a debug build.
 const MAX_FORWARD_MACS: u64 = 400_000_000;
-
-fn synthetic(count: usize, seed: u64) -> Split {
-    Split {
-        count,
-        rows: 28,
-        cols: 28,
-        images: noise(seed, count * 784, 0.0, 256.0)
-            .iter()
-            .map(|v| *v as u8)
-            .collect(),
-        labels: noise(seed + 1, count, 0.0, 10.0)
-            .iter()
-            .map(|v| *v as u8)
-            .collect(),
-    }
-}
 
 /// A convolution (its input channels fixed up by `random_model`), an activation and maybe a
 /// pooling layer.

@@ -2,29 +2,11 @@
 
 mod common;
 
-use common::gpu;
-use kiln_data::{Split, load, locate};
+use common::{gpu, synthetic};
+use kiln_data::{load, locate};
 use kiln_ir::lenet;
 use kiln_runtime::GpuTrainer;
 use kiln_train::CpuTrainer;
-
-fn synthetic(count: usize, seed: u64) -> Split {
-    let px = common::noise(seed, count * 784, 0.0, 256.0)
-        .iter()
-        .map(|v| *v as u8)
-        .collect();
-    let labels = common::noise(seed + 1, count, 0.0, 10.0)
-        .iter()
-        .map(|v| *v as u8)
-        .collect();
-    Split {
-        count,
-        rows: 28,
-        cols: 28,
-        images: px,
-        labels,
-    }
-}
 
 #[test]
 fn consecutive_steps_track_the_cpu_reference() {

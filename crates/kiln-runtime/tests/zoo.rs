@@ -10,9 +10,8 @@
 
 mod common;
 
-use common::{gpu, max_error, noise};
+use common::{gpu, max_error, synthetic};
 use kiln_compiler::Target;
-use kiln_data::Split;
 use kiln_ir::{Model, parse_file};
 use kiln_runtime::{Gpu, GpuTrainer, RuntimeError};
 use kiln_train::CpuTrainer;
@@ -20,22 +19,6 @@ use kiln_train::CpuTrainer;
 const BATCH: usize = 256;
 const STEPS: usize = 3;
 const TOLERANCE: f64 = 1e-4;
-
-fn synthetic(count: usize, seed: u64) -> Split {
-    Split {
-        count,
-        rows: 28,
-        cols: 28,
-        images: noise(seed, count * 784, 0.0, 256.0)
-            .iter()
-            .map(|v| *v as u8)
-            .collect(),
-        labels: noise(seed + 1, count, 0.0, 10.0)
-            .iter()
-            .map(|v| *v as u8)
-            .collect(),
-    }
-}
 
 pub fn zoo() -> Vec<(String, Model)> {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/zoo");

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use kiln_compiler::{DeviceClass, Target};
+use kiln_data::Split;
 use kiln_ir::{DType, Graph, NodeId};
 use kiln_reference::{Tensor, execute};
 use kiln_runtime::{Gpu, run_graph_on};
@@ -67,6 +68,23 @@ pub fn noise(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
             lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
         })
         .collect()
+}
+
+/// `count` deterministic 28x28 u8 images with labels below 10, a stand-in data set.
+pub fn synthetic(count: usize, seed: u64) -> Split {
+    Split {
+        count,
+        rows: 28,
+        cols: 28,
+        images: noise(seed, count * 784, 0.0, 256.0)
+            .iter()
+            .map(|v| *v as u8)
+            .collect(),
+        labels: noise(seed + 1, count, 0.0, 10.0)
+            .iter()
+            .map(|v| *v as u8)
+            .collect(),
+    }
 }
 
 /// Random feeds for every leaf: f32 in [-0.5, 0.5), u8 images, labels < `classes`, indices
