@@ -22,6 +22,8 @@ pub enum AutodiffError {
     MissingOutput(String),
     #[error("the model's output must be logits f32[N,C], got {0}")]
     NotLogits(TensorType),
+    #[error("optimizer: {0}")]
+    Optimizer(String),
     #[error(transparent)]
     Graph(#[from] GraphError),
     #[error(transparent)]
@@ -249,6 +251,35 @@ fn vjp(e: &mut Emitter, id: NodeId, g: NodeId) -> Result<Vec<(usize, NodeId)>, A
             )?;
             vec![(0, g), (1, neg)]
         }
+        Op::Mul => {
+            let da = e.op(Op::Mul, &[g, ins[1]])?;
+            let db = e.op(Op::Mul, &[g, ins[0]])?;
+            vec![(0, da), (1, db)]
+        }
+        Op::Div => {
+            // y = a / b: da = g / b, db = -g * y / b.
+            let da = e.op(Op::Div, &[g, ins[1]])?;
+            let gy = e.op(Op::Mul, &[g, id])?;
+            let q = e.op(Op::Div, &[gy, ins[1]])?;
+            let db = e.op(
+                Op::Scale {
+                    factor: Scalar(-1.0),
+                },
+                &[q],
+            )?;
+            vec![(0, da), (1, db)]
+        }
+        Op::Sqrt => {
+            // y = sqrt(x): dx = g / (2 y).
+            let half = e.op(
+                Op::Scale {
+                    factor: Scalar(0.5),
+                },
+                &[g],
+            )?;
+            vec![(0, e.op(Op::Div, &[half, id])?)]
+        }
+        Op::Exp => vec![(0, e.op(Op::Mul, &[g, id])?)],
         // Integer-valued results never carry a gradient, and u8 inputs have none to receive.
         Op::ScaleU8 | Op::Argmax | Op::CountEqual => vec![],
         // Only float rows can need one, and their gradient would be a scatter-add.

@@ -7,6 +7,7 @@ use kiln_ir::{
 };
 
 use crate::grad::{AutodiffError, gradients};
+use crate::optim::{Optimizer, append_updates};
 
 /// Output names of the step and evaluation graphs (updated parameters keep their own names).
 pub const LOSS_SUM: &str = "loss_sum";
@@ -49,12 +50,20 @@ fn clean(g: Graph) -> Result<Graph, AutodiffError> {
 }
 
 /// Derives one SGD training step from a forward graph whose output `output` is logits
-/// `f32[N,C]`. The step takes the forward inputs plus `labels: u32[N]` and every parameter, and
-/// outputs `loss_sum` (sum of per-example softmax cross-entropy), `correct` (count of argmax
-/// hits) and, under each parameter's own name, the parameter after `p - lr * dL/dp` where `L` is
-/// the mean loss over the batch. `lr` is baked in, so the step is specialised per batch size and
-/// learning rate.
+/// `f32[N,C]`: [`training_step_with`] plain SGD at learning rate `lr`.
 pub fn training_step(forward: &Graph, lr: f32) -> Result<Graph, AutodiffError> {
+    training_step_with(forward, &Optimizer::sgd(lr))
+}
+
+/// Derives one training step from a forward graph whose output `output` is logits `f32[N,C]`.
+/// The step takes the forward inputs plus `labels: u32[N]`, every parameter and the
+/// optimizer's state ([`Optimizer::state`]), and outputs `loss_sum` (sum of per-example softmax
+/// cross-entropy), `correct` (count of argmax hits) and, under each parameter's and each state
+/// tensor's own name, its value after the optimizer's step on the gradient of the mean loss
+/// over the batch. Hyperparameters are baked in, so the step is specialised per batch size and
+/// optimizer.
+pub fn training_step_with(forward: &Graph, optimizer: &Optimizer) -> Result<Graph, AutodiffError> {
+    optimizer.validate().map_err(AutodiffError::Optimizer)?;
     let mut g = forward.clone();
     g.name = format!("{}_step", forward.name);
     verify(&g)?;
@@ -72,10 +81,12 @@ pub fn training_step(forward: &Graph, lr: f32) -> Result<Graph, AutodiffError> {
         .collect();
     let ids: Vec<NodeId> = params.iter().map(|(id, _)| *id).collect();
     let grads = gradients(&mut g, loss, &ids)?;
-    for ((p, name), dp) in params.into_iter().zip(grads) {
-        let layer = g.node(p).layer.clone();
-        let step = g.add_in_layer(Op::Scale { factor: Scalar(lr) }, &[dp], layer.clone())?;
-        let updated = g.add_in_layer(Op::Sub, &[p, step], layer)?;
+    let with_grads: Vec<(NodeId, String, NodeId)> = params
+        .into_iter()
+        .zip(grads)
+        .map(|((p, name), dp)| (p, name, dp))
+        .collect();
+    for (name, updated) in append_updates(&mut g, optimizer, &with_grads)? {
         g.add_output(name, updated)?;
     }
     clean(g)

@@ -304,6 +304,10 @@ impl<'a> LaneFns<'a> {
                 | Op::TanhGrad
                 | Op::Add
                 | Op::Sub
+                | Op::Mul
+                | Op::Div
+                | Op::Sqrt
+                | Op::Exp
                 | Op::Scale { .. }
                 | Op::Reshape { .. }
                 | Op::Full { .. },
@@ -686,6 +690,10 @@ fn passes_through(op: &Op) -> bool {
             | Op::TanhGrad
             | Op::Add
             | Op::Sub
+            | Op::Mul
+            | Op::Div
+            | Op::Sqrt
+            | Op::Exp
             | Op::Scale { .. }
             | Op::BiasAdd { .. }
             | Op::Reshape { .. }

@@ -186,6 +186,10 @@ fn image_local(graph: &Graph, node: NodeId, k: usize) -> bool {
             | Op::TanhGrad
             | Op::Add
             | Op::Sub
+            | Op::Mul
+            | Op::Div
+            | Op::Sqrt
+            | Op::Exp
             | Op::Scale { .. }
             | Op::ScaleU8 => input == out,
             Op::BiasAdd { .. } | Op::Conv2d { .. } | Op::Conv2dGradInput { .. } => k == 0,
@@ -273,6 +277,10 @@ pub(crate) fn elementwise_path(graph: &Graph, nodes: &[NodeId], from: NodeId, to
             | Op::TanhGrad
             | Op::Add
             | Op::Sub
+            | Op::Mul
+            | Op::Div
+            | Op::Sqrt
+            | Op::Exp
             | Op::Scale { .. }
             | Op::Reshape { .. }
     );

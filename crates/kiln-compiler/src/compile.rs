@@ -46,8 +46,9 @@ pub fn compile(graph: &Graph, target: &Target) -> Result<Compiled, CompileError>
     verify_plan(graph, &plan, target)?;
     let (plan, modules) = match emit_wgsl(graph, &plan, target) {
         // A layer's merged weight and bias updates are one kernel of several roots, which is
-        // never split into image chunks; apart, each can be, and fit the loop limit.
-        Err(CodegenError::LoopLimit { kernel, .. })
+        // never split into image chunks; apart, each can be, and fit the loop limit. Apart,
+        // each also binds fewer buffers where chunking added its tables and running sums.
+        Err(CodegenError::LoopLimit { kernel, .. } | CodegenError::BindingLimit { kernel, .. })
             if plan.kernels.iter().any(|k| {
                 k.name == kernel && matches!(&k.kind, KernelKind::Map { roots } if roots.len() > 1)
             }) =>

@@ -32,7 +32,11 @@
 //! writes the loss sum, the correct count and the logits gradient.
 //!
 //! Parameter updates (an output named like a parameter) are written in place into the
-//! parameter's buffer, after every kernel that reads the old value.
+//! parameter's buffer, after every kernel that reads the old value. An optimizer's state is
+//! such a parameter too; a state update that only the parameter's update reads (a momentum
+//! buffer, Adam's moments) is a side output of the parameter's update kernel, so a parameter
+//! and its state are updated by one kernel. A gradient that the update reads more than once
+//! (Adam's `m` and `v` both read it) is stored by its own kernel instead of being recomputed.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
@@ -200,6 +204,10 @@ fn reads_once(graph: &Graph, consumer: NodeId, k: usize) -> bool {
         | Op::Scale { .. }
         | Op::Add
         | Op::Sub
+        | Op::Mul
+        | Op::Div
+        | Op::Sqrt
+        | Op::Exp
         | Op::SigmoidGrad
         | Op::ReluGrad
         | Op::TanhGrad
@@ -272,6 +280,83 @@ fn computes(graph: &Graph, id: NodeId) -> bool {
     )
 }
 
+/// Same-shape elementwise ops: element `j` of the result reads element `j` of each operand.
+fn is_pointwise(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Sigmoid
+            | Op::Relu
+            | Op::Tanh
+            | Op::SigmoidGrad
+            | Op::ReluGrad
+            | Op::TanhGrad
+            | Op::Add
+            | Op::Sub
+            | Op::Mul
+            | Op::Div
+            | Op::Sqrt
+            | Op::Exp
+            | Op::Scale { .. }
+    )
+}
+
+/// Whether every node of `nodes` computed from `leaf` (directly or through other such nodes)
+/// is a pointwise op of the leaf's shape: then element `j` of anything the kernel computes
+/// from the leaf reads element `j` of it only, and writing the leaf's update in place, each
+/// invocation its own elements, cannot clobber a value another invocation still reads.
+pub(crate) fn reads_elementwise(graph: &Graph, nodes: &[NodeId], leaf: NodeId) -> bool {
+    let shape = &graph.ty(leaf).shape;
+    let mut from_leaf: HashSet<NodeId> = HashSet::from([leaf]);
+    let mut ordered = nodes.to_vec();
+    ordered.sort();
+    for n in ordered {
+        let node = graph.node(n);
+        if node.inputs.iter().any(|i| from_leaf.contains(i)) {
+            if !is_pointwise(&node.op) || node.ty.shape != *shape {
+                return false;
+            }
+            from_leaf.insert(n);
+        }
+    }
+    true
+}
+
+/// Where a value read by one chain of single readers ends: the first node with no reader or
+/// several (a parameter update, for the ops of an optimizer).
+fn sink(consumers: &Consumers, mut id: NodeId) -> NodeId {
+    while let [(c, _)] = consumers[id.0].as_slice() {
+        id = *c;
+    }
+    id
+}
+
+/// Expensive values read more than once by a chain of ops that ends in one place (Adam's
+/// moments both read the gradient, and both end in the parameter's update; Nesterov momentum
+/// reads the decayed gradient twice): one kernel would compute the value once per read, so it
+/// is stored. Expensive: an anchor, or an op over one whose only reader it is (inlined there).
+fn reread_by_one_chain(graph: &Graph, consumers: &Consumers) -> Vec<NodeId> {
+    let mut heavy = vec![false; graph.nodes().len()];
+    for (id, node) in graph.iter() {
+        heavy[id.0] = is_anchor(&node.op)
+            || (!node.op.is_leaf()
+                && node
+                    .inputs
+                    .iter()
+                    .any(|i| heavy[i.0] && consumers[i.0].len() == 1));
+    }
+    graph
+        .iter()
+        .filter(|(id, _)| {
+            let cons = &consumers[id.0];
+            heavy[id.0] && cons.len() > 1 && {
+                let first = sink(consumers, cons[0].0);
+                cons.iter().all(|&(c, _)| sink(consumers, c) == first)
+            }
+        })
+        .map(|(id, _)| id)
+        .collect()
+}
+
 /// Every node's readers, as `(reader, operand position)`, in definition order.
 type Consumers = Vec<Vec<(NodeId, usize)>>;
 
@@ -291,6 +376,7 @@ fn place(
     consumers: &Consumers,
     forced: &HashSet<NodeId>,
     allow_side: bool,
+    updates: &[(NodeId, NodeId)],
 ) -> Vec<Placement> {
     let n = graph.nodes().len();
     let mut is_output = vec![false; n];
@@ -321,7 +407,23 @@ fn place(
             })
             .sum::<usize>();
         let cons = &consumers[id.0];
-        placement[id.0] = if is_output[id.0] || forced.contains(&id) || cons.is_empty() {
+        // An optimizer state's update read by one elementwise op (on its way to the
+        // parameter's update): computed and saved where that op reads it.
+        let state_update = match cons.as_slice() {
+            [(c, k)]
+                if allow_side
+                    && !forced.contains(&id)
+                    && updates.iter().any(|(u, _)| *u == id)
+                    && reads_once(graph, *c, *k)
+                    && is_epilogue(&graph.node(*c).op) =>
+            {
+                Some(*c)
+            }
+            _ => None,
+        };
+        placement[id.0] = if let Some(consumer) = state_update {
+            Placement::Side { consumer }
+        } else if is_output[id.0] || forced.contains(&id) || cons.is_empty() {
             Placement::Stored
         } else if !heavy[id.0] {
             let reread = computes(graph, id)
@@ -534,11 +636,11 @@ pub(crate) fn fuse_with(
     verify(graph)?;
     let updates = find_updates(graph);
     let consumers = consumers_of(graph);
-    let mut forced: HashSet<NodeId> = HashSet::new();
+    let mut forced: HashSet<NodeId> = reread_by_one_chain(graph, &consumers).into_iter().collect();
     let mut allow_side = true;
     let mut no_head: HashSet<NodeId> = HashSet::new();
     loop {
-        let mut placement = place(graph, &consumers, &forced, allow_side);
+        let mut placement = place(graph, &consumers, &forced, allow_side, &updates);
         let mut heads = find_heads(graph, &consumers, &placement);
         heads.retain(|h| !no_head.contains(&h.logits));
         // A head whose rows would loop past the device's limit computes its logits from a
@@ -629,20 +731,22 @@ pub(crate) fn fuse_with(
         for k in &mut kernels {
             k.recomputed = k.nodes.iter().copied().filter(|n| count[n] > 1).collect();
         }
-        // In-place updates need the update kernel to read its parameter only where it writes.
+        // In-place updates need the update kernel to read its parameter only where it writes
+        // (see `reads_elementwise`); otherwise what the update subtracts is stored first.
         let mut retry = false;
         for &(u, p) in &updates {
             if let Some(k) = kernels.iter().find(|k| k.stores.contains(&u)) {
-                let other_reader = k
-                    .nodes
-                    .iter()
-                    .any(|&n| n != u && graph.node(n).inputs.contains(&p))
-                    || graph.node(u).op != Op::Sub
-                    || graph.node(u).inputs[0] != p
-                    || graph.node(u).inputs[1] == p;
-                if other_reader && forced.insert(graph.node(u).inputs.get(1).copied().unwrap_or(u))
-                {
-                    retry = true;
+                if !reads_elementwise(graph, &k.nodes, p) {
+                    let node = graph.node(u);
+                    let operands: Vec<NodeId> = match node.op {
+                        Op::Sub if node.inputs[0] == p => vec![node.inputs[1]],
+                        _ => node.inputs.clone(),
+                    };
+                    for o in operands {
+                        if !graph.node(o).op.is_leaf() && forced.insert(o) {
+                            retry = true;
+                        }
+                    }
                 }
             }
         }

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use kiln_ir::{Graph, NodeId};
 
-use crate::plan::{KernelKind, Placement, Plan, is_anchor};
+use crate::plan::{KernelKind, Placement, Plan, is_anchor, reads_elementwise};
 use crate::target::Target;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -124,19 +124,11 @@ pub fn verify_plan(graph: &Graph, plan: &Plan, target: &Target) -> Result<(), Pl
                             kernel.name, plan.kernels[uk].name
                         )));
                     }
-                    if uk == k {
-                        let readers: Vec<NodeId> = kernel
-                            .nodes
-                            .iter()
-                            .copied()
-                            .filter(|&n| graph.node(n).inputs.contains(&r))
-                            .collect();
-                        if readers != [u] || graph.node(u).inputs[0] != r {
-                            return Err(fail(format!(
-                                "{} updates {r} in place but also reads it elsewhere",
-                                kernel.name
-                            )));
-                        }
+                    if uk == k && !reads_elementwise(graph, &kernel.nodes, r) {
+                        return Err(fail(format!(
+                            "{} updates {r} in place but also reads it elsewhere",
+                            kernel.name
+                        )));
                     }
                 }
                 continue;

@@ -598,6 +598,10 @@ pub(crate) fn body_over(
         ),
         Op::Add => format!("    return {}(i) + {}(i);\n", x(0), x(1)),
         Op::Sub => format!("    return {}(i) - {}(i);\n", x(0), x(1)),
+        Op::Mul => format!("    return {}(i) * {}(i);\n", x(0), x(1)),
+        Op::Div => format!("    return {}(i) / {}(i);\n", x(0), x(1)),
+        Op::Sqrt => format!("    return sqrt({}(i));\n", x(0)),
+        Op::Exp => format!("    return exp({}(i));\n", x(0)),
         Op::Scale { factor } => format!("    return {}(i) * {};\n", x(0), f32_lit(factor.0)),
         Op::BiasAdd { axis } => {
             let inner: usize = out[axis + 1..].iter().product();

@@ -111,6 +111,14 @@ pub enum Op {
     Add,
     /// Elementwise `a - b` (same shapes); the SGD update is `sub(p, scale(g, lr))`.
     Sub,
+    /// Elementwise `a * b` (same shapes); optimizers square gradients with it.
+    Mul,
+    /// Elementwise `a / b` (same shapes), IEEE division (`x / 0` is infinite or NaN).
+    Div,
+    /// Elementwise square root (NaN below zero).
+    Sqrt,
+    /// Elementwise `e^x`; Adam's bias corrections are `1 - exp(t * ln(beta))`.
+    Exp,
     /// `sigmoid_grad(y, dy) = dy * y * (1 - y)`, where `y` is the sigmoid's output.
     SigmoidGrad,
     /// `relu_grad(y, dy) = dy` where `y > 0`, else 0; `y` is the ReLU's output.
@@ -197,6 +205,10 @@ const SIGNATURES: &[(&str, &[&str])] = &[
     ("scale", &["factor"]),
     ("add", &[]),
     ("sub", &[]),
+    ("mul", &[]),
+    ("div", &[]),
+    ("sqrt", &[]),
+    ("exp", &[]),
     ("sigmoid_grad", &[]),
     ("relu_grad", &[]),
     ("tanh_grad", &[]),
@@ -239,6 +251,10 @@ impl Op {
             Op::Scale { .. } => "scale",
             Op::Add => "add",
             Op::Sub => "sub",
+            Op::Mul => "mul",
+            Op::Div => "div",
+            Op::Sqrt => "sqrt",
+            Op::Exp => "exp",
             Op::SigmoidGrad => "sigmoid_grad",
             Op::ReluGrad => "relu_grad",
             Op::TanhGrad => "tanh_grad",
@@ -273,6 +289,8 @@ impl Op {
             | Op::ScaleU8
             | Op::Broadcast { .. }
             | Op::Scale { .. }
+            | Op::Sqrt
+            | Op::Exp
             | Op::AvgPool2dGrad { .. }
             | Op::Argmax => 1,
             Op::Conv2d { .. }
@@ -281,6 +299,8 @@ impl Op {
             | Op::SoftmaxCrossEntropy
             | Op::Add
             | Op::Sub
+            | Op::Mul
+            | Op::Div
             | Op::SigmoidGrad
             | Op::ReluGrad
             | Op::TanhGrad
@@ -357,6 +377,10 @@ impl Op {
             | Op::ScaleU8
             | Op::Add
             | Op::Sub
+            | Op::Mul
+            | Op::Div
+            | Op::Sqrt
+            | Op::Exp
             | Op::SigmoidGrad
             | Op::ReluGrad
             | Op::TanhGrad
@@ -433,6 +457,10 @@ impl Op {
             },
             "add" => Op::Add,
             "sub" => Op::Sub,
+            "mul" => Op::Mul,
+            "div" => Op::Div,
+            "sqrt" => Op::Sqrt,
+            "exp" => Op::Exp,
             "sigmoid_grad" => Op::SigmoidGrad,
             "relu_grad" => Op::ReluGrad,
             "tanh_grad" => Op::TanhGrad,
@@ -534,7 +562,7 @@ impl Op {
                     )),
                 }
             }
-            Op::Sigmoid | Op::Relu | Op::Tanh => {
+            Op::Sigmoid | Op::Relu | Op::Tanh | Op::Sqrt | Op::Exp => {
                 expect_f32(operands[0], "input")?;
                 Ok(operands[0].clone())
             }
@@ -630,7 +658,13 @@ impl Op {
                 expect_f32(operands[0], "input")?;
                 Ok(operands[0].clone())
             }
-            Op::Add | Op::Sub | Op::SigmoidGrad | Op::ReluGrad | Op::TanhGrad => {
+            Op::Add
+            | Op::Sub
+            | Op::Mul
+            | Op::Div
+            | Op::SigmoidGrad
+            | Op::ReluGrad
+            | Op::TanhGrad => {
                 let (a, b) = (operands[0], operands[1]);
                 expect_f32(a, "first operand")?;
                 expect_f32(b, "second operand")?;
@@ -1096,6 +1130,10 @@ mod tests {
             },
             Op::Add,
             Op::Sub,
+            Op::Mul,
+            Op::Div,
+            Op::Sqrt,
+            Op::Exp,
             Op::SigmoidGrad,
             Op::ReluGrad,
             Op::TanhGrad,

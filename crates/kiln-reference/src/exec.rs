@@ -222,6 +222,10 @@ pub fn eval<T: Real>(
         Op::TanhGrad => binary(|y, dy| dy * (1.0 - y * y)),
         Op::Add => binary(|a, b| a + b),
         Op::Sub => binary(|a, b| a - b),
+        Op::Mul => binary(|a, b| a * b),
+        Op::Div => binary(|a, b| a / b),
+        Op::Sqrt => unary(f64::sqrt),
+        Op::Exp => unary(f64::exp),
         Op::Scale { factor } => {
             let f = factor.0 as f64;
             out(ty, floats(args[0]).into_iter().map(|x| x * f).collect())

@@ -1,4 +1,4 @@
-//! The SGD training loop on the device.
+//! The training loop on the device.
 //!
 //! The data set lives on the device as packed u8 (47 MB for Fashion-MNIST's training images, one
 //! binding). Each epoch uploads only a permutation; every step copies its slice of it into the
@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use kiln_autodiff::{
-    CORRECT, DATASET_IMAGES, DATASET_LABELS, LOSS_SUM, evaluation_graph, read_batches_from_dataset,
-    training_step,
+    CORRECT, DATASET_IMAGES, DATASET_LABELS, LOSS_SUM, Optimizer, StateTensor, evaluation_graph,
+    read_batches_from_dataset, training_step_with,
 };
 use kiln_compiler::{Target, compile};
 use kiln_data::{CLASS_NAMES, Split};
@@ -40,14 +40,18 @@ struct Resident {
     programs: HashMap<usize, Program>,
 }
 
-/// Trains a model on the device with plain SGD, d2l's recipe: `batch_size` examples per step,
-/// the last partial batch kept (its own compiled step), loss and accuracy accumulated on the
-/// device.
+/// Trains a model on the device, d2l's recipe: `batch_size` examples per step, the last
+/// partial batch kept (its own compiled step), loss and accuracy accumulated on the device. The
+/// optimizer (plain SGD, SGD with momentum, Adam, AdamW) is part of the compiled step; its state
+/// lives in device buffers beside the parameters.
 pub struct GpuTrainer<'g> {
     gpu: &'g Gpu,
     batch_size: usize,
+    /// Parameters and optimizer state, by leaf name (both are updated in place by the step).
     params: HashMap<String, Arc<wgpu::Buffer>>,
     param_types: Vec<(String, TensorType)>,
+    state: Vec<StateTensor>,
+    optimizer: Optimizer,
     train: Resident,
     test: Resident,
     seed: u64,
@@ -71,18 +75,19 @@ fn stats_from(bytes: &[u8], steps: &[usize]) -> Stats {
 
 impl<'g> GpuTrainer<'g> {
     /// Compiles the model's training step and evaluation graph for `gpu`, uploads both splits
-    /// and the initial parameters (Xavier/PyTorch init from `seed`).
+    /// and the initial parameters (Xavier/PyTorch init from `seed`); the optimizer's state
+    /// starts at zero. A bare learning rate as `optimizer` is plain SGD.
     pub fn new(
         gpu: &'g Gpu,
         model: impl Into<Model>,
         train: &Split,
         test: &Split,
         batch_size: usize,
-        lr: f32,
+        optimizer: impl Into<Optimizer>,
         seed: u64,
     ) -> Result<Self, RuntimeError> {
         let target = gpu.target.clone();
-        Self::with_target(gpu, target, model, train, test, batch_size, lr, seed)
+        Self::with_target(gpu, target, model, train, test, batch_size, optimizer, seed)
     }
 
     /// [`GpuTrainer::new`] with the kernels compiled for `target` instead of the device's own
@@ -96,9 +101,13 @@ impl<'g> GpuTrainer<'g> {
         train: &Split,
         test: &Split,
         batch_size: usize,
-        lr: f32,
+        optimizer: impl Into<Optimizer>,
         seed: u64,
     ) -> Result<Self, RuntimeError> {
+        let optimizer: Optimizer = optimizer.into();
+        optimizer
+            .validate()
+            .map_err(|e| RuntimeError::Setup(format!("optimizer: {e}")))?;
         if batch_size == 0 {
             return Err(RuntimeError::Setup("batch size must be positive".into()));
         }
@@ -121,6 +130,13 @@ impl<'g> GpuTrainer<'g> {
                 upload(gpu, name, &tensor_bytes(&init[name], false))?,
             );
             param_types.push((name.to_string(), ty.clone()));
+        }
+        let state = optimizer.state(probe.params().map(|(_, n, t)| (n, t)));
+        for s in &state {
+            params.insert(
+                s.name.clone(),
+                upload(gpu, &s.name, &vec![0u8; (s.ty.numel().max(1)) * 4])?,
+            );
         }
         let resident = |split: &Split, what: &str| -> Result<Resident, RuntimeError> {
             let images =
@@ -145,6 +161,8 @@ impl<'g> GpuTrainer<'g> {
             batch_size,
             params,
             param_types,
+            state,
+            optimizer,
             train: resident(train, "training")?,
             test: resident(test, "test")?,
             seed,
@@ -154,19 +172,13 @@ impl<'g> GpuTrainer<'g> {
         // Compile every program up front: errors and device limits surface before training.
         for (training, rows) in [(true, t.train.rows), (false, t.test.rows)] {
             for r in batch_ranges(rows, batch_size) {
-                t.program(&model, training, r.len(), lr)?;
+                t.program(&model, training, r.len())?;
             }
         }
         Ok(t)
     }
 
-    fn program(
-        &mut self,
-        model: &Model,
-        training: bool,
-        batch: usize,
-        lr: f32,
-    ) -> Result<(), RuntimeError> {
+    fn program(&mut self, model: &Model, training: bool, batch: usize) -> Result<(), RuntimeError> {
         let resident = if training { &self.train } else { &self.test };
         if resident.programs.contains_key(&batch) {
             return Ok(());
@@ -178,7 +190,7 @@ impl<'g> GpuTrainer<'g> {
             .forward("model", TensorType::new(DType::U8, [batch, c, h, w]))
             .map_err(setup)?;
         let graph = if training {
-            training_step(&fwd, lr).map_err(|e| setup(e.to_string()))?
+            training_step_with(&fwd, &self.optimizer).map_err(|e| setup(e.to_string()))?
         } else {
             evaluation_graph(&fwd).map_err(|e| setup(e.to_string()))?
         };
@@ -380,6 +392,54 @@ impl<'g> GpuTrainer<'g> {
             out.insert(name.clone(), tensor_from_bytes(&bytes, ty, false));
         }
         Ok(out)
+    }
+
+    /// The optimizer the step was compiled with.
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
+    }
+
+    /// What the optimizer keeps (momentum buffers, Adam's moments and step count).
+    pub fn state_tensors(&self) -> &[StateTensor] {
+        &self.state
+    }
+
+    /// The optimizer's state, read back from the device, by leaf name ([`StateTensor::name`]).
+    pub fn state(&self) -> Result<HashMap<String, Tensor>, RuntimeError> {
+        let mut out = HashMap::new();
+        for s in &self.state {
+            let bytes = download(
+                self.gpu,
+                &self.params[&s.name],
+                0,
+                (s.ty.numel().max(1) * 4) as u64,
+                &s.name,
+            )?;
+            out.insert(s.name.clone(), tensor_from_bytes(&bytes, &s.ty, false));
+        }
+        Ok(out)
+    }
+
+    /// Replaces the optimizer's state (every tensor of [`GpuTrainer::state_tensors`], by leaf
+    /// name and type), e.g. to resume from a checkpoint.
+    pub fn set_state(&self, state: &HashMap<String, Tensor>) -> Result<(), RuntimeError> {
+        for s in &self.state {
+            let t = state.get(&s.name).ok_or_else(|| {
+                RuntimeError::Setup(format!("no value for optimizer state `{}`", s.name))
+            })?;
+            if t.ty() != s.ty {
+                return Err(RuntimeError::Setup(format!(
+                    "optimizer state `{}` is {}, got {}",
+                    s.name,
+                    s.ty,
+                    t.ty()
+                )));
+            }
+            self.gpu
+                .queue
+                .write_buffer(&self.params[&s.name], 0, &tensor_bytes(t, false));
+        }
+        Ok(())
     }
 
     /// Replaces the parameters (same names and types as the model's).

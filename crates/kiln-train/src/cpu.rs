@@ -1,9 +1,12 @@
-//! SGD training on the CPU reference executor: the derived step graph, run as-is. Slow, but it
+//! Training on the CPU reference executor: the derived step graph, run as-is. Slow, but it
 //! is the same graph the GPU runs, so it is the reference for the GPU runtime's trajectories.
 
 use std::collections::HashMap;
 
-use kiln_autodiff::{AutodiffError, CORRECT, LABELS, LOSS_SUM, evaluation_graph, training_step};
+use kiln_autodiff::{
+    AutodiffError, CORRECT, LABELS, LOSS_SUM, Optimizer, StateTensor, evaluation_graph,
+    training_step_with,
+};
 use kiln_data::Split;
 use kiln_ir::{DType, Graph, Model, ShapeError, TensorType};
 use kiln_reference::{ExecError, Tensor, execute};
@@ -51,38 +54,62 @@ impl Stats {
     }
 }
 
-/// Trains a `Sequential` model on u8 images with plain SGD, one compiled step graph per batch
-/// size (a full batch and the last partial one).
+/// Trains a model on u8 images with any [`Optimizer`], one derived step graph per batch size
+/// (a full batch and the last partial one).
 pub struct CpuTrainer {
     model: Model,
-    lr: f32,
+    optimizer: Optimizer,
     image: [usize; 3],
     steps: HashMap<usize, Graph>,
     evals: HashMap<usize, Graph>,
     /// The current parameters by PyTorch name.
     pub params: HashMap<String, Tensor>,
+    /// The optimizer's state by leaf name ([`StateTensor::name`]), zero at the start.
+    pub state: HashMap<String, Tensor>,
+    state_tensors: Vec<StateTensor>,
 }
 
 impl CpuTrainer {
     /// Builds the model for `[channels, rows, cols]` u8 images and initialises its parameters
-    /// from `seed`.
+    /// from `seed`. A bare learning rate as `optimizer` is plain SGD.
     pub fn new(
         model: impl Into<Model>,
         image: [usize; 3],
-        lr: f32,
+        optimizer: impl Into<Optimizer>,
         seed: u64,
     ) -> Result<Self, TrainError> {
+        let optimizer: Optimizer = optimizer.into();
+        optimizer
+            .validate()
+            .map_err(|e| TrainError::Autodiff(AutodiffError::Optimizer(e)))?;
         let mut t = CpuTrainer {
             model: model.into(),
-            lr,
+            optimizer,
             image,
             steps: HashMap::new(),
             evals: HashMap::new(),
             params: HashMap::new(),
+            state: HashMap::new(),
+            state_tensors: Vec::new(),
         };
         let forward = t.forward(1)?;
         t.params = init_params(&forward, seed)?;
+        t.state_tensors = optimizer.state(forward.params().map(|(_, n, ty)| (n, ty)));
+        t.state = t
+            .state_tensors
+            .iter()
+            .map(|s| {
+                let zeros = vec![0.0; s.ty.numel()];
+                let t = Tensor::from_f32(s.ty.shape.clone(), zeros).expect("numel zeros");
+                (s.name.clone(), t)
+            })
+            .collect();
         Ok(t)
+    }
+
+    /// What the optimizer keeps, in order.
+    pub fn state_tensors(&self) -> &[StateTensor] {
+        &self.state_tensors
     }
 
     fn forward(&self, batch: usize) -> Result<Graph, TrainError> {
@@ -96,7 +123,7 @@ impl CpuTrainer {
     /// The training-step graph for one batch size, derived on first use.
     pub fn step_graph(&mut self, batch: usize) -> Result<&Graph, TrainError> {
         if !self.steps.contains_key(&batch) {
-            let step = training_step(&self.forward(batch)?, self.lr)?;
+            let step = training_step_with(&self.forward(batch)?, &self.optimizer)?;
             self.steps.insert(batch, step);
         }
         Ok(&self.steps[&batch])
@@ -126,19 +153,22 @@ impl CpuTrainer {
         ])
     }
 
-    /// One SGD step on the examples `indices` of `split`; returns the batch's loss sum and
+    /// One optimizer step on the examples `indices` of `split`; returns the batch's loss sum and
     /// correct count (measured before the update, as d2l's accumulator does).
     pub fn step(&mut self, split: &Split, indices: &[u32]) -> Result<(f64, u64), TrainError> {
         let inputs = self.feeds(split, indices);
         self.step_graph(indices.len())?;
         let step = &self.steps[&indices.len()];
-        let values = execute(step, &inputs, &self.params)?;
-        let names: Vec<String> = self.params.keys().cloned().collect();
-        for name in names {
-            let updated = values
-                .output(&name)
-                .expect("the step outputs every parameter");
-            self.params.insert(name, updated.clone());
+        let mut leaves = self.params.clone();
+        leaves.extend(self.state.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let values = execute(step, &inputs, &leaves)?;
+        for map in [&mut self.params, &mut self.state] {
+            for (name, value) in map.iter_mut() {
+                *value = values
+                    .output(name)
+                    .expect("the step outputs every parameter and state tensor")
+                    .clone();
+            }
         }
         Ok(scalars(&values))
     }
