@@ -117,6 +117,7 @@ fn cold_start_child(args: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    kiln::runtime::init_logging();
     let args = Args::parse();
     if args.cold_start_child {
         return cold_start_child(&args);

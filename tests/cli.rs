@@ -341,6 +341,30 @@ fn no_adapter_is_a_clear_error() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+#[test]
+fn a_gpu_run_outside_a_desktop_session_prints_no_errors() {
+    if no_gpu() {
+        return;
+    }
+    // As in CI, ssh or a container: no session, so no XDG_RUNTIME_DIR. Opening the Vulkan
+    // device used to make Mesa's device-selection layer ask libwayland for the compositor,
+    // which printed `error: XDG_RUNTIME_DIR is invalid or not set in the environment.` twice.
+    let o = example()
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("RUST_LOG")
+        .args(["--emit", "kernels", "--for-device"])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(stdout(&o).contains("kernels"), "{}", stdout(&o));
+    assert!(
+        !err.lines().any(|l| l.to_lowercase().contains("error")),
+        "{err}"
+    );
+    assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+}
+
 /// True (loudly) when there is no adapter and `KILN_REQUIRE_GPU` is unset: the test skips.
 fn no_gpu() -> bool {
     let skip = kiln::runtime::Gpu::new().is_err() && std::env::var_os("KILN_REQUIRE_GPU").is_none();
@@ -943,4 +967,118 @@ fn plot_draws_the_three_curves_after_every_epoch_as_svg_or_png() {
         .collect();
     left.sort();
     assert_eq!(left, ["curves.png", "curves.svg"]);
+}
+
+#[test]
+fn init_resumes_an_adam_run_exactly() {
+    let Some(data) = data_dir() else { return };
+    if !gpu_available() {
+        return;
+    }
+    let dir = tempfile_dir("resume");
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let (two, one, resumed) = (path("two.st"), path("one.st"), path("resumed.st"));
+    let base = [
+        "--data",
+        &data,
+        "--limit",
+        "300",
+        "--eval-limit",
+        "50",
+        "--batch-size",
+        "128",
+        "--optimizer",
+        "adam",
+        "--variant",
+        "relu",
+    ];
+    let o = run(&[&base[..], &["--epochs", "2", "--save", &two]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&[&base[..], &["--epochs", "1", "--save", &one]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&[
+        &base[..],
+        &["--epochs", "1", "--init", &one, "--save", &resumed],
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("(after epoch 1)"), "{out}");
+    assert!(out.contains("epoch 2: loss"), "{out}");
+    let (a, b) = (
+        kiln::checkpoint::load(std::path::Path::new(&two)).unwrap(),
+        kiln::checkpoint::load(std::path::Path::new(&resumed)).unwrap(),
+    );
+    assert_eq!(b.metadata["epoch"], "2");
+    assert_eq!(b.metadata["optimizer"], "Adam");
+    assert!(a.params.contains_key("optimizer.state.0.weight.exp_avg_sq"));
+    assert_eq!(
+        a.params["optimizer.state.0.weight.step"].as_f32().unwrap(),
+        [6.0]
+    );
+    assert_eq!(
+        a.params, b.params,
+        "parameters and optimizer state, bit for bit"
+    );
+    // Resuming with another optimizer is refused, naming the file.
+    let o = run(&[
+        "--data",
+        &data,
+        "--limit",
+        "300",
+        "--eval-limit",
+        "50",
+        "--batch-size",
+        "128",
+        "--variant",
+        "relu",
+        "--momentum",
+        "0.9",
+        "--init",
+        &one,
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("one.st") && stderr(&o).contains("Adam"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn optimizer_flags_are_checked() {
+    let o = run(&[
+        "--optimizer",
+        "adam",
+        "--momentum",
+        "0.9",
+        "--emit",
+        "train-ir",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("--momentum and --nesterov"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&[
+        "--optimizer",
+        "adam",
+        "--betas",
+        "0.9",
+        "1.5",
+        "--emit",
+        "train-ir",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("Invalid beta parameter at index 1"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["--optimizer", "adamw", "--emit", "train-ir"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ir = stdout(&o);
+    assert!(ir.contains("param \"optim.step\""), "{ir}");
+    assert!(ir.contains("\"optim.0.weight.exp_avg_sq\""), "{ir}");
 }

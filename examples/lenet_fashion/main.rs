@@ -16,8 +16,9 @@ use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::data;
 use kiln::ir::{self, DType, TensorType, thousands};
-use kiln::runtime::{Gpu, GpuTrainer, RuntimeError};
+use kiln::runtime::{Gpu, RuntimeError};
 use kiln::train::{CpuTrainer, Stats, epoch_order};
+use kiln::{Optimizer, TrainConfig, Trainer};
 
 mod plot;
 
@@ -49,6 +50,17 @@ impl Variant {
         }
         .model()
     }
+}
+
+/// `--optimizer`: which `torch.optim` update the compiled step applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OptimizerKind {
+    /// torch.optim.SGD (with --momentum, --nesterov, --weight-decay).
+    Sgd,
+    /// torch.optim.Adam (with --betas, --eps, --weight-decay as L2).
+    Adam,
+    /// torch.optim.AdamW (decoupled --weight-decay, default 0.01).
+    Adamw,
 }
 
 /// The schedule set `--target` chooses.
@@ -85,9 +97,28 @@ struct Args {
     /// Examples per SGD step (the last partial batch is kept).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     batch_size: u32,
-    /// SGD learning rate.
-    #[arg(long, default_value_t = 0.9)]
-    lr: f32,
+    /// Learning rate (default: 0.9 for SGD, d2l's; 0.001 for Adam and AdamW).
+    #[arg(long)]
+    lr: Option<f32>,
+    /// The optimizer compiled into the training step.
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
+    optimizer: OptimizerKind,
+    /// SGD momentum factor (0: plain SGD).
+    #[arg(long, default_value_t = 0.0)]
+    momentum: f32,
+    /// SGD: Nesterov momentum (needs --momentum).
+    #[arg(long)]
+    nesterov: bool,
+    /// Weight decay: added to the gradient (SGD, Adam) or decoupled (AdamW; default 0.01,
+    /// otherwise 0).
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    /// Adam/AdamW: the moving averages' coefficients.
+    #[arg(long, num_args = 2, value_names = ["BETA1", "BETA2"], default_values_t = [0.9, 0.999])]
+    betas: Vec<f32>,
+    /// Adam/AdamW: added to the denominator.
+    #[arg(long, default_value_t = 1e-8)]
+    eps: f32,
     /// Seed for initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -133,7 +164,8 @@ struct Args {
     #[arg(long, requires = "save", value_parser = clap::value_parser!(u32).range(1..))]
     save_every: Option<u32>,
     /// Start from this checkpoint instead of random initialisation (names, shapes and dtypes
-    /// are checked against the model).
+    /// are checked against the model). A checkpoint kiln saved resumes exactly: its optimizer
+    /// state and epoch count are restored, and --epochs more epochs follow.
     #[arg(long)]
     init: Option<PathBuf>,
     /// Classify test-set images (by index) or 28x28 8-bit grayscale PNG files with the
@@ -215,7 +247,41 @@ fn profile_table(profile: &kiln::runtime::Profile, batch: usize) -> String {
     s
 }
 
+impl Args {
+    fn optimizer(&self) -> Result<Optimizer> {
+        let decay = |default: f32| self.weight_decay.unwrap_or(default);
+        let betas = [self.betas[0], self.betas[1]];
+        let sgd_only = self.momentum != 0.0 || self.nesterov;
+        let optimizer = match self.optimizer {
+            OptimizerKind::Sgd => Optimizer::Sgd {
+                lr: self.lr.unwrap_or(0.9),
+                momentum: self.momentum,
+                nesterov: self.nesterov,
+                weight_decay: decay(0.0),
+            },
+            _ if sgd_only => {
+                anyhow::bail!("--momentum and --nesterov are settings of --optimizer sgd")
+            }
+            OptimizerKind::Adam => Optimizer::Adam {
+                lr: self.lr.unwrap_or(1e-3),
+                betas,
+                eps: self.eps,
+                weight_decay: decay(0.0),
+            },
+            OptimizerKind::Adamw => Optimizer::AdamW {
+                lr: self.lr.unwrap_or(1e-3),
+                betas,
+                eps: self.eps,
+                weight_decay: decay(0.01),
+            },
+        };
+        optimizer.validate().map_err(anyhow::Error::msg)?;
+        Ok(optimizer)
+    }
+}
+
 fn main() -> ExitCode {
+    kiln::runtime::init_logging();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<Interrupted>() => ExitCode::from(130),
@@ -229,7 +295,7 @@ fn main() -> ExitCode {
 /// Compiles the training step and the evaluation graph for the portable target (or, with
 /// `--for-device`, the adapter's) and prints (or writes) the requested stage.
 fn emit_compiled(model: &ir::Model, args: &Args, stage: Stage) -> Result<()> {
-    use kiln::autodiff::{evaluation_graph, read_batches_from_dataset, training_step};
+    use kiln::autodiff::{evaluation_graph, read_batches_from_dataset, training_step_with};
     use kiln::compiler::{Target, compile};
     let side = data::SIDE;
     let batch = args.batch_size as usize;
@@ -246,7 +312,10 @@ fn emit_compiled(model: &ir::Model, args: &Args, stage: Stage) -> Result<()> {
     } else {
         Target::portable()
     };
-    let step = read_batches_from_dataset(&training_step(&forward, args.lr)?, train_rows)?;
+    let step = read_batches_from_dataset(
+        &training_step_with(&forward, &args.optimizer()?)?,
+        train_rows,
+    )?;
     let eval = read_batches_from_dataset(&evaluation_graph(&forward)?, 10_000)?;
     let compiled = [compile(&step, &target)?, compile(&eval, &target)?];
     match stage {
@@ -339,7 +408,7 @@ fn run(args: Args) -> Result<()> {
         Some(Stage::TrainIr) => {
             let input = TensorType::new(DType::U8, [batch, 1, side, side]);
             let forward = model.forward("lenet", input).map_err(anyhow::Error::msg)?;
-            let step = kiln::autodiff::training_step(&forward, args.lr)
+            let step = kiln::autodiff::training_step_with(&forward, &args.optimizer()?)
                 .context("deriving the training step")?;
             print!("{}", ir::print(&step));
         }
@@ -394,55 +463,29 @@ fn run(args: Args) -> Result<()> {
     let probe = model
         .forward("lenet", TensorType::f32([1, 1, side, side]))
         .map_err(anyhow::Error::msg)?;
-    let initial = match &args.init {
-        Some(path) => {
-            let ckpt = kiln::checkpoint::load(path)?;
-            let params = kiln::checkpoint::matching_params(path, &ckpt, &probe)?;
-            println!("starting from checkpoint {}", path.display());
-            Some(params)
-        }
-        None => None,
-    };
-    let save = |epoch: usize,
-                params: &std::collections::HashMap<String, kiln::reference::Tensor>,
-                stats: &Stats,
-                eval: &Stats|
-     -> Result<()> {
-        let Some(path) = &args.save else {
-            return Ok(());
-        };
-        let last = epoch + 1 == args.epochs;
-        let every = args
+    let optimizer = args.optimizer()?;
+    let shuffle = !args.no_shuffle;
+    let mut epochs = Epochs::new(args.epochs, args.plot.clone());
+    // Whether to save after the epoch just finished (the last one, or every --save-every).
+    let save_now = |epoch: usize, last: bool| {
+        last || args
             .save_every
-            .is_some_and(|n| (epoch + 1) % n as usize == 0);
-        if !(last || every) {
-            return Ok(());
-        }
-        let metadata = std::collections::BTreeMap::from([
-            (
-                "format".to_string(),
-                "kiln checkpoint: PyTorch state-dict names and layouts".to_string(),
-            ),
-            ("ir".to_string(), ir::print(&probe)),
-            ("epoch".to_string(), (epoch + 1).to_string()),
-            ("seed".to_string(), args.seed.to_string()),
-            ("lr".to_string(), args.lr.to_string()),
-            ("batch_size".to_string(), args.batch_size.to_string()),
+            .is_some_and(|n| (epoch + 1) % n as usize == 0)
+    };
+    let metrics = |stats: &Stats, eval: &Stats| {
+        std::collections::BTreeMap::from([
             ("loss".to_string(), format!("{:.6}", stats.loss())),
             ("train_acc".to_string(), format!("{:.6}", stats.accuracy())),
             ("test_acc".to_string(), format!("{:.6}", eval.accuracy())),
-        ]);
-        kiln::checkpoint::save(path, params, &metadata)?;
-        println!("saved {} (epoch {})", path.display(), epoch + 1);
-        Ok(())
+        ])
     };
-    let shuffle = !args.no_shuffle;
-    let mut epochs = Epochs::new(args.epochs, args.plot.clone());
     if args.reference {
         println!("device: kiln's CPU reference executor (--reference; correct, but slow)");
-        let mut trainer = CpuTrainer::new(model.clone(), [1, side, side], args.lr, args.seed)?;
-        if let Some(p) = initial {
-            trainer.params = p;
+        let mut trainer = CpuTrainer::new(model.clone(), [1, side, side], optimizer, args.seed)?;
+        if let Some(path) = &args.init {
+            let ckpt = kiln::checkpoint::load(path)?;
+            trainer.params = kiln::checkpoint::matching_params(path, &ckpt, &probe)?;
+            println!("starting from checkpoint {} (weights only)", path.display());
         }
         for epoch in 0..args.epochs {
             let order = epoch_order(train.count, args.seed, epoch, shuffle);
@@ -454,7 +497,18 @@ fn run(args: Args) -> Result<()> {
             bar.finish_and_clear();
             let eval = trainer.evaluate(&test, batch)?;
             epochs.report(epoch, &stats, &eval, elapsed)?;
-            save(epoch, &trainer.params, &stats, &eval)?;
+            if let Some(path) = args
+                .save
+                .as_ref()
+                .filter(|_| save_now(epoch, epoch + 1 == args.epochs))
+            {
+                let mut metadata = metrics(&stats, &eval);
+                metadata.insert("ir".into(), ir::print(&probe));
+                metadata.insert("epoch".into(), (epoch + 1).to_string());
+                metadata.insert("seed".into(), args.seed.to_string());
+                kiln::checkpoint::save(path, &trainer.params, &metadata)?;
+                println!("saved {} (epoch {})", path.display(), epoch + 1);
+            }
         }
         epochs.summary("the CPU reference executor");
         return Ok(());
@@ -462,14 +516,17 @@ fn run(args: Args) -> Result<()> {
     let gpu = Gpu::new()?;
     println!("device: {}", gpu.describe());
     if !args.predict.is_empty() || args.activations.is_some() {
-        let params = initial
+        let path = args
+            .init
             .as_ref()
             .context("--predict and --activations need --init")?;
+        let ckpt = kiln::checkpoint::load(path)?;
+        let params = kiln::checkpoint::matching_params(path, &ckpt, &probe)?;
         if !args.predict.is_empty() {
-            predict(&gpu, &model, params, &test, &args.predict)?;
+            predict(&gpu, &model, &params, &test, &args.predict)?;
         }
         if let Some(dir) = &args.activations {
-            activations(&gpu, &model, params, &test, &args.activation_images, dir)?;
+            activations(&gpu, &model, &params, &test, &args.activation_images, dir)?;
         }
         return Ok(());
     }
@@ -482,21 +539,24 @@ fn run(args: Args) -> Result<()> {
     }
     let compile_start = Instant::now();
     let target = match args.target {
-        Schedule::Device => gpu.target.clone(),
-        Schedule::Portable => kiln::compiler::Target::portable_for(&gpu.target),
+        Schedule::Device => None,
+        Schedule::Portable => Some(kiln::compiler::Target::portable_for(&gpu.target)),
     };
-    let mut trainer = GpuTrainer::with_target(
-        &gpu,
+    let config = TrainConfig {
+        batch_size: batch,
+        optimizer,
+        seed: args.seed,
+        shuffle,
         target,
-        model.clone(),
-        &train,
-        &test,
-        batch,
-        args.lr,
-        args.seed,
-    )?;
-    if let Some(p) = &initial {
-        trainer.set_params(p)?;
+    };
+    let mut trainer = Trainer::new(&gpu, model.clone(), &train, &test, config)?;
+    if let Some(path) = &args.init {
+        trainer.load(path)?;
+        println!(
+            "starting from checkpoint {} (after epoch {})",
+            path.display(),
+            trainer.epochs_done()
+        );
     }
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
@@ -510,38 +570,37 @@ fn run(args: Args) -> Result<()> {
         eprintln!("\ninterrupt: finishing the steps in flight (Ctrl-C again to exit at once)");
     })
     .context("installing the Ctrl-C handler")?;
-    trainer.set_interrupt(interrupted);
+    trainer.device_trainer().set_interrupt(interrupted);
+    let (step_kernels, eval_kernels) = trainer.kernels();
     println!(
-        "compiled the training step into {} kernels and the evaluation into {} in {:.0} ms",
-        trainer.kernels_per_step(),
-        trainer.kernels_per_eval(),
+        "compiled the training step into {step_kernels} kernels and the evaluation into \
+         {eval_kernels} in {:.0} ms",
         compile_start.elapsed().as_secs_f64() * 1e3
     );
     if args.profile {
-        let profile = trainer.profile_step(5)?;
+        let profile = trainer.device_trainer().profile_step(5)?;
         print!("{}", profile_table(&profile, batch));
         return Ok(());
     }
-    for epoch in 0..args.epochs {
+    let first = trainer.epochs_done();
+    epochs.offset = first;
+    for k in 0..args.epochs {
+        let epoch = first + k;
         let bar = epochs.bar(epoch, train.count);
         let start = Instant::now();
-        let stats = match trainer.train_epoch(epoch, shuffle, |s| epochs.tick(&bar, s, start)) {
-            Ok(stats) => stats,
-            Err(RuntimeError::Interrupted { where_ }) => {
+        let report = match trainer.epoch(|s| epochs.tick(&bar, s, start)) {
+            Ok(report) => report,
+            Err(kiln::Error::Runtime(RuntimeError::Interrupted { where_ })) => {
                 bar.finish_and_clear();
+                // The weights and state of the interrupted epoch's finished steps; the epoch
+                // count stays that of the last whole epoch.
                 let saved = match &args.save {
                     Some(path) => {
-                        let metadata = std::collections::BTreeMap::from([
-                            (
-                                "format".to_string(),
-                                "kiln checkpoint: PyTorch state-dict names and layouts".to_string(),
-                            ),
-                            ("ir".to_string(), ir::print(&probe)),
-                            ("interrupted".to_string(), where_.clone()),
-                            ("seed".to_string(), args.seed.to_string()),
-                            ("lr".to_string(), args.lr.to_string()),
-                        ]);
-                        kiln::checkpoint::save(path, &trainer.params()?, &metadata)?;
+                        let metadata = std::collections::BTreeMap::from([(
+                            "interrupted".to_string(),
+                            where_.clone(),
+                        )]);
+                        trainer.save(path, &metadata)?;
                         format!("; saved {}", path.display())
                     }
                     None => String::new(),
@@ -551,12 +610,15 @@ fn run(args: Args) -> Result<()> {
             }
             Err(e) => return Err(e.into()),
         };
-        let elapsed = start.elapsed();
         bar.finish_and_clear();
-        let eval = trainer.evaluate()?;
-        epochs.report(epoch, &stats, &eval, elapsed)?;
-        if args.save.is_some() {
-            save(epoch, &trainer.params()?, &stats, &eval)?;
+        epochs.report(epoch, &report.train, &report.test, report.elapsed)?;
+        if let Some(path) = args
+            .save
+            .as_ref()
+            .filter(|_| save_now(epoch, k + 1 == args.epochs))
+        {
+            trainer.save(path, &metrics(&report.train, &report.test))?;
+            println!("saved {} (epoch {})", path.display(), epoch + 1);
         }
     }
     epochs.summary(&gpu.info.name);
@@ -566,6 +628,8 @@ fn run(args: Args) -> Result<()> {
 /// d2l-style reporting: a progress bar per epoch, a line after each, a summary at the end.
 struct Epochs {
     total: usize,
+    /// Epochs of the checkpoint training resumed from (the bar counts on from them).
+    offset: usize,
     train_time: Duration,
     examples: usize,
     last: Option<(Stats, Stats)>,
@@ -578,6 +642,7 @@ impl Epochs {
     fn new(total: usize, plot: Option<PathBuf>) -> Self {
         Epochs {
             total,
+            offset: 0,
             train_time: Duration::ZERO,
             examples: 0,
             last: None,
@@ -594,7 +659,7 @@ impl Epochs {
             .expect("a valid template")
             .progress_chars("=> "),
         );
-        bar.set_prefix(format!("{}/{}", epoch + 1, self.total));
+        bar.set_prefix(format!("{}/{}", epoch + 1, self.offset + self.total));
         bar
     }
 

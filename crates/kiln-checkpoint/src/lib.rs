@@ -29,7 +29,12 @@ pub enum CheckpointError {
     },
 }
 
-/// Parameters and free-form metadata (model IR text, epoch, seed, metrics).
+/// Names of optimizer-state tensors start with this (`optimizer.state.0.weight.exp_avg`): the
+/// rest is the parameter's name and PyTorch's key in `optimizer.state_dict()["state"][i]`.
+pub const OPTIMIZER_PREFIX: &str = "optimizer.state.";
+
+/// Parameters (and optimizer state, under [`OPTIMIZER_PREFIX`]) and free-form metadata (model
+/// IR text, epoch, seed, metrics).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
     pub params: HashMap<String, Tensor>,
@@ -132,7 +137,7 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointErr
 }
 
 /// Checks a checkpoint against a model graph: every parameter present with the model's shape
-/// and dtype, nothing extra. Returns the parameters ready to use.
+/// and dtype, nothing extra (optimizer state aside). Returns the parameters ready to use.
 pub fn matching_params(
     path: &Path,
     ckpt: &Checkpoint,
@@ -159,14 +164,19 @@ pub fn matching_params(
     let mut extra: Vec<&String> = ckpt
         .params
         .keys()
-        .filter(|n| !wanted.contains_key(n.as_str()))
+        .filter(|n| !wanted.contains_key(n.as_str()) && !n.starts_with(OPTIMIZER_PREFIX))
         .collect();
     extra.sort();
     if let Some(n) = extra.first() {
         return Err(mismatch(n, "is not a parameter of this model".into()));
     }
     debug_assert!(graph.params().all(|(_, _, t)| t.dtype == DType::F32));
-    Ok(ckpt.params.clone())
+    Ok(ckpt
+        .params
+        .iter()
+        .filter(|(n, _)| wanted.contains_key(n.as_str()))
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect())
 }
 
 #[cfg(test)]

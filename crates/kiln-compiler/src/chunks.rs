@@ -44,7 +44,7 @@ pub struct Chunks {
     ///
     /// The range decides branches and loop bounds, so it is read-only storage: Mesa's lavapipe
     /// before 23.1 corrupts its heap compiling a shader whose control flow reads a uniform
-    /// binding at a constant offset ([`crate::uniform_control`]). The bases only enter index
+    /// binding at a constant offset (`uniform_control.rs`). The bases only enter index
     /// arithmetic and stay uniform: they are read in the innermost loops, where a storage
     /// load cost conv1's forward and weight-gradient kernels about 50% on lavapipe.
     pub table_binding: u32,
@@ -61,7 +61,7 @@ pub struct Chunks {
     /// one runs the epilogue. Empty for image chunks, whose dispatches split the invocations.
     pub sums: Vec<Sum>,
     /// The chunks one dispatch runs, in order, each reading its own windows and table
-    /// ([`crate::spans`]); the first uses `windows` and `table_binding`. Dispatch `d` runs
+    /// (`spans.rs`); the first uses `windows` and `table_binding`. Dispatch `d` runs
     /// chunks `d * spans.len() ..`; a span past the last chunk gets an all-zero table.
     pub spans: Vec<crate::spans::Span>,
 }

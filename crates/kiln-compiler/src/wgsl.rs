@@ -88,7 +88,7 @@ pub struct KernelModule {
     pub workgroup_storage_bytes: u64,
     /// Dispatched as image chunks, `dispatch` workgroups each (CPU-class targets).
     pub chunks: Option<Chunks>,
-    /// The most loop iterations one invocation runs ([`crate::trips`]), `None` if unbounded;
+    /// The most loop iterations one invocation runs (`trips.rs`), `None` if unbounded;
     /// set when the module is validated.
     pub loop_iterations: Option<u64>,
 }
@@ -194,7 +194,7 @@ pub enum CodegenError {
         available: u32,
     },
     /// The kernel steers its control flow by uniform-buffer values, which crashes lavapipe's
-    /// shader compiler ([`crate::uniform_control`]): a code generator bug.
+    /// shader compiler (`uniform_control.rs`): a code generator bug.
     #[error("kernel {kernel}: {message}")]
     UniformControl { kernel: String, message: String },
 }
@@ -221,7 +221,7 @@ fn validate_module(
 }
 
 /// Validates `m`'s WGSL, checks its resources against [`KernelModule::layout`], and refuses
-/// control flow steered by uniform values ([`crate::uniform_control`]).
+/// control flow steered by uniform values (`uniform_control.rs`).
 pub fn validate_kernel(m: &KernelModule) -> Result<naga::Module, CodegenError> {
     let (module, info) = validate_module(&m.name, &m.wgsl)?;
     interface::check(&m.layout(), &module, &info).map_err(|message| CodegenError::Interface {
@@ -236,7 +236,7 @@ pub fn validate_kernel(m: &KernelModule) -> Result<naga::Module, CodegenError> {
 }
 
 /// Validates `m` ([`validate_kernel`]), counts its bindings against the target's limits, and
-/// bounds the loop iterations of one invocation ([`crate::trips`]) by the target's limit.
+/// bounds the loop iterations of one invocation (`trips.rs`) by the target's limit.
 fn check_kernel(m: &mut KernelModule, target: &Target) -> Result<(), CodegenError> {
     let module = validate_kernel(m)?;
     let (uniforms, storage) = m.slot_counts();

@@ -43,6 +43,73 @@ pub enum RuntimeError {
     Interrupted { where_: String },
 }
 
+/// The backends kiln runs on when `WGPU_BACKEND` does not say otherwise. wgpu's default adds
+/// OpenGL ES, which kiln is not tested on and which would add an EGL initialisation to every
+/// start; `WGPU_BACKEND=gl` still selects it.
+const COMPUTE_BACKENDS: wgpu::Backends = wgpu::Backends::VULKAN
+    .union(wgpu::Backends::METAL)
+    .union(wgpu::Backends::DX12);
+
+/// A wgpu instance for compute only: the backends of `WGPU_BACKEND` (default
+/// [`COMPUTE_BACKENDS`]), the flags and options of wgpu's other environment variables, and no
+/// window-system support.
+///
+/// Where Vulkan is the only backend (Linux and the BSDs by default), the Vulkan instance is made
+/// without the X11 and Wayland surface extensions wgpu enables for presenting to windows. With
+/// them enabled, Mesa's implicit device-selection layer (`VK_LAYER_MESA_device_select`, which
+/// `mesa-vulkan-drivers` installs) looks for the compositor's GPU in every
+/// `vkEnumeratePhysicalDevices` by calling `wl_display_connect`, and libwayland prints
+/// `error: XDG_RUNTIME_DIR is invalid or not set in the environment.` twice where there is no
+/// session (CI, ssh, containers). kiln never creates a surface, so nothing is lost; a surface
+/// asked of this instance fails with wgpu's "driver does not support VK_KHR_*_surface".
+fn compute_instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = wgpu::Backends::from_env().unwrap_or(COMPUTE_BACKENDS);
+    let compiled = wgpu::Instance::enabled_backend_features();
+    if desc.backends & compiled == wgpu::Backends::VULKAN {
+        if let Some(instance) = vulkan_without_window_system(&desc) {
+            return instance;
+        }
+    }
+    wgpu::Instance::new(desc)
+}
+
+/// The Vulkan backend alone, its instance created without window-system extensions; `None`
+/// where Vulkan cannot be loaded (then the ordinary instance reports that there is no adapter).
+fn vulkan_without_window_system(desc: &wgpu::InstanceDescriptor) -> Option<wgpu::Instance> {
+    use wgpu::hal::vulkan;
+
+    let hal_desc = wgpu::hal::InstanceDescriptor {
+        name: "kiln",
+        flags: desc.flags,
+        memory_budget_thresholds: desc.memory_budget_thresholds,
+        backend_options: desc.backend_options.clone(),
+        telemetry: None,
+        display: None,
+    };
+    // Only the platform surface extensions are removed. wgpu-hal records the list it was given
+    // and checks it before every use of one of them (`create_surface_from_*`), so an instance
+    // without them is one on which those calls fail cleanly; nothing else reads them.
+    let window_system = [
+        c"VK_KHR_xlib_surface",
+        c"VK_KHR_xcb_surface",
+        c"VK_KHR_wayland_surface",
+    ];
+    let callback: Box<vulkan::CreateInstanceCallback> = Box::new(move |args| {
+        args.extensions.retain(|e| !window_system.contains(e));
+    });
+    // SAFETY: `init_with_callback` is wgpu-hal's own instance creation; the callback changes
+    // nothing but the extension list, dropping extensions that the instance then consistently
+    // does not have (see above). The instance is handed whole to wgpu, which owns and destroys
+    // it; its Vulkan objects are used only through wgpu from here on.
+    let hal = unsafe { vulkan::Instance::init_with_callback(&hal_desc, Some(callback)) }.ok()?;
+    // SAFETY: `hal` is a valid, freshly created Vulkan instance not used anywhere else. (wgpu-core
+    // keeps its own copy of the instance flags, which `from_hal` sets to wgpu's defaults rather
+    // than `desc.flags`; that copy decides label handling, indirect-call validation and
+    // timestamp normalisation, none of which kiln configures.)
+    Some(unsafe { wgpu::Instance::from_hal::<wgpu::hal::api::Vulkan>(hal) })
+}
+
 /// An opened device with its queue and the compile target derived from it.
 pub struct Gpu {
     pub device: wgpu::Device,
@@ -55,12 +122,12 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// Opens the adapter wgpu's conventions choose: `WGPU_BACKEND` limits the backends,
-    /// `WGPU_ADAPTER_NAME` picks by name, `WGPU_POWER_PREF` (default high) by power. A software
-    /// adapter (lavapipe) is used when it is all there is.
+    /// Opens the adapter wgpu's conventions choose: `WGPU_BACKEND` chooses the backends (by
+    /// default Vulkan, Metal and DX12, the ones kiln computes on), `WGPU_ADAPTER_NAME` picks by
+    /// name, `WGPU_POWER_PREF` (default high) by power. A software adapter (lavapipe) is used
+    /// when it is all there is. No window system is asked for (see `compute_instance`).
     pub fn new() -> Result<Gpu, RuntimeError> {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let instance = compute_instance();
         let adapter =
             match pollster::block_on(wgpu::util::initialize_adapter_from_env(&instance, None)) {
                 Ok(a) => a,

@@ -3,12 +3,14 @@
 
 mod gpu;
 mod infer;
+mod logging;
 mod program;
 mod run;
 mod trainer;
 
 pub use gpu::{Gpu, RuntimeError, target_for};
 pub use infer::{Inference, infer};
+pub use logging::init_logging;
 pub use program::{
     KernelTiming, Profile, Program, check_limits, download, tensor_bytes, tensor_from_bytes, upload,
 };

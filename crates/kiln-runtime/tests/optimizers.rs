@@ -54,10 +54,10 @@ fn optimizers() -> Vec<(&'static str, Optimizer)> {
     ]
 }
 
-/// Sigmoid/average-pool LeNet for some, a wider ReLU/max-pool net for the others: the
-/// optimizer epilogue lands in different gradient schedules.
+/// Sigmoid/average-pool LeNet for most, a wider ReLU/max-pool net for two: the optimizer
+/// epilogue lands in different gradient schedules.
 fn model(k: usize) -> Sequential {
-    if k % 2 == 0 {
+    if k % 3 != 1 {
         LenetVariant::Lenet.model()
     } else {
         LenetVariant::Wide.model()
@@ -67,11 +67,11 @@ fn model(k: usize) -> Sequential {
 #[test]
 fn every_optimizer_matches_the_reference_on_both_targets() {
     let Some(gpu) = gpu() else { return };
-    // 600 examples at batch 256: two full steps and a partial one of 88, which shares the
-    // state and the step count with the full-batch program.
-    let train = synthetic(600, 11);
+    // 300 examples at batch 256: a full step and a partial one of 44, which shares the state
+    // and the step count with the full-batch program.
+    let train = synthetic(300, 11);
     let test = synthetic(8, 12);
-    let order: Vec<u32> = (0..600).collect();
+    let order: Vec<u32> = (0..300).collect();
     for (k, (what, optimizer)) in optimizers().into_iter().enumerate() {
         let mut cpu = CpuTrainer::new(model(k), [1, 28, 28], optimizer, 3).unwrap();
         let mut losses = Vec::new();
@@ -79,7 +79,7 @@ fn every_optimizer_matches_the_reference_on_both_targets() {
             losses.push(cpu.step(&train, chunk).unwrap().0);
         }
         if let Some(t) = cpu.state.get(STEP) {
-            assert_eq!(t.as_f32().unwrap(), [3.0], "{what}: reference step count");
+            assert_eq!(t.as_f32().unwrap(), [2.0], "{what}: reference step count");
         }
         for (target_name, target) in [
             ("device", gpu.target.clone()),
