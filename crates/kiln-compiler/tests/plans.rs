@@ -878,3 +878,81 @@ fn kernels_stay_within_the_loop_limit_or_are_refused() {
         .is_ok()
     );
 }
+
+/// Which stored values each update kernel of a step writes, by output name.
+fn update_stores(g: &Graph, plan: &Plan) -> Vec<Vec<String>> {
+    let names: std::collections::HashMap<NodeId, &str> = g
+        .outputs()
+        .iter()
+        .map(|o| (o.node, o.name.as_str()))
+        .collect();
+    plan.kernels
+        .iter()
+        .filter(|k| k.name.contains("update"))
+        .map(|k| {
+            let mut s: Vec<String> = k
+                .stores
+                .iter()
+                .filter_map(|n| names.get(n).map(|n| n.to_string()))
+                .collect();
+            s.sort();
+            s
+        })
+        .collect()
+}
+
+#[test]
+fn optimizer_state_is_updated_in_the_parameters_kernel() {
+    use kiln_autodiff::{Optimizer, training_step_with};
+    let fwd = lenet()
+        .build("lenet", TensorType::new(DType::U8, [256, 1, 28, 28]))
+        .unwrap();
+    let momentum = Optimizer::Sgd {
+        lr: 0.1,
+        momentum: 0.9,
+        nesterov: false,
+        weight_decay: 1e-4,
+    };
+    let target = Target::portable();
+    // Momentum: the gradient, the buffer and the parameter in one kernel per layer, as many
+    // kernels as plain SGD.
+    let g = read_batches_from_dataset(&training_step_with(&fwd, &momentum).unwrap(), 1000).unwrap();
+    let plan = fuse(&g, &target).unwrap();
+    verify_plan(&g, &plan, &target).unwrap();
+    let sgd = fuse(&step_graph(&lenet(), 256, 1000), &target).unwrap();
+    assert_eq!(plan.kernels.len(), sgd.kernels.len());
+    let stores = update_stores(&g, &plan);
+    assert!(
+        stores.contains(&vec![
+            "0.bias".into(),
+            "0.weight".into(),
+            "optim.0.bias.momentum_buffer".into(),
+            "optim.0.weight.momentum_buffer".into(),
+        ]),
+        "{stores:?}"
+    );
+    // Adam: each gradient stored once (both moments read it), then one kernel per parameter
+    // writes the parameter and its two moments; the step count has its own.
+    let g = read_batches_from_dataset(
+        &training_step_with(&fwd, &Optimizer::adam(1e-3)).unwrap(),
+        1000,
+    )
+    .unwrap();
+    let plan = fuse(&g, &target).unwrap();
+    verify_plan(&g, &plan, &target).unwrap();
+    let stores = update_stores(&g, &plan);
+    assert!(
+        stores.contains(&vec!["optim.step".to_string()]),
+        "{stores:?}"
+    );
+    assert!(
+        stores.contains(&vec![
+            "3.weight".into(),
+            "optim.3.weight.exp_avg".into(),
+            "optim.3.weight.exp_avg_sq".into(),
+        ]),
+        "{stores:?}"
+    );
+    assert_eq!(stores.len(), 11, "{stores:?}");
+    emit_wgsl(&g, &plan, &target).unwrap();
+}
