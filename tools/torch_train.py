@@ -68,7 +68,7 @@ def main():
         opt = torch.optim.AdamW(net.parameters(), lr=a.lr or 1e-3,
                                 weight_decay=0.01 if a.weight_decay is None else a.weight_decay)
     loss_fn = nn.CrossEntropyLoss(reduction="none")
-    total_time, total_examples = 0.0, 0
+    total_time, total_examples, eval_time = 0.0, 0, 0.0
     for epoch in range(a.epochs):
         net.train()
         order = torch.randperm(len(x))
@@ -88,14 +88,17 @@ def main():
         total_time += elapsed
         total_examples += len(x)
         net.eval()
+        eval_start = time.perf_counter()
         with torch.no_grad():
             test_correct = sum((net(tx[s:s + 1000].float() / 255).argmax(1) == ty[s:s + 1000])
                                .sum().item() for s in range(0, len(tx), 1000))
+        eval_time += time.perf_counter() - eval_start
         print(f"epoch {epoch + 1}: loss {loss_sum / len(x):.3f}, train acc {correct / len(x):.3f}, "
               f"test acc {test_correct / len(tx):.3f}, {len(x) / elapsed:,.0f} examples/sec",
               flush=True)
     print(f"{total_examples / total_time:,.0f} examples/sec on {torch.get_num_threads()} CPU "
-          f"threads (PyTorch {torch.__version__})")
+          f"threads (PyTorch {torch.__version__}); inference "
+          f"{a.epochs * len(tx) / eval_time:,.0f} examples/sec")
 
 
 if __name__ == "__main__":

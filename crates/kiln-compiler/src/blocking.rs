@@ -680,24 +680,8 @@ const MAX_ROWS: usize = 8;
 
 /// Same-shape elementwise ops: element `i` of the output needs element `i` of each operand.
 fn passes_through(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Sigmoid
-            | Op::Relu
-            | Op::Tanh
-            | Op::SigmoidGrad
-            | Op::ReluGrad
-            | Op::TanhGrad
-            | Op::Add
-            | Op::Sub
-            | Op::Mul
-            | Op::Div
-            | Op::Sqrt
-            | Op::Exp
-            | Op::Scale { .. }
-            | Op::BiasAdd { .. }
-            | Op::Reshape { .. }
-    )
+    (op.is_elementwise() && *op != Op::ScaleU8)
+        || matches!(op, Op::BiasAdd { .. } | Op::Reshape { .. })
 }
 
 impl LaneFns<'_> {

@@ -178,20 +178,7 @@ fn image_local(graph: &Graph, node: NodeId, k: usize) -> bool {
     let same_batch = !out.is_empty() && !input.is_empty() && out[0] == input[0];
     same_batch
         && match &n.op {
-            Op::Sigmoid
-            | Op::Relu
-            | Op::Tanh
-            | Op::SigmoidGrad
-            | Op::ReluGrad
-            | Op::TanhGrad
-            | Op::Add
-            | Op::Sub
-            | Op::Mul
-            | Op::Div
-            | Op::Sqrt
-            | Op::Exp
-            | Op::Scale { .. }
-            | Op::ScaleU8 => input == out,
+            op if op.is_elementwise() => input == out,
             Op::BiasAdd { .. } | Op::Conv2d { .. } | Op::Conv2dGradInput { .. } => k == 0,
             Op::AvgPool2d { .. }
             | Op::MaxPool2d { .. }
@@ -267,23 +254,8 @@ pub(crate) fn elementwise_path(graph: &Graph, nodes: &[NodeId], from: NodeId, to
         return true;
     }
     let node = graph.node(from);
-    let keeps_index = matches!(
-        node.op,
-        Op::Sigmoid
-            | Op::Relu
-            | Op::Tanh
-            | Op::SigmoidGrad
-            | Op::ReluGrad
-            | Op::TanhGrad
-            | Op::Add
-            | Op::Sub
-            | Op::Mul
-            | Op::Div
-            | Op::Sqrt
-            | Op::Exp
-            | Op::Scale { .. }
-            | Op::Reshape { .. }
-    );
+    let keeps_index = (node.op.is_elementwise() && node.op != Op::ScaleU8)
+        || matches!(node.op, Op::Reshape { .. });
     nodes.contains(&from)
         && keeps_index
         && node.ty.numel() == graph.ty(to).numel()

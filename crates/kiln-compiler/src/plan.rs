@@ -280,26 +280,6 @@ fn computes(graph: &Graph, id: NodeId) -> bool {
     )
 }
 
-/// Same-shape elementwise ops: element `j` of the result reads element `j` of each operand.
-fn is_pointwise(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Sigmoid
-            | Op::Relu
-            | Op::Tanh
-            | Op::SigmoidGrad
-            | Op::ReluGrad
-            | Op::TanhGrad
-            | Op::Add
-            | Op::Sub
-            | Op::Mul
-            | Op::Div
-            | Op::Sqrt
-            | Op::Exp
-            | Op::Scale { .. }
-    )
-}
-
 /// Whether every node of `nodes` computed from `leaf` (directly or through other such nodes)
 /// is a pointwise op of the leaf's shape: then element `j` of anything the kernel computes
 /// from the leaf reads element `j` of it only, and writing the leaf's update in place, each
@@ -312,7 +292,7 @@ pub(crate) fn reads_elementwise(graph: &Graph, nodes: &[NodeId], leaf: NodeId) -
     for n in ordered {
         let node = graph.node(n);
         if node.inputs.iter().any(|i| from_leaf.contains(i)) {
-            if !is_pointwise(&node.op) || node.ty.shape != *shape {
+            if !node.op.is_elementwise() || node.ty.shape != *shape {
                 return false;
             }
             from_leaf.insert(n);

@@ -269,6 +269,29 @@ impl Op {
         }
     }
 
+    /// Whether the op is elementwise over operands of its own shape: element `j` of the
+    /// result reads element `j` of each operand and nothing else. The compiler's fusion,
+    /// blocking and chunking rules all rest on this one list.
+    pub fn is_elementwise(&self) -> bool {
+        matches!(
+            self,
+            Op::Sigmoid
+                | Op::Relu
+                | Op::Tanh
+                | Op::SigmoidGrad
+                | Op::ReluGrad
+                | Op::TanhGrad
+                | Op::Add
+                | Op::Sub
+                | Op::Mul
+                | Op::Div
+                | Op::Sqrt
+                | Op::Exp
+                | Op::Scale { .. }
+                | Op::ScaleU8
+        )
+    }
+
     /// Whether the node is a graph leaf whose type is declared rather than inferred.
     pub fn is_leaf(&self) -> bool {
         matches!(self, Op::Input { .. } | Op::Param { .. })
