@@ -343,7 +343,18 @@ fn emit_compiled(model: &ir::Model, args: &Args, stage: Stage) -> Result<()> {
                 let mut written = 0;
                 for c in &compiled {
                     for m in &c.modules {
-                        let path = dir.join(format!("{}_{}.wgsl", c.graph.name, m.name));
+                        // A graph name is the model file's text: keep it to a plain file name.
+                        let stem: String = format!("{}_{}", c.graph.name, m.name)
+                            .chars()
+                            .map(|ch| {
+                                if ch.is_ascii_alphanumeric() || "_-.".contains(ch) {
+                                    ch
+                                } else {
+                                    '_'
+                                }
+                            })
+                            .collect();
+                        let path = dir.join(format!("{stem}.wgsl"));
                         write_atomically(&path, &m.wgsl)?;
                         written += 1;
                     }

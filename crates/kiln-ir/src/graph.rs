@@ -68,6 +68,8 @@ pub enum GraphError {
     DuplicateName { kind: &'static str, name: String },
     #[error("{kind} name is empty")]
     EmptyName { kind: &'static str },
+    #[error("{kind} name {name:?} contains a control character")]
+    ControlCharacter { kind: &'static str, name: String },
     #[error("{0} does not exist")]
     UnknownNode(NodeId),
     #[error("type {ty} of {kind} `{name}` has too many elements")]
@@ -165,6 +167,12 @@ impl Graph {
         if name.is_empty() {
             return Err(GraphError::EmptyName { kind });
         }
+        if has_control(name) {
+            return Err(GraphError::ControlCharacter {
+                kind,
+                name: name.clone(),
+            });
+        }
         if self
             .iter()
             .any(|(_, n)| n.op.name() == kind && leaf_name(&n.op) == Some(name))
@@ -219,6 +227,7 @@ impl Graph {
         let operand_types: Vec<&TensorType> = inputs.iter().map(|&i| self.ty(i)).collect();
         let ty = op
             .infer_type(&operand_types)
+            .and_then(representable)
             .map_err(|message| GraphError::Type {
                 at,
                 op: op.name(),
@@ -256,6 +265,12 @@ impl Graph {
         if name.is_empty() {
             return Err(GraphError::EmptyName { kind: "output" });
         }
+        if has_control(&name) {
+            return Err(GraphError::ControlCharacter {
+                kind: "output",
+                name,
+            });
+        }
         if self.outputs.iter().any(|o| o.name == name) {
             return Err(GraphError::DuplicateName {
                 kind: "output",
@@ -280,6 +295,25 @@ impl Graph {
             outputs,
         }
     }
+}
+
+/// `ty` when its element count fits `usize`: an op's result can overflow even where its
+/// operands do not (`matmul` of `[M,0]` and `[0,N]`, a `gather` of `[0,...]` rows), and every
+/// type in a graph must be representable.
+pub(crate) fn representable(ty: TensorType) -> Result<TensorType, String> {
+    match ty.checked_numel() {
+        Some(_) => Ok(ty),
+        None => Err(format!("result type {ty} has too many elements")),
+    }
+}
+
+/// Names end up in generated code comments, file names and terminal output, where a line
+/// break or other control character would change what they mean (a name could end a WGSL
+/// comment and inject code), so names may not contain any (nor WGSL's other line breaks,
+/// U+2028 and U+2029).
+pub(crate) fn has_control(name: &str) -> bool {
+    name.chars()
+        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
 }
 
 pub(crate) fn leaf_name(op: &Op) -> Option<&String> {

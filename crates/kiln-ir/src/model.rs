@@ -88,6 +88,12 @@ fn rebatch(g: &Graph, name: &str, input: TensorType) -> Result<Graph, String> {
     if g.output("output").is_none() {
         return Err(format!("graph `{}` has no output `output`", g.name));
     }
+    if old.rank() == 0 {
+        return Err(format!(
+            "graph `{}`'s input `x` is {old}, which has no batch axis",
+            g.name
+        ));
+    }
     if old.rank() != input.rank() || old.shape[1..] != input.shape[1..] {
         return Err(format!(
             "graph `{}` takes {old}, not batches of {input}",
@@ -191,6 +197,29 @@ mod tests {
         assert_eq!(
             e,
             "graph `lenet` takes f32[1,1,28,28], not batches of u8[4,1,32,32]"
+        );
+    }
+
+    /// A scalar `x` has no batch axis to replace: rebatching it indexed past the end of its
+    /// shape and panicked (reproduced with the `frontend` fuzz target).
+    #[test]
+    fn a_scalar_input_is_refused_not_a_panic() {
+        let g = parse("graph \"g\" {\n  %0 = input \"x\" : f32[]\n  output \"output\" = %0\n}\n")
+            .unwrap();
+        for input in [TensorType::f32([]), TensorType::new(DType::U8, [2])] {
+            assert_eq!(
+                Model::from(g.clone()).forward("m", input).unwrap_err(),
+                "graph `g`'s input `x` is f32[], which has no batch axis"
+            );
+        }
+        let batched =
+            parse("graph \"g\" {\n  %0 = input \"x\" : f32[3]\n  output \"output\" = %0\n}\n")
+                .unwrap();
+        assert_eq!(
+            Model::from(batched)
+                .forward("m", TensorType::f32([]))
+                .unwrap_err(),
+            "graph `g` takes f32[3], not batches of f32[]"
         );
     }
 }

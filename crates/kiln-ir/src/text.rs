@@ -734,9 +734,12 @@ mod tests {
 
     #[test]
     fn quoted_names_escape_and_unescape() {
-        let mut g = Graph::new("we\"ird\\ \n\u{1}");
-        g.add_input("a\tb", TensorType::f32([1])).unwrap();
+        let mut g = Graph::new("we\"ird\\ é");
+        g.add_input("a'b \\", TensorType::f32([1])).unwrap();
         let text = print(&g);
         assert_eq!(parse(&text).unwrap(), g);
+        // Escapes of control characters parse, and the name is then refused.
+        let e = parse("graph \"a\\nb\" {\n}\n").unwrap_err().to_string();
+        assert!(e.contains("control character"), "{e}");
     }
 }

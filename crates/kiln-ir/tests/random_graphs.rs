@@ -164,7 +164,8 @@ fn build(name: &str, leaf_names: &[String], steps: &[Step]) -> Graph {
 }
 
 fn names() -> impl Strategy<Value = Vec<String>> {
-    proptest::collection::vec("[a-zA-Z0-9._ \"\\\\\n\t-]{0,6}", 1..5)
+    // Quotes, backslashes and non-ASCII need escaping; control characters are refused.
+    proptest::collection::vec("[a-zA-Z0-9._ \"\\\\é'-]{0,6}", 1..5)
 }
 
 proptest! {
