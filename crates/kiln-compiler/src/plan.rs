@@ -779,7 +779,24 @@ pub(crate) fn fuse_with(
                 });
             }
             Err(_) if allow_side => allow_side = false,
-            Err(e) => return Err(FuseError::Schedule(e)),
+            Err(e) => {
+                // Updates that read each other's parameters through their fused gradients
+                // (two parameters multiplied together): store what each update subtracts,
+                // so that every gradient is computed from the old values before any update.
+                let mut more = false;
+                for &(u, p) in &updates {
+                    let node = graph.node(u);
+                    for &o in &node.inputs {
+                        if o != p && !graph.node(o).op.is_leaf() && forced.insert(o) {
+                            more = true;
+                        }
+                    }
+                }
+                if !more {
+                    return Err(FuseError::Schedule(e));
+                }
+                allow_side = true;
+            }
         }
     }
 }
@@ -914,8 +931,8 @@ fn schedule(
         Ok(order)
     } else {
         Err(format!(
-            "graph `{}`: kernels cannot be ordered: a parameter's updated value is read in the \
-             same step as its old value",
+            "graph `{}`: kernels cannot be ordered: a parameter is updated in place while \
+             another kernel still needs its old value",
             graph.name
         ))
     }

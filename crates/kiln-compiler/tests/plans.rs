@@ -956,3 +956,26 @@ fn optimizer_state_is_updated_in_the_parameters_kernel() {
     assert_eq!(stores.len(), 11, "{stores:?}");
     emit_wgsl(&g, &plan, &target).unwrap();
 }
+
+/// Found by the `frontend` fuzz target: two parameters multiplied together (a factorised
+/// linear layer) could not be ordered, each fused update reading the other's old value.
+#[test]
+fn a_factorised_layer_stores_its_updates_deltas_and_trains() {
+    let text = "graph \"factored\" {
+  %0 = input \"x\" : f32[8,1,28,28]
+  %1 = reshape(%0) shape=[8,784] : f32[8,784]
+  %2 = param \"a\" : f32[10,4]
+  %3 = param \"b\" : f32[4,784]
+  %4 = matmul(%2, %3) transpose_a=false transpose_b=false : f32[10,784]
+  %5 = matmul(%1, %4) transpose_a=false transpose_b=true : f32[8,10]
+  output \"output\" = %5
+}
+";
+    let fwd = kiln_ir::parse(text).unwrap();
+    let step = training_step(&fwd, 0.1).unwrap();
+    for target in [Target::portable(), lavapipe()] {
+        let plan = fuse(&step, &target).unwrap();
+        verify_plan(&step, &plan, &target).unwrap();
+        emit_wgsl(&step, &plan, &target).unwrap();
+    }
+}
