@@ -295,24 +295,12 @@ impl<'a> LaneFns<'a> {
         }
         use Operand::{Lanes, Shared};
         let operands: Vec<Operand> = match (&node.op, axis) {
-            (
-                Op::Sigmoid
-                | Op::Relu
-                | Op::Tanh
-                | Op::SigmoidGrad
-                | Op::ReluGrad
-                | Op::TanhGrad
-                | Op::Add
-                | Op::Sub
-                | Op::Mul
-                | Op::Div
-                | Op::Sqrt
-                | Op::Exp
-                | Op::Scale { .. }
-                | Op::Reshape { .. }
-                | Op::Full { .. },
-                _,
-            ) => node.inputs.iter().map(|_| Lanes(stride)).collect(),
+            (op, _)
+                if (op.is_elementwise() && *op != Op::ScaleU8)
+                    || matches!(op, Op::Reshape { .. } | Op::Full { .. }) =>
+            {
+                node.inputs.iter().map(|_| Lanes(stride)).collect()
+            }
             (Op::BiasAdd { axis: b }, Some(a)) => {
                 vec![Lanes(stride), if a == *b { Lanes(mult) } else { Shared }]
             }

@@ -197,24 +197,8 @@ fn is_epilogue(op: &Op) -> bool {
 fn reads_once(graph: &Graph, consumer: NodeId, k: usize) -> bool {
     let node = graph.node(consumer);
     match &node.op {
-        Op::Sigmoid
-        | Op::Relu
-        | Op::Tanh
-        | Op::ScaleU8
-        | Op::Scale { .. }
-        | Op::Add
-        | Op::Sub
-        | Op::Mul
-        | Op::Div
-        | Op::Sqrt
-        | Op::Exp
-        | Op::SigmoidGrad
-        | Op::ReluGrad
-        | Op::TanhGrad
-        | Op::Reshape { .. }
-        | Op::ReduceSum { .. }
-        | Op::ReduceMean { .. }
-        | Op::CountEqual => true,
+        op if op.is_elementwise() => true,
+        Op::Reshape { .. } | Op::ReduceSum { .. } | Op::ReduceMean { .. } | Op::CountEqual => true,
         Op::BiasAdd { .. } => k == 0,
         Op::AvgPool2d { kernel, stride } | Op::MaxPool2d { kernel, stride } => {
             let x = &graph.ty(node.inputs[0]).shape;
