@@ -226,10 +226,11 @@ impl<'g> Trainer<'g> {
             name: name.to_string(),
             problem,
         };
-        if saved_state || !wanted.is_empty() {
+        let mut state = HashMap::new();
+        if saved_state {
             let saved = ckpt.metadata.get("optimizer").map(String::as_str);
             let ours = self.config.optimizer.torch_name();
-            if saved_state && saved != Some(ours) {
+            if saved != Some(ours) {
                 return Err(mismatch(
                     "optimizer",
                     format!(
@@ -239,9 +240,6 @@ impl<'g> Trainer<'g> {
                 )
                 .into());
             }
-        }
-        let mut state = HashMap::new();
-        if saved_state {
             for s in &wanted {
                 let name = checkpoint_name(s);
                 let t = ckpt.params.get(&name).ok_or_else(|| {
