@@ -1,12 +1,13 @@
 //! Snapshots of what kiln generates for LeNet: the fused kernel plan and every WGSL module of the
-//! training step and the evaluation graph, for a full batch (256) and the last one (96).
-//! Review changes with `cargo insta review`.
+//! training step and the evaluation graph, for a full batch (256) and the last one (96), on the
+//! portable target (what `--emit` prints) and on the CPU-class target lavapipe gets
+//! (`Target::lavapipe()`, what CI trains with). Review changes with `cargo insta review`.
 
 use kiln::autodiff::{evaluation_graph, read_batches_from_dataset, training_step};
 use kiln::compiler::{Compiled, Target, compile, validate_wgsl};
 use kiln::ir::{DType, TensorType, lenet};
 
-fn compiled(train: bool, batch: usize) -> Compiled {
+fn compiled_for(target: &Target, train: bool, batch: usize) -> Compiled {
     let forward = lenet()
         .build("lenet", TensorType::new(DType::U8, [batch, 1, 28, 28]))
         .unwrap();
@@ -15,11 +16,15 @@ fn compiled(train: bool, batch: usize) -> Compiled {
     } else {
         read_batches_from_dataset(&evaluation_graph(&forward).unwrap(), 10_000).unwrap()
     };
-    let c = compile(&graph, &Target::portable()).unwrap();
+    let c = compile(&graph, target).unwrap();
     for m in &c.modules {
         validate_wgsl(&m.name, &m.wgsl).unwrap();
     }
     c
+}
+
+fn compiled(train: bool, batch: usize) -> Compiled {
+    compiled_for(&Target::portable(), train, batch)
 }
 
 #[test]
@@ -38,4 +43,43 @@ fn lenet_training_step_wgsl() {
 fn lenet_evaluation_wgsl() {
     insta::assert_snapshot!("lenet_eval_b256_wgsl", compiled(false, 256).wgsl());
     insta::assert_snapshot!("lenet_eval_b96_wgsl", compiled(false, 96).wgsl());
+}
+
+#[test]
+fn lenet_cpu_class_kernel_plan() {
+    let cpu = Target::lavapipe();
+    insta::assert_snapshot!(
+        "lenet_step_b256_cpu_kernels",
+        compiled_for(&cpu, true, 256).describe()
+    );
+    insta::assert_snapshot!(
+        "lenet_eval_b256_cpu_kernels",
+        compiled_for(&cpu, false, 256).describe()
+    );
+}
+
+#[test]
+fn lenet_cpu_class_training_step_wgsl() {
+    let cpu = Target::lavapipe();
+    insta::assert_snapshot!(
+        "lenet_step_b256_cpu_wgsl",
+        compiled_for(&cpu, true, 256).wgsl()
+    );
+    insta::assert_snapshot!(
+        "lenet_step_b96_cpu_wgsl",
+        compiled_for(&cpu, true, 96).wgsl()
+    );
+}
+
+#[test]
+fn lenet_cpu_class_evaluation_wgsl() {
+    let cpu = Target::lavapipe();
+    insta::assert_snapshot!(
+        "lenet_eval_b256_cpu_wgsl",
+        compiled_for(&cpu, false, 256).wgsl()
+    );
+    insta::assert_snapshot!(
+        "lenet_eval_b96_cpu_wgsl",
+        compiled_for(&cpu, false, 96).wgsl()
+    );
 }

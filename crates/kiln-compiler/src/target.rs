@@ -69,6 +69,27 @@ impl Target {
         }
     }
 
+    /// What the runtime derives from lavapipe (Mesa 22.3's llvmpipe on a 256-bit AVX2 host,
+    /// the software GPU of CI): the CPU-class schedule that the snapshot tests pin without a
+    /// device. A runtime test checks that lavapipe's adapter still gives exactly this.
+    pub fn lavapipe() -> Target {
+        Target {
+            name: "llvmpipe (LLVM 15.0.6, 256 bits)".into(),
+            class: DeviceClass::Cpu,
+            max_storage_buffers_per_stage: 32,
+            max_storage_buffer_binding_size: 128 << 20,
+            max_workgroup_size_x: 1024,
+            max_workgroups_per_dimension: 65_535,
+            min_storage_buffer_offset_alignment: 32,
+            max_uniform_buffer_binding_size: 64 << 10,
+            max_uniform_buffers_per_stage: 15,
+            min_uniform_buffer_offset_alignment: 32,
+            subgroup_size: Some(8),
+            block_outputs: true,
+            max_loop_iterations: Some(LAVAPIPE_LOOP_ITERATIONS),
+        }
+    }
+
     /// The portable schedule for a device whose own target is `device`: WebGPU's defaults,
     /// with the device's loop limit (what `--target portable` runs).
     pub fn portable_for(device: &Target) -> Target {

@@ -84,6 +84,30 @@ fn lenet_graphs(model: &Sequential, batch: usize, rows: usize) -> [Graph; 2] {
     ]
 }
 
+/// The CPU-class WGSL snapshots (`tests/wgsl.rs` at the root) are of `Target::lavapipe()`:
+/// on lavapipe the runtime must derive exactly that target, or they pin a schedule CI does
+/// not run.
+#[test]
+fn lavapipe_gives_the_snapshotted_cpu_target() {
+    let Some(gpu) = gpu() else { return };
+    if !gpu.target.name.starts_with("llvmpipe") {
+        eprintln!("SKIPPED: not lavapipe ({})", gpu.target);
+        return;
+    }
+    let expected = Target::lavapipe();
+    if gpu.target.name != expected.name {
+        // Another LLVM or vector width: the limits are lavapipe's all the same.
+        eprintln!("note: {} (snapshots: {})", gpu.target.name, expected.name);
+    }
+    assert_eq!(
+        Target {
+            name: expected.name.clone(),
+            ..gpu.target.clone()
+        },
+        expected
+    );
+}
+
 #[test]
 fn lenet_step_and_evaluation_match_reference() {
     let Some(gpu) = gpu() else { return };
