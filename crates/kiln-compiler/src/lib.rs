@@ -5,8 +5,10 @@
 mod blocking;
 mod chunks;
 mod compile;
+pub mod compute;
 mod conv_quads;
 mod interface;
+pub mod kir;
 mod plan;
 mod report;
 mod spans;

@@ -1,0 +1,467 @@
+//! Runs a [`Function`] on the CPU with WGSL's semantics (wrapping integer arithmetic, a
+//! division by zero giving the dividend and a remainder by zero zero, saturating float to
+//! integer conversions, `i32`/`u32` conversions keeping the bits), so that an op's definition
+//! and a schedule's rewrite of it can be checked against the reference executor without a
+//! device.
+
+use super::{
+    BinOp, Block, ChunkBound, Expr, ExprKind, Function, Literal, MathFn, Scalar, Stmt, UnOp,
+    ValidationError, validate,
+};
+
+/// A scalar value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Value {
+    F32(f32),
+    U32(u32),
+    I32(i32),
+    Bool(bool),
+}
+
+/// A value of the kernel IR: a scalar or four lanes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Lanes {
+    Scalar(Value),
+    Vec4([Value; 4]),
+}
+
+impl Lanes {
+    pub fn f32(self) -> Option<f32> {
+        match self {
+            Lanes::Scalar(Value::F32(x)) => Some(x),
+            _ => None,
+        }
+    }
+
+    fn lane(self, k: usize) -> Value {
+        match self {
+            Lanes::Scalar(v) => v,
+            Lanes::Vec4(l) => l[k],
+        }
+    }
+
+    fn map(self, f: impl Fn(Value) -> Value) -> Lanes {
+        match self {
+            Lanes::Scalar(v) => Lanes::Scalar(f(v)),
+            Lanes::Vec4(l) => Lanes::Vec4(l.map(f)),
+        }
+    }
+
+    /// `f` lane by lane, a scalar shared by the lanes of the other operand.
+    fn zip(self, other: Lanes, f: impl Fn(Value, Value) -> Value) -> Lanes {
+        match (self, other) {
+            (Lanes::Scalar(a), Lanes::Scalar(b)) => Lanes::Scalar(f(a, b)),
+            _ => Lanes::Vec4(std::array::from_fn(|k| f(self.lane(k), other.lane(k)))),
+        }
+    }
+}
+
+/// What the function reads besides its index: operand elements and the chunk's images.
+pub trait Env {
+    fn operand(&mut self, k: usize, index: u32) -> Lanes;
+    fn chunk(&self, bound: ChunkBound) -> u32;
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("kernel IR: the function ran past {0} loop iterations")]
+    TooLong(u64),
+}
+
+/// Runs `f` for element `index` (validating it first).
+pub fn eval(f: &Function, index: u32, env: &mut dyn Env) -> Result<Lanes, EvalError> {
+    validate(f)?;
+    let mut m = Machine {
+        f,
+        index,
+        env,
+        locals: vec![None; f.locals.len()],
+        steps: 0,
+    };
+    match m.block(&f.body)? {
+        Flow::Return(v) => Ok(v),
+        _ => unreachable!("validated: every path returns"),
+    }
+}
+
+/// Iterations one evaluation may run: a runaway loop is an error, not a hang.
+const MAX_STEPS: u64 = 1 << 28;
+
+enum Flow {
+    Next,
+    Continue,
+    Return(Lanes),
+}
+
+struct Machine<'a> {
+    f: &'a Function,
+    index: u32,
+    env: &'a mut dyn Env,
+    locals: Vec<Option<Lanes>>,
+    steps: u64,
+}
+
+impl Machine<'_> {
+    fn block(&mut self, block: &Block) -> Result<Flow, EvalError> {
+        for s in block {
+            match self.stmt(s)? {
+                Flow::Next => {}
+                flow => return Ok(flow),
+            }
+        }
+        Ok(Flow::Next)
+    }
+
+    fn stmt(&mut self, s: &Stmt) -> Result<Flow, EvalError> {
+        match s {
+            Stmt::Let { local, value } | Stmt::Var { local, value } => {
+                self.locals[local.index()] = Some(self.expr(*value));
+            }
+            Stmt::Assign { local, op, value } => {
+                let v = self.expr(*value);
+                let v = match op {
+                    None => v,
+                    Some(op) => {
+                        let old = self.locals[local.index()].expect("validated: declared");
+                        binary(*op, old, v)
+                    }
+                };
+                self.locals[local.index()] = Some(v);
+            }
+            Stmt::For {
+                counter,
+                start,
+                end,
+                body,
+                ..
+            } => {
+                let start = self.u32(*start);
+                self.locals[counter.index()] = Some(Lanes::Scalar(Value::U32(start)));
+                loop {
+                    let c = self.locals[counter.index()].expect("set");
+                    let Lanes::Scalar(Value::U32(c)) = c else {
+                        unreachable!("validated: counters are u32")
+                    };
+                    if c >= self.u32(*end) {
+                        break;
+                    }
+                    self.steps += 1;
+                    if self.steps > MAX_STEPS {
+                        return Err(EvalError::TooLong(MAX_STEPS));
+                    }
+                    if let Flow::Return(v) = self.block(body)? {
+                        return Ok(Flow::Return(v));
+                    }
+                    self.locals[counter.index()] =
+                        Some(Lanes::Scalar(Value::U32(c.wrapping_add(1))));
+                }
+            }
+            Stmt::If {
+                cond,
+                accept,
+                reject,
+            } => {
+                let taken = match self.expr(*cond) {
+                    Lanes::Scalar(Value::Bool(b)) => b,
+                    _ => unreachable!("validated: conditions are bools"),
+                };
+                return self.block(if taken { accept } else { reject });
+            }
+            Stmt::Continue => return Ok(Flow::Continue),
+            Stmt::Return(value) => return Ok(Flow::Return(self.expr(*value))),
+        }
+        Ok(Flow::Next)
+    }
+
+    fn u32(&mut self, e: Expr) -> u32 {
+        match self.expr(e) {
+            Lanes::Scalar(Value::U32(n)) => n,
+            _ => unreachable!("validated: a u32"),
+        }
+    }
+
+    fn expr(&mut self, e: Expr) -> Lanes {
+        match self.f.expr(e) {
+            ExprKind::Literal(l) => Lanes::Scalar(match *l {
+                Literal::F32(x) => Value::F32(x),
+                Literal::U32(n) => Value::U32(n),
+                Literal::I32(n) => Value::I32(n),
+                Literal::Bool(b) => Value::Bool(b),
+            }),
+            ExprKind::Index => Lanes::Scalar(Value::U32(self.index)),
+            ExprKind::Local(l) => self.locals[l.index()].expect("validated: set before read"),
+            ExprKind::Operand { k, index } => {
+                let (k, index) = (*k, *index);
+                let at = self.u32(index);
+                self.env.operand(k, at)
+            }
+            ExprKind::Binary { op, left, right } => {
+                let (op, left, right) = (*op, *left, *right);
+                // `&&` and `||` do not evaluate their right side when the left decides.
+                if matches!(op, BinOp::And | BinOp::Or) {
+                    let l = self.expr(left) == Lanes::Scalar(Value::Bool(true));
+                    if l == (op == BinOp::Or) {
+                        return Lanes::Scalar(Value::Bool(l));
+                    }
+                    return self.expr(right);
+                }
+                let l = self.expr(left);
+                let r = self.expr(right);
+                binary(op, l, r)
+            }
+            ExprKind::Unary { op, operand } => {
+                let op = *op;
+                self.expr(*operand).map(|v| match (op, v) {
+                    (UnOp::Neg, Value::F32(x)) => Value::F32(-x),
+                    (UnOp::Neg, Value::I32(n)) => Value::I32(n.wrapping_neg()),
+                    (UnOp::Not, Value::Bool(b)) => Value::Bool(!b),
+                    _ => unreachable!("validated: {op:?} of {v:?}"),
+                })
+            }
+            ExprKind::Math { fun, args } => {
+                let fun = *fun;
+                let args: Vec<Lanes> = args.clone().into_iter().map(|a| self.expr(a)).collect();
+                let one = |f: fn(f32) -> f32| args[0].map(move |v| Value::F32(f(float(v))));
+                match fun {
+                    MathFn::Exp => one(f32::exp),
+                    MathFn::Log => one(f32::ln),
+                    MathFn::Sqrt => one(f32::sqrt),
+                    MathFn::Tanh => one(f32::tanh),
+                    MathFn::Max | MathFn::Min => args[0].zip(args[1], |a, b| {
+                        let max = fun == MathFn::Max;
+                        match (a, b) {
+                            (Value::F32(a), Value::F32(b)) => {
+                                Value::F32(if max { a.max(b) } else { a.min(b) })
+                            }
+                            (Value::U32(a), Value::U32(b)) => {
+                                Value::U32(if max { a.max(b) } else { a.min(b) })
+                            }
+                            (Value::I32(a), Value::I32(b)) => {
+                                Value::I32(if max { a.max(b) } else { a.min(b) })
+                            }
+                            _ => unreachable!("validated: {fun:?} of {a:?}, {b:?}"),
+                        }
+                    }),
+                }
+            }
+            ExprKind::Select {
+                cond,
+                accept,
+                reject,
+            } => {
+                let (c, a, r) = (*cond, *accept, *reject);
+                let (c, a, r) = (self.expr(c), self.expr(a), self.expr(r));
+                match (a, c) {
+                    (_, Lanes::Scalar(Value::Bool(b))) => {
+                        if b {
+                            a
+                        } else {
+                            r
+                        }
+                    }
+                    (Lanes::Vec4(_), Lanes::Vec4(cs)) => Lanes::Vec4(std::array::from_fn(|k| {
+                        if cs[k] == Value::Bool(true) {
+                            a.lane(k)
+                        } else {
+                            r.lane(k)
+                        }
+                    })),
+                    _ => unreachable!("validated: select's condition"),
+                }
+            }
+            ExprKind::Cast { to, value } => {
+                let to = *to;
+                self.expr(*value).map(|v| cast(to, v))
+            }
+            ExprKind::Splat(x) => {
+                let x = *x;
+                match self.expr(x) {
+                    Lanes::Scalar(v) => Lanes::Vec4([v; 4]),
+                    Lanes::Vec4(_) => unreachable!("validated: splat of a scalar"),
+                }
+            }
+            ExprKind::Chunk(bound) => Lanes::Scalar(Value::U32(self.env.chunk(*bound))),
+        }
+    }
+}
+
+fn float(v: Value) -> f32 {
+    match v {
+        Value::F32(x) => x,
+        _ => unreachable!("validated: a float"),
+    }
+}
+
+fn cast(to: Scalar, v: Value) -> Value {
+    match (to, v) {
+        (Scalar::F32, Value::F32(x)) => Value::F32(x),
+        (Scalar::F32, Value::U32(n)) => Value::F32(n as f32),
+        (Scalar::F32, Value::I32(n)) => Value::F32(n as f32),
+        (Scalar::F32, Value::Bool(b)) => Value::F32(f32::from(u8::from(b))),
+        // Rust's `as` saturates and sends NaN to 0, as WGSL's conversion does.
+        (Scalar::U32, Value::F32(x)) => Value::U32(x as u32),
+        (Scalar::U32, Value::U32(n)) => Value::U32(n),
+        (Scalar::U32, Value::I32(n)) => Value::U32(n as u32),
+        (Scalar::U32, Value::Bool(b)) => Value::U32(u32::from(b)),
+        (Scalar::I32, Value::F32(x)) => Value::I32(x as i32),
+        (Scalar::I32, Value::U32(n)) => Value::I32(n as i32),
+        (Scalar::I32, Value::I32(n)) => Value::I32(n),
+        (Scalar::I32, Value::Bool(b)) => Value::I32(i32::from(b)),
+        (Scalar::Bool, Value::F32(x)) => Value::Bool(x != 0.0),
+        (Scalar::Bool, Value::U32(n)) => Value::Bool(n != 0),
+        (Scalar::Bool, Value::I32(n)) => Value::Bool(n != 0),
+        (Scalar::Bool, Value::Bool(b)) => Value::Bool(b),
+    }
+}
+
+fn binary(op: BinOp, l: Lanes, r: Lanes) -> Lanes {
+    use std::cmp::Ordering;
+    l.zip(r, |a, b| {
+        let ord = match (a, b) {
+            (Value::F32(x), Value::F32(y)) => x.partial_cmp(&y),
+            (Value::U32(x), Value::U32(y)) => Some(x.cmp(&y)),
+            (Value::I32(x), Value::I32(y)) => Some(x.cmp(&y)),
+            (Value::Bool(x), Value::Bool(y)) => Some(x.cmp(&y)),
+            _ => unreachable!("validated: {op:?} of {a:?}, {b:?}"),
+        };
+        let is = |want: &[Ordering]| Value::Bool(ord.is_some_and(|o| want.contains(&o)));
+        match op {
+            BinOp::Lt => is(&[Ordering::Less]),
+            BinOp::Le => is(&[Ordering::Less, Ordering::Equal]),
+            BinOp::Gt => is(&[Ordering::Greater]),
+            BinOp::Ge => is(&[Ordering::Greater, Ordering::Equal]),
+            BinOp::Eq => is(&[Ordering::Equal]),
+            // NaN is unequal to everything, itself included.
+            BinOp::Ne => Value::Bool(ord != Some(Ordering::Equal)),
+            _ => arithmetic(op, a, b),
+        }
+    })
+}
+
+fn arithmetic(op: BinOp, a: Value, b: Value) -> Value {
+    match (a, b) {
+        (Value::F32(x), Value::F32(y)) => Value::F32(match op {
+            BinOp::Add => x + y,
+            BinOp::Sub => x - y,
+            BinOp::Mul => x * y,
+            BinOp::Div => x / y,
+            BinOp::Rem => x % y,
+            _ => unreachable!("validated: {op:?} of floats"),
+        }),
+        (Value::U32(x), Value::U32(y)) => Value::U32(match op {
+            BinOp::Add => x.wrapping_add(y),
+            BinOp::Sub => x.wrapping_sub(y),
+            BinOp::Mul => x.wrapping_mul(y),
+            BinOp::Div => x.checked_div(y).unwrap_or(x),
+            BinOp::Rem => x.checked_rem(y).unwrap_or(0),
+            BinOp::BitAnd => x & y,
+            BinOp::ShiftRight => x >> (y % 32),
+            _ => unreachable!("validated: {op:?} of u32s"),
+        }),
+        (Value::I32(x), Value::I32(y)) => Value::I32(match op {
+            BinOp::Add => x.wrapping_add(y),
+            BinOp::Sub => x.wrapping_sub(y),
+            BinOp::Mul => x.wrapping_mul(y),
+            BinOp::Div => x.checked_div(y).unwrap_or(x),
+            BinOp::Rem => x.checked_rem(y).unwrap_or(0),
+            BinOp::BitAnd => x & y,
+            _ => unreachable!("validated: {op:?} of i32s"),
+        }),
+        (Value::I32(x), Value::U32(y)) if op == BinOp::ShiftRight => Value::I32(x >> (y % 32)),
+        (Value::Bool(x), Value::Bool(y)) if op == BinOp::BitAnd => Value::Bool(x & y),
+        _ => unreachable!("validated: {op:?} of {a:?}, {b:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Builder, Ty};
+    use super::*;
+
+    struct Table(Vec<f32>);
+
+    impl Env for Table {
+        fn operand(&mut self, _: usize, index: u32) -> Lanes {
+            Lanes::Scalar(Value::F32(self.0[index as usize]))
+        }
+        fn chunk(&self, bound: ChunkBound) -> u32 {
+            match bound {
+                ChunkBound::FirstImage => 1,
+                ChunkBound::EndImage => 3,
+            }
+        }
+    }
+
+    #[test]
+    fn a_strided_sum_skipping_odd_taps() {
+        // Sums x[k * 2] over the chunk's images, skipping k == 2.
+        let mut b = Builder::new(Ty::F32, vec![Ty::F32]);
+        let zero = b.f32(0.0);
+        let acc = b.var("acc", Ty::F32, zero);
+        let (lo, hi) = (
+            b.chunk(ChunkBound::FirstImage),
+            b.chunk(ChunkBound::EndImage),
+        );
+        b.for_("k", lo, hi, |b, k| {
+            let two = b.u32(2);
+            let skip = b.bin(BinOp::Eq, k, two);
+            b.continue_if(skip);
+            let at = b.mul(k, two);
+            let x = b.operand(0, at);
+            b.add_assign(acc, x);
+        });
+        let a = b.get(acc);
+        b.ret_(a);
+        let f = b.finish();
+        let got = eval(&f, 0, &mut Table((0..8).map(|x| x as f32).collect())).unwrap();
+        assert_eq!(got.f32(), Some(2.0));
+    }
+
+    #[test]
+    fn wgsl_integer_semantics() {
+        let mut b = Builder::new(Ty::U32, vec![]);
+        let i = b.index();
+        let zero = b.u32(0);
+        let q = b.div(i, zero);
+        let r = b.rem(i, zero);
+        let s = b.add(q, r);
+        let big = b.lit(Literal::U32(u32::MAX));
+        let wrapped = b.add(s, big);
+        b.ret_(wrapped);
+        let f = b.finish();
+        assert_eq!(
+            eval(&f, 7, &mut Table(vec![])).unwrap(),
+            Lanes::Scalar(Value::U32(6))
+        );
+    }
+
+    #[test]
+    fn lanes_share_scalars_and_select_per_lane() {
+        let mut b = Builder::new(Ty::VEC4_F32, vec![Ty::VEC4_F32]);
+        let i = b.index();
+        let x = b.operand(0, i);
+        let half = b.f32(0.5);
+        let y = b.sub(x, half);
+        let zero = b.f32(0.0);
+        let z = b.splat(zero);
+        let neg = b.bin(BinOp::Lt, y, z);
+        let r = b.select(neg, z, y);
+        b.ret_(r);
+        let f = b.finish();
+        struct Quad;
+        impl Env for Quad {
+            fn operand(&mut self, _: usize, _: u32) -> Lanes {
+                Lanes::Vec4([0.0, 1.0, 0.25, 2.0].map(Value::F32))
+            }
+            fn chunk(&self, _: ChunkBound) -> u32 {
+                0
+            }
+        }
+        assert_eq!(
+            eval(&f, 0, &mut Quad).unwrap(),
+            Lanes::Vec4([0.0, 0.5, 0.0, 1.5].map(Value::F32))
+        );
+    }
+}

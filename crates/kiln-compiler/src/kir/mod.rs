@@ -1,0 +1,529 @@
+//! The kernel IR: what a kernel computes, as data, between the plan and the text of a back end.
+//!
+//! A [`Function`] is one element function of a kernel: given the flat index `i` of an element
+//! it returns that element (an `f32`, or four lanes of a `vec4<f32>`). Its expressions live in
+//! an arena and refer to each other by [`Expr`] handles (naga's layout: a DAG of expressions,
+//! a tree of statements pointing into it), so nothing is text until a printer walks it.
+//! Operands are [`ExprKind::Operand`] reads: element functions of other values, which the
+//! caller names when printing — inlining a producer is calling its function, and a schedule
+//! may hand the same definition lane functions instead of scalar ones.
+//!
+//! [`validate`] checks a function from scratch (types, scopes, loop bounds, that every path
+//! returns), [`wgsl::body`] prints it, [`interp::eval`] runs it on the CPU against plain
+//! closures, which is how each op's definition (`compute.rs`) is tested against the reference
+//! executor without a device.
+
+pub mod interp;
+mod validate;
+pub mod wgsl;
+
+pub use validate::{FunctionInfo, ValidationError, validate};
+
+/// A scalar type of the kernel IR (WGSL's): u8 values are loaded widened to `u32`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scalar {
+    F32,
+    U32,
+    I32,
+    Bool,
+}
+
+/// The type of a value: a scalar, or four lanes of one (`vec4<T>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Ty {
+    Scalar(Scalar),
+    Vec4(Scalar),
+}
+
+impl Ty {
+    pub const F32: Ty = Ty::Scalar(Scalar::F32);
+    pub const U32: Ty = Ty::Scalar(Scalar::U32);
+    pub const I32: Ty = Ty::Scalar(Scalar::I32);
+    pub const BOOL: Ty = Ty::Scalar(Scalar::Bool);
+    pub const VEC4_F32: Ty = Ty::Vec4(Scalar::F32);
+
+    pub fn scalar(self) -> Scalar {
+        match self {
+            Ty::Scalar(s) | Ty::Vec4(s) => s,
+        }
+    }
+
+    /// The same type with `s` as its scalar (a comparison of `vec4<f32>`s is a `vec4<bool>`).
+    pub fn with_scalar(self, s: Scalar) -> Ty {
+        match self {
+            Ty::Scalar(_) => Ty::Scalar(s),
+            Ty::Vec4(_) => Ty::Vec4(s),
+        }
+    }
+}
+
+/// A literal. `F32` keeps its bits, so that a printed literal round-trips exactly.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Literal {
+    F32(f32),
+    U32(u32),
+    I32(i32),
+    Bool(bool),
+}
+
+impl Literal {
+    pub fn ty(self) -> Ty {
+        match self {
+            Literal::F32(_) => Ty::F32,
+            Literal::U32(_) => Ty::U32,
+            Literal::I32(_) => Ty::I32,
+            Literal::Bool(_) => Ty::BOOL,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Rem,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+    /// Short-circuit `&&` / `||` (scalar bools).
+    And,
+    Or,
+    /// Non-short-circuit `&` (also per lane of `vec4<bool>`s).
+    BitAnd,
+    ShiftRight,
+}
+
+impl BinOp {
+    pub fn is_comparison(self) -> bool {
+        matches!(
+            self,
+            BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge | BinOp::Eq | BinOp::Ne
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnOp {
+    Neg,
+    Not,
+}
+
+/// Built-in functions, with WGSL's meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MathFn {
+    Exp,
+    Log,
+    Sqrt,
+    Tanh,
+    Max,
+    Min,
+}
+
+impl MathFn {
+    pub fn arity(self) -> usize {
+        match self {
+            MathFn::Max | MathFn::Min => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// A bound of the image range of the kernel's current chunk (CPU-class image chunks: the
+/// chunk table's `z` and `w`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ChunkBound {
+    FirstImage,
+    EndImage,
+}
+
+/// Handle of an expression in its function's arena.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Expr(u32);
+
+/// Handle of a local (a `let`, a `var` or a loop counter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Local(u32);
+
+impl Expr {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl Local {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExprKind {
+    Literal(Literal),
+    /// The function's parameter: the flat index of the element asked for.
+    Index,
+    Local(Local),
+    /// Element `index` of operand `k` (an element function the caller names when printing).
+    Operand {
+        k: usize,
+        index: Expr,
+    },
+    Binary {
+        op: BinOp,
+        left: Expr,
+        right: Expr,
+    },
+    Unary {
+        op: UnOp,
+        operand: Expr,
+    },
+    Math {
+        fun: MathFn,
+        args: Vec<Expr>,
+    },
+    /// `cond ? accept : reject` without a branch (WGSL's `select(reject, accept, cond)`).
+    Select {
+        cond: Expr,
+        accept: Expr,
+        reject: Expr,
+    },
+    /// Conversion to `to` (lane by lane for vectors).
+    Cast {
+        to: Scalar,
+        value: Expr,
+    },
+    /// A scalar broadcast to four lanes.
+    Splat(Expr),
+    Chunk(ChunkBound),
+}
+
+/// A local variable's declaration: its printed name and type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalDecl {
+    pub name: String,
+    pub ty: Ty,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stmt {
+    /// `let local = value;` — immutable.
+    Let {
+        local: Local,
+        value: Expr,
+    },
+    /// `var local = value;`
+    Var {
+        local: Local,
+        value: Expr,
+    },
+    /// `local = value;` or, with `op`, `local op= value;`.
+    Assign {
+        local: Local,
+        op: Option<BinOp>,
+        value: Expr,
+    },
+    /// `for (var counter = start; counter < end; counter++) body`, `u32` counters. `unroll`
+    /// asks the printer to write each iteration out (bounds must then be literals).
+    For {
+        counter: Local,
+        start: Expr,
+        end: Expr,
+        body: Block,
+        unroll: bool,
+    },
+    If {
+        cond: Expr,
+        accept: Block,
+        reject: Block,
+    },
+    Continue,
+    Return(Expr),
+}
+
+pub type Block = Vec<Stmt>;
+
+/// One element function: `fn name(i: u32) -> ret { body }`, reading operands whose types are
+/// `operands` (the printer's caller names them).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Function {
+    pub ret: Ty,
+    pub operands: Vec<Ty>,
+    pub exprs: Vec<ExprKind>,
+    pub locals: Vec<LocalDecl>,
+    pub body: Block,
+}
+
+impl Function {
+    pub fn expr(&self, e: Expr) -> &ExprKind {
+        &self.exprs[e.index()]
+    }
+
+    pub fn local(&self, l: Local) -> &LocalDecl {
+        &self.locals[l.index()]
+    }
+}
+
+/// Builds a [`Function`]: expressions are appended to the arena as they are made, statements
+/// to the innermost open block.
+pub struct Builder {
+    f: Function,
+    blocks: Vec<Block>,
+}
+
+impl Builder {
+    pub fn new(ret: Ty, operands: Vec<Ty>) -> Builder {
+        Builder {
+            f: Function {
+                ret,
+                operands,
+                exprs: Vec::new(),
+                locals: Vec::new(),
+                body: Vec::new(),
+            },
+            blocks: vec![Vec::new()],
+        }
+    }
+
+    pub fn finish(mut self) -> Function {
+        assert_eq!(self.blocks.len(), 1, "every nested block is closed");
+        self.f.body = self.blocks.pop().expect("the body");
+        self.f
+    }
+
+    /// The return type (what operands of the value type are).
+    pub fn ret(&self) -> Ty {
+        self.f.ret
+    }
+
+    pub fn operand_ty(&self, k: usize) -> Ty {
+        self.f.operands[k]
+    }
+
+    fn push(&mut self, e: ExprKind) -> Expr {
+        self.f.exprs.push(e);
+        Expr(self.f.exprs.len() as u32 - 1)
+    }
+
+    fn stmt(&mut self, s: Stmt) {
+        self.blocks.last_mut().expect("an open block").push(s);
+    }
+
+    fn block(&mut self, fill: impl FnOnce(&mut Builder)) -> Block {
+        self.blocks.push(Vec::new());
+        fill(self);
+        self.blocks.pop().expect("the block just opened")
+    }
+
+    fn declare(&mut self, name: &str, ty: Ty) -> Local {
+        self.f.locals.push(LocalDecl {
+            name: name.to_string(),
+            ty,
+        });
+        Local(self.f.locals.len() as u32 - 1)
+    }
+
+    pub fn lit(&mut self, l: Literal) -> Expr {
+        self.push(ExprKind::Literal(l))
+    }
+
+    pub fn f32(&mut self, x: f32) -> Expr {
+        self.lit(Literal::F32(x))
+    }
+
+    /// A `u32` literal of a compile-time size (shapes are static; a size past `u32` is a
+    /// tensor no device binds, refused before codegen).
+    pub fn u32(&mut self, n: usize) -> Expr {
+        self.lit(Literal::U32(u32::try_from(n).expect("sizes fit u32")))
+    }
+
+    pub fn i32(&mut self, n: usize) -> Expr {
+        self.lit(Literal::I32(i32::try_from(n).expect("sizes fit i32")))
+    }
+
+    pub fn index(&mut self) -> Expr {
+        self.push(ExprKind::Index)
+    }
+
+    pub fn get(&mut self, l: Local) -> Expr {
+        self.push(ExprKind::Local(l))
+    }
+
+    pub fn operand(&mut self, k: usize, index: Expr) -> Expr {
+        self.push(ExprKind::Operand { k, index })
+    }
+
+    pub fn bin(&mut self, op: BinOp, left: Expr, right: Expr) -> Expr {
+        self.push(ExprKind::Binary { op, left, right })
+    }
+
+    pub fn add(&mut self, a: Expr, b: Expr) -> Expr {
+        self.bin(BinOp::Add, a, b)
+    }
+
+    pub fn sub(&mut self, a: Expr, b: Expr) -> Expr {
+        self.bin(BinOp::Sub, a, b)
+    }
+
+    pub fn mul(&mut self, a: Expr, b: Expr) -> Expr {
+        self.bin(BinOp::Mul, a, b)
+    }
+
+    pub fn div(&mut self, a: Expr, b: Expr) -> Expr {
+        self.bin(BinOp::Div, a, b)
+    }
+
+    pub fn rem(&mut self, a: Expr, b: Expr) -> Expr {
+        self.bin(BinOp::Rem, a, b)
+    }
+
+    pub fn unary(&mut self, op: UnOp, operand: Expr) -> Expr {
+        self.push(ExprKind::Unary { op, operand })
+    }
+
+    pub fn math(&mut self, fun: MathFn, args: &[Expr]) -> Expr {
+        self.push(ExprKind::Math {
+            fun,
+            args: args.to_vec(),
+        })
+    }
+
+    pub fn select(&mut self, cond: Expr, accept: Expr, reject: Expr) -> Expr {
+        self.push(ExprKind::Select {
+            cond,
+            accept,
+            reject,
+        })
+    }
+
+    pub fn cast(&mut self, to: Scalar, value: Expr) -> Expr {
+        self.push(ExprKind::Cast { to, value })
+    }
+
+    pub fn splat(&mut self, x: Expr) -> Expr {
+        self.push(ExprKind::Splat(x))
+    }
+
+    /// `x` as a value of the function's return type: splat to four lanes where it returns
+    /// `vec4`s (so that `select` and accumulators have the lanes' type).
+    pub fn of_ret(&mut self, x: Expr) -> Expr {
+        match self.f.ret {
+            Ty::Vec4(_) => self.splat(x),
+            Ty::Scalar(_) => x,
+        }
+    }
+
+    pub fn chunk(&mut self, bound: ChunkBound) -> Expr {
+        self.push(ExprKind::Chunk(bound))
+    }
+
+    /// `let name = value;` of type `ty`; returns the read of it.
+    pub fn let_(&mut self, name: &str, ty: Ty, value: Expr) -> Expr {
+        let local = self.declare(name, ty);
+        self.stmt(Stmt::Let { local, value });
+        self.get(local)
+    }
+
+    /// `var name = value;`
+    pub fn var(&mut self, name: &str, ty: Ty, value: Expr) -> Local {
+        let local = self.declare(name, ty);
+        self.stmt(Stmt::Var { local, value });
+        local
+    }
+
+    pub fn assign(&mut self, local: Local, value: Expr) {
+        self.stmt(Stmt::Assign {
+            local,
+            op: None,
+            value,
+        });
+    }
+
+    pub fn add_assign(&mut self, local: Local, value: Expr) {
+        self.stmt(Stmt::Assign {
+            local,
+            op: Some(BinOp::Add),
+            value,
+        });
+    }
+
+    /// `for (var name = start; name < end; name++) { body(counter) }`.
+    pub fn for_(
+        &mut self,
+        name: &str,
+        start: Expr,
+        end: Expr,
+        body: impl FnOnce(&mut Builder, Expr),
+    ) {
+        let counter = self.declare(name, Ty::U32);
+        let read = self.get(counter);
+        let body = self.block(|b| body(b, read));
+        self.stmt(Stmt::For {
+            counter,
+            start,
+            end,
+            body,
+            unroll: false,
+        });
+    }
+
+    pub fn if_(&mut self, cond: Expr, accept: impl FnOnce(&mut Builder)) {
+        let accept = self.block(accept);
+        self.stmt(Stmt::If {
+            cond,
+            accept,
+            reject: Vec::new(),
+        });
+    }
+
+    /// `if (cond) { continue; }`
+    pub fn continue_if(&mut self, cond: Expr) {
+        self.if_(cond, |b| b.stmt(Stmt::Continue));
+    }
+
+    pub fn ret_(&mut self, value: Expr) {
+        self.stmt(Stmt::Return(value));
+    }
+
+    /// `let`s decoding flat index `flat` into one coordinate per axis of `shape`, named
+    /// `names` (row-major: the last axis varies fastest).
+    pub fn decode(&mut self, flat: Expr, names: &[&str], shape: &[usize]) -> Vec<Expr> {
+        let mut stride = 1usize;
+        let mut values = vec![None; shape.len()];
+        for d in (0..shape.len()).rev() {
+            let value = if d == 0 {
+                let s = self.u32(stride);
+                self.div(flat, s)
+            } else if stride == 1 {
+                let n = self.u32(shape[d]);
+                self.rem(flat, n)
+            } else {
+                let s = self.u32(stride);
+                let q = self.div(flat, s);
+                let n = self.u32(shape[d]);
+                self.rem(q, n)
+            };
+            values[d] = Some(value);
+            stride *= shape[d];
+        }
+        values
+            .into_iter()
+            .enumerate()
+            .map(|(d, v)| self.let_(names[d], Ty::U32, v.expect("every axis")))
+            .collect()
+    }
+
+    /// The row-major flat index of coordinates `coords` in `shape`: `((c0 * s1 + c1) * s2 + c2)`.
+    pub fn flat(&mut self, coords: &[Expr], shape: &[usize]) -> Expr {
+        let mut at = coords[0];
+        for d in 1..shape.len() {
+            let n = self.u32(shape[d]);
+            let scaled = self.mul(at, n);
+            at = self.add(scaled, coords[d]);
+        }
+        at
+    }
+}
