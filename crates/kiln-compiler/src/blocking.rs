@@ -57,7 +57,9 @@ use std::fmt::Write as _;
 use kiln_ir::{DType, Graph, NodeId, Op};
 
 use crate::plan::{Kernel, Placement, Plan};
-use crate::wgsl::{UniformIndex, batch_range, body_over, body_with, matmul_indices, strides, u, v};
+use crate::text::{
+    UniformIndex, batch_range, body_over, body_with, matmul_indices, offset, strides, u, v,
+};
 
 /// Outputs per invocation of a blocked kernel (the lanes of a `vec4`).
 pub const LANES: usize = 4;
@@ -435,7 +437,7 @@ impl LaneFns<'_> {
             return None;
         }
         let f = v(node.inputs[0]);
-        let mut s = crate::wgsl::decode(&["nc", "h", "w"], &[out[0] * out[1], out[2], out[3]]);
+        let mut s = crate::text::decode(&["nc", "h", "w"], &[out[0] * out[1], out[2], out[3]]);
         let _ = writeln!(
             s,
             "    let b = (nc * {} + h / {}) * {} + w / {};",
@@ -452,7 +454,7 @@ impl LaneFns<'_> {
             s,
             "    return vec4<f32>({}) / {};",
             lanes.join(", "),
-            crate::wgsl::f32_lit((kernel[0] * kx) as f32)
+            crate::text::f32_lit((kernel[0] * kx) as f32)
         );
         Some(s)
     }
@@ -486,15 +488,6 @@ fn store_lanes(slot: u32, stride: usize) -> String {
         );
     }
     s
-}
-
-/// `base + delta` as WGSL, without a `+ 0u`.
-pub(crate) fn offset(base: &str, delta: usize) -> String {
-    if delta == 0 {
-        base.to_string()
-    } else {
-        format!("{base} + {}", u(delta))
-    }
 }
 
 /// The blocking of a map kernel's `root` that gives the most reduction work a blocked rule,
@@ -920,7 +913,7 @@ impl LaneFns<'_> {
         let in_t = strides(&graph.ty(input).shape)[rows.row_axis];
         let r = rows.count;
         let arr = format!("array<vec4<f32>, {r}>");
-        let mut s = crate::wgsl::decode(&["nc", "oy", "ox"], &[out[0] * out[1], out[2], out[3]]);
+        let mut s = crate::text::decode(&["nc", "oy", "ox"], &[out[0] * out[1], out[2], out[3]]);
         let _ = writeln!(
             s,
             "    let base = (nc * {} + oy * {}) * {} + ox * {};",
@@ -975,7 +968,7 @@ impl LaneFns<'_> {
                     s,
                     "    let row{q} = ({}) / {};",
                     terms.join(" + "),
-                    crate::wgsl::f32_lit(taps.len() as f32)
+                    crate::text::f32_lit(taps.len() as f32)
                 );
                 results.push(format!("row{q}"));
             }
@@ -1042,7 +1035,7 @@ impl LaneFns<'_> {
             )
         };
         let padded = *padding != [0, 0];
-        let (py, px) = (crate::wgsl::i(padding[0]), crate::wgsl::i(padding[1]));
+        let (py, px) = (crate::text::i(padding[0]), crate::text::i(padding[1]));
         // Pixel (row `dy` of the patch, column `col` as an i32 expression) for row `q`.
         let pixel = |dy: usize, col: &str, q: usize| -> String {
             let image_row = if lanes_on_channels {
@@ -1053,8 +1046,8 @@ impl LaneFns<'_> {
             if padded {
                 format!(
                     "select({zero}, {pixel_fn}({image_row} + u32(clamp({col}, 0i, {wm}))), ok{dy} && {col} >= 0i && {col} < {wi})",
-                    wm = crate::wgsl::i(w - 1),
-                    wi = crate::wgsl::i(w),
+                    wm = crate::text::i(w - 1),
+                    wi = crate::text::i(w),
                 )
             } else {
                 format!("{pixel_fn}({image_row} + u32({col}))")
@@ -1062,7 +1055,7 @@ impl LaneFns<'_> {
         };
         // The pixels' rows: one per image row of the lanes (or the shared image).
         let pix_rows = if lanes_on_channels { r } else { 1 };
-        let mut s = crate::wgsl::decode(&["n", "o", "oy", "ox"], out);
+        let mut s = crate::text::decode(&["n", "o", "oy", "ox"], out);
         for t in 0..4 {
             for q in 0..r {
                 let _ = writeln!(s, "    var a{t}_{q} = vec4<f32>(0.0f);");
@@ -1078,8 +1071,8 @@ impl LaneFns<'_> {
             let _ = writeln!(
                 s,
                 "            let iy{dy} = i32(oy + ky + {dy}u) - {py};\n            let ok{dy} = iy{dy} >= 0i && iy{dy} < {hi};\n            let row{dy} = ((n * {C} + c) * {H} + u32(clamp(iy{dy}, 0i, {hm}))) * {W};",
-                hi = crate::wgsl::i(h),
-                hm = crate::wgsl::i(h - 1),
+                hi = crate::text::i(h),
+                hm = crate::text::i(h - 1),
                 C = u(c),
                 H = u(h),
                 W = u(w),
@@ -1215,7 +1208,7 @@ impl LaneFns<'_> {
         }}
     }}
 ",
-                        crate::wgsl::decode(&["o", "c", "ky", "kx"], out),
+                        crate::text::decode(&["o", "c", "ky", "kx"], out),
                         N0 = batch_range(n, chunked).0,
                         N = batch_range(n, chunked).1,
                         C = u(c),
@@ -1244,7 +1237,7 @@ impl LaneFns<'_> {
         }}
     }}
 ",
-                        crate::wgsl::decode(&["o", "c", "ky", "kx"], out),
+                        crate::text::decode(&["o", "c", "ky", "kx"], out),
                         N0 = batch_range(n, chunked).0,
                         N = batch_range(n, chunked).1,
                         C = u(c),
@@ -1261,7 +1254,7 @@ impl LaneFns<'_> {
             }
             Op::Conv2dGradInput { padding, .. } if rows.inner > 1 => format!(
                 "{}{s}{}",
-                crate::wgsl::decode(&["n", "c", "h", "w"], out),
+                crate::text::decode(&["n", "c", "h", "w"], out),
                 self.grad_input_columns(red, rows, *padding)
             ),
             Op::Conv2dGradInput { padding, .. } => {
@@ -1278,8 +1271,8 @@ impl LaneFns<'_> {
                 }
                 format!(
                     "{}{s}{}",
-                    crate::wgsl::decode(&["n", "c", "h", "w"], out),
-                    crate::wgsl::unit_stride_grad_input_taps(
+                    crate::text::decode(&["n", "c", "h", "w"], out),
+                    crate::text::unit_stride_grad_input_taps(
                         &shape(0),
                         &shape(1),
                         *padding,
@@ -1328,7 +1321,7 @@ impl LaneFns<'_> {
                             )
                         })
                         .collect();
-                    format!("{}{s}{loops}", crate::wgsl::decode(&["r", "c"], out))
+                    format!("{}{s}{loops}", crate::text::decode(&["r", "c"], out))
                 } else {
                     let bv = self.request(
                         node.inputs[1],
@@ -1340,7 +1333,7 @@ impl LaneFns<'_> {
 {adds}
     }}
 ",
-                        crate::wgsl::decode(&["r", "c"], out),
+                        crate::text::decode(&["r", "c"], out),
                         K0 = batch_range(k, chunked).0,
                         K = batch_range(k, chunked).1,
                         adds = adds.join("\n"),
@@ -1351,9 +1344,9 @@ impl LaneFns<'_> {
                 let [_, c, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
                 let [_, _, kh, kw] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
                 let (ty, iy) =
-                    crate::wgsl::tap("        ", "iy", "oy", "ky", stride[0], padding[0], h);
+                    crate::text::tap("        ", "iy", "oy", "ky", stride[0], padding[0], h);
                 let (tx, ix) =
-                    crate::wgsl::tap("            ", "ix", "ox", "kx", stride[1], padding[1], w);
+                    crate::text::tap("            ", "ix", "ox", "kx", stride[1], padding[1], w);
                 // Lanes over output channels share the pixel; rows over images share the
                 // weights (or the other way round).
                 let (lanes, per_row, step) = if rows.lane_axis == 1 {
@@ -1393,7 +1386,7 @@ impl LaneFns<'_> {
         }}
     }}
 ",
-                    crate::wgsl::decode(&["n", "o", "oy", "ox"], out),
+                    crate::text::decode(&["n", "o", "oy", "ox"], out),
                     C = u(c),
                     H = u(h),
                     W = u(w),
@@ -1429,7 +1422,7 @@ impl LaneFns<'_> {
         let dy = self.request(node.inputs[0], strides(&dys)[0]);
         let wt = v(node.inputs[1]);
         let cols = rows.inner;
-        let (ii, uu) = (crate::wgsl::i, u);
+        let (ii, uu) = (crate::text::i, u);
         let load = |x: &str| {
             format!(
                 "select(vec4<f32>(0.0f), {dy}(db + u32(clamp({x}, 0i, {OW1}))), {x} >= 0i && {x} < {OWi})",

@@ -29,6 +29,16 @@ use std::fmt::Write as _;
 
 use kiln_ir::{DType, Graph, NodeId, Op};
 
+/// The bindings of one span (several chunks per dispatch: `spans.rs`): its windows (in
+/// [`Chunks::windows`] order), its chunk range
+/// (storage) and its windows' bases (uniform).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub windows: Vec<u32>,
+    pub table: u32,
+    pub bases: u32,
+}
+
 /// A kernel split into dispatches of `images` images each (the last may have fewer).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Chunks {
@@ -63,7 +73,7 @@ pub struct Chunks {
     /// The chunks one dispatch runs, in order, each reading its own windows and table
     /// (`spans.rs`); the first uses `windows` and `table_binding`. Dispatch `d` runs
     /// chunks `d * spans.len() ..`; a span past the last chunk gets an all-zero table.
-    pub spans: Vec<crate::spans::Span>,
+    pub spans: Vec<Span>,
 }
 
 /// The running sum of one reduction over the batch, a storage buffer the runtime creates.
@@ -316,14 +326,14 @@ pub(crate) fn sum_loads(
     let v = format!("v{}", red.0);
     let sum = format!("sum{}", red.0);
     let at = |off: usize| {
-        let index = crate::blocking::offset("i", off);
+        let index = crate::text::offset("i", off);
         if quads {
             format!("{sum}[({index}) >> 2u][({index}) & 3u]")
         } else {
             format!("{sum}[{index}]")
         }
     };
-    let quad_at = |off: usize| format!("{sum}[({}) >> 2u]", crate::blocking::offset("i", off));
+    let quad_at = |off: usize| format!("{sum}[({}) >> 2u]", crate::text::offset("i", off));
     let mut out = text.to_string();
     let mut loads = String::new();
     let scalar = format!("fn {v}(i: u32) -> f32 {{");
@@ -458,7 +468,7 @@ pub(crate) fn running_sum(
     let mut add = String::new();
     let mut store = String::new();
     for (off, value) in stores {
-        let index = crate::blocking::offset(var_index(call), *off);
+        let index = crate::text::offset(var_index(call), *off);
         let at = if quads {
             format!("{sum}[({index}) >> 2u]")
         } else {
@@ -478,7 +488,7 @@ pub(crate) fn element_running_sum(red: NodeId, index: &str, numel: usize) -> Str
     let call = format!("v{}_chunk({index})", red.0);
     format!(
         "    if ({index} < {}) {{\n{}    }}\n",
-        crate::wgsl::u(numel),
+        crate::text::u(numel),
         running_sum(red, "part", &call, &[(0, "part".into())], false)
     )
 }
@@ -544,17 +554,17 @@ pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, loads: ColumnLoads) 
     let [_, o, oh, ow] =
         <[usize; 4]>::try_from(graph.ty(node.inputs[1]).shape.as_slice()).expect("rank 4");
     let kw = node.ty.shape[3];
-    let u = crate::wgsl::u;
-    let i = crate::wgsl::i;
+    let u = crate::text::u;
+    let i = crate::text::i;
     let mut s = format!(
         "fn v{}_columns_chunk(i: u32) -> array<f32, {kw}> {{\n",
         red.0
     );
-    s.push_str(&crate::wgsl::decode(
+    s.push_str(&crate::text::decode(
         &["o", "c", "ky", "kx"],
         &node.ty.shape,
     ));
-    s.push_str(&crate::wgsl::valid_outputs("oy", "ky", padding[0], h, oh));
+    s.push_str(&crate::text::valid_outputs("oy", "ky", padding[0], h, oh));
     for k in 0..kw {
         let _ = writeln!(s, "    var acc{k} = 0.0f;");
     }

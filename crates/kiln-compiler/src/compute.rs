@@ -157,7 +157,7 @@ pub fn element(
             let coords = b.decode(i, &refs, to);
             let kept: Vec<usize> = (0..to.len()).filter(|d| !axes.contains(d)).collect();
             let kept_shape: Vec<usize> = kept.iter().map(|&d| to[d]).collect();
-            let ks = crate::wgsl::strides(&kept_shape);
+            let ks = strides(&kept_shape);
             let terms: Vec<(usize, usize)> = kept.iter().copied().zip(ks).collect();
             let index = sum_of_products(b, &terms, &|_, d| coords[d]);
             let r = b.operand(0, index);
@@ -494,7 +494,7 @@ pub fn element(
         }
         Op::ReduceSum { axes } | Op::ReduceMean { axes } => {
             let xs = shape(0);
-            let st = crate::wgsl::strides(&xs);
+            let st = strides(&xs);
             let kept: Vec<usize> = (0..xs.len()).filter(|d| !axes.contains(d)).collect();
             let names: Vec<String> = kept.iter().map(|d| format!("k{d}")).collect();
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -869,4 +869,13 @@ fn unit_stride_grad_input_taps(
             });
         });
     });
+}
+
+/// Row-major strides of `shape`.
+pub(crate) fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1usize; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        s[d] = s[d + 1] * shape[d + 1];
+    }
+    s
 }

@@ -36,7 +36,7 @@ use std::fmt::Write as _;
 use kiln_ir::{DType, Graph, NodeId, Op};
 
 use crate::plan::Kernel;
-use crate::wgsl::{i, u};
+use crate::text::{i, u};
 
 /// Most weights (`O * C * KH * KW`) the column-quad cover unrolls.
 pub(crate) const MAX_WEIGHTS: usize = 256;
@@ -459,11 +459,11 @@ pub(crate) fn weight_rows_fn(
         red.0,
         per * kw
     );
-    s.push_str(&crate::wgsl::decode(
+    s.push_str(&crate::text::decode(
         &["o", "c", "ky", "kx"],
         &node.ty.shape,
     ));
-    s.push_str(&crate::wgsl::valid_outputs("oy", "ky", padding[0], h, oh));
+    s.push_str(&crate::text::valid_outputs("oy", "ky", padding[0], h, oh));
     for k in 0..per {
         for kx in 0..kw {
             let _ = writeln!(s, "    var a{k}_{kx} = 0.0f;");

@@ -13,12 +13,13 @@ mod plan;
 mod report;
 mod spans;
 mod target;
+mod text;
 mod trips;
 mod uniform_control;
 mod verify_plan;
 mod wgsl;
 
-pub use chunks::{ChunkEntry, Chunks, Sum, Window};
+pub use chunks::{ChunkEntry, Chunks, Span, Sum, Window};
 pub use compile::{CompileError, Compiled, compile};
 pub use interface::{LayoutEntry, Slot};
 pub use plan::{
@@ -26,7 +27,6 @@ pub use plan::{
     MAX_INLINE_REUSE, Placement, Plan, fuse, is_anchor,
 };
 pub use report::{KernelCost, describe, kernel_cost, node_flops};
-pub use spans::Span;
 pub use target::{DeviceClass, LAVAPIPE_LOOP_ITERATIONS, Target};
 pub use verify_plan::{PlanError, verify_plan};
 pub use wgsl::{

@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::chunks::Chunks;
+use crate::chunks::{Chunks, Span};
 
 /// Most bytes of WGSL the copies may add to a module. Every copy is JIT-compiled again at
 /// the first dispatch, and a copy with loops costs far more than its size suggests (first
@@ -45,15 +45,6 @@ pub const MAX_SPAN_SUM_WORDS: usize = 4096;
 
 /// How the header's chunk line ends for a kernel running one chunk per dispatch.
 pub(crate) const ONE_PER_DISPATCH: &str = ", one per dispatch";
-
-/// The bindings of one span: its windows (in [`Chunks::windows`] order), its chunk range
-/// (storage) and its windows' bases (uniform).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Span {
-    pub windows: Vec<u32>,
-    pub table: u32,
-    pub bases: u32,
-}
 
 /// Binding slots a kernel leaves unused, per kind.
 #[derive(Clone, Copy, Debug)]

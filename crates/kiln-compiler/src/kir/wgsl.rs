@@ -335,7 +335,13 @@ mod tests {
             "@group(0) @binding(0) var<storage, read_write> out: array<u32>;\n\
              @compute @workgroup_size(1) fn main() { let x = f(0u); out[0] = 0u; }\n",
         );
-        crate::wgsl::validate_wgsl("test", &src).unwrap_or_else(|e| panic!("{e}\n{src}"));
+        let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{e}\n{src}"));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::empty(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{e:?}\n{src}"));
     }
 
     #[test]
