@@ -56,9 +56,10 @@ use std::fmt::Write as _;
 
 use kiln_ir::{DType, Graph, NodeId, Op};
 
+use crate::kir::{self, wgsl::Callee};
 use crate::plan::{Kernel, Placement, Plan};
 use crate::text::{
-    UniformIndex, batch_range, body_over, body_with, matmul_indices, offset, strides, u, v,
+    Operand as Read, UniformIndex, batch_range, body_over, matmul_indices, offset, strides, u, v,
 };
 
 /// Outputs per invocation of a blocked kernel (the lanes of a `vec4`).
@@ -333,13 +334,13 @@ impl<'a> LaneFns<'a> {
         if blocked_input_not_f32 {
             return None;
         }
-        let names: Vec<String> = node
+        let reads: Vec<Read> = node
             .inputs
             .iter()
             .zip(&operands)
             .map(|(&n, o)| match o {
-                Lanes(s) => self.request(n, *s),
-                Shared => v(n),
+                Lanes(s) => Read::lanes(Callee::Call(self.request(n, *s))),
+                Shared => Read::scalar(graph, n),
             })
             .collect();
         let work = reduction_length(graph, id);
@@ -355,8 +356,8 @@ impl<'a> LaneFns<'a> {
         Some(body_over(
             graph,
             id,
-            &names,
-            "vec4<f32>",
+            &reads,
+            Some(kir::Ty::VEC4_F32),
             self.chunked.contains(&id),
         ))
     }
@@ -786,29 +787,27 @@ impl LaneFns<'_> {
         }
         for &n in path.iter().rev() {
             let node = graph.node(n);
-            let names: Vec<String> = node
+            let reads: Vec<Read> = node
                 .inputs
                 .iter()
                 .map(|&i| {
                     if i == to {
-                        "ROW_OF_REDUCTION".to_string()
+                        Read::lanes(Callee::Value("red".into()))
                     } else if self.leads_to(i, to) {
-                        format!("v{}_row", i.0)
+                        Read::lanes(Callee::CallWith(format!("v{}_row", i.0), "red".into()))
                     } else if let Op::BiasAdd { axis } = node.op {
                         // Four biases along the lanes, or one shared by them.
                         if axis == lane_axis {
-                            self.request(i, lane_gap)
+                            Read::lanes(Callee::Call(self.request(i, lane_gap)))
                         } else {
-                            v(i)
+                            Read::scalar(graph, i)
                         }
                     } else {
-                        self.request(i, lane_stride)
+                        Read::lanes(Callee::Call(self.request(i, lane_stride)))
                     }
                 })
                 .collect();
-            let mut body = body_with(graph, n, &names, "vec4<f32>")
-                .replace("ROW_OF_REDUCTION(i)", "red")
-                .replace("_row(i)", "_row(i, red)");
+            let mut body = body_over(graph, n, &reads, Some(kir::Ty::VEC4_F32), false);
             let saved = matches!(self.plan.placement[n.0], Placement::Side { .. })
                 && self.kernel.stores.contains(&n);
             if saved {

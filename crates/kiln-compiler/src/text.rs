@@ -169,17 +169,46 @@ pub(crate) fn unit_stride_grad_input_taps(
     )
 }
 
-/// The body of node `id`'s element function (statements ending in `return`).
+/// The body of node `id`'s element function (statements ending in `return`), calling each
+/// operand's own scalar function.
 pub(crate) fn body(graph: &Graph, id: NodeId) -> String {
-    let names: Vec<String> = graph.node(id).inputs.iter().map(|&n| v(n)).collect();
-    body_with(graph, id, &names, "f32")
+    body_over(graph, id, &scalar_operands(graph, id), None, false)
 }
 
-/// The body of `id`'s function computing values of WGSL type `value` (`f32`, or `vec4<f32>`
-/// for four lanes), calling `inputs[k]` for operand `k`. Formulas are written so that they hold
-/// for both: a vector operand makes the arithmetic per lane, a scalar one is shared by the lanes.
-pub(crate) fn body_with(graph: &Graph, id: NodeId, inputs: &[String], value: &str) -> String {
-    body_over(graph, id, inputs, value, false)
+/// Each operand of `id` read through its own scalar function `v<operand>`.
+pub(crate) fn scalar_operands(graph: &Graph, id: NodeId) -> Vec<Operand> {
+    graph
+        .node(id)
+        .inputs
+        .iter()
+        .map(|&n| Operand::scalar(graph, n))
+        .collect()
+}
+
+/// How an element function reads one operand: the call the printer writes and the type it
+/// returns (a scalar, or four lanes).
+#[derive(Clone, Debug)]
+pub(crate) struct Operand {
+    pub callee: kir::wgsl::Callee,
+    pub ty: kir::Ty,
+}
+
+impl Operand {
+    /// Operand `n` through its scalar function `v<n>`.
+    pub fn scalar(graph: &Graph, n: NodeId) -> Operand {
+        Operand {
+            callee: kir::wgsl::Callee::Call(v(n)),
+            ty: compute::value_ty(graph.ty(n).dtype),
+        }
+    }
+
+    /// Four lanes from the function `name`.
+    pub fn lanes(callee: kir::wgsl::Callee) -> Operand {
+        Operand {
+            callee,
+            ty: kir::Ty::VEC4_F32,
+        }
+    }
 }
 
 /// The loop bounds of a reduction over `n` images: all of them, or (`chunked`) those of the
@@ -192,33 +221,20 @@ pub(crate) fn batch_range(n: usize, chunked: bool) -> (String, String) {
     }
 }
 
-/// [`body_with`]; a reduction over the batch sums only the chunk's images when `chunked`.
-/// Operand `k` is a scalar function where `inputs[k]` is its value's own function (`v<id>`),
-/// four lanes otherwise.
+/// The body of `id`'s element function from its definition (`compute::element`), returning
+/// `lanes` (four `vec4` lanes) or its own scalar type, reading `operands`; a reduction over the
+/// batch sums only the chunk's images when `chunked`.
 pub(crate) fn body_over(
     graph: &Graph,
     id: NodeId,
-    inputs: &[String],
-    value: &str,
+    operands: &[Operand],
+    lanes: Option<kir::Ty>,
     chunked: bool,
 ) -> String {
-    let lanes = (value != "f32").then_some(kir::Ty::VEC4_F32);
-    let operands: Vec<kir::Ty> = graph
-        .node(id)
-        .inputs
-        .iter()
-        .zip(inputs)
-        .map(|(&n, name)| {
-            let scalar = compute::value_ty(graph.ty(n).dtype);
-            if lanes.is_none() || *name == v(n) {
-                scalar
-            } else {
-                kir::Ty::VEC4_F32
-            }
-        })
-        .collect();
-    let f = compute::element(graph, id, lanes, &operands, chunked);
-    kir::wgsl::body(&f, inputs).unwrap_or_else(|e| {
+    let tys: Vec<kir::Ty> = operands.iter().map(|o| o.ty).collect();
+    let callees: Vec<kir::wgsl::Callee> = operands.iter().map(|o| o.callee.clone()).collect();
+    let f = compute::element(graph, id, lanes, &tys, chunked);
+    kir::wgsl::body(&f, &callees).unwrap_or_else(|e| {
         panic!(
             "{id} {}: the op's definition does not validate: {e}",
             graph.node(id).op.name()

@@ -21,7 +21,8 @@ use crate::plan::{Head, Kernel, KernelKind, Placement, Plan};
 use crate::report::node_label;
 use crate::target::{DeviceClass, Target};
 use crate::text::{
-    UniformIndex, batch_range, body, body_over, decode, decode_from, offset, strides, u, v,
+    UniformIndex, batch_range, body, body_over, decode, decode_from, offset, scalar_operands,
+    strides, u, v,
 };
 use crate::trips;
 
@@ -464,14 +465,15 @@ fn functions(
     };
     for &n in kernel.nodes.iter().filter(|n| !in_head_main.contains(n)) {
         let ty = wgsl_type(graph.ty(n).dtype);
-        let names: Vec<String> = graph.node(n).inputs.iter().map(|&x| v(x)).collect();
         let quad_sum = if quads {
             reduce_sum_in_quads(graph, kernel, plan, n, binding_of, uniform, summed)
         } else {
             None
         };
-        let mut b =
-            quad_sum.unwrap_or_else(|| body_over(graph, n, &names, "f32", summed.contains(&n)));
+        let mut b = quad_sum.unwrap_or_else(|| {
+            let operands = scalar_operands(graph, n);
+            body_over(graph, n, &operands, None, summed.contains(&n))
+        });
         let saved =
             matches!(plan.placement[n.0], Placement::Side { .. }) && kernel.stores.contains(&n);
         if saved {

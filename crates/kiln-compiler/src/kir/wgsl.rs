@@ -10,9 +10,21 @@ use super::{
     Stmt, Ty, UnOp, ValidationError, validate,
 };
 
-/// Validates `f` and prints its body (statements at four spaces, ending in a `return`), calling
-/// `operands[k]` for operand `k`: `name(index)`.
-pub fn body(f: &Function, operands: &[String]) -> Result<String, ValidationError> {
+/// How the printer writes a read of one operand at an index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Callee {
+    /// `name(index)`.
+    Call(String),
+    /// `name(index, extra)`: a function that takes a value the caller already has (a blocked
+    /// rows epilogue passes its row of the reduction along).
+    CallWith(String, String),
+    /// A value already at hand, read at the function's own index only.
+    Value(String),
+}
+
+/// Validates `f` and prints its body (statements at four spaces, ending in a `return`),
+/// reading operand `k` as `operands[k]` says.
+pub fn body(f: &Function, operands: &[Callee]) -> Result<String, ValidationError> {
     let info = validate(f)?;
     if operands.len() != f.operands.len() {
         return Err(ValidationError(format!(
@@ -20,6 +32,16 @@ pub fn body(f: &Function, operands: &[String]) -> Result<String, ValidationError
             operands.len(),
             f.operands.len()
         )));
+    }
+    for e in &f.exprs {
+        if let ExprKind::Operand { k, index } = e
+            && matches!(operands[*k], Callee::Value(_))
+            && !matches!(f.expr(*index), ExprKind::Index)
+        {
+            return Err(ValidationError(format!(
+                "operand {k} is a value at hand but is read at another element"
+            )));
+        }
     }
     let p = Printer {
         f,
@@ -84,7 +106,7 @@ const ARITHMETIC: &[Class] = &[Primary, Unary, Multiplicative, Remainder, Additi
 struct Printer<'a> {
     f: &'a Function,
     info: &'a FunctionInfo,
-    operands: &'a [String],
+    operands: &'a [Callee],
 }
 
 impl Printer<'_> {
@@ -210,7 +232,13 @@ impl Printer<'_> {
             ExprKind::Index => ("i".into(), Primary),
             ExprKind::Local(l) => (self.f.local(*l).name.clone(), Primary),
             ExprKind::Operand { k, index } => (
-                format!("{}({})", self.operands[*k], self.expr(*index)),
+                match &self.operands[*k] {
+                    Callee::Call(name) => format!("{name}({})", self.expr(*index)),
+                    Callee::CallWith(name, extra) => {
+                        format!("{name}({}, {extra})", self.expr(*index))
+                    }
+                    Callee::Value(name) => name.clone(),
+                },
                 Primary,
             ),
             ExprKind::Binary { op, left, right } => {
@@ -320,7 +348,10 @@ mod tests {
     use super::*;
 
     fn print(b: Builder, operands: &[&str]) -> String {
-        let names: Vec<String> = operands.iter().map(|s| s.to_string()).collect();
+        let names: Vec<Callee> = operands
+            .iter()
+            .map(|s| Callee::Call(s.to_string()))
+            .collect();
         body(&b.finish(), &names).unwrap()
     }
 
@@ -420,5 +451,33 @@ mod tests {
         assert_eq!(text.matches("acc += v0(k);").count(), 3, "{text}");
         assert!(text.contains("let k = 2u;"), "{text}");
         naga_accepts("f32", &text, &[("v0", "f32")]);
+    }
+
+    #[test]
+    fn values_at_hand_are_read_only_at_the_functions_own_element() {
+        let build = |shifted: bool| {
+            let mut b = Builder::new(Ty::VEC4_F32, vec![Ty::VEC4_F32, Ty::VEC4_F32]);
+            let i = b.index();
+            let at = if shifted {
+                let one = b.u32(1);
+                b.add(i, one)
+            } else {
+                i
+            };
+            let (x, y) = (b.operand(0, at), b.operand(1, i));
+            let r = b.add(x, y);
+            b.ret_(r);
+            b.finish()
+        };
+        let callees = [
+            Callee::Value("red".into()),
+            Callee::CallWith("v7_row".into(), "red".into()),
+        ];
+        assert_eq!(
+            body(&build(false), &callees).unwrap(),
+            "    return red + v7_row(i, red);\n"
+        );
+        let e = body(&build(true), &callees).unwrap_err();
+        assert!(e.0.contains("read at another element"), "{e}");
     }
 }
