@@ -27,7 +27,7 @@
 
 use std::fmt::Write as _;
 
-use kiln_ir::{DType, Graph, NodeId, Op};
+use kiln_ir::{DType, Graph, NodeId, Op, OpPattern};
 
 /// The bindings of one span (several chunks per dispatch: `spans.rs`): its windows (in
 /// [`Chunks::windows`] order), its chunk range
@@ -187,17 +187,22 @@ fn image_local(graph: &Graph, node: NodeId, k: usize) -> bool {
     let input = &graph.ty(n.inputs[k]).shape;
     let same_batch = !out.is_empty() && !input.is_empty() && out[0] == input[0];
     same_batch
-        && match &n.op {
-            op if op.is_elementwise() => input == out,
-            Op::BiasAdd { .. } | Op::Conv2d { .. } | Op::Conv2dGradInput { .. } => k == 0,
-            Op::AvgPool2d { .. }
-            | Op::MaxPool2d { .. }
-            | Op::AvgPool2dGrad { .. }
-            | Op::MaxPool2dGrad { .. }
-            | Op::Reshape { .. }
-            | Op::SoftmaxCrossEntropyGrad => true,
-            Op::MatMul { transpose_a, .. } => k == 0 && !transpose_a,
-            _ => false,
+        && match n.op.pattern() {
+            OpPattern::Elementwise => input == out,
+            OpPattern::Broadcast => k == 0,
+            OpPattern::Window => true,
+            // A gather's rows come from its indices (see `batched`); a broadcast spreads a
+            // value over the axes it adds, the batch's among them.
+            OpPattern::Injective => matches!(n.op, Op::Reshape { .. }),
+            // Softmax's gradient works row by row (one image a row); the other reductions
+            // sum over images.
+            OpPattern::Reduction => matches!(n.op, Op::SoftmaxCrossEntropyGrad),
+            OpPattern::Anchor => match &n.op {
+                Op::Conv2d { .. } | Op::Conv2dGradInput { .. } => k == 0,
+                Op::MatMul { transpose_a, .. } => k == 0 && !transpose_a,
+                _ => false,
+            },
+            OpPattern::Leaf | OpPattern::Constant => false,
         }
 }
 

@@ -41,7 +41,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 
-use kiln_ir::{DType, Graph, NodeId, Op, TensorType, VerifyError, verify};
+use kiln_ir::{DType, Graph, NodeId, Op, OpPattern, TensorType, VerifyError, verify};
 
 use crate::target::Target;
 
@@ -171,21 +171,10 @@ pub enum FuseError {
     Schedule(String),
 }
 
-/// Whether `op` is expensive enough to be worth storing rather than recomputing.
+/// Whether `op` is expensive enough to be worth storing rather than recomputing: a
+/// reduction or an anchor ([`OpPattern`]).
 pub fn is_anchor(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Conv2d { .. }
-            | Op::Conv2dGradInput { .. }
-            | Op::Conv2dGradWeight { .. }
-            | Op::MatMul { .. }
-            | Op::ReduceSum { .. }
-            | Op::ReduceMean { .. }
-            | Op::SoftmaxCrossEntropy
-            | Op::SoftmaxCrossEntropyGrad
-            | Op::Argmax
-            | Op::CountEqual
-    )
+    matches!(op.pattern(), OpPattern::Reduction | OpPattern::Anchor)
 }
 
 /// Whether the op can carry an anchor's epilogue (it reads its first operand elementwise).
@@ -196,15 +185,28 @@ fn is_epilogue(op: &Op) -> bool {
 /// Whether `consumer` reads every element of its operand `k` exactly once over its whole domain.
 fn reads_once(graph: &Graph, consumer: NodeId, k: usize) -> bool {
     let node = graph.node(consumer);
-    match &node.op {
-        op if op.is_elementwise() => true,
-        Op::Reshape { .. } | Op::ReduceSum { .. } | Op::ReduceMean { .. } | Op::CountEqual => true,
-        Op::BiasAdd { .. } => k == 0,
-        Op::AvgPool2d { kernel, stride } | Op::MaxPool2d { kernel, stride } => {
-            let x = &graph.ty(node.inputs[0]).shape;
-            kernel == stride && x[2] % kernel[0] == 0 && x[3] % kernel[1] == 0
-        }
-        _ => false,
+    match node.op.pattern() {
+        OpPattern::Elementwise => true,
+        // The broadcast operands are read once per element of the axes they lack.
+        OpPattern::Broadcast => k == 0,
+        // A gather picks rows (some twice, some never), a broadcast repeats.
+        OpPattern::Injective => matches!(node.op, Op::Reshape { .. }),
+        // Windows that tile their input: pools only (a pool gradient reads a window per
+        // output element).
+        OpPattern::Window => match &node.op {
+            Op::AvgPool2d { kernel, stride } | Op::MaxPool2d { kernel, stride } => {
+                let x = &graph.ty(node.inputs[0]).shape;
+                kernel == stride && x[2] % kernel[0] == 0 && x[3] % kernel[1] == 0
+            }
+            _ => false,
+        },
+        // A full reduction reads each element once; a row's softmax or argmax reads it
+        // several times.
+        OpPattern::Reduction => matches!(
+            node.op,
+            Op::ReduceSum { .. } | Op::ReduceMean { .. } | Op::CountEqual
+        ),
+        OpPattern::Anchor | OpPattern::Leaf | OpPattern::Constant => false,
     }
 }
 
@@ -259,8 +261,8 @@ pub const MAX_INLINE_REUSE: usize = 8;
 /// than just reading data.
 fn computes(graph: &Graph, id: NodeId) -> bool {
     !matches!(
-        graph.node(id).op,
-        Op::Gather | Op::Reshape { .. } | Op::Full { .. } | Op::Broadcast { .. }
+        graph.node(id).op.pattern(),
+        OpPattern::Injective | OpPattern::Constant
     )
 }
 

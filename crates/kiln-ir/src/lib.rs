@@ -18,7 +18,7 @@ mod verify;
 
 pub use graph::{Graph, GraphError, GraphOutput, LayerRef, Node, NodeId};
 pub use model::Model;
-pub use op::{AttrValue, Op, Scalar, op_names, without_axes};
+pub use op::{AttrValue, Op, OpPattern, Scalar, op_names, without_axes};
 pub use passes::{
     BATCH_INDICES, GatherInput, eliminate_common_subexpressions, eliminate_dead_code, gather_inputs,
 };

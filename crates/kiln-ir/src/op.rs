@@ -163,6 +163,35 @@ pub enum Op {
     CountEqual,
 }
 
+/// What an op's output reads of its operands, in the spirit of TVM's op patterns: the one
+/// table that fusion (`kiln-compiler`'s plan) and scheduling (blocking, chunking) read, so
+/// that a new op cannot compile without a category, and falls into its category's rules
+/// instead of silently into none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OpPattern {
+    /// A graph leaf: declared, loaded, never computed.
+    Leaf,
+    /// A constant of its type: reads nothing.
+    Constant,
+    /// Element `j` of the result reads element `j` of each operand, all of its shape, and
+    /// nothing else.
+    Elementwise,
+    /// Elementwise on its first operand, the others broadcast along the missing axes
+    /// (`bias_add`).
+    Broadcast,
+    /// Data movement: each output element is one element of an operand (`reshape`, `gather`,
+    /// `broadcast`).
+    Injective,
+    /// Each output element reads a small fixed window of an operand (pools, their gradients).
+    Window,
+    /// Sums or scans whole rows or axes of an operand (`reduce_sum`, `reduce_mean`, softmax
+    /// cross-entropy and its gradient, `argmax`, `count_equal`).
+    Reduction,
+    /// A reduction whose inner products are the expensive part and whose consumers fuse as its
+    /// epilogue (convolutions and their gradients, `matmul`): TVM's "out-elementwise-fusable".
+    Anchor,
+}
+
 /// An attribute value in the text form.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AttrValue {
@@ -269,32 +298,53 @@ impl Op {
         }
     }
 
-    /// Whether the op is elementwise over operands of its own shape: element `j` of the
-    /// result reads element `j` of each operand and nothing else. The compiler's fusion,
-    /// blocking and chunking rules all rest on this one list.
-    pub fn is_elementwise(&self) -> bool {
-        matches!(
-            self,
+    /// The op's category ([`OpPattern`]). No wildcard: a new op must take a place here.
+    pub fn pattern(&self) -> OpPattern {
+        match self {
+            Op::Input { .. } | Op::Param { .. } => OpPattern::Leaf,
+            Op::Full { .. } => OpPattern::Constant,
             Op::Sigmoid
-                | Op::Relu
-                | Op::Tanh
-                | Op::SigmoidGrad
-                | Op::ReluGrad
-                | Op::TanhGrad
-                | Op::Add
-                | Op::Sub
-                | Op::Mul
-                | Op::Div
-                | Op::Sqrt
-                | Op::Exp
-                | Op::Scale { .. }
-                | Op::ScaleU8
-        )
+            | Op::Relu
+            | Op::Tanh
+            | Op::SigmoidGrad
+            | Op::ReluGrad
+            | Op::TanhGrad
+            | Op::Add
+            | Op::Sub
+            | Op::Mul
+            | Op::Div
+            | Op::Sqrt
+            | Op::Exp
+            | Op::Scale { .. }
+            | Op::ScaleU8 => OpPattern::Elementwise,
+            Op::BiasAdd { .. } => OpPattern::Broadcast,
+            Op::Reshape { .. } | Op::Gather | Op::Broadcast { .. } => OpPattern::Injective,
+            Op::AvgPool2d { .. }
+            | Op::MaxPool2d { .. }
+            | Op::AvgPool2dGrad { .. }
+            | Op::MaxPool2dGrad { .. } => OpPattern::Window,
+            Op::ReduceSum { .. }
+            | Op::ReduceMean { .. }
+            | Op::SoftmaxCrossEntropy
+            | Op::SoftmaxCrossEntropyGrad
+            | Op::Argmax
+            | Op::CountEqual => OpPattern::Reduction,
+            Op::Conv2d { .. }
+            | Op::Conv2dGradInput { .. }
+            | Op::Conv2dGradWeight { .. }
+            | Op::MatMul { .. } => OpPattern::Anchor,
+        }
+    }
+
+    /// Whether the op is elementwise over operands of its own shape
+    /// ([`OpPattern::Elementwise`]).
+    pub fn is_elementwise(&self) -> bool {
+        self.pattern() == OpPattern::Elementwise
     }
 
     /// Whether the node is a graph leaf whose type is declared rather than inferred.
     pub fn is_leaf(&self) -> bool {
-        matches!(self, Op::Input { .. } | Op::Param { .. })
+        self.pattern() == OpPattern::Leaf
     }
 
     /// Number of operands the op takes.

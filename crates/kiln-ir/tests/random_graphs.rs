@@ -2,7 +2,8 @@
 //! accepts everything the builder makes, and no builder input panics.
 
 use kiln_ir::{
-    Conv2d, DType, Graph, Layer, LayerRef, NodeId, Op, Sequential, TensorType, parse, print, verify,
+    Conv2d, DType, Graph, Layer, LayerRef, NodeId, Op, OpPattern, Sequential, TensorType, parse,
+    print, verify,
 };
 use proptest::prelude::*;
 
@@ -183,6 +184,27 @@ proptest! {
         let parsed = parse(&text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
         prop_assert_eq!(&parsed, &g);
         prop_assert_eq!(print(&parsed), text);
+    }
+
+    /// The op table's categories agree with the typing rules: leaves and constants read
+    /// nothing, elementwise ops read operands of their own shape, broadcasts one of it.
+    #[test]
+    fn op_patterns_agree_with_the_typing_rules(
+        leaf_names in names(),
+        steps in proptest::collection::vec(step(), 0..40),
+    ) {
+        let g = build("patterns", &leaf_names, &steps);
+        for (_, node) in g.iter() {
+            let shapes: Vec<&[usize]> = node.inputs.iter().map(|&i| g.ty(i).shape.as_slice()).collect();
+            match node.op.pattern() {
+                OpPattern::Leaf | OpPattern::Constant => prop_assert!(shapes.is_empty()),
+                OpPattern::Elementwise => {
+                    prop_assert!(shapes.iter().all(|s| *s == node.ty.shape.as_slice()), "{}", node.op.name())
+                }
+                OpPattern::Broadcast => prop_assert_eq!(shapes[0], node.ty.shape.as_slice()),
+                _ => prop_assert!(!shapes.is_empty()),
+            }
+        }
     }
 
     #[test]
