@@ -169,12 +169,6 @@ pub(crate) fn unit_stride_grad_input_taps(
     )
 }
 
-/// The body of node `id`'s element function (statements ending in `return`), calling each
-/// operand's own scalar function.
-pub(crate) fn body(graph: &Graph, id: NodeId) -> String {
-    body_over(graph, id, &scalar_operands(graph, id), None, false)
-}
-
 /// Each operand of `id` read through its own scalar function `v<operand>`.
 pub(crate) fn scalar_operands(graph: &Graph, id: NodeId) -> Vec<Operand> {
     graph

@@ -16,17 +16,19 @@ use kiln_ir::{DType, Graph, NodeId, Op, TensorType};
 
 use crate::blocking::{self, LANES, LaneFns, lane_fn};
 use crate::chunks::{self, Chunks, Window, window_base};
+use crate::compute;
 use crate::interface::{self, LayoutEntry, Slot};
+use crate::kir::module::{Item, print_items};
+use crate::kir::wgsl::Callee;
+use crate::kir::{self, BinOp};
 use crate::plan::{Head, Kernel, KernelKind, Placement, Plan};
 use crate::report::node_label;
 use crate::target::{DeviceClass, Target};
 use crate::text::{
-    UniformIndex, batch_range, body, body_over, decode, decode_from, offset, scalar_operands,
-    strides, u, v,
+    UniformIndex, batch_range, decode, decode_from, offset, scalar_operands, strides, u, v,
 };
 use crate::trips;
 
-const UNPACK_U8: &str = include_str!("../../../shaders/unpack_u8.wgsl");
 const WORKGROUP_SUM: &str = include_str!("../../../shaders/workgroup_sum.wgsl");
 
 /// Workgroups a map kernel should have at least, shrinking its workgroups (down to 8
@@ -95,6 +97,10 @@ pub struct KernelModule {
     /// The most loop iterations one invocation runs (`trips.rs`), `None` if unbounded;
     /// set when the module is validated.
     pub loop_iterations: Option<u64>,
+    /// The kernel's functions and entry point as kernel IR, where its schedule is written
+    /// in it entirely (one invocation per element, no image chunks, no text items); the
+    /// interpreter can run it (`kir::interp::run_invocation`).
+    pub kernel_ir: Option<kir::module::Module>,
 }
 
 impl KernelModule {
@@ -375,6 +381,8 @@ struct Addressing<'a> {
     binding_of: &'a dyn Fn(usize) -> u32,
     uniform: UniformIndex<'a>,
     split: &'a dyn Fn(usize) -> Option<(u32, u64)>,
+    /// The kernel IR's view of a buffer's binding (name, space, element type).
+    global: &'a dyn Fn(usize) -> kir::Global,
 }
 
 /// The element functions for `kernel`: loads for what it reads, formulas for what it computes.
@@ -386,13 +394,14 @@ fn functions(
     at: &Addressing,
     summed: &[NodeId],
     quads: bool,
-) -> String {
+) -> Vec<Item> {
     let Addressing {
         binding_of,
         uniform,
         split,
+        global,
     } = *at;
-    let mut s = String::new();
+    let mut items = Vec::new();
     for &r in &kernel.reads {
         let b = plan.buffer_of[r.0].expect("reads have buffers");
         let buf = &plan.buffers[b];
@@ -417,36 +426,51 @@ fn functions(
                     u((u64::from(k) * per) as usize)
                 );
             }
-            let _ = writeln!(
-                s,
-                "fn {}(i: u32) -> f32 {{\n{body}    return {pick};\n}}",
+            items.push(Item::Text(format!(
+                "fn {}(i: u32) -> f32 {{\n{body}    return {pick};\n}}\n",
                 v(r)
-            );
-        } else if let Some(index) = uniform(b, "i") {
-            let (setup, w) = if index == "i" {
-                (String::new(), "i")
-            } else {
-                (format!("    let w = {index};\n"), "w")
-            };
-            let _ = writeln!(
-                s,
-                "fn {}(i: u32) -> f32 {{\n{setup}    return buf{}[{w} >> 2u][{w} & 3u];\n}}",
+            )));
+        } else if let Some(index) = uniform(b, "i").filter(|index| index != "i") {
+            // A window over the chunk's images: the index is rebased to the window.
+            items.push(Item::Text(format!(
+                "fn {}(i: u32) -> f32 {{\n    let w = {index};\n    return buf{}[w >> 2u][w & 3u];\n}}\n",
                 v(r),
                 binding_of(b)
-            );
-        } else if buf.packed_u8 {
-            let f = UNPACK_U8
-                .replace("{{FN}}", &v(r))
-                .replace("{{BUF}}", &format!("buf{}", binding_of(b)));
-            s.push_str(&f);
+            )));
         } else {
-            let _ = writeln!(
-                s,
-                "fn {}(i: u32) -> {} {{\n    return buf{}[i];\n}}",
-                v(r),
-                wgsl_type(graph.ty(r).dtype),
-                binding_of(b)
-            );
+            let ret = compute::value_ty(graph.ty(r).dtype);
+            let mut f = kir::Builder::new(ret, Vec::new());
+            let g = f.global(global(b));
+            let i = f.index();
+            let value = if uniform(b, "i").is_some() {
+                // A uniform array of vec4s: element `i` is lane `i % 4` of vec4 `i / 4`.
+                let (two, three) = (f.u32(2), f.u32(3));
+                let q = f.bin(BinOp::ShiftRight, i, two);
+                let quad = f.load(g, q);
+                let l = f.bin(BinOp::BitAnd, i, three);
+                f.lane(quad, l)
+            } else if buf.packed_u8 {
+                // Byte `i % 4` of word `i / 4`, little-endian.
+                let (two, three, eight) = (f.u32(2), f.u32(3), f.u32(8));
+                let q = f.bin(BinOp::ShiftRight, i, two);
+                let word = f.load(g, q);
+                let l = f.bin(BinOp::BitAnd, i, three);
+                let bits = f.mul(l, eight);
+                let shifted = f.bin(BinOp::ShiftRight, word, bits);
+                let mask = f.u32(0xff);
+                f.bin(BinOp::BitAnd, shifted, mask)
+            } else {
+                f.load(g, i)
+            };
+            f.ret_(value);
+            items.push(Item::Function {
+                name: v(r),
+                comment: buf.packed_u8.then(|| {
+                    "Byte `i` of a u8 tensor packed little-endian, four bytes to a word.".into()
+                }),
+                function: f.finish(),
+                callees: Vec::new(),
+            });
         }
     }
     // The head's entry point computes these itself, row by row.
@@ -465,41 +489,66 @@ fn functions(
     };
     for &n in kernel.nodes.iter().filter(|n| !in_head_main.contains(n)) {
         let ty = wgsl_type(graph.ty(n).dtype);
-        let quad_sum = if quads {
-            reduce_sum_in_quads(graph, kernel, plan, n, binding_of, uniform, summed)
-        } else {
-            None
-        };
-        let mut b = quad_sum.unwrap_or_else(|| {
-            let operands = scalar_operands(graph, n);
-            body_over(graph, n, &operands, None, summed.contains(&n))
-        });
-        let saved =
-            matches!(plan.placement[n.0], Placement::Side { .. }) && kernel.stores.contains(&n);
-        if saved {
-            // Store as computed: this kernel reads each element of a saved value exactly once.
-            let slot = binding_of(plan.buffer_of[n.0].expect("stored nodes have buffers"));
-            b = format!(
-                "    let value = value_of_{}(i);\n    buf{slot}[i] = value;\n    return value;\n",
-                v(n)
-            );
-            let _ = writeln!(
-                s,
-                "fn value_of_{}(i: u32) -> {ty} {{\n{}}}",
-                v(n),
-                body(graph, n)
-            );
-        }
         let node = graph.node(n);
         let layer = node
             .layer
             .as_ref()
             .map(|l| format!(" @{}:{}", l.index, l.kind))
             .unwrap_or_default();
-        let _ = writeln!(s, "// {n} = {} : {}{layer}", node.op.name(), node.ty);
-        let _ = writeln!(s, "fn {}(i: u32) -> {ty} {{\n{b}}}", v(n));
+        let comment = format!("{n} = {} : {}{layer}", node.op.name(), node.ty);
+        let quad_sum = if quads {
+            reduce_sum_in_quads(graph, kernel, plan, n, binding_of, uniform, summed)
+        } else {
+            None
+        };
+        if let Some(body) = quad_sum {
+            items.push(Item::Text(format!(
+                "// {comment}\nfn {}(i: u32) -> {ty} {{\n{body}}}\n",
+                v(n)
+            )));
+            continue;
+        }
+        let operands = scalar_operands(graph, n);
+        let tys: Vec<kir::Ty> = operands.iter().map(|o| o.ty).collect();
+        let definition = compute::element(graph, n, None, &tys, summed.contains(&n));
+        let callees: Vec<Callee> = operands.into_iter().map(|o| o.callee).collect();
+        let saved =
+            matches!(plan.placement[n.0], Placement::Side { .. }) && kernel.stores.contains(&n);
+        if !saved {
+            items.push(Item::Function {
+                name: v(n),
+                comment: Some(comment),
+                function: definition,
+                callees,
+            });
+            continue;
+        }
+        // Store as computed: this kernel reads each element of a saved value exactly once.
+        let value_of = format!("value_of_{}", v(n));
+        let ret = definition.ret.expect("element functions return");
+        items.push(Item::Function {
+            name: value_of.clone(),
+            comment: None,
+            function: definition,
+            callees,
+        });
+        let mut f = kir::Builder::new(ret, vec![ret]);
+        let g = f.global(global(
+            plan.buffer_of[n.0].expect("stored nodes have buffers"),
+        ));
+        let i = f.index();
+        let x = f.operand(0, i);
+        let value = f.let_("value", ret, x);
+        f.store(g, i, value);
+        f.ret_(value);
+        items.push(Item::Function {
+            name: v(n),
+            comment: Some(comment),
+            function: f.finish(),
+            callees: vec![Callee::Call(value_of)],
+        });
     }
-    s
+    items
 }
 
 /// The start of a reduction over `axes` of a value of shape `xs`: the kept axes decoded from
@@ -1390,19 +1439,58 @@ fn emit_kernel_with(
         Access::Split { parts, part_bytes } => Some((parts, part_bytes)),
         _ => None,
     };
+    let global = |buffer: usize| {
+        let b = bindings
+            .iter()
+            .find(|b| b.buffer == buffer)
+            .expect("the kernel binds what it reads and stores");
+        let buf = &plan.buffers[buffer];
+        let (space, elem) = match b.access {
+            Access::Read | Access::ReadWrite => (
+                kir::Space::Storage {
+                    read_only: b.access == Access::Read,
+                },
+                if vec4_out.contains(&buffer) {
+                    kir::Ty::VEC4_F32
+                } else if buf.packed_u8 {
+                    kir::Ty::U32
+                } else {
+                    compute::value_ty(buf.ty.dtype)
+                },
+            ),
+            Access::Uniform | Access::Window | Access::Split { .. } => {
+                (kir::Space::Uniform, kir::Ty::VEC4_F32)
+            }
+        };
+        kir::Global {
+            name: format!("buf{}", b.binding),
+            space,
+            elem,
+        }
+    };
     let addressing = Addressing {
         binding_of: &binding_of,
         uniform: &uniform,
         split: &split,
+        global: &global,
     };
-    let mut fn_text = functions(
-        graph,
-        plan,
-        kernel,
-        &addressing,
-        &summed,
-        target.class == DeviceClass::Cpu,
-    );
+    // A convolution over vec4 quads loads and stores everything in its entry point.
+    let items = if conv_quads.is_some() {
+        Vec::new()
+    } else {
+        functions(
+            graph,
+            plan,
+            kernel,
+            &addressing,
+            &summed,
+            target.class == DeviceClass::Cpu,
+        )
+    };
+    let mut fn_text = print_items(&items).map_err(|e| CodegenError::Unsupported {
+        kernel: kernel.name.clone(),
+        message: format!("generator bug: {e}"),
+    })?;
     // Summing kernels: each dispatch's reductions add the sums carried from the chunks before.
     let batch_end = batch.unwrap_or(0);
     let last_chunk_only = |carry: &str| -> String {
@@ -1415,6 +1503,7 @@ fn emit_kernel_with(
             )
         }
     };
+    let mut kernel_ir = None;
     match &kernel.kind {
         KernelKind::Map { .. } if conv_quads.is_some() => {
             // Every value is loaded and stored in the entry point itself.
@@ -1647,6 +1736,54 @@ fn emit_kernel_with(
                 &binding_of,
             ));
         }
+        KernelKind::Map { roots } if sums.is_empty() && chunking.is_none() => {
+            // One invocation per element, every root stored: all kernel IR.
+            let operands: Vec<kir::Ty> = roots
+                .iter()
+                .map(|r| compute::value_ty(graph.ty(*r).dtype))
+                .collect();
+            let mut f = kir::Builder::entry(operands);
+            let numel = roots
+                .iter()
+                .map(|r| numel_u32(&kernel.name, graph.ty(*r)))
+                .collect::<Result<Vec<u32>, _>>()?;
+            let count = *numel.iter().max().expect("map kernels have a root");
+            let (x, y) = (f.global_id(0), f.global_id(1));
+            let row = f.u32(dispatch[0] as usize * workgroup_size as usize);
+            let t = f.mul(y, row);
+            let t = f.add(x, t);
+            let i = f.let_("i", kir::Ty::U32, t);
+            let end = f.lit(kir::Literal::U32(count));
+            let past = f.bin(BinOp::Ge, i, end);
+            f.if_(past, |f| f.return_());
+            for (k, r) in roots.iter().enumerate() {
+                let g = f.global(global(plan.buffer_of[r.0].expect("roots are stored")));
+                let store = |f: &mut kir::Builder| {
+                    let value = f.operand(k, i);
+                    f.store(g, i, value);
+                };
+                if roots.len() == 1 {
+                    store(&mut f);
+                } else {
+                    let n = f.lit(kir::Literal::U32(numel[k]));
+                    let inside = f.bin(BinOp::Lt, i, n);
+                    f.if_(inside, store);
+                }
+            }
+            let module = kir::module::Module {
+                items,
+                entry: kir::module::Entry {
+                    workgroup_size,
+                    function: f.finish(),
+                    callees: roots.iter().map(|r| Callee::Call(v(*r))).collect(),
+                },
+            };
+            s.push_str(&module.print().map_err(|e| CodegenError::Unsupported {
+                kernel: kernel.name.clone(),
+                message: format!("generator bug: {e}"),
+            })?);
+            kernel_ir = Some(module);
+        }
         KernelKind::Map { roots } => {
             let mut carry = String::new();
             for &(red, root) in &sums {
@@ -1722,6 +1859,7 @@ fn emit_kernel_with(
             workgroup_storage_bytes,
             chunks: chunking,
             loop_iterations: None,
+            kernel_ir: kernel_ir.filter(|m: &kir::module::Module| m.is_data()),
         }),
         shares_loads,
     ))

@@ -153,7 +153,7 @@ fn check_graph(what: &str, g: &Graph, seed: u64, classes: usize) -> usize {
                 stride: None,
             };
             let got = eval(&f, e as u32, &mut env).unwrap();
-            let Lanes::Scalar(got) = got else {
+            let Some(Lanes::Scalar(got)) = got else {
                 panic!("{what}: {id} returned lanes")
             };
             let w = scalar(want, e as u32);
@@ -186,7 +186,7 @@ fn check_lanes(what: &str, g: &Graph, id: NodeId, operands: &[&Tensor], want: &T
                 values: operands.to_vec(),
                 stride: Some(stride),
             };
-            let Lanes::Vec4(lanes) = eval(&f, e, &mut env).unwrap() else {
+            let Some(Lanes::Vec4(lanes)) = eval(&f, e, &mut env).unwrap() else {
                 panic!("{what}: {id} returned a scalar for lanes")
             };
             for (l, got) in lanes.into_iter().enumerate() {

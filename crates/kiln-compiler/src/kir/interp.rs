@@ -4,8 +4,12 @@
 //! and a schedule's rewrite of it can be checked against the reference executor without a
 //! device.
 
+use std::collections::HashMap;
+
+use super::module::Module;
+use super::wgsl::Callee;
 use super::{
-    BinOp, Block, ChunkBound, Expr, ExprKind, Function, Literal, MathFn, Scalar, Stmt, UnOp,
+    BinOp, Block, ChunkBound, Expr, ExprKind, Function, Literal, MathFn, Scalar, Stmt, Ty, UnOp,
     ValidationError, validate,
 };
 
@@ -56,10 +60,20 @@ impl Lanes {
     }
 }
 
-/// What the function reads besides its index: operand elements and the chunk's images.
+/// What the function reads besides its index: operand elements, the chunk's images, buffers
+/// (by the global's name) and, in an entry point, the invocation id.
 pub trait Env {
     fn operand(&mut self, k: usize, index: u32) -> Lanes;
     fn chunk(&self, bound: ChunkBound) -> u32;
+    fn load(&mut self, global: &str, index: u32) -> Lanes {
+        unreachable!("no buffer {global}[{index}] in this environment")
+    }
+    fn store(&mut self, global: &str, index: u32, value: Lanes) {
+        unreachable!("no buffer {global}[{index}] = {value:?} in this environment")
+    }
+    fn global_id(&self) -> [u32; 2] {
+        unreachable!("not an entry point's environment")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -68,11 +82,166 @@ pub enum EvalError {
     Invalid(#[from] ValidationError),
     #[error("kernel IR: the function ran past {0} loop iterations")]
     TooLong(u64),
+    #[error("kernel IR: {global}[{index}] is out of bounds ({len} elements)")]
+    OutOfBounds {
+        global: String,
+        index: u32,
+        len: usize,
+    },
+    #[error("kernel IR: {0}")]
+    Module(String),
 }
 
-/// Runs `f` for element `index` (validating it first).
-pub fn eval(f: &Function, index: u32, env: &mut dyn Env) -> Result<Lanes, EvalError> {
+/// A module's buffers while it runs: each global's elements as flat scalars (a `vec4` array
+/// holds four per element), by the global's name.
+pub type Buffers = HashMap<String, Vec<Value>>;
+
+/// Runs one invocation of `module`'s entry point (global invocation id `gid`) over `buffers`,
+/// as the device would: every read and write bounds-checked, a read or write past a buffer's
+/// end an error (on a software GPU it corrupts the process; here it fails the test).
+pub fn run_invocation(
+    module: &Module,
+    gid: [u32; 2],
+    buffers: &mut Buffers,
+) -> Result<(), EvalError> {
+    let mut fns: HashMap<&str, (&Function, &[Callee])> = HashMap::new();
+    let mut elems: HashMap<&str, Ty> = HashMap::new();
+    for item in &module.items {
+        let Some((name, f, callees)) = item.function() else {
+            return Err(EvalError::Module(
+                "a text item cannot be interpreted".into(),
+            ));
+        };
+        fns.insert(name, (f, callees));
+    }
+    let entry = &module.entry;
+    for f in fns.values().map(|(f, _)| *f).chain([&entry.function]) {
+        validate(f)?;
+        for g in &f.globals {
+            elems.insert(&g.name, g.elem);
+        }
+    }
+    let mut error = None;
+    let mut env = ModuleEnv {
+        fns: &fns,
+        elems: &elems,
+        callees: &entry.callees,
+        buffers,
+        gid,
+        error: &mut error,
+    };
+    eval_valid(&entry.function, 0, &mut env)?;
+    error.map_or(Ok(()), Err)
+}
+
+struct ModuleEnv<'a> {
+    fns: &'a HashMap<&'a str, (&'a Function, &'a [Callee])>,
+    elems: &'a HashMap<&'a str, Ty>,
+    callees: &'a [Callee],
+    buffers: &'a mut Buffers,
+    gid: [u32; 2],
+    /// The first error, reported after the invocation (`Env` reads cannot fail).
+    error: &'a mut Option<EvalError>,
+}
+
+impl ModuleEnv<'_> {
+    fn fail(&mut self, e: EvalError) -> Lanes {
+        self.error.get_or_insert(e);
+        Lanes::Scalar(Value::F32(0.0))
+    }
+
+    fn width(&self, global: &str) -> usize {
+        match self.elems.get(global) {
+            Some(Ty::Vec4(_)) => 4,
+            _ => 1,
+        }
+    }
+}
+
+impl Env for ModuleEnv<'_> {
+    fn operand(&mut self, k: usize, index: u32) -> Lanes {
+        let Callee::Call(name) = &self.callees[k] else {
+            return self.fail(EvalError::Module(format!(
+                "operand {k} is not a function call"
+            )));
+        };
+        let Some(&(f, callees)) = self.fns.get(name.as_str()) else {
+            return self.fail(EvalError::Module(format!("no function `{name}`")));
+        };
+        let mut inner = ModuleEnv {
+            fns: self.fns,
+            elems: self.elems,
+            callees,
+            buffers: &mut *self.buffers,
+            gid: self.gid,
+            error: &mut *self.error,
+        };
+        match eval_valid(f, index, &mut inner) {
+            Ok(Some(v)) => v,
+            Ok(None) => self.fail(EvalError::Module(format!("`{name}` returns nothing"))),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn chunk(&self, _: ChunkBound) -> u32 {
+        unreachable!("validated modules of kernel IR are not chunked")
+    }
+
+    fn load(&mut self, global: &str, index: u32) -> Lanes {
+        let w = self.width(global);
+        let Some(data) = self.buffers.get(global) else {
+            return self.fail(EvalError::Module(format!("no buffer `{global}`")));
+        };
+        let at = index as usize * w;
+        if at + w > data.len() {
+            let len = data.len() / w;
+            return self.fail(EvalError::OutOfBounds {
+                global: global.into(),
+                index,
+                len,
+            });
+        }
+        if w == 4 {
+            Lanes::Vec4([data[at], data[at + 1], data[at + 2], data[at + 3]])
+        } else {
+            Lanes::Scalar(data[at])
+        }
+    }
+
+    fn store(&mut self, global: &str, index: u32, value: Lanes) {
+        let w = self.width(global);
+        let Some(data) = self.buffers.get_mut(global) else {
+            self.fail(EvalError::Module(format!("no buffer `{global}`")));
+            return;
+        };
+        let at = index as usize * w;
+        if at + w > data.len() {
+            let len = data.len() / w;
+            self.fail(EvalError::OutOfBounds {
+                global: global.into(),
+                index,
+                len,
+            });
+            return;
+        }
+        for k in 0..w {
+            data[at + k] = value.lane(k);
+        }
+    }
+
+    fn global_id(&self) -> [u32; 2] {
+        self.gid
+    }
+}
+
+/// Runs `f` for element `index` (validating it first); an entry point returns `None`.
+pub fn eval(f: &Function, index: u32, env: &mut dyn Env) -> Result<Option<Lanes>, EvalError> {
     validate(f)?;
+    eval_valid(f, index, env)
+}
+
+/// [`eval`] of a function already validated (a module's functions, evaluated per element).
+pub fn eval_valid(f: &Function, index: u32, env: &mut dyn Env) -> Result<Option<Lanes>, EvalError> {
     let mut m = Machine {
         f,
         index,
@@ -82,6 +251,7 @@ pub fn eval(f: &Function, index: u32, env: &mut dyn Env) -> Result<Lanes, EvalEr
     };
     match m.block(&f.body)? {
         Flow::Return(v) => Ok(v),
+        _ if f.ret.is_none() => Ok(None),
         _ => unreachable!("validated: every path returns"),
     }
 }
@@ -92,7 +262,7 @@ const MAX_STEPS: u64 = 1 << 28;
 enum Flow {
     Next,
     Continue,
-    Return(Lanes),
+    Return(Option<Lanes>),
 }
 
 struct Machine<'a> {
@@ -170,7 +340,16 @@ impl Machine<'_> {
                 return self.block(if taken { accept } else { reject });
             }
             Stmt::Continue => return Ok(Flow::Continue),
-            Stmt::Return(value) => return Ok(Flow::Return(self.expr(*value))),
+            Stmt::Return(value) => return Ok(Flow::Return(value.map(|v| self.expr(v)))),
+            Stmt::Store {
+                global,
+                index,
+                value,
+            } => {
+                let at = self.u32(*index);
+                let v = self.expr(*value);
+                self.env.store(&self.f.globals[*global].name, at, v);
+            }
         }
         Ok(Flow::Next)
     }
@@ -283,6 +462,23 @@ impl Machine<'_> {
                 }
             }
             ExprKind::Chunk(bound) => Lanes::Scalar(Value::U32(self.env.chunk(*bound))),
+            ExprKind::Load { global, index } => {
+                let (global, index) = (*global, *index);
+                let at = self.u32(index);
+                self.env.load(&self.f.globals[global].name, at)
+            }
+            ExprKind::Lane { vector, lane } => {
+                let (vector, lane) = (*vector, *lane);
+                let l = self.u32(lane);
+                match self.expr(vector) {
+                    // WGSL clamps a dynamic lane index out of range.
+                    Lanes::Vec4(v) => Lanes::Scalar(v[(l as usize).min(3)]),
+                    Lanes::Scalar(_) => unreachable!("validated: a lane of a vector"),
+                }
+            }
+            ExprKind::GlobalId(axis) => {
+                Lanes::Scalar(Value::U32(self.env.global_id()[*axis as usize]))
+            }
         }
     }
 }
@@ -416,7 +612,7 @@ mod tests {
         b.ret_(a);
         let f = b.finish();
         let got = eval(&f, 0, &mut Table((0..8).map(|x| x as f32).collect())).unwrap();
-        assert_eq!(got.f32(), Some(2.0));
+        assert_eq!(got.and_then(Lanes::f32), Some(2.0));
     }
 
     #[test]
@@ -433,7 +629,7 @@ mod tests {
         let f = b.finish();
         assert_eq!(
             eval(&f, 7, &mut Table(vec![])).unwrap(),
-            Lanes::Scalar(Value::U32(6))
+            Some(Lanes::Scalar(Value::U32(6)))
         );
     }
 
@@ -461,7 +657,7 @@ mod tests {
         }
         assert_eq!(
             eval(&f, 0, &mut Quad).unwrap(),
-            Lanes::Vec4([0.0, 0.5, 0.0, 1.5].map(Value::F32))
+            Some(Lanes::Vec4([0.0, 0.5, 0.0, 1.5].map(Value::F32)))
         );
     }
 }

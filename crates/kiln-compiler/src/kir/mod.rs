@@ -14,6 +14,7 @@
 //! executor without a device.
 
 pub mod interp;
+pub mod module;
 mod validate;
 pub mod wgsl;
 
@@ -57,14 +58,29 @@ impl Ty {
     }
 }
 
-/// A literal. `F32` keeps its bits, so that a printed literal round-trips exactly.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// A literal. `F32` keeps its bits, so that a printed literal round-trips exactly (and two
+/// literals are equal when their bits are).
+#[derive(Clone, Copy, Debug)]
 pub enum Literal {
     F32(f32),
     U32(u32),
     I32(i32),
     Bool(bool),
 }
+
+impl PartialEq for Literal {
+    fn eq(&self, other: &Literal) -> bool {
+        match (self, other) {
+            (Literal::F32(a), Literal::F32(b)) => a.to_bits() == b.to_bits(),
+            (Literal::U32(a), Literal::U32(b)) => a == b,
+            (Literal::I32(a), Literal::I32(b)) => a == b,
+            (Literal::Bool(a), Literal::Bool(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Literal {}
 
 impl Literal {
     pub fn ty(self) -> Ty {
@@ -161,7 +177,7 @@ impl Local {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExprKind {
     Literal(Literal),
     /// The function's parameter: the flat index of the element asked for.
@@ -199,6 +215,35 @@ pub enum ExprKind {
     /// A scalar broadcast to four lanes.
     Splat(Expr),
     Chunk(ChunkBound),
+    /// Element `index` of global `global` (one of the function's [`Function::globals`]): a
+    /// scalar or, for an array of `vec4`s, four lanes.
+    Load {
+        global: usize,
+        index: Expr,
+    },
+    /// Lane `lane` (0 to 3) of a `vec4`.
+    Lane {
+        vector: Expr,
+        lane: Expr,
+    },
+    /// A coordinate (0: x, 1: y) of the entry point's global invocation id.
+    GlobalId(u8),
+}
+
+/// Where a global lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Space {
+    Storage { read_only: bool },
+    Uniform,
+}
+
+/// A buffer binding a function reads or writes, by the name the module declares it under:
+/// an array of `elem` (`len` elements, where the binding's declaration fixes it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Global {
+    pub name: String,
+    pub space: Space,
+    pub elem: Ty,
 }
 
 /// A local variable's declaration: its printed name and type.
@@ -208,7 +253,7 @@ pub struct LocalDecl {
     pub ty: Ty,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Stmt {
     /// `let local = value;` — immutable.
     Let {
@@ -241,17 +286,26 @@ pub enum Stmt {
         reject: Block,
     },
     Continue,
-    Return(Expr),
+    /// `return value;`, or `return;` in a function without a result (an entry point).
+    Return(Option<Expr>),
+    /// `global[index] = value;`
+    Store {
+        global: usize,
+        index: Expr,
+        value: Expr,
+    },
 }
 
 pub type Block = Vec<Stmt>;
 
-/// One element function: `fn name(i: u32) -> ret { body }`, reading operands whose types are
-/// `operands` (the printer's caller names them).
-#[derive(Clone, Debug, PartialEq)]
+/// One element function, `fn name(i: u32) -> ret { body }`, reading operands whose types are
+/// `operands` (the printer's caller names them) and the buffers `globals`; or, without a
+/// `ret`, an entry point's body (no index: it reads the invocation id).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Function {
-    pub ret: Ty,
+    pub ret: Option<Ty>,
     pub operands: Vec<Ty>,
+    pub globals: Vec<Global>,
     pub exprs: Vec<ExprKind>,
     pub locals: Vec<LocalDecl>,
     pub body: Block,
@@ -276,10 +330,20 @@ pub struct Builder {
 
 impl Builder {
     pub fn new(ret: Ty, operands: Vec<Ty>) -> Builder {
+        Builder::with(Some(ret), operands)
+    }
+
+    /// An entry point's body: no result, `operands` the element functions it stores.
+    pub fn entry(operands: Vec<Ty>) -> Builder {
+        Builder::with(None, operands)
+    }
+
+    fn with(ret: Option<Ty>, operands: Vec<Ty>) -> Builder {
         Builder {
             f: Function {
                 ret,
                 operands,
+                globals: Vec::new(),
                 exprs: Vec::new(),
                 locals: Vec::new(),
                 body: Vec::new(),
@@ -294,9 +358,39 @@ impl Builder {
         self.f
     }
 
-    /// The return type (what operands of the value type are).
-    pub fn ret(&self) -> Ty {
-        self.f.ret
+    /// Declares that the function uses buffer `global`; returns its handle for loads and
+    /// stores.
+    pub fn global(&mut self, global: Global) -> usize {
+        if let Some(k) = self.f.globals.iter().position(|g| *g == global) {
+            return k;
+        }
+        self.f.globals.push(global);
+        self.f.globals.len() - 1
+    }
+
+    pub fn load(&mut self, global: usize, index: Expr) -> Expr {
+        self.push(ExprKind::Load { global, index })
+    }
+
+    pub fn lane(&mut self, vector: Expr, lane: Expr) -> Expr {
+        self.push(ExprKind::Lane { vector, lane })
+    }
+
+    pub fn global_id(&mut self, axis: u8) -> Expr {
+        self.push(ExprKind::GlobalId(axis))
+    }
+
+    pub fn store(&mut self, global: usize, index: Expr, value: Expr) {
+        self.stmt(Stmt::Store {
+            global,
+            index,
+            value,
+        });
+    }
+
+    /// `return;` from an entry point.
+    pub fn return_(&mut self) {
+        self.stmt(Stmt::Return(None));
     }
 
     pub fn operand_ty(&self, k: usize) -> Ty {
@@ -407,15 +501,6 @@ impl Builder {
         self.push(ExprKind::Splat(x))
     }
 
-    /// `x` as a value of the function's return type: splat to four lanes where it returns
-    /// `vec4`s (so that `select` and accumulators have the lanes' type).
-    pub fn of_ret(&mut self, x: Expr) -> Expr {
-        match self.f.ret {
-            Ty::Vec4(_) => self.splat(x),
-            Ty::Scalar(_) => x,
-        }
-    }
-
     pub fn chunk(&mut self, bound: ChunkBound) -> Expr {
         self.push(ExprKind::Chunk(bound))
     }
@@ -470,6 +555,12 @@ impl Builder {
         });
     }
 
+    /// Appends an already built statement (the printer's tests build odd shapes).
+    #[cfg(test)]
+    pub(crate) fn last_stmt_mut(&mut self) -> Option<&mut Stmt> {
+        self.blocks.last_mut().and_then(|b| b.last_mut())
+    }
+
     pub fn if_(&mut self, cond: Expr, accept: impl FnOnce(&mut Builder)) {
         let accept = self.block(accept);
         self.stmt(Stmt::If {
@@ -485,7 +576,7 @@ impl Builder {
     }
 
     pub fn ret_(&mut self, value: Expr) {
-        self.stmt(Stmt::Return(value));
+        self.stmt(Stmt::Return(Some(value)));
     }
 
     /// `let`s decoding flat index `flat` into one coordinate per axis of `shape`, named

@@ -5,7 +5,8 @@
 //! is inside a loop, and every path returns a value of the function's type.
 
 use super::{
-    BinOp, Block, Expr, ExprKind, Function, Literal, Local, MathFn, Scalar, Stmt, Ty, UnOp,
+    BinOp, Block, Expr, ExprKind, Function, Global, Literal, Local, MathFn, Scalar, Space, Stmt,
+    Ty, UnOp,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,13 +53,20 @@ pub fn validate(f: &Function) -> Result<FunctionInfo, ValidationError> {
         types: vec![None; f.exprs.len()],
         starts: Vec::new(),
     };
-    if !c.block(&f.body)? {
+    if !c.block(&f.body)? && f.ret.is_some() {
         return fail("the function can end without returning a value".into());
     }
     Ok(FunctionInfo { types: c.types })
 }
 
-impl Checker<'_> {
+impl<'a> Checker<'a> {
+    fn global(&self, k: usize) -> Result<&'a Global, ValidationError> {
+        match self.f.globals.get(k) {
+            Some(g) => Ok(g),
+            None => fail(format!("global {k} is not declared")),
+        }
+    }
+
     fn kind(&self, l: Local) -> Option<Kind> {
         self.scope
             .iter()
@@ -203,11 +211,37 @@ impl Checker<'_> {
                 return Ok(true);
             }
             Stmt::Return(value) => {
-                let ty = self.ty(*value)?;
+                let ty = value.map(|v| self.ty(v)).transpose()?;
                 if ty != self.f.ret {
                     return fail(format!("returns {ty:?}, the function {:?}", self.f.ret));
                 }
                 return Ok(true);
+            }
+            Stmt::Store {
+                global,
+                index,
+                value,
+            } => {
+                let g = self.global(*global)?;
+                if g.space != (Space::Storage { read_only: false }) {
+                    return fail(format!(
+                        "`{}` is stored to but is not read_write storage",
+                        g.name
+                    ));
+                }
+                if self.ty(*index)? != Ty::U32 {
+                    return fail(format!(
+                        "`{}` is stored at an index that is not u32",
+                        g.name
+                    ));
+                }
+                let ty = self.ty(*value)?;
+                if ty != g.elem {
+                    return fail(format!(
+                        "`{}` holds {:?} but is stored a {ty:?}",
+                        g.name, g.elem
+                    ));
+                }
             }
         }
         Ok(false)
@@ -271,7 +305,29 @@ impl Checker<'_> {
         };
         match kind {
             ExprKind::Literal(l) => Ok(l.ty()),
-            ExprKind::Index => Ok(Ty::U32),
+            ExprKind::Index if f.ret.is_some() => Ok(Ty::U32),
+            ExprKind::Index => fail("an entry point has no element index".into()),
+            ExprKind::GlobalId(axis) if f.ret.is_none() && *axis < 2 => Ok(Ty::U32),
+            ExprKind::GlobalId(_) => {
+                fail("the invocation id is read outside an entry point".into())
+            }
+            ExprKind::Load { global, index } => {
+                let g = self.global(*global)?;
+                if self.ty(*index)? != Ty::U32 {
+                    return fail(format!("`{}` is read at an index that is not u32", g.name));
+                }
+                Ok(g.elem)
+            }
+            ExprKind::Lane { vector, lane } => {
+                let v = self.ty(*vector)?;
+                if self.ty(*lane)? != Ty::U32 {
+                    return fail("a lane index that is not u32".into());
+                }
+                match v {
+                    Ty::Vec4(s) => Ok(Ty::Scalar(s)),
+                    _ => fail(format!("a lane of {v:?}")),
+                }
+            }
             ExprKind::Local(l) => {
                 if self.kind(*l).is_none() {
                     return fail(format!("`{}` is read outside its scope", self.name(*l)));

@@ -193,8 +193,24 @@ impl Printer<'_> {
             Stmt::Continue => {
                 let _ = writeln!(out, "{pad}continue;");
             }
-            Stmt::Return(value) => {
+            Stmt::Return(Some(value)) => {
                 let _ = writeln!(out, "{pad}return {};", self.expr(*value));
+            }
+            Stmt::Return(None) => {
+                let _ = writeln!(out, "{pad}return;");
+            }
+            Stmt::Store {
+                global,
+                index,
+                value,
+            } => {
+                let _ = writeln!(
+                    out,
+                    "{pad}{}[{}] = {};",
+                    self.f.globals[*global].name,
+                    self.expr(*index),
+                    self.expr(*value)
+                );
             }
         }
     }
@@ -310,6 +326,19 @@ impl Printer<'_> {
                 Primary,
             ),
             ExprKind::Splat(x) => (format!("{}({})", ty(self.ty(e)), self.expr(*x)), Primary),
+            ExprKind::Load { global, index } => (
+                format!("{}[{}]", self.f.globals[*global].name, self.expr(*index)),
+                Primary,
+            ),
+            ExprKind::Lane { vector, lane } => (
+                format!(
+                    "{}[{}]",
+                    self.operand(*vector, &[Primary]),
+                    self.expr(*lane)
+                ),
+                Primary,
+            ),
+            ExprKind::GlobalId(axis) => (format!("gid.{}", ["x", "y"][*axis as usize]), Primary),
             ExprKind::Chunk(bound) => (
                 match bound {
                     ChunkBound::FirstImage => "chunk[0].z",
@@ -442,7 +471,7 @@ mod tests {
             let x = b.operand(0, k);
             b.add_assign(acc, x);
         });
-        if let Some(Stmt::For { unroll, .. }) = b.blocks[0].last_mut() {
+        if let Some(Stmt::For { unroll, .. }) = b.last_stmt_mut() {
             *unroll = true;
         }
         let a = b.get(acc);
