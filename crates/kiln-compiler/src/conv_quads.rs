@@ -36,7 +36,7 @@ use std::fmt::Write as _;
 use kiln_ir::{DType, Graph, NodeId, Op};
 
 use crate::plan::Kernel;
-use crate::text::{i, u};
+use crate::text::{i, lanes_formula, u};
 
 /// Most weights (`O * C * KH * KW`) the column-quad cover unrolls.
 pub(crate) const MAX_WEIGHTS: usize = 256;
@@ -158,8 +158,9 @@ pub(crate) fn find(
         let node = graph.node(at);
         match &node.op {
             Op::Conv2d { stride, .. } if *stride == [1, 1] => break,
-            Op::Sigmoid | Op::Relu | Op::Tanh => {}
             Op::BiasAdd { axis: 1 } if whole(node.inputs[1]) => {}
+            // Any activation: its formula comes from its definition (`lanes_formula`).
+            _ if lanes_formula(graph, at, "x").is_some() => {}
             _ => return None,
         }
         chain.push(at);
@@ -904,12 +905,8 @@ fn epilogue(
             let next = format!("e{k}_{step}");
             let formula = match &graph.node(id).op {
                 Op::BiasAdd { .. } => format!("{value} + {}", bias(graph.node(id).inputs[1])),
-                Op::Sigmoid => format!("1.0f / (1.0f + exp(-{value}))"),
-                Op::Relu => {
-                    format!("select({value}, vec4<f32>(0.0f), {value} < vec4<f32>(0.0f))")
-                }
-                Op::Tanh => format!("tanh({value})"),
-                op => unreachable!("{} is not in a quad chain", op.name()),
+                op => lanes_formula(graph, id, &value)
+                    .unwrap_or_else(|| unreachable!("{} is not in a quad chain", op.name())),
             };
             let _ = writeln!(s, "        let {next} = {formula};");
             value = next;

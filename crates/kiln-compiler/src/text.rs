@@ -244,3 +244,21 @@ pub(crate) fn offset(base: &str, delta: usize) -> String {
         format!("{base} + {}", u(delta))
     }
 }
+
+/// Elementwise op `id`'s formula as one WGSL expression over four lanes `value` (its only
+/// operand, at hand as a `vec4`), from its definition (`compute::element`).
+pub(crate) fn lanes_formula(graph: &Graph, id: NodeId, value: &str) -> Option<String> {
+    let node = graph.node(id);
+    if !node.op.is_elementwise() || node.inputs.len() != 1 || node.ty.dtype != kiln_ir::DType::F32 {
+        return None;
+    }
+    let f = compute::element(
+        graph,
+        id,
+        Some(kir::Ty::VEC4_F32),
+        &[kir::Ty::VEC4_F32],
+        false,
+    );
+    kir::wgsl::expression(&f, &[kir::wgsl::Callee::Value(value.to_string())])
+        .unwrap_or_else(|e| panic!("{id}: the op's definition does not validate: {e}"))
+}

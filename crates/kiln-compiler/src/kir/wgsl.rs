@@ -3,6 +3,7 @@
 //! (its operators do not all mix: `a & b < c`, `a && b || c` and `(a + b) >> c` need
 //! parentheses; `a - (b - c)` needs them for its meaning).
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use super::{
@@ -47,10 +48,36 @@ pub fn body(f: &Function, operands: &[Callee]) -> Result<String, ValidationError
         f,
         info: &info,
         operands,
+        inline: HashMap::new(),
     };
     let mut out = String::new();
     p.block(&mut out, &f.body, 1);
     Ok(out)
+}
+
+/// `f` as one expression, where its body is `let`s and a `return` (an elementwise op's
+/// definition): the `let`s substituted where they are read. `None` for a body with loops,
+/// branches or `var`s. A schedule that computes a chain of ops in its own loop (the CPU-class
+/// convolutions' epilogues) takes each op's formula from its definition this way.
+pub fn expression(f: &Function, operands: &[Callee]) -> Result<Option<String>, ValidationError> {
+    let info = validate(f)?;
+    let mut inline = HashMap::new();
+    let Some((Stmt::Return(Some(value)), lets)) = f.body.split_last() else {
+        return Ok(None);
+    };
+    for s in lets {
+        let Stmt::Let { local, value } = s else {
+            return Ok(None);
+        };
+        inline.insert(*local, *value);
+    }
+    let p = Printer {
+        f,
+        info: &info,
+        operands,
+        inline,
+    };
+    Ok(Some(p.expr(*value)))
 }
 
 /// The WGSL spelling of a type.
@@ -107,6 +134,8 @@ struct Printer<'a> {
     f: &'a Function,
     info: &'a FunctionInfo,
     operands: &'a [Callee],
+    /// `let`s printed as their values where they are read ([`expression`]).
+    inline: HashMap<super::Local, Expr>,
 }
 
 impl Printer<'_> {
@@ -246,7 +275,10 @@ impl Printer<'_> {
                 (literal(*l), if negative { Unary } else { Primary })
             }
             ExprKind::Index => ("i".into(), Primary),
-            ExprKind::Local(l) => (self.f.local(*l).name.clone(), Primary),
+            ExprKind::Local(l) => match self.inline.get(l) {
+                Some(&value) => self.classed(value),
+                None => (self.f.local(*l).name.clone(), Primary),
+            },
             ExprKind::Operand { k, index } => (
                 match &self.operands[*k] {
                     Callee::Call(name) => format!("{name}({})", self.expr(*index)),
@@ -508,5 +540,35 @@ mod tests {
         );
         let e = body(&build(true), &callees).unwrap_err();
         assert!(e.0.contains("read at another element"), "{e}");
+    }
+
+    #[test]
+    fn a_definition_of_lets_and_a_return_prints_as_one_expression() {
+        let mut b = Builder::new(Ty::VEC4_F32, vec![Ty::VEC4_F32]);
+        let i = b.index();
+        let x = b.operand(0, i);
+        let a = b.let_("a", Ty::VEC4_F32, x);
+        let zero = b.f32(0.0);
+        let z = b.splat(zero);
+        let neg = b.bin(BinOp::Lt, a, z);
+        let r = b.select(neg, z, a);
+        b.ret_(r);
+        let f = b.finish();
+        assert_eq!(
+            expression(&f, &[Callee::Value("e0".into())])
+                .unwrap()
+                .as_deref(),
+            Some("select(e0, vec4<f32>(0.0f), e0 < vec4<f32>(0.0f))")
+        );
+
+        let mut b = Builder::new(Ty::F32, vec![Ty::F32]);
+        let zero = b.f32(0.0);
+        let acc = b.var("acc", Ty::F32, zero);
+        let a = b.get(acc);
+        b.ret_(a);
+        assert_eq!(
+            expression(&b.finish(), &[Callee::Value("e0".into())]).unwrap(),
+            None
+        );
     }
 }
