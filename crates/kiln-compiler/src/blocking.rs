@@ -545,9 +545,14 @@ pub fn choose<'a>(
         seen.push(c);
         let mut fns = fresh();
         fns.request(root, c.stride);
-        let better = best
-            .as_ref()
-            .is_none_or(|(_, b)| fns.blocked_work > b.blocked_work);
+        // As much blocked work, but rows of it too where the best so far has none (a
+        // stride-1 input gradient has rows over channels only with images as its lanes).
+        let better = best.as_ref().is_none_or(|(bc, b)| {
+            fns.blocked_work > b.blocked_work
+                || (fns.blocked_work == b.blocked_work
+                    && fns.rows_for(root, c.stride).is_some()
+                    && b.rows_for(root, bc.stride).is_none())
+        });
         if fns.blocked_work > 0 && better {
             best = Some((c, fns));
         }
