@@ -173,6 +173,30 @@ fn emit_for_device_shows_the_adapters_schedules() {
         assert!(out.contains("// chunks: "), "{}", &out[..2000]);
         assert!(out.contains("(column quads: "), "{}", &out[..2000]);
     }
+    // The back ends translate the device's schedules too.
+    let o = run(&["--emit", "hlsl", "--for-device"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.matches("[numthreads(").count(), 23);
+    assert!(
+        out.contains(&format!("// target: {} (", gpu.target.name)),
+        "{}",
+        &out[..out.len().min(2000)]
+    );
+    let dir = tempfile_dir("spirv-device");
+    let o = run(&[
+        "--emit",
+        "spirv",
+        "--for-device",
+        "--emit-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("wrote 23 SPIR-V files to"),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]
@@ -204,6 +228,78 @@ fn emit_wgsl_prints_or_writes_one_module_per_kernel() {
     kiln::compiler::validate_wgsl("k01", &text).unwrap();
     let o = run(&["--emit-dir", dir.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "--emit-dir needs --emit");
+}
+
+/// The files `--emit STAGE --emit-dir` wrote, sorted, after checking there is one per kernel.
+fn emitted_files(stage: &str, extension: &str, language: &str) -> (PathBuf, Vec<String>) {
+    let dir = tempfile_dir(stage);
+    let o = run(&["--emit", stage, "--emit-dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        format!("wrote 23 {language} files to {}\n", dir.display())
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 23, "{names:?}");
+    assert!(
+        names.iter().all(|n| n.ends_with(&format!(".{extension}"))),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&format!("lenet_step_k01_avg_pool2d_l2.{extension}")),
+        "{names:?}"
+    );
+    (dir, names)
+}
+
+#[test]
+fn emit_spirv_writes_one_binary_module_per_kernel() {
+    let (dir, names) = emitted_files("spirv", "spv", "SPIR-V");
+    for name in &names {
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        assert_eq!(bytes.len() % 4, 0, "{name}");
+        assert_eq!(
+            u32::from_le_bytes(bytes[..4].try_into().unwrap()),
+            0x0723_0203,
+            "{name}: no SPIR-V magic number"
+        );
+    }
+    // Binary is not printed.
+    let o = run(&["--emit", "spirv"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).is_empty());
+    assert!(
+        stderr(&o).contains(
+            "--emit spirv writes binary SPIR-V, one .spv file per kernel: add --emit-dir DIR"
+        ),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn emit_msl_and_hlsl_print_or_write_one_module_per_kernel() {
+    for (stage, extension, language, entry) in [
+        ("msl", "metal", "MSL", "kernel void "),
+        ("hlsl", "hlsl", "HLSL", "[numthreads("),
+    ] {
+        let (dir, names) = emitted_files(stage, extension, language);
+        for name in &names {
+            let text = std::fs::read_to_string(dir.join(name)).unwrap();
+            assert!(text.starts_with("// kiln kernel "), "{name}: {text}");
+            assert!(text.contains(entry), "{name}: {text}");
+        }
+        let o = run(&["--emit", stage, "--batch-size", "96"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        assert_eq!(out.matches("// kiln kernel ").count(), 23, "{stage}");
+        assert_eq!(out.matches(entry).count(), 23, "{stage}");
+        assert!(out.contains("// dispatch: "), "{stage}");
+    }
 }
 
 /// Checks d2l's per-epoch lines: `epoch 1: loss 2.314, train acc 0.100, test acc 0.120, 150 examples/sec`.

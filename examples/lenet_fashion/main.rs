@@ -3,7 +3,8 @@
 //! A plain run trains with d2l's recipe on the GPU wgpu finds (lavapipe where there is no GPU):
 //! the derived training step fused into a few WGSL kernels, the data set resident on the
 //! device. `--summary` prints the layer table; `--emit ir|train-ir|kernels|wgsl` print each
-//! compiler stage; `--reference` trains on the CPU reference executor instead.
+//! compiler stage (`--emit spirv|msl|hlsl`: the kernels through naga's back ends);
+//! `--reference` trains on the CPU reference executor instead.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -86,6 +87,12 @@ enum Stage {
     Kernels,
     /// The WGSL module of every kernel (with --emit-dir, one file per kernel).
     Wgsl,
+    /// Every kernel as SPIR-V 1.0, binary: needs --emit-dir (one .spv file per kernel).
+    Spirv,
+    /// Every kernel in Metal Shading Language 2.0 (with --emit-dir, one .metal file per kernel).
+    Msl,
+    /// Every kernel in HLSL, shader model 6.0 (with --emit-dir, one .hlsl file per kernel).
+    Hlsl,
 }
 
 #[derive(Parser, Debug)]
@@ -135,12 +142,12 @@ struct Args {
     /// Print a compiler stage's output instead of training.
     #[arg(long, value_enum)]
     emit: Option<Stage>,
-    /// With `--emit wgsl`: write one .wgsl file per kernel into this directory.
+    /// With `--emit wgsl|spirv|msl|hlsl`: write one file per kernel into this directory.
     #[arg(long, requires = "emit")]
     emit_dir: Option<PathBuf>,
-    /// With `--emit kernels|wgsl`: compile for the adapter wgpu finds (its schedules: on a
-    /// CPU-type adapter such as lavapipe, image chunks and the CPU-class kernels) instead of
-    /// the portable target the snapshot tests pin.
+    /// With `--emit kernels|wgsl|spirv|msl|hlsl`: compile for the adapter wgpu finds (its
+    /// schedules: on a CPU-type adapter such as lavapipe, image chunks and the CPU-class
+    /// kernels) instead of the portable target the snapshot tests pin.
     #[arg(long, requires = "emit")]
     for_device: bool,
     /// Train the model in this file, in kiln's IR text form (what `--emit ir` prints; its
@@ -297,6 +304,13 @@ fn main() -> ExitCode {
 fn emit_compiled(model: &ir::Model, args: &Args, stage: Stage) -> Result<()> {
     use kiln::autodiff::{evaluation_graph, read_batches_from_dataset, training_step_with};
     use kiln::compiler::{Target, compile};
+    if stage == Stage::Spirv && args.emit_dir.is_none() {
+        // Binary on a terminal helps nobody, and naga has no SPIR-V disassembler.
+        anyhow::bail!(
+            "--emit spirv writes binary SPIR-V, one .spv file per kernel: add --emit-dir DIR \
+             (spirv-dis disassembles the files)"
+        );
+    }
     let side = data::SIDE;
     let batch = args.batch_size as usize;
     let train_rows = args.limit.unwrap_or(60_000).min(60_000);
@@ -334,15 +348,24 @@ fn emit_compiled(model: &ir::Model, args: &Args, stage: Stage) -> Result<()> {
         _ => match &args.emit_dir {
             None => {
                 for c in &compiled {
-                    print!("{}", c.wgsl());
+                    // Modules one after another, as `Compiled::wgsl` joins them.
+                    let texts = c
+                        .kernels()
+                        .map(|(m, naga)| Ok(String::from_utf8(kernel_file(stage, m, naga)?)?))
+                        .collect::<Result<Vec<String>>>()?;
+                    print!("{}", texts.join("\n"));
                 }
             }
             Some(dir) => {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
+                let (extension, language) = match backend(stage) {
+                    Some(b) => (b.extension(), b.to_string()),
+                    None => ("wgsl", "WGSL".to_string()),
+                };
                 let mut written = 0;
                 for c in &compiled {
-                    for m in &c.modules {
+                    for (m, naga) in c.kernels() {
                         // A graph name is the model file's text: keep it to a plain file name.
                         let stem: String = format!("{}_{}", c.graph.name, m.name)
                             .chars()
@@ -354,23 +377,55 @@ fn emit_compiled(model: &ir::Model, args: &Args, stage: Stage) -> Result<()> {
                                 }
                             })
                             .collect();
-                        let path = dir.join(format!("{stem}.wgsl"));
-                        write_atomically(&path, &m.wgsl)?;
+                        let path = dir.join(format!("{stem}.{extension}"));
+                        write_atomically(&path, &kernel_file(stage, m, naga)?)?;
                         written += 1;
                     }
                 }
-                println!("wrote {written} WGSL files to {}", dir.display());
+                println!("wrote {written} {language} files to {}", dir.display());
             }
         },
     }
     Ok(())
 }
 
-/// Writes `text` to a temporary file beside `path`, then renames it into place, so a reader
+/// The naga back end of a stage; `None` for WGSL, which needs none.
+fn backend(stage: Stage) -> Option<kiln::compiler::backends::Backend> {
+    use kiln::compiler::backends::Backend;
+    match stage {
+        Stage::Spirv => Some(Backend::Spirv),
+        Stage::Msl => Some(Backend::Msl),
+        Stage::Hlsl => Some(Backend::Hlsl),
+        _ => None,
+    }
+}
+
+/// One kernel's file for `--emit wgsl|spirv|msl|hlsl`: text, or SPIR-V words little-endian
+/// (fixed, so a file is the same from every host; readers tell the order by the magic number).
+fn kernel_file(
+    stage: Stage,
+    m: &kiln::compiler::KernelModule,
+    naga: &kiln::compiler::NagaModule,
+) -> Result<Vec<u8>> {
+    use kiln::compiler::backends::{self, Backend};
+    Ok(match backend(stage) {
+        Some(Backend::Spirv) => backends::spirv(m, naga)?
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect(),
+        Some(Backend::Msl) => backends::msl(m, naga)?.text.into_bytes(),
+        Some(Backend::Hlsl) => backends::hlsl(m, naga)?.text.into_bytes(),
+        None => m.wgsl.clone().into_bytes(),
+    })
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it into place, so a reader
 /// never sees a half-written file.
-fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("wgsl.tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
 }
@@ -423,7 +478,7 @@ fn run(args: Args) -> Result<()> {
                 .context("deriving the training step")?;
             print!("{}", ir::print(&step));
         }
-        Some(stage @ (Stage::Kernels | Stage::Wgsl)) => {
+        Some(stage) => {
             emit_compiled(&model, &args, stage)?;
         }
         None => {}

@@ -1,7 +1,9 @@
 //! kiln's back half: fusion of a step graph into kernels ([`fuse`]), their order, the plan
 //! verifier ([`verify_plan`]) and WGSL generation ([`emit_wgsl`]), validated by naga;
-//! [`compile`] runs them all.
+//! [`compile`] runs them all. [`backends`] translates the validated kernels to SPIR-V, MSL and
+//! HLSL.
 
+pub mod backends;
 mod blocking;
 mod chunks;
 mod compile;
@@ -30,6 +32,6 @@ pub use report::{KernelCost, describe, kernel_cost, node_flops};
 pub use target::{DeviceClass, LAVAPIPE_LOOP_ITERATIONS, Target};
 pub use verify_plan::{PlanError, verify_plan};
 pub use wgsl::{
-    Access, Binding, CodegenError, KernelModule, emit_kernel, emit_wgsl, validate_kernel,
-    validate_wgsl,
+    Access, Binding, CodegenError, KernelModule, NagaModule, emit_kernel, emit_validated,
+    emit_wgsl, validate_kernel, validate_wgsl,
 };

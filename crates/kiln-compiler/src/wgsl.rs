@@ -204,15 +204,22 @@ pub enum CodegenError {
     UniformControl { kernel: String, message: String },
 }
 
-/// Parses and validates WGSL with naga (all validation flags, WebGPU core capabilities).
-pub fn validate_wgsl(kernel: &str, src: &str) -> Result<naga::Module, CodegenError> {
-    validate_module(kernel, src).map(|(module, _)| module)
+/// A kernel's WGSL as naga parsed and validated it. [`compile`](crate::compile) keeps one per
+/// module, so the runtime and the back ends (`backends.rs`) start from this IR instead of
+/// parsing and validating the text a second time.
+#[derive(Clone, Debug)]
+pub struct NagaModule {
+    pub module: naga::Module,
+    /// What validation found (expression types, resource uses): the back ends need it.
+    pub info: naga::valid::ModuleInfo,
 }
 
-fn validate_module(
-    kernel: &str,
-    src: &str,
-) -> Result<(naga::Module, naga::valid::ModuleInfo), CodegenError> {
+/// Parses and validates WGSL with naga (all validation flags, WebGPU core capabilities).
+pub fn validate_wgsl(kernel: &str, src: &str) -> Result<naga::Module, CodegenError> {
+    validate_module(kernel, src).map(|m| m.module)
+}
+
+fn validate_module(kernel: &str, src: &str) -> Result<NagaModule, CodegenError> {
     use naga::valid::{Capabilities, ValidationFlags, Validator};
     let invalid = |diagnostic| CodegenError::Invalid {
         kernel: kernel.to_string(),
@@ -222,28 +229,33 @@ fn validate_module(
     let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
         .validate(&module)
         .map_err(|e| invalid(e.emit_to_string(src)))?;
-    Ok((module, info))
+    Ok(NagaModule { module, info })
 }
 
 /// Validates `m`'s WGSL, checks its resources against [`KernelModule::layout`], and refuses
 /// control flow steered by uniform values (`uniform_control.rs`).
-pub fn validate_kernel(m: &KernelModule) -> Result<naga::Module, CodegenError> {
-    let (module, info) = validate_module(&m.name, &m.wgsl)?;
-    interface::check(&m.layout(), &module, &info).map_err(|message| CodegenError::Interface {
-        kernel: m.name.clone(),
-        message,
+pub fn validate_kernel(m: &KernelModule) -> Result<NagaModule, CodegenError> {
+    let naga = validate_module(&m.name, &m.wgsl)?;
+    interface::check(&m.layout(), &naga.module, &naga.info).map_err(|message| {
+        CodegenError::Interface {
+            kernel: m.name.clone(),
+            message,
+        }
     })?;
-    crate::uniform_control::check(&module).map_err(|message| CodegenError::UniformControl {
-        kernel: m.name.clone(),
-        message,
+    crate::uniform_control::check(&naga.module).map_err(|message| {
+        CodegenError::UniformControl {
+            kernel: m.name.clone(),
+            message,
+        }
     })?;
-    Ok(module)
+    Ok(naga)
 }
 
 /// Validates `m` ([`validate_kernel`]), counts its bindings against the target's limits, and
 /// bounds the loop iterations of one invocation (`trips.rs`) by the target's limit.
-fn check_kernel(m: &mut KernelModule, target: &Target) -> Result<(), CodegenError> {
-    let module = validate_kernel(m)?;
+/// Returns the validated module, so no later stage parses the WGSL again.
+fn check_kernel(m: &mut KernelModule, target: &Target) -> Result<NagaModule, CodegenError> {
+    let naga = validate_kernel(m)?;
     let (uniforms, storage) = m.slot_counts();
     for (kind, needed, limit, available) in [
         (
@@ -270,7 +282,7 @@ fn check_kernel(m: &mut KernelModule, target: &Target) -> Result<(), CodegenErro
         }
     }
     let images = m.chunks.as_ref().map(|c| c.images as u64);
-    m.loop_iterations = trips::loop_iterations(&module, images);
+    m.loop_iterations = trips::loop_iterations(&naga.module, images);
     if let Some(limit) = target.max_loop_iterations {
         match m.loop_iterations {
             Some(n) if n <= limit => {}
@@ -283,7 +295,7 @@ fn check_kernel(m: &mut KernelModule, target: &Target) -> Result<(), CodegenErro
             }
         }
     }
-    Ok(())
+    Ok(naga)
 }
 
 /// Generates and validates the modules of every kernel of `plan`, in execution order.
@@ -292,6 +304,16 @@ pub fn emit_wgsl(
     plan: &Plan,
     target: &Target,
 ) -> Result<Vec<KernelModule>, CodegenError> {
+    let modules = emit_validated(graph, plan, target)?;
+    Ok(modules.into_iter().map(|(m, _)| m).collect())
+}
+
+/// [`emit_wgsl`], keeping each module's naga IR from its validation.
+pub fn emit_validated(
+    graph: &Graph,
+    plan: &Plan,
+    target: &Target,
+) -> Result<Vec<(KernelModule, NagaModule)>, CodegenError> {
     // One thread per kernel: naga's validation of the largest CPU-class modules (~20 ms for
     // conv1's column quads) dominates the compile time.
     std::thread::scope(|scope| {
@@ -306,7 +328,7 @@ pub fn emit_wgsl(
                     // two up to the device's workgroup limit; 256 fit in its storage).
                     let most = target.max_workgroup_size_x.min(1024);
                     let mut wg = HEAD_WORKGROUP;
-                    loop {
+                    let naga = loop {
                         match check_kernel(&mut m, target) {
                             Err(CodegenError::LoopLimit { .. })
                                 if matches!(k.kind, KernelKind::Head(_)) && wg * 2 <= most =>
@@ -345,7 +367,7 @@ pub fn emit_wgsl(
                             result => break result,
                         }
                     }?;
-                    Ok(m)
+                    Ok((m, naga))
                 })
             })
             .collect();

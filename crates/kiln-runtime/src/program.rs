@@ -197,7 +197,7 @@ impl Program {
         let mut pipelines = Vec::new();
         let mut bind_groups = Vec::new();
         let mut tables = Vec::new();
-        for m in &compiled.modules {
+        for (m, naga) in compiled.kernels() {
             // The layout comes from the compiler's binding list, not from the globals wgpu
             // finds the shader using: one source of truth for what every dispatch binds
             // (the compiler checked that the WGSL declares and uses exactly these slots).
@@ -242,11 +242,16 @@ impl Program {
             let pipeline = gpu.scoped(
                 &format!("kernel {} of graph `{graph_name}`", m.name),
                 || {
+                    // The compiler's naga IR, not the WGSL text, which the compiler has
+                    // parsed already. (wgpu-core still validates the IR, against the
+                    // device's capabilities: its safe API has no way around that.)
                     let module = gpu
                         .device
                         .create_shader_module(wgpu::ShaderModuleDescriptor {
                             label: Some(&m.name),
-                            source: wgpu::ShaderSource::Wgsl(m.wgsl.as_str().into()),
+                            source: wgpu::ShaderSource::Naga(std::borrow::Cow::Owned(
+                                naga.module.clone(),
+                            )),
                         });
                     gpu.device
                         .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
