@@ -1,9 +1,9 @@
 //! The whole back half as one function: graph in, verified plan and validated WGSL (with its
 //! naga IR) out.
 
-use kiln_ir::Graph;
+use kiln_ir::{Graph, NodeId, OpPattern};
 
-use crate::plan::{FuseError, KernelKind, Plan, fuse_with};
+use crate::plan::{FuseError, KernelKind, Placement, Plan, fuse_with};
 use crate::report::describe;
 use crate::target::Target;
 use crate::verify_plan::{PlanError, verify_plan};
@@ -56,24 +56,49 @@ pub enum CompileError {
 }
 
 /// Fuses `graph`, checks the plan with the plan verifier and generates naga-validated WGSL.
+///
+/// Where a kernel would loop past the target's limit or bind too many buffers, fusion runs
+/// again: first without merging a layer's weight and bias updates (a merged kernel has several
+/// roots, so it is never split into image chunks; apart, each can be, and binds fewer buffers),
+/// then storing the windowed values (pool gradients) the kernel recomputes at every read —
+/// a max pooling's gradient inlined into a weight gradient recomputes each window's maximum
+/// per product.
 pub fn compile(graph: &Graph, target: &Target) -> Result<Compiled, CompileError> {
-    let plan = fuse_with(graph, target, true)?;
-    verify_plan(graph, &plan, target)?;
-    let (plan, modules) = match emit_validated(graph, &plan, target) {
-        // A layer's merged weight and bias updates are one kernel of several roots, which is
-        // never split into image chunks; apart, each can be, and fit the loop limit. Apart,
-        // each also binds fewer buffers where chunking added its tables and running sums.
-        Err(CodegenError::LoopLimit { kernel, .. } | CodegenError::BindingLimit { kernel, .. })
-            if plan.kernels.iter().any(|k| {
-                k.name == kernel && matches!(&k.kind, KernelKind::Map { roots } if roots.len() > 1)
-            }) =>
-        {
-            let plan = fuse_with(graph, target, false)?;
-            verify_plan(graph, &plan, target)?;
-            let modules = emit_validated(graph, &plan, target)?;
-            (plan, modules)
+    let mut merge = true;
+    let mut stored: Vec<NodeId> = Vec::new();
+    let (plan, modules) = loop {
+        let plan = fuse_with(graph, target, merge, &stored)?;
+        verify_plan(graph, &plan, target)?;
+        let error = match emit_validated(graph, &plan, target) {
+            Ok(modules) => break (plan, modules),
+            Err(e) => e,
+        };
+        let (CodegenError::LoopLimit { kernel, .. } | CodegenError::BindingLimit { kernel, .. }) =
+            &error
+        else {
+            return Err(error.into());
+        };
+        let Some(k) = plan.kernels.iter().find(|k| &k.name == kernel) else {
+            return Err(error.into());
+        };
+        if merge && matches!(&k.kind, KernelKind::Map { roots } if roots.len() > 1) {
+            merge = false;
+            continue;
         }
-        other => (plan, other?),
+        let recomputed: Vec<NodeId> = k
+            .nodes
+            .iter()
+            .copied()
+            .filter(|&n| {
+                plan.placement[n.0] == Placement::Inline
+                    && graph.node(n).op.pattern() == OpPattern::Window
+                    && !stored.contains(&n)
+            })
+            .collect();
+        if !matches!(error, CodegenError::LoopLimit { .. }) || recomputed.is_empty() {
+            return Err(error.into());
+        }
+        stored.extend(recomputed);
     };
     let (modules, naga) = modules.into_iter().unzip();
     Ok(Compiled {

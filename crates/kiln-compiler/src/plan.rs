@@ -588,21 +588,30 @@ fn find_updates(graph: &Graph) -> Vec<(NodeId, NodeId)> {
 
 /// Partitions `graph` into kernels and orders them. The result satisfies [`crate::verify_plan`].
 pub fn fuse(graph: &Graph, target: &Target) -> Result<Plan, FuseError> {
-    fuse_with(graph, target, true)
+    fuse_with(graph, target, true, &[])
 }
 
 /// [`fuse`], merging each layer's weight and bias updates into one kernel only when
-/// `merge_updates` is set. A merged kernel has several roots and so is never split into image
-/// chunks; [`crate::compile`] fuses again without merging when one would loop too long.
+/// `merge_updates` is set, and storing the nodes of `stored` whatever the rules say. A merged
+/// kernel has several roots and so is never split into image chunks; [`crate::compile`] fuses
+/// again without merging when one would loop too long, and then storing what the kernel
+/// recomputes per read.
 pub(crate) fn fuse_with(
     graph: &Graph,
     target: &Target,
     merge_updates: bool,
+    stored: &[NodeId],
 ) -> Result<Plan, FuseError> {
     verify(graph)?;
     let updates = find_updates(graph);
     let consumers = consumers_of(graph);
     let mut forced: HashSet<NodeId> = reread_by_one_chain(graph, &consumers).into_iter().collect();
+    forced.extend(
+        stored
+            .iter()
+            .copied()
+            .filter(|n| !graph.node(*n).op.is_leaf()),
+    );
     let mut allow_side = true;
     let mut no_head: HashSet<NodeId> = HashSet::new();
     loop {

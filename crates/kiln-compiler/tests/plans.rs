@@ -979,3 +979,42 @@ fn a_factorised_layer_stores_its_updates_deltas_and_trains() {
         emit_wgsl(&step, &plan, &target).unwrap();
     }
 }
+
+/// A 3x3/2 max pooling's gradient, inlined into the convolution's weight gradient, recomputes
+/// each window's maximum per product: on lavapipe's loop limit that kernel cannot run, so the
+/// compiler stores the pool gradient instead (found by the random-model GPU test).
+#[test]
+fn a_window_gradient_recomputed_past_the_loop_limit_is_stored() {
+    use kiln_compiler::compile;
+    use kiln_ir::{Conv2d, Layer};
+    let model = Sequential::new()
+        .append(Layer::from(Conv2d::new(1, 1, 2)))
+        .append(Layer::max_pool2d(3, 2))
+        .append(Layer::Flatten)
+        .append(Layer::linear(4, 2));
+    let fwd = model
+        .build("random", TensorType::new(DType::U8, [4, 1, 7, 7]))
+        .unwrap();
+    let step = read_batches_from_dataset(&training_step(&fwd, 0.5).unwrap(), 9).unwrap();
+    // Without the loop limit the pool gradient is inlined into the weight gradient.
+    let unlimited = Target {
+        max_loop_iterations: None,
+        ..Target::lavapipe()
+    };
+    let pool_grad_roots = |c: &kiln_compiler::Compiled| {
+        c.plan
+            .kernels
+            .iter()
+            .filter(|k| {
+                matches!(&k.kind, KernelKind::Map { roots }
+                    if roots.iter().any(|r| step.node(*r).op.name() == "max_pool2d_grad"))
+            })
+            .count()
+    };
+    assert_eq!(pool_grad_roots(&compile(&step, &unlimited).unwrap()), 0);
+    let c = compile(&step, &Target::lavapipe()).unwrap();
+    assert_eq!(pool_grad_roots(&c), 1, "{}", c.describe());
+    for m in &c.modules {
+        assert!(m.loop_iterations.unwrap() <= 65_535, "{}", m.name);
+    }
+}

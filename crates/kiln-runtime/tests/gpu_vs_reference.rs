@@ -15,7 +15,7 @@ use common::{compare, compare_on, feeds, gpu, schedules};
 use kiln_autodiff::{evaluation_graph, read_batches_from_dataset, training_step};
 use kiln_compiler::{DeviceClass, Target, compile};
 use kiln_ir::testing::{random_layer, random_model};
-use kiln_ir::{DType, Graph, LenetVariant, Sequential, TensorType, lenet};
+use kiln_ir::{DType, Graph, Layer, LenetVariant, Sequential, TensorType, lenet};
 use kiln_reference::execute;
 use kiln_runtime::{Gpu, run_graph_on};
 use proptest::prelude::*;
@@ -82,6 +82,24 @@ fn lenet_graphs(model: &Sequential, batch: usize, rows: usize) -> [Graph; 2] {
         read_batches_from_dataset(&training_step(&fwd, 0.9).unwrap(), rows).unwrap(),
         read_batches_from_dataset(&evaluation_graph(&fwd).unwrap(), rows).unwrap(),
     ]
+}
+
+/// A max pooling of overlapping 3x3 windows after a convolution, batch 4: its gradient
+/// inlined into the weight gradient looped past lavapipe's limit, so the compiler stores it
+/// (found by `random_models_match_reference`).
+#[test]
+fn an_overlapping_max_pool_after_a_convolution_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    let model = Sequential::new()
+        .append(Layer::from(kiln_ir::Conv2d::new(1, 1, 2)))
+        .append(Layer::max_pool2d(3, 2))
+        .append(Layer::Flatten)
+        .append(Layer::linear(4, 2));
+    let fwd = model
+        .build("random", TensorType::new(DType::U8, [4, 1, 7, 7]))
+        .unwrap();
+    let step = read_batches_from_dataset(&training_step(&fwd, 0.5).unwrap(), 9).unwrap();
+    compare(&gpu, &step, 3, 2, TOLERANCE);
 }
 
 /// The CPU-class WGSL snapshots (`tests/wgsl.rs` at the root) are of `Target::lavapipe()`:
