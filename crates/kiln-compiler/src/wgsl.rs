@@ -29,8 +29,6 @@ use crate::text::{
 };
 use crate::trips;
 
-const WORKGROUP_SUM: &str = include_str!("../../../shaders/workgroup_sum.wgsl");
-
 /// Workgroups a map kernel should have at least, shrinking its workgroups (down to 8
 /// invocations) when it has few invocations.
 const MIN_WORKGROUPS: u32 = 8;
@@ -1798,6 +1796,7 @@ fn emit_kernel_with(
                     workgroup_size,
                     function: f.finish(),
                     callees: roots.iter().map(|r| Callee::Call(v(*r))).collect(),
+                    workgroup: Vec::new(),
                 },
             };
             s.push_str(&module.print().map_err(|e| CodegenError::Unsupported {
@@ -1843,9 +1842,15 @@ fn emit_kernel_with(
             ));
         }
         KernelKind::Head(h) => {
-            s.push_str(&fn_text);
-            s.push('\n');
-            s.push_str(&head_main(graph, plan, h, &binding_of, head_workgroup));
+            // A workgroup's barriers: printed from the kernel IR, not interpreted.
+            let module = kir::module::Module {
+                items,
+                entry: head_main(graph, plan, h, &global, head_workgroup),
+            };
+            s.push_str(&module.print().map_err(|e| CodegenError::Unsupported {
+                kernel: kernel.name.clone(),
+                message: format!("generator bug: {e}"),
+            })?);
         }
     }
     // Several chunks per dispatch where binding slots and code size allow.
@@ -1978,88 +1983,198 @@ fn blocked_main(
     )
 }
 
+/// The classifier head's entry point: one workgroup strides over the rows, keeping a row's
+/// logits in a local array for the softmax shift, argmax, loss and gradient, then sums the
+/// invocations' partial loss and count in workgroup memory.
 fn head_main(
     graph: &Graph,
     plan: &Plan,
     h: &Head,
-    binding_of: &dyn Fn(usize) -> u32,
+    global: &dyn Fn(usize) -> kir::Global,
     workgroup: u32,
-) -> String {
+) -> kir::module::Entry {
+    use kir::{Literal, MathFn, Scalar, Space, Ty, UnOp};
     let [n, c] = <[usize; 2]>::try_from(graph.ty(h.logits).shape.as_slice()).expect("rank 2");
-    let slot = |id: NodeId| binding_of(plan.buffer_of[id.0].expect("head outputs are stored"));
-    let wg = workgroup as usize;
-    let mut s = format!(
-        "var<workgroup> part_loss: array<f32, {wg}>;
-var<workgroup> part_count: array<u32, {wg}>;
-
-@compute @workgroup_size({wg})
-fn main(@builtin(local_invocation_index) lid: u32) {{
-    var loss = 0.0f;
-    var count = 0u;
-    for (var r = lid; r < {N}; r += {WG}) {{
-        var z: array<f32, {c}>;
-        for (var c = 0u; c < {C}; c++) {{
-            z[c] = {L}(r * {C} + c);
-        }}
-        // First maximum (NaN wins), shared by the softmax shift and argmax.
-        var m = z[0];
-        var best = 0u;
-        for (var c = 1u; c < {C}; c++) {{
-            if (!(m != m) && !(z[c] <= m)) {{ m = z[c]; best = c; }}
-        }}
-        var s = 0.0f;
-        for (var c = 0u; c < {C}; c++) {{
-            s += exp(z[c] - m);
-        }}
-",
-        N = u(n),
-        C = u(c),
-        WG = u(wg),
-        L = v(h.logits),
-    );
-    if let Some((sce, _)) = h.loss {
-        let labels = v(graph.node(sce).inputs[1]);
-        let _ = write!(
-            s,
-            "        let loss_label = min(u32({labels}(r)), {C} - 1u);\n        loss += m + log(s) - z[loss_label];\n",
-            C = u(c)
-        );
-    }
-    if let Some((arg, count)) = h.correct {
+    let buffer = |id: NodeId| plan.buffer_of[id.0].expect("head outputs are stored");
+    // Operands: the logits, then the labels, the other side of the count, the gradient's
+    // labels and its scale, where the head computes them.
+    let mut callees = vec![Callee::Call(v(h.logits))];
+    let mut operand_tys = vec![compute::value_ty(graph.ty(h.logits).dtype)];
+    let mut operand = |id: NodeId| {
+        callees.push(Callee::Call(v(id)));
+        operand_tys.push(compute::value_ty(graph.ty(id).dtype));
+        callees.len() - 1
+    };
+    let loss = h
+        .loss
+        .map(|(sce, r)| (operand(graph.node(sce).inputs[1]), r));
+    let correct = h.correct.map(|(arg, count)| {
         let ins = &graph.node(count).inputs;
-        let other = if ins[0] == arg { ins[1] } else { ins[0] };
-        let _ = writeln!(
-            s,
-            "        if (i32(best) == i32({}(r))) {{ count += 1u; }}",
-            v(other)
-        );
-    }
-    if let Some(g) = h.grad {
+        (operand(if ins[0] == arg { ins[1] } else { ins[0] }), count)
+    });
+    let grad = h.grad.map(|g| {
         let ins = &graph.node(g).inputs;
-        let _ = write!(
-            s,
-            "        let grad_label = min(u32({l}(r)), {C} - 1u);
-        let dloss = {d}(r);
-        for (var c = 0u; c < {C}; c++) {{
-            let p = exp(z[c] - m) / s;
-            buf{slot}[r * {C} + c] = (p - select(0.0f, 1.0f, c == grad_label)) * dloss;
-        }}
-",
-            l = v(ins[1]),
-            d = v(ins[2]),
-            C = u(c),
-            slot = slot(g),
-        );
+        (operand(ins[1]), operand(ins[2]), g)
+    });
+    let mut f = kir::Builder::entry(operand_tys);
+    let part_loss = f.global(kir::Global {
+        name: "part_loss".into(),
+        space: Space::Workgroup,
+        elem: Ty::F32,
+    });
+    let part_count = f.global(kir::Global {
+        name: "part_count".into(),
+        space: Space::Workgroup,
+        elem: Ty::U32,
+    });
+    let lid = f.local_index();
+    let zero_f = f.f32(0.0);
+    let loss_sum = f.var("loss", Ty::F32, zero_f);
+    let zero_u = f.u32(0);
+    let count = f.var("count", Ty::U32, zero_u);
+    let (rows, wg) = (f.u32(n), f.u32(workgroup as usize));
+    let below = |f: &mut kir::Builder, r: kir::Expr| f.bin(BinOp::Lt, r, rows);
+    f.loop_("r", lid, (&below, wg, false), |f, r| {
+        let z = f.var_array("z", Ty::F32, c as u32);
+        let (c0, cn) = (f.u32(0), f.u32(c));
+        f.for_("c", c0, cn, |f, k| {
+            let cu = f.u32(c);
+            let t = f.mul(r, cu);
+            let at = f.add(t, k);
+            let x = f.operand(0, at);
+            f.assign_element(z, k, x);
+        });
+        f.comment("First maximum (NaN wins), shared by the softmax shift and argmax.");
+        let first = f.lit(Literal::U32(0));
+        let z0 = f.element(z, first);
+        let m = f.var("m", Ty::F32, z0);
+        let zu = f.u32(0);
+        let best = f.var("best", Ty::U32, zu);
+        let (c1, cn) = (f.u32(1), f.u32(c));
+        f.for_("c", c1, cn, |f, k| {
+            let mv = f.get(m);
+            let nan = f.bin(BinOp::Ne, mv, mv);
+            let not_nan = f.unary(UnOp::Not, nan);
+            let zc = f.element(z, k);
+            let le = f.bin(BinOp::Le, zc, mv);
+            let above = f.unary(UnOp::Not, le);
+            let takes = f.bin(BinOp::And, not_nan, above);
+            f.if_(takes, |f| {
+                f.assign(m, zc);
+                f.assign(best, k);
+            });
+        });
+        let zf = f.f32(0.0);
+        let s = f.var("s", Ty::F32, zf);
+        let (c0, cn) = (f.u32(0), f.u32(c));
+        f.for_("c", c0, cn, |f, k| {
+            let zc = f.element(z, k);
+            let mv = f.get(m);
+            let d = f.sub(zc, mv);
+            let e = f.math(MathFn::Exp, &[d]);
+            f.add_assign(s, e);
+        });
+        let label = |f: &mut kir::Builder, k: usize, name: &str| {
+            let l = f.operand(k, r);
+            let l = f.cast(Scalar::U32, l);
+            let (cu, one) = (f.u32(c), f.u32(1));
+            let last = f.sub(cu, one);
+            let l = f.math(MathFn::Min, &[l, last]);
+            f.let_(name, Ty::U32, l)
+        };
+        if let Some((k, _)) = loss {
+            let l = label(f, k, "loss_label");
+            let (mv, sv) = (f.get(m), f.get(s));
+            let ls = f.math(MathFn::Log, &[sv]);
+            let t = f.add(mv, ls);
+            let zl = f.element(z, l);
+            let t = f.sub(t, zl);
+            f.add_assign(loss_sum, t);
+        }
+        if let Some((k, _)) = correct {
+            let bv = f.get(best);
+            let bi = f.cast(Scalar::I32, bv);
+            let o = f.operand(k, r);
+            let oi = f.cast(Scalar::I32, o);
+            let hit = f.bin(BinOp::Eq, bi, oi);
+            f.if_(hit, |f| {
+                let one = f.u32(1);
+                f.add_assign(count, one);
+            });
+        }
+        if let Some((kl, kd, g)) = grad {
+            let l = label(f, kl, "grad_label");
+            let d = f.operand(kd, r);
+            let dloss = f.let_("dloss", Ty::F32, d);
+            let out = f.global(global(buffer(g)));
+            let (c0, cn) = (f.u32(0), f.u32(c));
+            f.for_("c", c0, cn, |f, k| {
+                let zc = f.element(z, k);
+                let mv = f.get(m);
+                let d = f.sub(zc, mv);
+                let e = f.math(MathFn::Exp, &[d]);
+                let sv = f.get(s);
+                let p = f.div(e, sv);
+                let p = f.let_("p", Ty::F32, p);
+                let is = f.bin(BinOp::Eq, k, l);
+                let (zero, one) = (f.f32(0.0), f.f32(1.0));
+                let onehot = f.select(is, one, zero);
+                let t = f.sub(p, onehot);
+                let value = f.mul(t, dloss);
+                let cu = f.u32(c);
+                let row = f.mul(r, cu);
+                let at = f.add(row, k);
+                f.store(out, at, value);
+            });
+        }
+    });
+    f.comment(&format!(
+        "Tree reduction over the workgroup: {workgroup} partial sums become one in slot 0."
+    ));
+    let (lv, cv) = (f.get(loss_sum), f.get(count));
+    f.store(part_loss, lid, lv);
+    f.store(part_count, lid, cv);
+    f.barrier();
+    let (wgu, two) = (f.u32(workgroup as usize), f.u32(2));
+    let half = f.div(wgu, two);
+    let positive = |f: &mut kir::Builder, s: kir::Expr| {
+        let z = f.u32(0);
+        f.bin(BinOp::Gt, s, z)
+    };
+    f.loop_("stride", half, (&positive, two, true), |f, stride| {
+        let inside = f.bin(BinOp::Lt, lid, stride);
+        f.if_(inside, |f| {
+            let other = f.add(lid, stride);
+            for g in [part_loss, part_count] {
+                let (a, b) = (f.load(g, lid), f.load(g, other));
+                let sum = f.add(a, b);
+                f.store(g, lid, sum);
+            }
+        });
+        f.barrier();
+    });
+    let z = f.u32(0);
+    let first = f.bin(BinOp::Eq, lid, z);
+    f.if_(first, |f| {
+        let zero = f.lit(Literal::U32(0));
+        for (result, part) in [
+            (loss.map(|(_, r)| r), part_loss),
+            (correct.map(|(_, r)| r), part_count),
+        ] {
+            if let Some(r) = result {
+                let out = f.global(global(buffer(r)));
+                let x = f.load(part, zero);
+                f.store(out, zero, x);
+            }
+        }
+    });
+    kir::module::Entry {
+        workgroup_size: workgroup,
+        function: f.finish(),
+        callees,
+        workgroup: vec![
+            ("part_loss".into(), Ty::F32, workgroup),
+            ("part_count".into(), Ty::U32, workgroup),
+        ],
     }
-    s.push_str("    }\n");
-    s.push_str(&WORKGROUP_SUM.replace("{{WG}}", &wg.to_string()));
-    s.push_str("    if (lid == 0u) {\n");
-    if let Some((_, r)) = h.loss {
-        let _ = writeln!(s, "        buf{}[0] = part_loss[0];", slot(r));
-    }
-    if let Some((_, r)) = h.correct {
-        let _ = writeln!(s, "        buf{}[0] = part_count[0];", slot(r));
-    }
-    s.push_str("    }\n}\n");
-    s
 }

@@ -74,6 +74,9 @@ pub trait Env {
     fn global_id(&self) -> [u32; 2] {
         unreachable!("not an entry point's environment")
     }
+    fn local_index(&self) -> u32 {
+        unreachable!("not a workgroup's environment")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -247,6 +250,7 @@ pub fn eval_valid(f: &Function, index: u32, env: &mut dyn Env) -> Result<Option<
         index,
         env,
         locals: vec![None; f.locals.len()],
+        arrays: vec![Vec::new(); f.locals.len()],
         steps: 0,
     };
     match m.block(&f.body)? {
@@ -270,6 +274,8 @@ struct Machine<'a> {
     index: u32,
     env: &'a mut dyn Env,
     locals: Vec<Option<Lanes>>,
+    /// Elements of the array locals.
+    arrays: Vec<Vec<Lanes>>,
     steps: u64,
 }
 
@@ -339,6 +345,65 @@ impl Machine<'_> {
                 };
                 return self.block(if taken { accept } else { reject });
             }
+            Stmt::Loop {
+                counter,
+                start,
+                cond,
+                step,
+                halve,
+                body,
+            } => {
+                let start = self.u32(*start);
+                self.locals[counter.index()] = Some(Lanes::Scalar(Value::U32(start)));
+                while self.expr(*cond) == Lanes::Scalar(Value::Bool(true)) {
+                    self.steps += 1;
+                    if self.steps > MAX_STEPS {
+                        return Err(EvalError::TooLong(MAX_STEPS));
+                    }
+                    if let Flow::Return(v) = self.block(body)? {
+                        return Ok(Flow::Return(v));
+                    }
+                    let Some(Lanes::Scalar(Value::U32(c))) = self.locals[counter.index()] else {
+                        unreachable!("validated: counters are u32")
+                    };
+                    let k = self.u32(*step);
+                    let next = if *halve {
+                        c.checked_div(k).unwrap_or(c)
+                    } else {
+                        c.wrapping_add(k)
+                    };
+                    self.locals[counter.index()] = Some(Lanes::Scalar(Value::U32(next)));
+                }
+            }
+            Stmt::VarArray { local } => {
+                let decl = self.f.local(*local);
+                let zero = Lanes::Scalar(match decl.ty.scalar() {
+                    Scalar::F32 => Value::F32(0.0),
+                    Scalar::U32 => Value::U32(0),
+                    Scalar::I32 => Value::I32(0),
+                    Scalar::Bool => Value::Bool(false),
+                });
+                let len = decl.array.expect("validated: arrays have a length") as usize;
+                self.arrays[local.index()] = vec![zero; len];
+            }
+            Stmt::AssignElement {
+                local,
+                index,
+                value,
+            } => {
+                let at = self.u32(*index) as usize;
+                let v = self.expr(*value);
+                let array = &mut self.arrays[local.index()];
+                // WGSL clamps a dynamic index into the array.
+                let at = at.min(array.len() - 1);
+                array[at] = v;
+            }
+            Stmt::Barrier => {
+                return Err(EvalError::Module(
+                    "a workgroup barrier: the interpreter runs one invocation at a time".into(),
+                ));
+            }
+            Stmt::Comment(_) => {}
             Stmt::Continue => return Ok(Flow::Continue),
             Stmt::Return(value) => return Ok(Flow::Return(value.map(|v| self.expr(v)))),
             Stmt::Store {
@@ -478,6 +543,13 @@ impl Machine<'_> {
             }
             ExprKind::GlobalId(axis) => {
                 Lanes::Scalar(Value::U32(self.env.global_id()[*axis as usize]))
+            }
+            ExprKind::LocalIndex => Lanes::Scalar(Value::U32(self.env.local_index())),
+            ExprKind::Element { local, index } => {
+                let (local, index) = (*local, *index);
+                let at = self.u32(index) as usize;
+                let array = &self.arrays[local.index()];
+                array[at.min(array.len() - 1)]
             }
         }
     }

@@ -228,13 +228,24 @@ pub enum ExprKind {
     },
     /// A coordinate (0: x, 1: y) of the entry point's global invocation id.
     GlobalId(u8),
+    /// The entry point's index in its workgroup (`local_invocation_index`).
+    LocalIndex,
+    /// `local[index]` of an array.
+    Element {
+        local: Local,
+        index: Expr,
+    },
 }
 
 /// Where a global lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Space {
-    Storage { read_only: bool },
+    Storage {
+        read_only: bool,
+    },
     Uniform,
+    /// Shared by a workgroup's invocations.
+    Workgroup,
 }
 
 /// A buffer binding a function reads or writes, by the name the module declares it under:
@@ -251,6 +262,8 @@ pub struct Global {
 pub struct LocalDecl {
     pub name: String,
     pub ty: Ty,
+    /// A `var` array of this many `ty` elements (read and written element by element).
+    pub array: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -294,6 +307,31 @@ pub enum Stmt {
         index: Expr,
         value: Expr,
     },
+    /// `for (var counter = start; cond; counter += step)` (or `counter = counter / step`
+    /// with `halve`): the loops a `For` cannot say, such as a workgroup striding over rows or
+    /// halving its reduction's stride.
+    Loop {
+        counter: Local,
+        start: Expr,
+        cond: Expr,
+        step: Expr,
+        halve: bool,
+        body: Block,
+    },
+    /// `var local: array<T, N>;` (zeroed).
+    VarArray {
+        local: Local,
+    },
+    /// `local[index] = value;` of an array.
+    AssignElement {
+        local: Local,
+        index: Expr,
+        value: Expr,
+    },
+    /// `workgroupBarrier();`
+    Barrier,
+    /// `// text` — why the next statements are as they are.
+    Comment(String),
 }
 
 pub type Block = Vec<Stmt>;
@@ -320,6 +358,9 @@ impl Function {
         &self.locals[l.index()]
     }
 }
+
+/// A loop's condition, made from the read of its counter.
+pub type LoopCondition<'a> = &'a dyn Fn(&mut Builder, Expr) -> Expr;
 
 /// Builds a [`Function`]: expressions are appended to the arena as they are made, statements
 /// to the innermost open block.
@@ -388,6 +429,61 @@ impl Builder {
         });
     }
 
+    pub fn local_index(&mut self) -> Expr {
+        self.push(ExprKind::LocalIndex)
+    }
+
+    /// `var name: array<ty, len>;`, zeroed.
+    pub fn var_array(&mut self, name: &str, ty: Ty, len: u32) -> Local {
+        let local = self.declare(name, ty);
+        self.f.locals[local.index()].array = Some(len);
+        self.stmt(Stmt::VarArray { local });
+        local
+    }
+
+    pub fn element(&mut self, local: Local, index: Expr) -> Expr {
+        self.push(ExprKind::Element { local, index })
+    }
+
+    pub fn assign_element(&mut self, local: Local, index: Expr, value: Expr) {
+        self.stmt(Stmt::AssignElement {
+            local,
+            index,
+            value,
+        });
+    }
+
+    pub fn barrier(&mut self) {
+        self.stmt(Stmt::Barrier);
+    }
+
+    pub fn comment(&mut self, text: &str) {
+        self.stmt(Stmt::Comment(text.to_string()));
+    }
+
+    /// `for (var name = start; cond(counter); name += step)`, or `name = name / step` with
+    /// `halve`.
+    pub fn loop_(
+        &mut self,
+        name: &str,
+        start: Expr,
+        (cond, step, halve): (LoopCondition, Expr, bool),
+        body: impl FnOnce(&mut Builder, Expr),
+    ) {
+        let counter = self.declare(name, Ty::U32);
+        let read = self.get(counter);
+        let cond = cond(self, read);
+        let body = self.block(|b| body(b, read));
+        self.stmt(Stmt::Loop {
+            counter,
+            start,
+            cond,
+            step,
+            halve,
+            body,
+        });
+    }
+
     /// `return;` from an entry point.
     pub fn return_(&mut self) {
         self.stmt(Stmt::Return(None));
@@ -416,6 +512,7 @@ impl Builder {
         self.f.locals.push(LocalDecl {
             name: name.to_string(),
             ty,
+            array: None,
         });
         Local(self.f.locals.len() as u32 - 1)
     }

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use super::wgsl::{self, Callee};
-use super::{Function, ValidationError};
+use super::{Function, Ty, ValidationError};
 
 /// One top-level item of a module.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,12 +22,15 @@ pub enum Item {
     Text(String),
 }
 
-/// An entry point `main` over `@builtin(global_invocation_id) gid`.
+/// An entry point `main` over `@builtin(global_invocation_id) gid`, or over
+/// `@builtin(local_invocation_index) lid` for a kernel of one workgroup sharing `workgroup`
+/// arrays (name, element type, length).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub workgroup_size: u32,
     pub function: Function,
     pub callees: Vec<Callee>,
+    pub workgroup: Vec<(String, Ty, u32)>,
 }
 
 /// A kernel's functions and entry point (its header and binding declarations are the
@@ -88,11 +91,29 @@ impl Entry {
         if self.function.ret.is_some() {
             return Err(ValidationError("an entry point returns a value".into()));
         }
-        Ok(format!(
-            "@compute @workgroup_size({})\nfn main(@builtin(global_invocation_id) gid: vec3<u32>) {{\n{}}}\n",
+        let mut out = String::new();
+        for (name, elem, len) in &self.workgroup {
+            let _ = writeln!(
+                out,
+                "var<workgroup> {name}: array<{}, {len}>;",
+                wgsl::ty(*elem)
+            );
+        }
+        if !self.workgroup.is_empty() {
+            out.push('\n');
+        }
+        let builtin = if self.workgroup.is_empty() {
+            "@builtin(global_invocation_id) gid: vec3<u32>"
+        } else {
+            "@builtin(local_invocation_index) lid: u32"
+        };
+        let _ = write!(
+            out,
+            "@compute @workgroup_size({})\nfn main({builtin}) {{\n{}}}\n",
             self.workgroup_size,
             wgsl::body(&self.function, &self.callees)?
-        ))
+        );
+        Ok(out)
     }
 }
 

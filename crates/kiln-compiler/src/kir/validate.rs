@@ -67,6 +67,14 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// Checks that `l` is an array `var` in scope.
+    fn array(&self, l: Local) -> Result<(), ValidationError> {
+        if self.kind(l) != Some(Kind::Var) || self.f.locals[l.index()].array.is_none() {
+            return fail(format!("`{}` is not an array var in scope", self.name(l)));
+        }
+        Ok(())
+    }
+
     fn kind(&self, l: Local) -> Option<Kind> {
         self.scope
             .iter()
@@ -217,13 +225,75 @@ impl<'a> Checker<'a> {
                 }
                 return Ok(true);
             }
+            Stmt::Loop {
+                counter,
+                start,
+                cond,
+                step,
+                body,
+                ..
+            } => {
+                if self.ty(*start)? != Ty::U32 || {
+                    let depth = self.scope.len();
+                    self.starts.push(depth);
+                    self.declare(*counter, Kind::Counter, Ty::U32)?;
+                    let bad = self.ty(*cond)? != Ty::BOOL || self.ty(*step)? != Ty::U32;
+                    self.loops.push(false);
+                    self.block(body)?;
+                    self.loops.pop();
+                    self.starts.pop();
+                    self.scope.truncate(depth);
+                    bad
+                } {
+                    return fail(format!(
+                        "loop `{}` needs a u32 start and step and a bool condition",
+                        self.name(*counter)
+                    ));
+                }
+            }
+            Stmt::VarArray { local } => {
+                let Some(decl) = self.f.locals.get(local.index()) else {
+                    return fail(format!("local {} is not declared", local.index()));
+                };
+                if decl.array.is_none() {
+                    return fail(format!(
+                        "`{}` is declared an array but has no length",
+                        decl.name
+                    ));
+                }
+                let ty = decl.ty;
+                self.declare(*local, Kind::Var, ty)?;
+            }
+            Stmt::AssignElement {
+                local,
+                index,
+                value,
+            } => {
+                self.array(*local)?;
+                if self.ty(*index)? != Ty::U32 {
+                    return fail(format!("`{}` is indexed by a non-u32", self.name(*local)));
+                }
+                let ty = self.ty(*value)?;
+                if ty != self.f.locals[local.index()].ty {
+                    return fail(format!("`{}` is assigned a {ty:?}", self.name(*local)));
+                }
+            }
+            Stmt::Barrier => {
+                if self.f.ret.is_some() {
+                    return fail("a barrier outside an entry point".into());
+                }
+            }
+            Stmt::Comment(_) => {}
             Stmt::Store {
                 global,
                 index,
                 value,
             } => {
                 let g = self.global(*global)?;
-                if g.space != (Space::Storage { read_only: false }) {
+                if !matches!(
+                    g.space,
+                    Space::Storage { read_only: false } | Space::Workgroup
+                ) {
                     return fail(format!(
                         "`{}` is stored to but is not read_write storage",
                         g.name
@@ -308,6 +378,17 @@ impl<'a> Checker<'a> {
             ExprKind::Index if f.ret.is_some() => Ok(Ty::U32),
             ExprKind::Index => fail("an entry point has no element index".into()),
             ExprKind::GlobalId(axis) if f.ret.is_none() && *axis < 2 => Ok(Ty::U32),
+            ExprKind::LocalIndex if f.ret.is_none() => Ok(Ty::U32),
+            ExprKind::LocalIndex => {
+                fail("the workgroup index is read outside an entry point".into())
+            }
+            ExprKind::Element { local, index } => {
+                self.array(*local)?;
+                if self.ty(*index)? != Ty::U32 {
+                    return fail(format!("`{}` is indexed by a non-u32", self.name(*local)));
+                }
+                Ok(f.locals[local.index()].ty)
+            }
             ExprKind::GlobalId(_) => {
                 fail("the invocation id is read outside an entry point".into())
             }
@@ -331,6 +412,9 @@ impl<'a> Checker<'a> {
             ExprKind::Local(l) => {
                 if self.kind(*l).is_none() {
                     return fail(format!("`{}` is read outside its scope", self.name(*l)));
+                }
+                if f.locals[l.index()].array.is_some() {
+                    return fail(format!("array `{}` is read whole", self.name(*l)));
                 }
                 Ok(f.locals[l.index()].ty)
             }

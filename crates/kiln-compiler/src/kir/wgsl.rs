@@ -228,6 +228,58 @@ impl Printer<'_> {
             Stmt::Return(None) => {
                 let _ = writeln!(out, "{pad}return;");
             }
+            Stmt::Loop {
+                counter,
+                start,
+                cond,
+                step,
+                halve,
+                body,
+            } => {
+                let c = name(*counter);
+                let update = if *halve {
+                    format!("{c} = {c} / {}", self.expr(*step))
+                } else {
+                    format!("{c} += {}", self.expr(*step))
+                };
+                let _ = writeln!(
+                    out,
+                    "{pad}for (var {c} = {}; {}; {update}) {{",
+                    self.expr(*start),
+                    self.expr(*cond)
+                );
+                self.block(out, body, depth + 1);
+                let _ = writeln!(out, "{pad}}}");
+            }
+            Stmt::VarArray { local } => {
+                let decl = self.f.local(*local);
+                let _ = writeln!(
+                    out,
+                    "{pad}var {}: array<{}, {}>;",
+                    decl.name,
+                    ty(decl.ty),
+                    decl.array.expect("validated: arrays have a length")
+                );
+            }
+            Stmt::AssignElement {
+                local,
+                index,
+                value,
+            } => {
+                let _ = writeln!(
+                    out,
+                    "{pad}{}[{}] = {};",
+                    name(*local),
+                    self.expr(*index),
+                    self.expr(*value)
+                );
+            }
+            Stmt::Barrier => {
+                let _ = writeln!(out, "{pad}workgroupBarrier();");
+            }
+            Stmt::Comment(text) => {
+                let _ = writeln!(out, "{pad}// {text}");
+            }
             Stmt::Store {
                 global,
                 index,
@@ -371,6 +423,11 @@ impl Printer<'_> {
                 Primary,
             ),
             ExprKind::GlobalId(axis) => (format!("gid.{}", ["x", "y"][*axis as usize]), Primary),
+            ExprKind::LocalIndex => ("lid".into(), Primary),
+            ExprKind::Element { local, index } => (
+                format!("{}[{}]", self.f.local(*local).name, self.expr(*index)),
+                Primary,
+            ),
             ExprKind::Chunk(bound) => (
                 match bound {
                     ChunkBound::FirstImage => "chunk[0].z",
