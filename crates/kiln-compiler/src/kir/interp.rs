@@ -732,4 +732,44 @@ mod tests {
             Some(Lanes::Vec4([0.0, 0.5, 0.0, 1.5].map(Value::F32)))
         );
     }
+
+    #[test]
+    fn halving_loops_and_local_arrays() {
+        // Sums 8 values by halving strides in a local array: 0 + 1 + ... + 7.
+        let mut b = Builder::new(Ty::F32, vec![Ty::F32]);
+        let a = b.var_array("a", Ty::F32, 8);
+        let (lo, hi) = (b.u32(0), b.u32(8));
+        b.for_("k", lo, hi, |b, k| {
+            let x = b.operand(0, k);
+            b.assign_element(a, k, x);
+        });
+        let (four, two) = (b.u32(4), b.u32(2));
+        let positive = |b: &mut Builder, s: Expr| {
+            let z = b.u32(0);
+            b.bin(BinOp::Gt, s, z)
+        };
+        b.loop_("stride", four, (&positive, two, true), |b, stride| {
+            let lo = b.u32(0);
+            b.for_("j", lo, stride, |b, j| {
+                let other = b.add(j, stride);
+                let (x, y) = (b.element(a, j), b.element(a, other));
+                let sum = b.add(x, y);
+                b.assign_element(a, j, sum);
+            });
+        });
+        let zero = b.u32(0);
+        let total = b.element(a, zero);
+        b.ret_(total);
+        let f = b.finish();
+        let got = eval(&f, 0, &mut Table((0..8).map(|x| x as f32).collect())).unwrap();
+        assert_eq!(got.and_then(Lanes::f32), Some(28.0));
+        // The same function prints as WGSL naga accepts.
+        let text =
+            crate::kir::wgsl::body(&f, &[crate::kir::wgsl::Callee::Call("v1".into())]).unwrap();
+        assert!(
+            text.contains("for (var stride = 4u; stride > 0u; stride = stride / 2u) {"),
+            "{text}"
+        );
+        assert!(text.contains("var a: array<f32, 8>;"), "{text}");
+    }
 }
