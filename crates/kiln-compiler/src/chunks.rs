@@ -13,7 +13,8 @@
 //! The kernel keeps its global index arithmetic. Each chunk's dispatch gets a small uniform
 //! table with its first and last invocation and, per window, the flat index of the window's
 //! first element, which the element functions subtract. The compiler computes the tables and
-//! window offsets ([`Chunks::entry`]); the runtime only binds and dispatches.
+//! window offsets ([`Chunks::entry`], laid out as buffers and bindings by `launch.rs`); the
+//! runtime only binds and dispatches.
 //!
 //! A chunk takes as many images as its windows allow, spread evenly, the last taking the rest
 //! (e.g. 13 chunks of 20 images and one of 16 rather than 16 of 16): a dispatch costs ~20 us
@@ -76,7 +77,8 @@ pub struct Chunks {
     pub spans: Vec<Span>,
 }
 
-/// The running sum of one reduction over the batch, a storage buffer the runtime creates.
+/// The running sum of one reduction over the batch, a zeroed storage buffer of the kernel's
+/// launch (`launch.rs`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sum {
     pub binding: u32,
@@ -101,7 +103,7 @@ pub struct Window {
 
 /// What chunk `k`'s dispatch binds: its table words and each window's byte offset.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChunkEntry {
+pub(crate) struct ChunkEntry {
     pub table: Vec<u32>,
     pub window_offsets: Vec<u64>,
 }
@@ -112,16 +114,16 @@ impl Chunks {
     /// last chunk it must also end inside the buffer, and without room past the data no
     /// aligned start both covers the last words and fits (batch 211 of 84 features lost the
     /// last image's last four).
-    pub fn window_slack(&self) -> u64 {
+    pub(crate) fn window_slack(&self) -> u64 {
         self.alignment
     }
 
-    /// Chunk `k`'s table and window offsets; `buffer_bytes(b)` is plan buffer `b`'s size as
-    /// allocated, at least its data plus [`Chunks::window_slack`]. The table's first entry is
-    /// `(first invocation, end invocation, first image, end image)`. A window starts at the
-    /// aligned offset at or below its chunk's first image, pulled back for the last chunks so
-    /// that it ends inside the buffer.
-    pub fn entry(&self, k: usize, buffer_bytes: &dyn Fn(usize) -> u64) -> ChunkEntry {
+    /// Chunk `k`'s table and window offsets; `buffer_bytes(b)` is what plan buffer `b` holds
+    /// at least, its data plus [`Chunks::window_slack`] (windows end inside it). The table's
+    /// first entry is `(first invocation, end invocation, first image, end image)`. A window
+    /// starts at the aligned offset at or below its chunk's first image, pulled back for the
+    /// last chunks so that it ends inside the buffer.
+    pub(crate) fn entry(&self, k: usize, buffer_bytes: &dyn Fn(usize) -> u64) -> ChunkEntry {
         let images = k * self.images;
         let end_image = (images + self.images).min(self.batch);
         // Image chunks split the invocations in proportion to their images.
@@ -164,12 +166,12 @@ impl Chunks {
 
     /// Where a table's bases start in its slot of the table buffer: its range comes first,
     /// and each part's offset meets its binding's alignment.
-    pub fn bases_offset(&self) -> u64 {
+    pub(crate) fn bases_offset(&self) -> u64 {
         self.alignment.max(self.table_alignment).max(16)
     }
 
     /// Bytes between two chunks' tables in the table buffer.
-    pub fn table_stride(&self) -> u64 {
+    pub(crate) fn table_stride(&self) -> u64 {
         let a = self.bases_offset();
         a + ((self.bases_vec4s() * 16) as u64).div_ceil(a) * a
     }

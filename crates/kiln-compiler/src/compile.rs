@@ -3,6 +3,7 @@
 
 use kiln_ir::{Graph, NodeId, OpPattern};
 
+use crate::launch::{Launch, launch};
 use crate::plan::{FuseError, KernelKind, Placement, Plan, fuse_with};
 use crate::report::describe;
 use crate::target::Target;
@@ -36,6 +37,12 @@ impl Compiled {
     /// Each kernel's module beside its naga IR, in execution order.
     pub fn kernels(&self) -> impl Iterator<Item = (&KernelModule, &NagaModule)> {
         self.modules.iter().zip(&self.naga)
+    }
+
+    /// What the runtime creates, binds and dispatches to run the modules (made on demand,
+    /// so that it always matches `plan` and `modules` as they are).
+    pub fn launch(&self) -> Launch {
+        launch(&self.plan, &self.modules)
     }
 
     /// Every module's WGSL, one after another (`--emit wgsl`).

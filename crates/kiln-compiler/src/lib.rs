@@ -11,6 +11,7 @@ pub mod compute;
 mod conv_quads;
 mod interface;
 pub mod kir;
+mod launch;
 mod plan;
 mod report;
 mod spans;
@@ -21,9 +22,12 @@ mod uniform_control;
 mod verify_plan;
 mod wgsl;
 
-pub use chunks::{ChunkEntry, Chunks, Span, Sum, Window};
+pub use chunks::{Chunks, Span, Sum, Window};
 pub use compile::{CompileError, Compiled, compile};
 pub use interface::{LayoutEntry, Slot};
+pub use launch::{
+    BoundResource, Dispatch, KernelLaunch, Launch, Resource, Scratch, ScratchContents, launch,
+};
 pub use plan::{
     Buffer, BufferKind, FuseError, Head, Kernel, KernelKind, MAX_HEAD_CLASSES, MAX_INLINE_READS,
     MAX_INLINE_REUSE, Placement, Plan, fuse, is_anchor,

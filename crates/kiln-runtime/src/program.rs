@@ -1,12 +1,18 @@
 //! A compiled graph on the device: pipelines and bind groups created once, recorded into any
 //! number of compute passes.
+//!
+//! The compiler's launch description (`kiln_compiler::Launch`) says which buffers to create,
+//! what each dispatch binds and how many workgroups it runs; this module executes it with one
+//! loop and knows nothing of the schedules that shaped it (image chunks, several a dispatch).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use std::time::Duration;
 
-use kiln_compiler::{Access, BufferKind, Compiled, Slot, kernel_cost};
+use kiln_compiler::{
+    BufferKind, Compiled, Launch, Resource, Scratch, ScratchContents, Slot, kernel_cost,
+};
 use kiln_ir::{DType, TensorType};
 use kiln_reference::{Data, Tensor};
 
@@ -17,13 +23,13 @@ use crate::gpu::{Gpu, RuntimeError};
 /// A compiled graph with its pipelines, bind groups and buffers.
 pub struct Program {
     pub compiled: Compiled,
+    /// What the compiler says to create, bind and dispatch (`kiln_compiler::Launch`).
+    launch: Launch,
     pipelines: Vec<wgpu::ComputePipeline>,
-    /// Per kernel: its bind group, or one per dispatch of image chunks (each binding the
-    /// windows and tables of the chunks it runs).
+    /// Per kernel: one bind group per dispatch of its launch.
     bind_groups: Vec<Vec<wgpu::BindGroup>>,
-    /// The chunk tables and running sums of chunked kernels, kept alive with their bind
-    /// groups.
-    _tables: Vec<wgpu::Buffer>,
+    /// The kernels' scratch buffers, kept alive with the bind groups that hold them.
+    _scratch: Vec<wgpu::Buffer>,
     /// One per plan buffer; leaves may be shared with other programs.
     buffers: Vec<Arc<wgpu::Buffer>>,
 }
@@ -111,35 +117,33 @@ pub fn check_limits(gpu: &Gpu, compiled: &Compiled) -> Result<(), RuntimeError> 
     Ok(())
 }
 
-/// The bind group entries of binding `b` over `buffer`: the whole buffer, or each part of a
-/// value split over several uniform bindings.
-fn entries_of<'a>(
-    b: &kiln_compiler::Binding,
-    buffer: &'a wgpu::Buffer,
-    compiled: &Compiled,
-) -> Vec<wgpu::BindGroupEntry<'a>> {
-    match b.access {
-        Access::Split { parts, part_bytes } => {
-            let bytes = compiled.plan.buffers[b.buffer].bytes();
-            (0..parts)
-                .map(|k| {
-                    let offset = u64::from(k) * part_bytes;
-                    wgpu::BindGroupEntry {
-                        binding: b.binding + k,
-                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer,
-                            offset,
-                            size: wgpu::BufferSize::new(part_bytes.min(bytes - offset)),
-                        }),
-                    }
-                })
-                .collect()
-        }
-        _ => vec![wgpu::BindGroupEntry {
-            binding: b.binding,
-            resource: buffer.as_entire_binding(),
-        }],
-    }
+/// Creates a kernel's scratch buffer: with its bytes, or zeroed (as wgpu creates buffers).
+fn create_scratch(gpu: &Gpu, s: &Scratch, graph_name: &str) -> Result<wgpu::Buffer, RuntimeError> {
+    // Bound as storage or uniform, whichever slot a dispatch puts it in.
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM;
+    gpu.scoped(
+        &format!(
+            "creating buffer `{}` ({} bytes) of graph `{graph_name}`",
+            s.label,
+            s.contents.len()
+        ),
+        || match &s.contents {
+            ScratchContents::Bytes(bytes) => {
+                gpu.device
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some(&s.label),
+                        contents: bytes,
+                        usage,
+                    })
+            }
+            ScratchContents::Zeroed(size) => gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(&s.label),
+                size: *size,
+                usage,
+                mapped_at_creation: false,
+            }),
+        },
+    )
 }
 
 impl Program {
@@ -152,16 +156,11 @@ impl Program {
     ) -> Result<Program, RuntimeError> {
         check_limits(gpu, &compiled)?;
         let graph_name = compiled.graph.name.clone();
-        // Buffers read through chunk windows get room past their data (`window_slack`).
-        let mut slack = vec![0u64; compiled.plan.buffers.len()];
-        for c in compiled.modules.iter().filter_map(|m| m.chunks.as_ref()) {
-            for w in &c.windows {
-                slack[w.buffer] = slack[w.buffer].max(c.window_slack());
-            }
-        }
+        let launch = compiled.launch();
         let mut buffers = Vec::with_capacity(compiled.plan.buffers.len());
-        for (b, slack) in compiled.plan.buffers.iter().zip(&slack) {
-            let size = (b.bytes() + slack).div_ceil(16) * 16;
+        for (b, &needed) in compiled.plan.buffers.iter().zip(&launch.buffer_bytes) {
+            // Whole 16-byte rows, as `upload` makes them.
+            let size = needed.div_ceil(16) * 16;
             let leaf = matches!(b.kind, BufferKind::Input | BufferKind::Param);
             let shared = if leaf {
                 external.get(&b.name).cloned()
@@ -170,12 +169,11 @@ impl Program {
             };
             let buffer = match shared {
                 Some(s) => {
-                    if s.size() < b.bytes() + slack {
+                    if s.size() < needed {
                         return Err(RuntimeError::Setup(format!(
-                            "buffer `{}` of graph `{graph_name}` holds {} bytes, {} needed",
+                            "buffer `{}` of graph `{graph_name}` holds {} bytes, {needed} needed",
                             b.name,
                             s.size(),
-                            b.bytes() + slack
                         )));
                     }
                     s
@@ -196,8 +194,8 @@ impl Program {
         }
         let mut pipelines = Vec::new();
         let mut bind_groups = Vec::new();
-        let mut tables = Vec::new();
-        for (m, naga) in compiled.kernels() {
+        let mut scratch_buffers = Vec::new();
+        for ((m, naga), kernel) in compiled.kernels().zip(&launch.kernels) {
             // The layout comes from the compiler's binding list, not from the globals wgpu
             // finds the shader using: one source of truth for what every dispatch binds
             // (the compiler checked that the WGSL declares and uses exactly these slots).
@@ -264,133 +262,60 @@ impl Program {
                         })
                 },
             )?;
-            let bind = |entries: &[wgpu::BindGroupEntry]| {
-                gpu.scoped(
+            let scratch = kernel
+                .scratch
+                .iter()
+                .map(|s| create_scratch(gpu, s, &graph_name))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut groups = Vec::with_capacity(kernel.dispatches.len());
+            for d in &kernel.dispatches {
+                let entries: Vec<wgpu::BindGroupEntry> = d
+                    .bindings
+                    .iter()
+                    .map(|b| {
+                        let (buffer, offset, size) = match b.resource {
+                            Resource::Buffer {
+                                buffer,
+                                offset,
+                                size,
+                            } => (&*buffers[buffer], offset, size),
+                            Resource::Scratch {
+                                index,
+                                offset,
+                                size,
+                            } => (&scratch[index], offset, size),
+                        };
+                        wgpu::BindGroupEntry {
+                            binding: b.binding,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer,
+                                offset,
+                                size: size.and_then(wgpu::BufferSize::new),
+                            }),
+                        }
+                    })
+                    .collect();
+                groups.push(gpu.scoped(
                     &format!("bindings of kernel {} of graph `{graph_name}`", m.name),
                     || {
                         gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
                             label: Some(&m.name),
                             layout: &layout,
-                            entries,
+                            entries: &entries,
                         })
                     },
-                )
-            };
-            let groups = match &m.chunks {
-                None => {
-                    let entries: Vec<wgpu::BindGroupEntry> = m
-                        .bindings
-                        .iter()
-                        .flat_map(|b| entries_of(b, &buffers[b.buffer], &compiled))
-                        .collect();
-                    vec![bind(&entries)?]
-                }
-                Some(c) => {
-                    let bytes = |b: usize| buffers[b].size();
-                    let stride = c.table_stride();
-                    let chunk_entries: Vec<_> = (0..c.count).map(|k| c.entry(k, &bytes)).collect();
-                    // One table per span of every dispatch; spans past the last chunk keep
-                    // an all-zero table (no invocations).
-                    let spans = c.spans.len().max(1);
-                    let slots = c.dispatches() * spans;
-                    // Each slot: the chunk's range (read as storage), then its windows' bases
-                    // (read as uniform) at an offset both bindings' alignments allow.
-                    let bases_at = c.bases_offset() as usize;
-                    let mut table = vec![0u8; (stride * slots as u64) as usize];
-                    for (k, e) in chunk_entries.iter().enumerate() {
-                        let at = k * stride as usize;
-                        let (range, bases) = e.table.split_at(4);
-                        let range: &[u8] = bytemuck::cast_slice(range);
-                        let bases: &[u8] = bytemuck::cast_slice(bases);
-                        table[at..at + range.len()].copy_from_slice(range);
-                        table[at + bases_at..at + bases_at + bases.len()].copy_from_slice(bases);
-                    }
-                    let table = gpu
-                        .device
-                        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                            label: Some(&format!("{} chunk table", m.name)),
-                            contents: &table,
-                            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
-                        });
-                    // Running sums of summing kernels: read and written by every chunk.
-                    let sums: Vec<wgpu::Buffer> = c
-                        .sums
-                        .iter()
-                        .map(|sum| {
-                            gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                                label: Some(&format!("{} running sum of {}", m.name, sum.node)),
-                                size: (sum.words.max(4) as u64 * 4).div_ceil(16) * 16,
-                                usage: wgpu::BufferUsages::STORAGE,
-                                mapped_at_creation: false,
-                            })
-                        })
-                        .collect();
-                    let window = |w: usize, k: usize| {
-                        // A span past the last chunk reads the last chunk's windows (unused).
-                        let e = &chunk_entries[k.min(c.count - 1)];
-                        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: &buffers[c.windows[w].buffer],
-                            offset: e.window_offsets[w],
-                            size: wgpu::BufferSize::new(c.windows[w].vec4s as u64 * 16),
-                        })
-                    };
-                    let mut groups = Vec::with_capacity(c.dispatches());
-                    for d in 0..c.dispatches() {
-                        let mut entries: Vec<wgpu::BindGroupEntry> = m
-                            .bindings
-                            .iter()
-                            .filter(|b| !c.windows.iter().any(|w| w.binding == b.binding))
-                            .flat_map(|b| entries_of(b, &buffers[b.buffer], &compiled))
-                            .collect();
-                        for (s, span) in c.spans.iter().enumerate() {
-                            let k = d * spans + s;
-                            for (w, &binding) in span.windows.iter().enumerate() {
-                                entries.push(wgpu::BindGroupEntry {
-                                    binding,
-                                    resource: window(w, k),
-                                });
-                            }
-                            entries.push(wgpu::BindGroupEntry {
-                                binding: span.table,
-                                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                    buffer: &table,
-                                    offset: k as u64 * stride,
-                                    size: wgpu::BufferSize::new(16),
-                                }),
-                            });
-                            if c.bases_vec4s() == 0 {
-                                continue;
-                            }
-                            entries.push(wgpu::BindGroupEntry {
-                                binding: span.bases,
-                                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                    buffer: &table,
-                                    offset: k as u64 * stride + bases_at as u64,
-                                    size: wgpu::BufferSize::new(c.bases_vec4s() as u64 * 16),
-                                }),
-                            });
-                        }
-                        for (sum, buffer) in c.sums.iter().zip(&sums) {
-                            entries.push(wgpu::BindGroupEntry {
-                                binding: sum.binding,
-                                resource: buffer.as_entire_binding(),
-                            });
-                        }
-                        groups.push(bind(&entries)?);
-                    }
-                    tables.push(table);
-                    tables.extend(sums);
-                    groups
-                }
-            };
+                )?);
+            }
             pipelines.push(pipeline);
             bind_groups.push(groups);
+            scratch_buffers.extend(scratch);
         }
         Ok(Program {
             compiled,
+            launch,
             pipelines,
             bind_groups,
-            _tables: tables,
+            _scratch: scratch_buffers,
             buffers,
         })
     }
@@ -413,11 +338,14 @@ impl Program {
 
     /// Records kernel `k` alone into `pass`.
     pub fn record_kernel(&self, pass: &mut wgpu::ComputePass<'_>, k: usize) {
-        let m = &self.compiled.modules[k];
         pass.set_pipeline(&self.pipelines[k]);
-        for group in &self.bind_groups[k] {
+        for (group, d) in self.bind_groups[k]
+            .iter()
+            .zip(&self.launch.kernels[k].dispatches)
+        {
             pass.set_bind_group(0, group, &[]);
-            pass.dispatch_workgroups(m.dispatch[0], m.dispatch[1], m.dispatch[2]);
+            let [x, y, z] = d.workgroups;
+            pass.dispatch_workgroups(x, y, z);
         }
     }
 
