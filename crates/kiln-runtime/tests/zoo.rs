@@ -105,6 +105,10 @@ fn train_against_reference(
 
 #[test]
 fn the_zoo_covers_what_it_promises() {
+    if std::env::var_os("KILN_ZOO").is_some() {
+        eprintln!("SKIPPED: KILN_ZOO picks one model; the coverage check needs them all");
+        return;
+    }
     let names: Vec<String> = zoo().into_iter().map(|(n, _)| n).collect();
     assert!(names.len() >= 8, "{names:?}");
     let text: String = zoo()
