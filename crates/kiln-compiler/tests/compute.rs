@@ -7,83 +7,20 @@
 //! Tolerance: within 1e-4 of the reference relative to its size; the interpreter adds in f32
 //! in loop order, the reference in f64. Integers (argmax, counts) must be equal.
 
-use std::collections::HashMap;
+mod common;
 
+use common::{close, feeds, zoo};
 use kiln_autodiff::{Optimizer, read_batches_from_dataset, training_step_with};
 use kiln_compiler::compute::{element, value_ty};
-use kiln_compiler::kir::interp::{Env, Lanes, Value, eval};
-use kiln_compiler::kir::{ChunkBound, Ty};
+use kiln_compiler::kir::interp::{Env, Lanes, Value, eval_valid};
+use kiln_compiler::kir::{ChunkBound, Ty, validate};
 use kiln_ir::testing::{random_layer, random_model};
-use kiln_ir::{DType, Graph, LenetVariant, Model, NodeId, Op, TensorType, parse_file};
+use kiln_ir::{DType, Graph, LenetVariant, Model, NodeId, Op, TensorType};
 use kiln_reference::{Data, Tensor, execute};
 use proptest::prelude::*;
 
-const TOLERANCE: f64 = 1e-4;
 /// Elements checked per node at most (evenly spread, first and last included).
 const SAMPLES: usize = 400;
-
-fn noise(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 24) as f32
-        })
-        .collect()
-}
-
-/// Inputs and parameters for `g`: pixels, labels below `classes`, batch indices inside the
-/// data set, weights in [-0.5, 0.5), optimizer state positive (Adam's second moment is
-/// square-rooted, its step count starts the bias correction).
-fn feeds(
-    g: &Graph,
-    seed: u64,
-    classes: usize,
-) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
-    let rows = g
-        .inputs()
-        .find(|(_, n, _)| n.starts_with("dataset."))
-        .map_or(1, |(_, _, t)| t.shape[0]);
-    let mut inputs = HashMap::new();
-    for (k, (_, name, ty)) in g.inputs().enumerate() {
-        let r = noise(seed + k as u64, ty.numel());
-        let shape = ty.shape.clone();
-        let t = match ty.dtype {
-            DType::F32 => Tensor::from_f32(shape, r.iter().map(|v| v - 0.5).collect()),
-            DType::U8 if name.contains("label") => Tensor::from_u8(
-                shape,
-                r.iter().map(|v| (v * classes as f32) as u8).collect(),
-            ),
-            DType::U8 => Tensor::from_u8(shape, r.iter().map(|v| (v * 256.0) as u8).collect()),
-            DType::U32 => {
-                Tensor::from_u32(shape, r.iter().map(|v| (v * rows as f32) as u32).collect())
-            }
-            DType::I32 => Tensor::from_i32(
-                shape,
-                r.iter().map(|v| (v * classes as f32) as i32).collect(),
-            ),
-        };
-        inputs.insert(name.to_string(), t.unwrap());
-    }
-    let mut params = HashMap::new();
-    for (k, (_, name, ty)) in g.params().enumerate() {
-        let r = noise(seed * 7 + 100 + k as u64, ty.numel());
-        let v: Vec<f32> = if name == "optim.step" {
-            vec![3.0; ty.numel()]
-        } else if name.starts_with("optim.") {
-            r.iter().map(|v| 0.1 + v).collect()
-        } else {
-            r.iter().map(|v| v - 0.5).collect()
-        };
-        params.insert(
-            name.to_string(),
-            Tensor::from_f32(ty.shape.clone(), v).unwrap(),
-        );
-    }
-    (inputs, params)
-}
 
 fn scalar(t: &Tensor, at: u32) -> Value {
     let at = at as usize;
@@ -115,16 +52,6 @@ impl Env for Operands<'_> {
     }
 }
 
-fn close(got: Value, want: Value) -> bool {
-    match (got, want) {
-        (Value::F32(g), Value::F32(w)) => {
-            (g.is_nan() && w.is_nan())
-                || (f64::from(g) - f64::from(w)).abs() <= TOLERANCE * (1.0 + f64::from(w).abs())
-        }
-        _ => got == want,
-    }
-}
-
 /// Checks every computed node of `g` (fed by `seed`) on the interpreter; returns how many
 /// elements were compared.
 fn check_graph(what: &str, g: &Graph, seed: u64, classes: usize) -> usize {
@@ -141,6 +68,7 @@ fn check_graph(what: &str, g: &Graph, seed: u64, classes: usize) -> usize {
             .map(|&n| value_ty(g.ty(n).dtype))
             .collect();
         let f = element(g, id, None, &operands, false);
+        validate(&f).unwrap_or_else(|e| panic!("{what}: {id}: {e}"));
         let want = values.get(id);
         let n = node.ty.numel();
         let step = n.div_ceil(SAMPLES).max(1);
@@ -152,7 +80,7 @@ fn check_graph(what: &str, g: &Graph, seed: u64, classes: usize) -> usize {
                 values: env_values.clone(),
                 stride: None,
             };
-            let got = eval(&f, e as u32, &mut env).unwrap();
+            let got = eval_valid(&f, e as u32, &mut env).unwrap();
             let Some(Lanes::Scalar(got)) = got else {
                 panic!("{what}: {id} returned lanes")
             };
@@ -179,6 +107,7 @@ fn check_lanes(what: &str, g: &Graph, id: NodeId, operands: &[&Tensor], want: &T
     let node = g.node(id);
     let tys = vec![Ty::VEC4_F32; node.inputs.len()];
     let f = element(g, id, Some(Ty::VEC4_F32), &tys, false);
+    validate(&f).unwrap_or_else(|e| panic!("{what}: {id} as lanes: {e}"));
     let n = node.ty.numel() as u32;
     for stride in [1, n / 4] {
         for e in [0, n - 3 * stride - 1] {
@@ -186,7 +115,7 @@ fn check_lanes(what: &str, g: &Graph, id: NodeId, operands: &[&Tensor], want: &T
                 values: operands.to_vec(),
                 stride: Some(stride),
             };
-            let Some(Lanes::Vec4(lanes)) = eval(&f, e, &mut env).unwrap() else {
+            let Some(Lanes::Vec4(lanes)) = eval_valid(&f, e, &mut env).unwrap() else {
                 panic!("{what}: {id} returned a scalar for lanes")
             };
             for (l, got) in lanes.into_iter().enumerate() {
@@ -224,17 +153,9 @@ fn lenet_variants_steps_match_reference_op_by_op() {
 
 #[test]
 fn zoo_models_steps_match_reference_op_by_op() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/zoo");
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "kir"))
-        .collect();
-    files.sort();
-    assert!(files.len() >= 8, "the zoo is there");
-    for p in files {
-        let name = p.file_stem().unwrap().to_string_lossy().into_owned();
-        let model: Model = parse_file(&p).unwrap().into();
+    let zoo = zoo();
+    assert!(zoo.len() >= 8, "the zoo is there");
+    for (name, model) in zoo {
         let g = step(
             &model,
             &name,
