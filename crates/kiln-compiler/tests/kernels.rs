@@ -9,69 +9,17 @@
 //!
 //! Tolerance: within 1e-4 of the reference relative to its size, as the GPU tests.
 
-use std::collections::HashMap;
+mod common;
 
+use common::{close, feeds, zoo};
 use kiln_autodiff::{Optimizer, evaluation_graph, read_batches_from_dataset, training_step_with};
-use kiln_compiler::kir::interp::{Buffers, Value, run_invocation};
+use kiln_compiler::kir::interp::{Buffers, Runner, Value};
 use kiln_compiler::{KernelKind, Target, compile};
-use kiln_ir::{DType, Graph, LenetVariant, Model, NodeId, TensorType, parse_file};
+use kiln_ir::{DType, Graph, LenetVariant, Model, NodeId, TensorType};
 use kiln_reference::{Data, Tensor, execute};
 
-const TOLERANCE: f64 = 1e-4;
 /// Invocations run per kernel at most (evenly spread, the last included).
 const INVOCATIONS: usize = 300;
-
-fn noise(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 24) as f32
-        })
-        .collect()
-}
-
-fn feeds(g: &Graph, seed: u64) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
-    let rows = g
-        .inputs()
-        .find(|(_, n, _)| n.starts_with("dataset."))
-        .map_or(1, |(_, _, t)| t.shape[0]);
-    let mut inputs = HashMap::new();
-    for (k, (_, name, ty)) in g.inputs().enumerate() {
-        let r = noise(seed + k as u64, ty.numel());
-        let shape = ty.shape.clone();
-        let t = match ty.dtype {
-            DType::F32 => Tensor::from_f32(shape, r.iter().map(|v| v - 0.5).collect()),
-            DType::U8 if name.contains("label") => {
-                Tensor::from_u8(shape, r.iter().map(|v| (v * 10.0) as u8).collect())
-            }
-            DType::U8 => Tensor::from_u8(shape, r.iter().map(|v| (v * 256.0) as u8).collect()),
-            DType::U32 => {
-                Tensor::from_u32(shape, r.iter().map(|v| (v * rows as f32) as u32).collect())
-            }
-            DType::I32 => Tensor::from_i32(shape, r.iter().map(|v| (v * 10.0) as i32).collect()),
-        };
-        inputs.insert(name.to_string(), t.unwrap());
-    }
-    let mut params = HashMap::new();
-    for (k, (_, name, ty)) in g.params().enumerate() {
-        let r = noise(seed * 7 + 100 + k as u64, ty.numel());
-        let v: Vec<f32> = if name == "optim.step" {
-            vec![3.0; ty.numel()]
-        } else if name.starts_with("optim.") {
-            r.iter().map(|v| 0.1 + v).collect()
-        } else {
-            r.iter().map(|v| v - 0.5).collect()
-        };
-        params.insert(
-            name.to_string(),
-            Tensor::from_f32(ty.shape.clone(), v).unwrap(),
-        );
-    }
-    (inputs, params)
-}
 
 /// A tensor as the scalars of its buffer: u8 packed four to a `u32` word little-endian, and
 /// room to whole `vec4`s (what a uniform binding of it reads).
@@ -97,20 +45,10 @@ fn words(t: &Tensor, packed: bool) -> Vec<Value> {
     out
 }
 
-fn close(got: Value, want: Value) -> bool {
-    match (got, want) {
-        (Value::F32(g), Value::F32(w)) => {
-            (g.is_nan() && w.is_nan())
-                || (f64::from(g) - f64::from(w)).abs() <= TOLERANCE * (1.0 + f64::from(w).abs())
-        }
-        _ => got == want,
-    }
-}
-
 /// Runs every interpretable kernel of `g` compiled for `target`; returns how many ran.
 fn check(what: &str, g: &Graph, target: &Target) -> usize {
     let compiled = compile(g, target).unwrap();
-    let (inputs, params) = feeds(g, 5);
+    let (inputs, params) = feeds(g, 5, 10);
     let values = execute(g, &inputs, &params).unwrap();
     let plan = &compiled.plan;
     let value_of = |n: NodeId| values.get(n);
@@ -144,8 +82,10 @@ fn check(what: &str, g: &Graph, target: &Target) -> usize {
         let KernelKind::Map { roots } = &kernel.kind else {
             unreachable!("only map kernels are all kernel IR")
         };
+        let runner = Runner::new(ir).unwrap_or_else(|e| panic!("{what}: {}: {e}", kernel.name));
         for &id in &ids {
-            run_invocation(ir, [id as u32, 0], &mut buffers)
+            runner
+                .run([id as u32, 0], &mut buffers)
                 .unwrap_or_else(|e| panic!("{what}: {} invocation {id}: {e}", kernel.name));
         }
         for &s in &kernel.stores {
@@ -223,16 +163,7 @@ fn lenet_variants_kernels_match_reference_on_the_interpreter() {
 
 #[test]
 fn zoo_kernels_match_reference_on_the_interpreter() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/zoo");
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "kir"))
-        .collect();
-    files.sort();
-    for p in files {
-        let name = p.file_stem().unwrap().to_string_lossy().into_owned();
-        let model: Model = parse_file(&p).unwrap().into();
+    for (name, model) in zoo() {
         let [step, _] = graphs(&model, &name, 3, &Optimizer::adamw(1e-3));
         assert!(
             check(&name, &step, &unblocked()) > 0,

@@ -99,42 +99,57 @@ pub enum EvalError {
 /// holds four per element), by the global's name.
 pub type Buffers = HashMap<String, Vec<Value>>;
 
-/// Runs one invocation of `module`'s entry point (global invocation id `gid`) over `buffers`,
-/// as the device would: every read and write bounds-checked, a read or write past a buffer's
-/// end an error (on a software GPU it corrupts the process; here it fails the test).
-pub fn run_invocation(
-    module: &Module,
-    gid: [u32; 2],
-    buffers: &mut Buffers,
-) -> Result<(), EvalError> {
-    let mut fns: HashMap<&str, (&Function, &[Callee])> = HashMap::new();
-    let mut elems: HashMap<&str, Ty> = HashMap::new();
-    for item in &module.items {
-        let Some((name, f, callees)) = item.function() else {
-            return Err(EvalError::Module(
-                "a text item cannot be interpreted".into(),
-            ));
-        };
-        fns.insert(name, (f, callees));
-    }
-    let entry = &module.entry;
-    for f in fns.values().map(|(f, _)| *f).chain([&entry.function]) {
-        validate(f)?;
-        for g in &f.globals {
-            elems.insert(&g.name, g.elem);
+/// A module checked once, then run invocation by invocation (`run`).
+pub struct Runner<'a> {
+    module: &'a Module,
+    fns: HashMap<&'a str, (&'a Function, &'a [Callee])>,
+    elems: HashMap<&'a str, Ty>,
+}
+
+impl<'a> Runner<'a> {
+    /// Validates every function of `module`; refuses a module with text items.
+    pub fn new(module: &'a Module) -> Result<Runner<'a>, EvalError> {
+        let mut fns: HashMap<&str, (&Function, &[Callee])> = HashMap::new();
+        for item in &module.items {
+            let Some((name, f, callees)) = item.function() else {
+                return Err(EvalError::Module(
+                    "a text item cannot be interpreted".into(),
+                ));
+            };
+            fns.insert(name, (f, callees));
         }
+        let mut elems: HashMap<&str, Ty> = HashMap::new();
+        for f in fns
+            .values()
+            .map(|(f, _)| *f)
+            .chain([&module.entry.function])
+        {
+            validate(f)?;
+            for g in &f.globals {
+                elems.insert(&g.name, g.elem);
+            }
+        }
+        Ok(Runner { module, fns, elems })
     }
-    let mut error = None;
-    let mut env = ModuleEnv {
-        fns: &fns,
-        elems: &elems,
-        callees: &entry.callees,
-        buffers,
-        gid,
-        error: &mut error,
-    };
-    eval_valid(&entry.function, 0, &mut env)?;
-    error.map_or(Ok(()), Err)
+
+    /// Runs one invocation of the entry point (global invocation id `gid`) over `buffers`, as
+    /// the device would: every read and write bounds-checked, a read or write past a
+    /// buffer's end an error (on a software GPU it corrupts the process; here it fails the
+    /// test).
+    pub fn run(&self, gid: [u32; 2], buffers: &mut Buffers) -> Result<(), EvalError> {
+        let mut error = None;
+        let entry = &self.module.entry;
+        let mut env = ModuleEnv {
+            fns: &self.fns,
+            elems: &self.elems,
+            callees: &entry.callees,
+            buffers,
+            gid,
+            error: &mut error,
+        };
+        eval_valid(&entry.function, 0, &mut env)?;
+        error.map_or(Ok(()), Err)
+    }
 }
 
 struct ModuleEnv<'a> {

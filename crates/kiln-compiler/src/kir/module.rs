@@ -1,7 +1,7 @@
 //! A kernel's code as data: its functions in order and its entry point. Each item is a kernel
 //! IR function with the callees its operands name, or — for the schedules still written as
 //! text — a piece of WGSL text; a module without text items is all data, and runs on the
-//! interpreter (`interp::run_invocation`).
+//! interpreter (`interp::Runner`).
 
 use std::fmt::Write as _;
 
