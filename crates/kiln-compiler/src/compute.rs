@@ -556,10 +556,7 @@ pub fn element(
                 b.add_assign(s, e);
             });
             let l = b.operand(1, row);
-            let l = b.cast(Scalar::U32, l);
-            let (cu, one) = (b.u32(classes), b.u32(1));
-            let last = b.sub(cu, one);
-            let l = b.math(MathFn::Min, &[l, last]);
+            let l = clamped_label(b, l, classes);
             let label = b.let_("label", Ty::U32, l);
             let (mv, sv) = (b.get(m), b.get(s));
             if loss {
@@ -648,10 +645,19 @@ fn coords2(b: &mut Builder, i: Expr, names: [&str; 2], shape: &[usize]) -> [Expr
     <[Expr; 2]>::try_from(b.decode(i, &names, shape)).expect("rank 2")
 }
 
+/// A row's label as a class index, clamped to the last class (a label out of range must not
+/// index past the row).
+pub(crate) fn clamped_label(b: &mut Builder, label: Expr, classes: usize) -> Expr {
+    let l = b.cast(Scalar::U32, label);
+    let (cu, one) = (b.u32(classes), b.u32(1));
+    let last = b.sub(cu, one);
+    b.math(MathFn::Min, &[l, last])
+}
+
 /// Whether `a` replaces `best` as a window's first maximum: `!(best != best) op !(a <= best)`
 /// (NaN wins and stays; ties keep the first), with `&&` for scalars that branch and `&` for
 /// lanes.
-fn first_max_takes(b: &mut Builder, best: Expr, a: Expr, op: BinOp) -> Expr {
+pub(crate) fn first_max_takes(b: &mut Builder, best: Expr, a: Expr, op: BinOp) -> Expr {
     let nan = b.bin(BinOp::Ne, best, best);
     let not_nan = b.unary(UnOp::Not, nan);
     let le = b.bin(BinOp::Le, a, best);

@@ -97,7 +97,7 @@ pub struct KernelModule {
     pub loop_iterations: Option<u64>,
     /// The kernel's functions and entry point as kernel IR, where its schedule is written
     /// in it entirely (one invocation per element, no image chunks, no text items); the
-    /// interpreter can run it (`kir::interp::run_invocation`).
+    /// interpreter can run it (`kir::interp::Runner`).
     pub kernel_ir: Option<kir::module::Module>,
 }
 
@@ -1993,7 +1993,7 @@ fn head_main(
     global: &dyn Fn(usize) -> kir::Global,
     workgroup: u32,
 ) -> kir::module::Entry {
-    use kir::{Literal, MathFn, Scalar, Space, Ty, UnOp};
+    use kir::{Literal, MathFn, Scalar, Space, Ty};
     let [n, c] = <[usize; 2]>::try_from(graph.ty(h.logits).shape.as_slice()).expect("rank 2");
     let buffer = |id: NodeId| plan.buffer_of[id.0].expect("head outputs are stored");
     // Operands: the logits, then the labels, the other side of the count, the gradient's
@@ -2053,12 +2053,8 @@ fn head_main(
         let (c1, cn) = (f.u32(1), f.u32(c));
         f.for_("c", c1, cn, |f, k| {
             let mv = f.get(m);
-            let nan = f.bin(BinOp::Ne, mv, mv);
-            let not_nan = f.unary(UnOp::Not, nan);
             let zc = f.element(z, k);
-            let le = f.bin(BinOp::Le, zc, mv);
-            let above = f.unary(UnOp::Not, le);
-            let takes = f.bin(BinOp::And, not_nan, above);
+            let takes = compute::first_max_takes(f, mv, zc, BinOp::And);
             f.if_(takes, |f| {
                 f.assign(m, zc);
                 f.assign(best, k);
@@ -2076,10 +2072,7 @@ fn head_main(
         });
         let label = |f: &mut kir::Builder, k: usize, name: &str| {
             let l = f.operand(k, r);
-            let l = f.cast(Scalar::U32, l);
-            let (cu, one) = (f.u32(c), f.u32(1));
-            let last = f.sub(cu, one);
-            let l = f.math(MathFn::Min, &[l, last]);
+            let l = compute::clamped_label(f, l, c);
             f.let_(name, Ty::U32, l)
         };
         if let Some((k, _)) = loss {
