@@ -56,6 +56,7 @@ use std::fmt::Write as _;
 
 use kiln_ir::{DType, Graph, NodeId, Op};
 
+use crate::chunks::chunk_part;
 use crate::kir::{self, wgsl::Callee};
 use crate::plan::{Kernel, Placement, Plan};
 use crate::text::{
@@ -132,6 +133,9 @@ pub struct LaneFns<'a> {
     split: SplitOf<'a>,
     /// Lane loads that read one split part each (lanes a part apart) instead of every part.
     pub direct_parts: usize,
+    /// The lane functions made of reductions in `chunked`, in order: each is a chunk part
+    /// (`chunks::chunk_part`), its plain name left for the loader of the finished sums.
+    pub summed_lanes: Vec<(NodeId, usize)>,
 }
 
 /// The split uniform parts a value is read from: `(binding, parts, words per part)`.
@@ -173,6 +177,7 @@ impl<'a> LaneFns<'a> {
             shares_loads: false,
             inner_rows: false,
             flat: false,
+            summed_lanes: Vec::new(),
         }
     }
 
@@ -215,6 +220,14 @@ impl<'a> LaneFns<'a> {
         }
         let saved = matches!(self.plan.placement[id.0], Placement::Side { .. })
             && self.kernel.stores.contains(&id);
+        // A reduction summed chunk by chunk computes the chunk's part under its own name.
+        let summed = computed_here && self.chunked.contains(&id);
+        let (scalar, own) = if summed {
+            self.summed_lanes.push((id, stride));
+            (chunk_part(&v(id)), chunk_part(&name))
+        } else {
+            (v(id), name.clone())
+        };
         match body {
             Some(body) if saved => {
                 // Store the four lanes as they are computed, like the scalar saved values.
@@ -227,22 +240,22 @@ impl<'a> LaneFns<'a> {
                 );
                 let _ = write!(
                     self.text,
-                    "fn {name}(i: u32) -> vec4<f32> {{\n    let value = value_of_{name}(i);\n"
+                    "fn {own}(i: u32) -> vec4<f32> {{\n    let value = value_of_{name}(i);\n"
                 );
                 self.text.push_str(&store_lanes(slot, stride));
                 let _ = writeln!(self.text, "    return value;\n}}");
             }
             Some(body) => {
-                let _ = writeln!(self.text, "fn {name}(i: u32) -> vec4<f32> {{\n{body}}}");
+                let _ = writeln!(self.text, "fn {own}(i: u32) -> vec4<f32> {{\n{body}}}");
             }
             None => {
                 // Four scalar evaluations (a saved scalar function stores each lane itself).
                 let lanes: Vec<String> = (0..LANES)
-                    .map(|k| format!("{}({})", v(id), offset("i", k * stride)))
+                    .map(|k| format!("{scalar}({})", offset("i", k * stride)))
                     .collect();
                 let _ = writeln!(
                     self.text,
-                    "fn {name}(i: u32) -> vec4<f32> {{\n    return vec4<f32>({});\n}}",
+                    "fn {own}(i: u32) -> vec4<f32> {{\n    return vec4<f32>({});\n}}",
                     lanes.join(", ")
                 );
             }
@@ -1168,6 +1181,12 @@ impl LaneFns<'_> {
         let in_strides = |k: usize| strides(&graph.ty(node.inputs[k]).shape);
         let name = format!("v{}_rows_of_reduction", red.0);
         let chunked = self.chunked.contains(&red);
+        // Summed chunk by chunk: the chunk's part, its plain name left for the finished sums.
+        let own = if chunked {
+            chunk_part(&name)
+        } else {
+            name.clone()
+        };
         let accs: Vec<String> = if rows.inner > 1 {
             (0..r)
                 .flat_map(|k| (0..rows.inner).map(move |c| format!("acc{k}_{c}")))
@@ -1403,7 +1422,7 @@ impl LaneFns<'_> {
         };
         let _ = writeln!(
             self.text,
-            "fn {name}(i: u32) -> {arr} {{\n{body}    return {arr}({});\n}}",
+            "fn {own}(i: u32) -> {arr} {{\n{body}    return {arr}({});\n}}",
             accs.join(", ")
         );
         name

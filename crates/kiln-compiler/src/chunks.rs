@@ -30,6 +30,8 @@ use std::fmt::Write as _;
 
 use kiln_ir::{DType, Graph, NodeId, Op, OpPattern};
 
+use crate::kir::{self, module::Item};
+
 /// The bindings of one span (several chunks per dispatch: `spans.rs`): its windows (in
 /// [`Chunks::windows`] order), its chunk range
 /// (storage) and its windows' bases (uniform).
@@ -317,145 +319,117 @@ pub(crate) fn batch_sums(
     (!sums.is_empty()).then_some(sums)
 }
 
-/// `text` with every function computing reduction `red` (scalar, lanes, rows) renamed
-/// `..._chunk` (the chunk's own images) and replaced by a load of the finished sum from
-/// `sum<red>`, which the entry point stores before the epilogue reads it: the reduction is
-/// computed once per dispatch, not once for the running sum and again for the update.
-/// `rows_stores` are the rows function's offsets from `i`, four lanes per row in order.
-/// With `quads` the sum is declared as `vec4`s ([`Sum::quads`]): a scalar is a lane of one,
-/// four consecutive lanes at an aligned offset are one.
-pub(crate) fn sum_loads(
-    text: &str,
-    red: NodeId,
-    rows_stores: &[(usize, String)],
-    quads: bool,
-) -> String {
+/// The name of the function computing the part of a reduction summed over the batch (and
+/// carried from chunk to chunk) that the kernel's current chunk adds: `name`'s function
+/// computes the whole sum, which the entry point has stored in `sum<red>` by the time the
+/// epilogue reads it, so the reduction runs once per dispatch, not once for the running sum
+/// and again for the epilogue.
+pub(crate) fn chunk_part(name: &str) -> String {
+    format!("{name}_chunk")
+}
+
+/// The forms in which a kernel computes a reduction summed chunk by chunk, each a chunk part
+/// ([`chunk_part`]) whose plain name must load the finished sums instead.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SummedForms {
+    /// Its scalar function `v<red>`.
+    pub scalar: bool,
+    /// Its lane functions, by stride (`blocking::lane_fn`), in the order they were made.
+    pub lanes: Vec<usize>,
+    /// Its rows function (`v<red>_rows_of_reduction`): the flat offset from `i` of every
+    /// accumulator's lanes, four to an accumulator.
+    pub rows: Option<Vec<usize>>,
+}
+
+/// The functions loading the finished sums of reduction `red` under the names of its forms
+/// (`sum<red>`, declared as `vec4`s with `quads`: [`Sum::quads`]). A scalar is an element
+/// (a lane of a `vec4`), four consecutive lanes at an aligned offset are one `vec4`.
+pub(crate) fn sum_loaders(red: NodeId, forms: &SummedForms, quads: bool) -> Vec<Item> {
     let v = format!("v{}", red.0);
-    let sum = format!("sum{}", red.0);
-    let at = |off: usize| {
-        let index = crate::text::offset("i", off);
-        if quads {
-            format!("{sum}[({index}) >> 2u][({index}) & 3u]")
+    let global = kir::Global {
+        name: format!("sum{}", red.0),
+        space: kir::Space::Storage { read_only: false },
+        elem: if quads {
+            kir::Ty::VEC4_F32
         } else {
-            format!("{sum}[{index}]")
+            kir::Ty::F32
+        },
+    };
+    // Element `i + off` of the sums.
+    let at = |f: &mut kir::Builder, g: usize, off: usize| -> kir::Expr {
+        let i = f.index();
+        let index = if off == 0 {
+            i
+        } else {
+            let o = f.u32(off);
+            f.add(i, o)
+        };
+        if quads {
+            let (two, three) = (f.u32(2), f.u32(3));
+            let q = f.bin(kir::BinOp::ShiftRight, index, two);
+            let quad = f.load(g, q);
+            let l = f.bin(kir::BinOp::BitAnd, index, three);
+            f.lane(quad, l)
+        } else {
+            f.load(g, index)
         }
     };
-    let quad_at = |off: usize| format!("{sum}[({}) >> 2u]", crate::text::offset("i", off));
-    let mut out = text.to_string();
-    let mut loads = String::new();
-    let scalar = format!("fn {v}(i: u32) -> f32 {{");
-    if out.contains(&scalar) {
-        out = out.replace(&scalar, &format!("fn {v}_chunk(i: u32) -> f32 {{"));
-        loads.push_str(&format!(
-            "fn {v}(i: u32) -> f32 {{\n    return {};\n}}\n",
-            at(0)
-        ));
+    let item = |name: String, f: kir::Builder| Item::Function {
+        name,
+        comment: None,
+        function: f.finish(),
+        callees: Vec::new(),
+    };
+    let mut items = Vec::new();
+    if forms.scalar {
+        let mut f = kir::Builder::new(kir::Ty::F32, Vec::new());
+        let g = f.global(global.clone());
+        let value = at(&mut f, g, 0);
+        f.ret_(value);
+        items.push(item(v.clone(), f));
     }
-    let lanes_prefix = format!("fn {v}_x4s");
-    let strides: Vec<usize> = out
-        .match_indices(&lanes_prefix)
-        .filter_map(|(k, _)| {
-            let rest = &out[k + lanes_prefix.len()..];
-            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            rest[digits.len()..]
-                .starts_with("(i: u32)")
-                .then(|| digits.parse().ok())
-                .flatten()
-        })
-        .collect();
-    for stride in strides {
-        let name = format!("{v}_x4s{stride}");
-        out = out.replace(
-            &format!("fn {name}(i: u32)"),
-            &format!("fn {name}_chunk(i: u32)"),
-        );
-        let lanes: Vec<String> = (0..4).map(|k| at(k * stride)).collect();
+    for &stride in &forms.lanes {
+        let mut f = kir::Builder::new(kir::Ty::VEC4_F32, Vec::new());
+        let g = f.global(global.clone());
         let value = if quads && stride == 1 {
-            quad_at(0)
+            let i = f.index();
+            let two = f.u32(2);
+            let q = f.bin(kir::BinOp::ShiftRight, i, two);
+            f.load(g, q)
         } else {
-            format!("vec4<f32>({})", lanes.join(", "))
+            let lanes = [0, 1, 2, 3].map(|k| at(&mut f, g, k * stride));
+            f.compose(lanes)
         };
-        loads.push_str(&format!(
-            "fn {name}(i: u32) -> vec4<f32> {{\n    return {value};\n}}\n"
-        ));
+        f.ret_(value);
+        items.push(item(format!("{v}_x4s{stride}"), f));
     }
-    let rows_name = format!("{v}_rows_of_reduction");
-    let rows_head = format!("fn {rows_name}(i: u32) -> ");
-    if let Some(k) = out.find(&rows_head) {
-        let ret: String = out[k + rows_head.len()..]
-            .chars()
-            .take_while(|c| *c != '{')
-            .collect();
-        let ret = ret.trim().to_string();
-        out = out.replace(&rows_head, &format!("fn {rows_name}_chunk(i: u32) -> "));
-        let rows: Vec<String> = rows_stores
+    if let Some(offsets) = &forms.rows {
+        let sum = &global.name;
+        let at = |off: usize| {
+            let index = crate::text::offset("i", off);
+            if quads {
+                format!("{sum}[({index}) >> 2u][({index}) & 3u]")
+            } else {
+                format!("{sum}[{index}]")
+            }
+        };
+        let rows: Vec<String> = offsets
             .chunks(4)
             .map(|lanes| {
                 if quads {
-                    return quad_at(lanes[0].0);
+                    return format!("{sum}[({}) >> 2u]", crate::text::offset("i", lanes[0]));
                 }
-                let l: Vec<String> = lanes.iter().map(|(off, _)| at(*off)).collect();
+                let l: Vec<String> = lanes.iter().map(|&off| at(off)).collect();
                 format!("vec4<f32>({})", l.join(", "))
             })
             .collect();
-        loads.push_str(&format!(
-            "fn {rows_name}(i: u32) -> {ret} {{\n    return {ret}({});\n}}\n",
+        let ret = format!("array<vec4<f32>, {}>", rows.len());
+        items.push(Item::Text(format!(
+            "fn {v}_rows_of_reduction(i: u32) -> {ret} {{\n    return {ret}({});\n}}\n",
             rows.join(", ")
-        ));
+        )));
     }
-    // A `_chunk` function computes the chunk's part of the sum, so every call it makes to
-    // another of the reduction's functions must reach that function's `_chunk` part too, not
-    // the loader of finished sums that now holds the old name (a lane function made of four
-    // scalar calls read the running sums instead of the chunk's images).
-    let renamed: Vec<String> = out
-        .match_indices("fn ")
-        .filter_map(|(k, _)| {
-            let name: String = out[k + 3..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            name.strip_suffix("_chunk")
-                .filter(|base| *base == v || base.starts_with(&format!("{v}_")))
-                .map(str::to_string)
-        })
-        .collect();
-    for base in &renamed {
-        out = redirect_calls(&out, &renamed, &format!("fn {base}_chunk("));
-    }
-    out.push_str(&loads);
-    out
-}
-
-/// Within the function whose text starts with `head`, calls `name(` of each of `names`
-/// become `name_chunk(`.
-fn redirect_calls(text: &str, names: &[String], head: &str) -> String {
-    let Some(start) = text.find(head) else {
-        return text.to_string();
-    };
-    let end = text[start..]
-        .find("\n}\n")
-        .map_or(text.len(), |e| start + e + 3);
-    let body = &text[start + head.len()..end];
-    let mut fixed = String::with_capacity(body.len());
-    let mut rest = body;
-    'scan: while !rest.is_empty() {
-        for name in names {
-            let call = format!("{name}(");
-            if rest.starts_with(&call) {
-                let before = fixed.chars().last();
-                if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    fixed.push_str(name);
-                    fixed.push_str("_chunk(");
-                    rest = &rest[call.len()..];
-                    continue 'scan;
-                }
-            }
-        }
-        let c = rest.chars().next().expect("non-empty");
-        fixed.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    format!("{}{head}{fixed}{}", &text[..start], &text[end..])
+    items
 }
 
 /// Entry-point statements (in a block of their own) that compute reduction `red`'s chunk
@@ -564,8 +538,8 @@ pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, loads: ColumnLoads) 
     let u = crate::text::u;
     let i = crate::text::i;
     let mut s = format!(
-        "fn v{}_columns_chunk(i: u32) -> array<f32, {kw}> {{\n",
-        red.0
+        "fn {}(i: u32) -> array<f32, {kw}> {{\n",
+        chunk_part(&format!("v{}_columns", red.0))
     );
     s.push_str(&crate::text::decode(
         &["o", "c", "ky", "kx"],
@@ -726,6 +700,67 @@ pub(crate) fn window_vec4s(images: usize, words: usize, alignment: u64) -> usize
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kir::interp::{Env, Lanes, Value, eval};
+
+    /// Finished sums `0, 1, 2, ...` as `f32`s or as `vec4`s of them.
+    struct Sums {
+        quads: bool,
+    }
+
+    impl Env for Sums {
+        fn operand(&mut self, k: usize, _: u32) -> Lanes {
+            unreachable!("loaders read no operand {k}")
+        }
+        fn chunk(&self, _: kir::ChunkBound) -> u32 {
+            unreachable!("loaders read no chunk range")
+        }
+        fn load(&mut self, global: &str, index: u32) -> Lanes {
+            assert_eq!(global, "sum7");
+            let at = |k: u32| Value::F32(k as f32);
+            if self.quads {
+                Lanes::Vec4([0, 1, 2, 3].map(|l| at(4 * index + l)))
+            } else {
+                Lanes::Scalar(at(index))
+            }
+        }
+    }
+
+    #[test]
+    fn loaders_read_the_finished_sums_of_every_form() {
+        let forms = SummedForms {
+            scalar: true,
+            lanes: vec![1, 3],
+            rows: None,
+        };
+        for quads in [false, true] {
+            let items = sum_loaders(NodeId(7), &forms, quads);
+            let names: Vec<&str> = items
+                .iter()
+                .filter_map(|i| i.function())
+                .map(|f| f.0)
+                .collect();
+            assert_eq!(names, ["v7", "v7_x4s1", "v7_x4s3"]);
+            for item in &items {
+                let (name, f, _) = item.function().expect("kernel IR");
+                let stride = name
+                    .strip_prefix("v7_x4s")
+                    .map(|s| s.parse::<u32>().unwrap());
+                for i in [0u32, 4, 8, 13] {
+                    if quads && stride == Some(1) && i % 4 != 0 {
+                        continue;
+                    }
+                    let got = eval(f, i, &mut Sums { quads }).unwrap().unwrap();
+                    let want = match stride {
+                        None => Lanes::Scalar(Value::F32(i as f32)),
+                        Some(s) => {
+                            Lanes::Vec4([0, 1, 2, 3].map(|k| Value::F32((i + k * s) as f32)))
+                        }
+                    };
+                    assert_eq!(got, want, "{name}({i}), quads {quads}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn chunk_sizes_fit_the_window_and_divide_the_batch() {

@@ -456,8 +456,8 @@ pub(crate) fn weight_rows_fn(
     let [_, o, oh, ow] = shape(node.inputs[1]);
     let kw = node.ty.shape[3];
     let mut s = format!(
-        "fn v{}_columns_chunk(i: u32) -> array<f32, {}> {{\n",
-        red.0,
+        "fn {}(i: u32) -> array<f32, {}> {{\n",
+        crate::chunks::chunk_part(&format!("v{}_columns", red.0)),
         per * kw
     );
     s.push_str(&crate::text::decode(

@@ -516,6 +516,12 @@ fn functions(
             .map(|l| format!(" @{}:{}", l.index, l.kind))
             .unwrap_or_default();
         let comment = format!("{n} = {} : {}{layer}", node.op.name(), node.ty);
+        // A reduction summed chunk by chunk computes the chunk's part; `v<n>` loads the sum.
+        let name = if summed.contains(&n) {
+            chunks::chunk_part(&v(n))
+        } else {
+            v(n)
+        };
         let quad_sum = if quads {
             reduce_sum_in_quads(graph, kernel, plan, n, binding_of, uniform, summed)
         } else {
@@ -523,8 +529,7 @@ fn functions(
         };
         if let Some(body) = quad_sum {
             items.push(Item::Text(format!(
-                "// {comment}\nfn {}(i: u32) -> {ty} {{\n{body}}}\n",
-                v(n)
+                "// {comment}\nfn {name}(i: u32) -> {ty} {{\n{body}}}\n"
             )));
             continue;
         }
@@ -536,7 +541,7 @@ fn functions(
             matches!(plan.placement[n.0], Placement::Side { .. }) && kernel.stores.contains(&n);
         if !saved {
             items.push(Item::Function {
-                name: v(n),
+                name,
                 comment: Some(comment),
                 function: definition,
                 callees,
@@ -562,7 +567,7 @@ fn functions(
         f.store(g, i, value);
         f.ret_(value);
         items.push(Item::Function {
-            name: v(n),
+            name,
             comment: Some(comment),
             function: f.finish(),
             callees: vec![Callee::Call(value_of)],
@@ -1523,6 +1528,20 @@ fn emit_kernel_with(
             )
         }
     };
+    // The loaders of a summed reduction's finished sums, under the names of its forms.
+    let loaders = |red: NodeId, lanes: Vec<usize>, rows: Option<Vec<usize>>, quads: bool| {
+        let forms = chunks::SummedForms {
+            scalar: kernel.nodes.contains(&red),
+            lanes,
+            rows,
+        };
+        print_items(&chunks::sum_loaders(red, &forms, quads)).map_err(|e| {
+            CodegenError::Unsupported {
+                kernel: kernel.name.clone(),
+                message: format!("generator bug: {e}"),
+            }
+        })
+    };
     let mut kernel_ir = None;
     match &kernel.kind {
         KernelKind::Map { .. } if conv_quads.is_some() => {
@@ -1582,12 +1601,12 @@ fn emit_kernel_with(
                         .enumerate()
                         .map(|(k, &off)| (off, format!("rows[{k}]")))
                         .collect();
-                    let call = format!("v{}_columns_chunk(i)", red.0);
+                    let call = format!("{}(i)", chunks::chunk_part(&format!("v{}_columns", red.0)));
                     carry.push_str(&chunks::running_sum(red, "rows", &call, &stores, false));
                 } else {
                     carry.push_str(&chunks::element_running_sum(r, "j", graph.ty(root).numel()));
                 }
-                fn_text = chunks::sum_loads(&fn_text, r, &[], false);
+                fn_text.push_str(&loaders(r, Vec::new(), None, false)?);
             }
             s.push_str(&fn_text);
             s.push('\n');
@@ -1694,15 +1713,23 @@ fn emit_kernel_with(
             };
             // Every chunk adds its part to the running sums; the last then runs the epilogue,
             // which loads the finished sums.
+            let summed_lanes = |red: NodeId| -> Vec<usize> {
+                fns.summed_lanes
+                    .iter()
+                    .filter(|(n, _)| *n == red)
+                    .map(|(_, s)| *s)
+                    .collect()
+            };
             let mut carry = String::new();
             for &(red, root) in &sums {
                 if root == *main {
                     let call = match rows {
-                        Some((r, _)) if r.reduction == red && r.pool.is_none() => {
-                            format!("v{}_rows_of_reduction_chunk(i)", red.0)
-                        }
+                        Some((r, _)) if r.reduction == red && r.pool.is_none() => format!(
+                            "{}(i)",
+                            chunks::chunk_part(&format!("v{}_rows_of_reduction", red.0))
+                        ),
                         Some(_) => return Ok((None, shares_loads)),
-                        None => format!("{}_chunk(i)", lane_fn(red, b.stride)),
+                        None => format!("{}(i)", chunks::chunk_part(&lane_fn(red, b.stride))),
                     };
                     let var = if rows.is_some() { "rows" } else { "value" };
                     carry.push_str(&if quad_sum == Some(red) {
@@ -1710,14 +1737,23 @@ fn emit_kernel_with(
                     } else {
                         chunks::running_sum(red, var, &call, &stores, false)
                     });
-                    fn_text = chunks::sum_loads(&fn_text, red, &stores, quad_sum == Some(red));
+                    let rows_offsets = rows
+                        .as_ref()
+                        .filter(|(r, _)| r.reduction == red)
+                        .map(|_| stores.iter().map(|(off, _)| *off).collect());
+                    fn_text.push_str(&loaders(
+                        red,
+                        summed_lanes(red),
+                        rows_offsets,
+                        quad_sum == Some(red),
+                    )?);
                 } else {
                     carry.push_str(&chunks::element_running_sum(
                         red,
                         "j",
                         graph.ty(root).numel(),
                     ));
-                    fn_text = chunks::sum_loads(&fn_text, red, &[], false);
+                    fn_text.push_str(&loaders(red, summed_lanes(red), None, false)?);
                 }
             }
             s.push_str(&fn_text);
@@ -1813,7 +1849,7 @@ fn emit_kernel_with(
                     "i",
                     graph.ty(root).numel(),
                 ));
-                fn_text = chunks::sum_loads(&fn_text, red, &[], false);
+                fn_text.push_str(&loaders(red, Vec::new(), None, false)?);
             }
             s.push_str(&fn_text);
             s.push('\n');

@@ -541,6 +541,10 @@ impl Machine<'_> {
                     Lanes::Vec4(_) => unreachable!("validated: splat of a scalar"),
                 }
             }
+            ExprKind::Compose(lanes) => {
+                let lanes = *lanes;
+                Lanes::Vec4(lanes.map(|l| self.expr(l).lane(0)))
+            }
             ExprKind::Chunk(bound) => Lanes::Scalar(Value::U32(self.env.chunk(*bound))),
             ExprKind::Load { global, index } => {
                 let (global, index) = (*global, *index);

@@ -214,6 +214,8 @@ pub enum ExprKind {
     },
     /// A scalar broadcast to four lanes.
     Splat(Expr),
+    /// Four scalars of one type as the lanes of a `vec4`.
+    Compose([Expr; 4]),
     Chunk(ChunkBound),
     /// Element `index` of global `global` (one of the function's [`Function::globals`]): a
     /// scalar or, for an array of `vec4`s, four lanes.
@@ -596,6 +598,10 @@ impl Builder {
 
     pub fn splat(&mut self, x: Expr) -> Expr {
         self.push(ExprKind::Splat(x))
+    }
+
+    pub fn compose(&mut self, lanes: [Expr; 4]) -> Expr {
+        self.push(ExprKind::Compose(lanes))
     }
 
     pub fn chunk(&mut self, bound: ChunkBound) -> Expr {

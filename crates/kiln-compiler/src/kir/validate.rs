@@ -472,6 +472,18 @@ impl<'a> Checker<'a> {
                 Ty::Scalar(s) => Ok(Ty::Vec4(s)),
                 t => fail(format!("splat of {t:?}")),
             },
+            ExprKind::Compose(lanes) => {
+                let t = self.ty(lanes[0])?;
+                for &l in &lanes[1..] {
+                    if self.ty(l)? != t {
+                        return fail("a vec4 of lanes of different types".into());
+                    }
+                }
+                match t {
+                    Ty::Scalar(s) => Ok(Ty::Vec4(s)),
+                    t => fail(format!("a vec4 of {t:?} lanes")),
+                }
+            }
             ExprKind::Chunk(_) => Ok(Ty::U32),
         }
     }

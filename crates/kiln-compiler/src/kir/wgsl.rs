@@ -410,16 +410,28 @@ impl Printer<'_> {
                 Primary,
             ),
             ExprKind::Splat(x) => (format!("{}({})", ty(self.ty(e)), self.expr(*x)), Primary),
+            ExprKind::Compose(lanes) => {
+                let lanes: Vec<String> = lanes.iter().map(|&l| self.expr(l)).collect();
+                (format!("{}({})", ty(self.ty(e)), lanes.join(", ")), Primary)
+            }
             ExprKind::Load { global, index } => (
                 format!("{}[{}]", self.f.globals[*global].name, self.expr(*index)),
                 Primary,
             ),
             ExprKind::Lane { vector, lane } => (
-                format!(
-                    "{}[{}]",
-                    self.operand(*vector, &[Primary]),
-                    self.expr(*lane)
-                ),
+                match self.f.expr(*lane) {
+                    // A lane known here reads as a swizzle.
+                    ExprKind::Literal(Literal::U32(k @ 0..=3)) => format!(
+                        "{}.{}",
+                        self.operand(*vector, &[Primary]),
+                        ["x", "y", "z", "w"][*k as usize]
+                    ),
+                    _ => format!(
+                        "{}[{}]",
+                        self.operand(*vector, &[Primary]),
+                        self.expr(*lane)
+                    ),
+                },
                 Primary,
             ),
             ExprKind::GlobalId(axis) => (format!("gid.{}", ["x", "y"][*axis as usize]), Primary),
