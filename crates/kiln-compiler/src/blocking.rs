@@ -57,10 +57,12 @@ use std::fmt::Write as _;
 use kiln_ir::{DType, Graph, NodeId, Op};
 
 use crate::chunks::chunk_part;
-use crate::kir::{self, wgsl::Callee};
+use crate::compute;
+use crate::kir::{self, module::Item, wgsl::Callee};
 use crate::plan::{Kernel, Placement, Plan};
 use crate::text::{
-    Operand as Read, UniformIndex, batch_range, body_over, matmul_indices, offset, strides, u, v,
+    Operand as Read, UniformAt, batch_range, body_over, definition_over, matmul_indices, offset,
+    strides, u, v,
 };
 
 /// Outputs per invocation of a blocked kernel (the lanes of a `vec4`).
@@ -108,9 +110,12 @@ pub struct LaneFns<'a> {
     plan: &'a Plan,
     kernel: &'a Kernel,
     binding_of: &'a dyn Fn(usize) -> u32,
-    uniform: UniformIndex<'a>,
+    uniform_at: UniformAt<'a>,
     done: BTreeSet<(NodeId, usize)>,
-    pub text: String,
+    /// The lane functions made so far, in order.
+    items: Vec<Item>,
+    /// The rows functions' text written since the last item.
+    text: String,
     /// Multiply-adds per output done by reductions with a blocked rule: what choosing a
     /// blocking maximises.
     pub blocked_work: usize,
@@ -141,6 +146,15 @@ pub struct LaneFns<'a> {
 /// The split uniform parts a value is read from: `(binding, parts, words per part)`.
 pub(crate) type SplitOf<'a> = &'a dyn Fn(NodeId) -> Option<(u32, u32, usize)>;
 
+/// A uniform binding of `vec4`s, by its name.
+fn uniform_quads(name: String) -> kir::Global {
+    kir::Global {
+        name,
+        space: kir::Space::Uniform,
+        elem: kir::Ty::VEC4_F32,
+    }
+}
+
 pub fn lane_fn(id: NodeId, stride: usize) -> String {
     format!("v{}_x4s{stride}", id.0)
 }
@@ -157,7 +171,7 @@ impl<'a> LaneFns<'a> {
         plan: &'a Plan,
         kernel: &'a Kernel,
         binding_of: &'a dyn Fn(usize) -> u32,
-        uniform: UniformIndex<'a>,
+        uniform_at: UniformAt<'a>,
         split: SplitOf<'a>,
     ) -> Self {
         LaneFns {
@@ -165,11 +179,12 @@ impl<'a> LaneFns<'a> {
             plan,
             kernel,
             binding_of,
-            uniform,
+            uniform_at,
             split,
             quarter: false,
             direct_parts: 0,
             done: BTreeSet::new(),
+            items: Vec::new(),
             text: String::new(),
             blocked_work: 0,
             blocked: Vec::new(),
@@ -197,25 +212,38 @@ impl<'a> LaneFns<'a> {
             if parts as usize == LANES && words == stride {
                 // Lanes a part apart: lane k reads part k at the same index, one load each
                 // instead of one from every part.
-                let lanes: Vec<String> = (0..LANES)
-                    .map(|k| format!("buf{slot}_{k}[i >> 2u][i & 3u]"))
-                    .collect();
-                let _ = writeln!(
-                    self.text,
-                    "fn {name}(i: u32) -> vec4<f32> {{\n    return vec4<f32>({});\n}}",
-                    lanes.join(", ")
-                );
+                let mut f = kir::Builder::new(kir::Ty::VEC4_F32, Vec::new());
+                let i = f.index();
+                let lanes = [0, 1, 2, 3].map(|k| {
+                    let g = f.global(uniform_quads(format!("buf{slot}_{k}")));
+                    let (two, three) = (f.u32(2), f.u32(3));
+                    let q = f.bin(kir::BinOp::ShiftRight, i, two);
+                    let quad = f.load(g, q);
+                    let l = f.bin(kir::BinOp::BitAnd, i, three);
+                    f.lane(quad, l)
+                });
+                let value = f.compose(lanes);
+                f.ret_(value);
+                self.push(&name, f, Vec::new());
                 self.direct_parts += 1;
                 return name;
             }
         }
-        if let Some((slot, index)) = self.aligned_uniform(id, stride) {
+        if let Some((slot, window)) = self.aligned_uniform(id, stride) {
             // Four consecutive values starting at a multiple of four: one vec4 of the binding
             // (a window starts at a multiple of four too).
-            let _ = writeln!(
-                self.text,
-                "fn {name}(i: u32) -> vec4<f32> {{\n    return buf{slot}[{index} >> 2u];\n}}"
-            );
+            let mut f = kir::Builder::new(kir::Ty::VEC4_F32, Vec::new());
+            let g = f.global(uniform_quads(format!("buf{slot}")));
+            let mut at = f.index();
+            if let Some(w) = window {
+                let base = f.window_base(w);
+                at = f.sub(at, base);
+            }
+            let two = f.u32(2);
+            let q = f.bin(kir::BinOp::ShiftRight, at, two);
+            let value = f.load(g, q);
+            f.ret_(value);
+            self.push(&name, f, Vec::new());
             return name;
         }
         let saved = matches!(self.plan.placement[id.0], Placement::Side { .. })
@@ -229,55 +257,116 @@ impl<'a> LaneFns<'a> {
             (v(id), name.clone())
         };
         match body {
-            Some(body) if saved => {
+            Some((definition, callees)) if saved => {
                 // Store the four lanes as they are computed, like the scalar saved values.
                 let slot = (self.binding_of)(
                     self.plan.buffer_of[id.0].expect("stored nodes have buffers"),
                 );
-                let _ = writeln!(
-                    self.text,
-                    "fn value_of_{name}(i: u32) -> vec4<f32> {{\n{body}}}"
-                );
-                let _ = write!(
-                    self.text,
-                    "fn {own}(i: u32) -> vec4<f32> {{\n    let value = value_of_{name}(i);\n"
-                );
-                self.text.push_str(&store_lanes(slot, stride));
-                let _ = writeln!(self.text, "    return value;\n}}");
+                let value_of = format!("value_of_{name}");
+                self.flush_text();
+                self.items.push(Item::Function {
+                    name: value_of.clone(),
+                    comment: None,
+                    function: definition,
+                    callees,
+                });
+                let mut f = kir::Builder::new(kir::Ty::VEC4_F32, vec![kir::Ty::VEC4_F32]);
+                let g = f.global(kir::Global {
+                    name: format!("buf{slot}"),
+                    space: kir::Space::Storage { read_only: false },
+                    elem: kir::Ty::F32,
+                });
+                let i = f.index();
+                let value = f.operand(0, i);
+                let value = f.let_("value", kir::Ty::VEC4_F32, value);
+                for k in 0..LANES {
+                    let at = if k == 0 {
+                        i
+                    } else {
+                        let d = f.u32(k * stride);
+                        f.add(i, d)
+                    };
+                    let l = f.u32(k);
+                    let lane = f.lane(value, l);
+                    f.store(g, at, lane);
+                }
+                f.ret_(value);
+                self.push(&own, f, vec![Callee::Call(value_of)]);
             }
-            Some(body) => {
-                let _ = writeln!(self.text, "fn {own}(i: u32) -> vec4<f32> {{\n{body}}}");
+            Some((definition, callees)) => {
+                self.flush_text();
+                self.items.push(Item::Function {
+                    name: own,
+                    comment: None,
+                    function: definition,
+                    callees,
+                });
             }
             None => {
                 // Four scalar evaluations (a saved scalar function stores each lane itself).
-                let lanes: Vec<String> = (0..LANES)
-                    .map(|k| format!("{scalar}({})", offset("i", k * stride)))
-                    .collect();
-                let _ = writeln!(
-                    self.text,
-                    "fn {own}(i: u32) -> vec4<f32> {{\n    return vec4<f32>({});\n}}",
-                    lanes.join(", ")
-                );
+                let ty = compute::value_ty(self.graph.ty(id).dtype);
+                let mut f = kir::Builder::new(kir::Ty::VEC4_F32, vec![ty]);
+                let i = f.index();
+                let lanes = [0, 1, 2, 3].map(|k| {
+                    let at = if k == 0 {
+                        i
+                    } else {
+                        let d = f.u32(k * stride);
+                        f.add(i, d)
+                    };
+                    f.operand(0, at)
+                });
+                let value = f.compose(lanes);
+                f.ret_(value);
+                self.push(&own, f, vec![Callee::Call(scalar)]);
             }
         }
         name
     }
 
+    /// Appends kernel IR function `name`, after the text of the rows functions made so far.
+    fn push(&mut self, name: &str, f: kir::Builder, callees: Vec<Callee>) {
+        self.flush_text();
+        self.items.push(Item::Function {
+            name: name.to_string(),
+            comment: None,
+            function: f.finish(),
+            callees,
+        });
+    }
+
+    /// Moves the rows functions' text written so far into the items.
+    fn flush_text(&mut self) {
+        if !self.text.is_empty() {
+            self.items.push(Item::Text(std::mem::take(&mut self.text)));
+        }
+    }
+
+    /// The lane and rows functions made, in order.
+    pub fn items(&self) -> Vec<Item> {
+        let mut items = self.items.clone();
+        if !self.text.is_empty() {
+            items.push(Item::Text(self.text.clone()));
+        }
+        items
+    }
+
     /// The binding of `id` when it is read from a uniform buffer and lanes at `stride` are
-    /// four consecutive elements starting at a multiple of four.
-    fn aligned_uniform(&self, id: NodeId, stride: usize) -> Option<(u32, String)> {
+    /// four consecutive elements starting at a multiple of four, with the chunk window it is
+    /// read through, if any.
+    fn aligned_uniform(&self, id: NodeId, stride: usize) -> Option<(u32, Option<usize>)> {
         let b = self.plan.buffer_of[id.0]?;
         let shape = &self.graph.ty(id).shape;
         let st = strides(shape);
         let aligned = stride == 1
             && (self.flat || (0..shape.len()).any(|a| st[a] == 1 && shape[a] % LANES == 0));
-        let index = (self.uniform)(b, "i")?;
-        (self.kernel.reads.contains(&id) && aligned).then(|| ((self.binding_of)(b), index))
+        let window = (self.uniform_at)(b)?;
+        (self.kernel.reads.contains(&id) && aligned).then(|| ((self.binding_of)(b), window))
     }
 
     /// The blocked body of computed node `id` at `stride`, or `None` where the op has no rule
     /// for that axis.
-    fn rule(&mut self, id: NodeId, stride: usize) -> Option<String> {
+    fn rule(&mut self, id: NodeId, stride: usize) -> Option<(kir::Function, Vec<Callee>)> {
         let graph = self.graph;
         let node = graph.node(id);
         if node.ty.dtype != DType::F32 {
@@ -304,9 +393,30 @@ impl<'a> LaneFns<'a> {
         let word_aligned = stride == 1 && (self.flat || axis == Some(out.len() - 1));
         if word_aligned && node.op == Op::ScaleU8 {
             if let Some(word) = self.packed_word(node.inputs[0]) {
-                return Some(format!(
-                    "    let w = {word}(i);\n    return vec4<f32>(f32(w & 0xffu), f32((w >> 8u) & 0xffu), f32((w >> 16u) & 0xffu), f32(w >> 24u)) / 255.0f;\n"
-                ));
+                let mut f = kir::Builder::new(kir::Ty::VEC4_F32, vec![kir::Ty::U32]);
+                let i = f.index();
+                let w = f.operand(0, i);
+                let w = f.let_("w", kir::Ty::U32, w);
+                let lanes = [0, 8, 16, 24].map(|shift| {
+                    let byte = if shift == 0 {
+                        w
+                    } else {
+                        let by = f.u32(shift);
+                        f.bin(kir::BinOp::ShiftRight, w, by)
+                    };
+                    let byte = if shift == 24 {
+                        byte
+                    } else {
+                        let mask = f.u32(0xff);
+                        f.bin(kir::BinOp::BitAnd, byte, mask)
+                    };
+                    f.cast(kir::Scalar::F32, byte)
+                });
+                let bytes = f.compose(lanes);
+                let scale = f.f32(255.0);
+                let value = f.div(bytes, scale);
+                f.ret_(value);
+                return Some((f.finish(), vec![Callee::Call(word)]));
             }
         }
         use Operand::{Lanes, Shared};
@@ -366,7 +476,7 @@ impl<'a> LaneFns<'a> {
                 axis.expect("reductions have a rule only for an axis")
             ));
         }
-        Some(body_over(
+        Some(definition_over(
             graph,
             id,
             &reads,
@@ -406,12 +516,23 @@ impl LaneFns<'_> {
         if graph.ty(id).dtype != DType::U8 {
             return None;
         }
-        let body = if self.kernel.reads.contains(&id) {
+        let (f, callees) = if self.kernel.reads.contains(&id) {
             let b = self.plan.buffer_of[id.0]?;
             if !self.plan.buffers[b].packed_u8 {
                 return None;
             }
-            format!("    return buf{}[i >> 2u];\n", (self.binding_of)(b))
+            let mut f = kir::Builder::new(kir::Ty::U32, Vec::new());
+            let g = f.global(kir::Global {
+                name: format!("buf{}", (self.binding_of)(b)),
+                space: kir::Space::Storage { read_only: true },
+                elem: kir::Ty::U32,
+            });
+            let i = f.index();
+            let two = f.u32(2);
+            let q = f.bin(kir::BinOp::ShiftRight, i, two);
+            let word = f.load(g, q);
+            f.ret_(word);
+            (f, Vec::new())
         } else if self.kernel.nodes.contains(&id) && graph.node(id).op == Op::Gather {
             let [data, rows] = [graph.node(id).inputs[0], graph.node(id).inputs[1]];
             let row: usize = graph.ty(data).shape[1..].iter().product();
@@ -419,17 +540,25 @@ impl LaneFns<'_> {
                 return None;
             }
             let word = self.packed_word(data)?;
-            format!(
-                "    let row = i / {r};\n    return {word}({}(row) * {r} + i % {r});\n",
-                v(rows),
-                r = u(row)
-            )
+            let rows_ty = compute::value_ty(graph.ty(rows).dtype);
+            let mut f = kir::Builder::new(kir::Ty::U32, vec![rows_ty, kir::Ty::U32]);
+            let i = f.index();
+            let r = f.u32(row);
+            let at = f.div(i, r);
+            let at = f.let_("row", kir::Ty::U32, at);
+            let first = f.operand(0, at);
+            let first = f.mul(first, r);
+            let within = f.rem(i, r);
+            let index = f.add(first, within);
+            let value = f.operand(1, index);
+            f.ret_(value);
+            (f, vec![Callee::Call(v(rows)), Callee::Call(word)])
         } else {
             return None;
         };
         // Stride 0 marks the word function among the lane functions done.
         if self.done.insert((id, 0)) {
-            let _ = writeln!(self.text, "fn {name}(i: u32) -> u32 {{\n{body}}}");
+            self.push(&name, f, callees);
         }
         Some(name)
     }
@@ -437,7 +566,7 @@ impl LaneFns<'_> {
     /// Four consecutive columns of an average-pooling gradient whose windows tile the input
     /// along rows (kernel = stride, dividing four): the columns fall in `4 / stride` windows,
     /// so one load per window instead of one per column.
-    fn tiling_pool_grad_columns(&mut self, id: NodeId) -> Option<String> {
+    fn tiling_pool_grad_columns(&mut self, id: NodeId) -> Option<(kir::Function, Vec<Callee>)> {
         let graph = self.graph;
         let node = graph.node(id);
         let Op::AvgPool2dGrad { kernel, stride, .. } = node.op else {
@@ -450,27 +579,40 @@ impl LaneFns<'_> {
         if !tiles || !covered || LANES % kx != 0 {
             return None;
         }
-        let f = v(node.inputs[0]);
-        let mut s = crate::text::decode(&["nc", "h", "w"], &[out[0] * out[1], out[2], out[3]]);
-        let _ = writeln!(
-            s,
-            "    let b = (nc * {} + h / {}) * {} + w / {};",
-            u(dy[2]),
-            u(kernel[0]),
-            u(dy[3]),
-            u(kx)
-        );
-        for t in 0..LANES / kx {
-            let _ = writeln!(s, "    let g{t} = {f}({});", offset("b", t));
-        }
-        let lanes: Vec<String> = (0..LANES).map(|l| format!("g{}", l / kx)).collect();
-        let _ = writeln!(
-            s,
-            "    return vec4<f32>({}) / {};",
-            lanes.join(", "),
-            crate::text::f32_lit((kernel[0] * kx) as f32)
-        );
-        Some(s)
+        let mut f = kir::Builder::new(kir::Ty::VEC4_F32, vec![kir::Ty::F32]);
+        let i = f.index();
+        let [nc, h, w] = <[kir::Expr; 3]>::try_from(f.decode(
+            i,
+            &["nc", "h", "w"],
+            &[out[0] * out[1], out[2], out[3]],
+        ))
+        .expect("three axes");
+        let (dy2, k0, dy3, k1) = (f.u32(dy[2]), f.u32(kernel[0]), f.u32(dy[3]), f.u32(kx));
+        let at = f.mul(nc, dy2);
+        let row = f.div(h, k0);
+        let at = f.add(at, row);
+        let at = f.mul(at, dy3);
+        let col = f.div(w, k1);
+        let at = f.add(at, col);
+        let b = f.let_("b", kir::Ty::U32, at);
+        let windows: Vec<kir::Expr> = (0..LANES / kx)
+            .map(|t| {
+                let at = if t == 0 {
+                    b
+                } else {
+                    let d = f.u32(t);
+                    f.add(b, d)
+                };
+                let g = f.operand(0, at);
+                f.let_(&format!("g{t}"), kir::Ty::F32, g)
+            })
+            .collect();
+        let lanes = [0, 1, 2, 3].map(|l| windows[l / kx]);
+        let value = f.compose(lanes);
+        let taps = f.f32((kernel[0] * kx) as f32);
+        let value = f.div(value, taps);
+        f.ret_(value);
+        Some((f.finish(), vec![Callee::Call(v(node.inputs[0]))]))
     }
 }
 

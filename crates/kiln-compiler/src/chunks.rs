@@ -181,7 +181,7 @@ impl Chunks {
 
 /// The WGSL expression of window `w`'s base index in the chunk's bases.
 pub(crate) fn window_base(w: usize) -> String {
-    format!("bases[{}].{}", w / 4, ["x", "y", "z", "w"][w % 4])
+    kir::wgsl::window_base(w)
 }
 
 /// Whether output image `n` of `node` needs only image `n` of its operand `k` (both batched).

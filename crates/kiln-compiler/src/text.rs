@@ -13,6 +13,10 @@ use crate::{compute, kir};
 /// to the chunk's window); `None` for storage bindings.
 pub(crate) type UniformIndex<'a> = &'a dyn Fn(usize, &str) -> Option<String>;
 
+/// The same for the kernel IR: `None` for storage bindings, `Some(None)` for a whole uniform
+/// binding, `Some(Some(w))` for one read through the chunk's window `w`.
+pub(crate) type UniformAt<'a> = &'a dyn Fn(usize) -> Option<Option<usize>>;
+
 /// An f32 literal that round-trips exactly.
 pub(crate) fn f32_lit(x: f32) -> String {
     format!("{x:?}f")
@@ -225,15 +229,26 @@ pub(crate) fn body_over(
     lanes: Option<kir::Ty>,
     chunked: bool,
 ) -> String {
-    let tys: Vec<kir::Ty> = operands.iter().map(|o| o.ty).collect();
-    let callees: Vec<kir::wgsl::Callee> = operands.iter().map(|o| o.callee.clone()).collect();
-    let f = compute::element(graph, id, lanes, &tys, chunked);
+    let (f, callees) = definition_over(graph, id, operands, lanes, chunked);
     kir::wgsl::body(&f, &callees).unwrap_or_else(|e| {
         panic!(
             "{id} {}: the op's definition does not validate: {e}",
             graph.node(id).op.name()
         )
     })
+}
+
+/// [`body_over`] as kernel IR: the function and the callees its operands name.
+pub(crate) fn definition_over(
+    graph: &Graph,
+    id: NodeId,
+    operands: &[Operand],
+    lanes: Option<kir::Ty>,
+    chunked: bool,
+) -> (kir::Function, Vec<kir::wgsl::Callee>) {
+    let tys: Vec<kir::Ty> = operands.iter().map(|o| o.ty).collect();
+    let callees = operands.iter().map(|o| o.callee.clone()).collect();
+    (compute::element(graph, id, lanes, &tys, chunked), callees)
 }
 
 /// `base + delta` as WGSL, without a `+ 0u`.

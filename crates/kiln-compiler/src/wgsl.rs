@@ -25,7 +25,8 @@ use crate::plan::{Head, Kernel, KernelKind, Placement, Plan};
 use crate::report::node_label;
 use crate::target::{DeviceClass, Target};
 use crate::text::{
-    UniformIndex, batch_range, decode, decode_from, offset, scalar_operands, strides, u, v,
+    UniformAt, UniformIndex, batch_range, decode, decode_from, offset, scalar_operands, strides, u,
+    v,
 };
 use crate::trips;
 
@@ -400,6 +401,7 @@ fn main_root(graph: &Graph, roots: &[NodeId]) -> NodeId {
 struct Addressing<'a> {
     binding_of: &'a dyn Fn(usize) -> u32,
     uniform: UniformIndex<'a>,
+    uniform_at: UniformAt<'a>,
     split: &'a dyn Fn(usize) -> Option<(u32, u64)>,
     /// The kernel IR's view of a buffer's binding (name, space, element type).
     global: &'a dyn Fn(usize) -> kir::Global,
@@ -418,6 +420,7 @@ fn functions(
     let Addressing {
         binding_of,
         uniform,
+        uniform_at,
         split,
         global,
     } = *at;
@@ -429,34 +432,63 @@ fn functions(
             // Every part is read (an index past a part's end reads zero or a clamped
             // element) and the one holding element `i` selected: branch-free on SIMD lanes.
             let slot = binding_of(b);
-            let per = part_bytes / 16;
-            let mut body = "    let q = i >> 2u;\n    let l = i & 3u;\n".to_string();
+            let per = (part_bytes / 16) as usize;
+            let mut f = kir::Builder::new(kir::Ty::F32, Vec::new());
+            let i = f.index();
+            let (two, three) = (f.u32(2), f.u32(3));
+            let q = f.bin(BinOp::ShiftRight, i, two);
+            let q = f.let_("q", kir::Ty::U32, q);
+            let l = f.bin(BinOp::BitAnd, i, three);
+            let l = f.let_("l", kir::Ty::U32, l);
+            let mut pick = None;
             for k in 0..parts {
-                let _ = writeln!(
-                    body,
-                    "    let p{k} = buf{slot}_{k}[min(q - {}, {})][l];",
-                    u((u64::from(k) * per) as usize),
-                    u((part_len(buf.bytes(), part_bytes, k) / 16 - 1) as usize)
-                );
+                let g = f.global(kir::Global {
+                    name: format!("buf{slot}_{k}"),
+                    space: kir::Space::Uniform,
+                    elem: kir::Ty::VEC4_F32,
+                });
+                let first = f.u32(k as usize * per);
+                let last = f.u32((part_len(buf.bytes(), part_bytes, k) / 16 - 1) as usize);
+                let at = f.sub(q, first);
+                let at = f.math(kir::MathFn::Min, &[at, last]);
+                let quad = f.load(g, at);
+                let value = f.lane(quad, l);
+                let p = f.let_(&format!("p{k}"), kir::Ty::F32, value);
+                pick = Some(match pick {
+                    None => p,
+                    Some(before) => {
+                        let past = f.bin(BinOp::Ge, q, first);
+                        f.select(past, p, before)
+                    }
+                });
             }
-            let mut pick = "p0".to_string();
-            for k in 1..parts {
-                pick = format!(
-                    "select({pick}, p{k}, q >= {})",
-                    u((u64::from(k) * per) as usize)
-                );
-            }
-            items.push(Item::Text(format!(
-                "fn {}(i: u32) -> f32 {{\n{body}    return {pick};\n}}\n",
-                v(r)
-            )));
-        } else if let Some(index) = uniform(b, "i").filter(|index| index != "i") {
+            f.ret_(pick.expect("split values have parts"));
+            items.push(Item::Function {
+                name: v(r),
+                comment: None,
+                function: f.finish(),
+                callees: Vec::new(),
+            });
+        } else if let Some(Some(w)) = uniform_at(b) {
             // A window over the chunk's images: the index is rebased to the window.
-            items.push(Item::Text(format!(
-                "fn {}(i: u32) -> f32 {{\n    let w = {index};\n    return buf{}[w >> 2u][w & 3u];\n}}\n",
-                v(r),
-                binding_of(b)
-            )));
+            let mut f = kir::Builder::new(kir::Ty::F32, Vec::new());
+            let g = f.global(global(b));
+            let i = f.index();
+            let base = f.window_base(w);
+            let at = f.sub(i, base);
+            let at = f.let_("w", kir::Ty::U32, at);
+            let (two, three) = (f.u32(2), f.u32(3));
+            let q = f.bin(BinOp::ShiftRight, at, two);
+            let quad = f.load(g, q);
+            let l = f.bin(BinOp::BitAnd, at, three);
+            let value = f.lane(quad, l);
+            f.ret_(value);
+            items.push(Item::Function {
+                name: v(r),
+                comment: None,
+                function: f.finish(),
+                callees: Vec::new(),
+            });
         } else {
             let ret = compute::value_ty(graph.ty(r).dtype);
             let mut f = kir::Builder::new(ret, Vec::new());
@@ -931,19 +963,26 @@ fn emit_kernel_with(
         .filter(|b| b.access == Access::Window)
         .map(|b| b.buffer)
         .collect();
-    let uniform = |buffer: usize, var: &str| -> Option<String> {
+    // How a buffer bound as a uniform array is indexed: whole, or through window `w` over
+    // the chunk's images (`None` for storage bindings).
+    let uniform_at = |buffer: usize| -> Option<Option<usize>> {
         let b = bindings.iter().find(|b| b.buffer == buffer)?;
         match b.access {
-            Access::Uniform => Some(var.to_string()),
-            Access::Window => {
-                let w = windowed
+            Access::Uniform => Some(None),
+            Access::Window => Some(Some(
+                windowed
                     .iter()
                     .position(|&x| x == buffer)
-                    .expect("windowed");
-                Some(format!("({var} - {})", window_base(w)))
-            }
+                    .expect("windowed"),
+            )),
             Access::Read | Access::ReadWrite | Access::Split { .. } => None,
         }
+    };
+    let uniform = |buffer: usize, var: &str| -> Option<String> {
+        Some(match uniform_at(buffer)? {
+            None => var.to_string(),
+            Some(w) => format!("({var} - {})", window_base(w)),
+        })
     };
     let summed: Vec<NodeId> = sums.iter().map(|s| s.0).collect();
     // A small stride-1 convolution whose input is a uniform binding (whole or a window) on a
@@ -1026,7 +1065,8 @@ fn emit_kernel_with(
                 .iter()
                 .all(|r| *r == main || graph.ty(*r).numel() <= quads);
             let fresh = || {
-                let mut fns = LaneFns::new(graph, plan, kernel, &binding_of, &uniform, &split_of);
+                let mut fns =
+                    LaneFns::new(graph, plan, kernel, &binding_of, &uniform_at, &split_of);
                 fns.chunked = summed.clone();
                 fns.inner_rows = target.class == DeviceClass::Cpu;
                 fns
@@ -1496,6 +1536,7 @@ fn emit_kernel_with(
     let addressing = Addressing {
         binding_of: &binding_of,
         uniform: &uniform,
+        uniform_at: &uniform_at,
         split: &split,
         global: &global,
     };
@@ -1648,7 +1689,12 @@ fn emit_kernel_with(
         KernelKind::Map { roots } if blocking.is_some() => {
             let (main, b, fns, rows) = blocking.as_ref().expect("blocked");
             fn_text.push('\n');
-            fn_text.push_str(&fns.text);
+            fn_text.push_str(&print_items(&fns.items()).map_err(|e| {
+                CodegenError::Unsupported {
+                    kernel: kernel.name.clone(),
+                    message: format!("generator bug: {e}"),
+                }
+            })?);
             let lane = |k: usize| ["x", "y", "z", "w"][k];
             let main_numel = graph.ty(*main).numel();
             // The invocation grid: the main root's index space with its blocked axes divided

@@ -65,6 +65,9 @@ impl Lanes {
 pub trait Env {
     fn operand(&mut self, k: usize, index: u32) -> Lanes;
     fn chunk(&self, bound: ChunkBound) -> u32;
+    fn window_base(&self, w: usize) -> u32 {
+        unreachable!("no window {w} in this environment")
+    }
     fn load(&mut self, global: &str, index: u32) -> Lanes {
         unreachable!("no buffer {global}[{index}] in this environment")
     }
@@ -546,6 +549,7 @@ impl Machine<'_> {
                 Lanes::Vec4(lanes.map(|l| self.expr(l).lane(0)))
             }
             ExprKind::Chunk(bound) => Lanes::Scalar(Value::U32(self.env.chunk(*bound))),
+            ExprKind::WindowBase(w) => Lanes::Scalar(Value::U32(self.env.window_base(*w))),
             ExprKind::Load { global, index } => {
                 let (global, index) = (*global, *index);
                 let at = self.u32(index);

@@ -217,6 +217,9 @@ pub enum ExprKind {
     /// Four scalars of one type as the lanes of a `vec4`.
     Compose([Expr; 4]),
     Chunk(ChunkBound),
+    /// The flat index of the first element of window `w` over the current chunk's images
+    /// (CPU-class image chunks: the chunk's window bases), which a window's reads subtract.
+    WindowBase(usize),
     /// Element `index` of global `global` (one of the function's [`Function::globals`]): a
     /// scalar or, for an array of `vec4`s, four lanes.
     Load {
@@ -606,6 +609,10 @@ impl Builder {
 
     pub fn chunk(&mut self, bound: ChunkBound) -> Expr {
         self.push(ExprKind::Chunk(bound))
+    }
+
+    pub fn window_base(&mut self, w: usize) -> Expr {
+        self.push(ExprKind::WindowBase(w))
     }
 
     /// `let name = value;` of type `ty`; returns the read of it.

@@ -484,7 +484,7 @@ impl<'a> Checker<'a> {
                     t => fail(format!("a vec4 of {t:?} lanes")),
                 }
             }
-            ExprKind::Chunk(_) => Ok(Ty::U32),
+            ExprKind::Chunk(_) | ExprKind::WindowBase(_) => Ok(Ty::U32),
         }
     }
 }

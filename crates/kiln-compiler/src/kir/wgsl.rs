@@ -440,6 +440,7 @@ impl Printer<'_> {
                 format!("{}[{}]", self.f.local(*local).name, self.expr(*index)),
                 Primary,
             ),
+            ExprKind::WindowBase(w) => (window_base(*w), Primary),
             ExprKind::Chunk(bound) => (
                 match bound {
                     ChunkBound::FirstImage => "chunk[0].z",
@@ -450,6 +451,11 @@ impl Printer<'_> {
             ),
         }
     }
+}
+
+/// Window `w`'s base index in the chunk's table of bases (`bases`, four to a `vec4<u32>`).
+pub fn window_base(w: usize) -> String {
+    format!("bases[{}].{}", w / 4, ["x", "y", "z", "w"][w % 4])
 }
 
 fn binary_op(op: BinOp) -> &'static str {
