@@ -61,8 +61,7 @@ use crate::compute;
 use crate::kir::{self, module::Item, wgsl::Callee};
 use crate::plan::{Kernel, Placement, Plan};
 use crate::text::{
-    Operand as Read, UniformAt, batch_range, body_over, definition_over, matmul_indices, offset,
-    strides, u, v,
+    Operand as Read, UniformAt, batch_range, definition_over, matmul_indices, offset, strides, u, v,
 };
 
 /// Outputs per invocation of a blocked kernel (the lanes of a `vec4`).
@@ -271,25 +270,10 @@ impl<'a> LaneFns<'a> {
                     callees,
                 });
                 let mut f = kir::Builder::new(kir::Ty::VEC4_F32, vec![kir::Ty::VEC4_F32]);
-                let g = f.global(kir::Global {
-                    name: format!("buf{slot}"),
-                    space: kir::Space::Storage { read_only: false },
-                    elem: kir::Ty::F32,
-                });
                 let i = f.index();
                 let value = f.operand(0, i);
                 let value = f.let_("value", kir::Ty::VEC4_F32, value);
-                for k in 0..LANES {
-                    let at = if k == 0 {
-                        i
-                    } else {
-                        let d = f.u32(k * stride);
-                        f.add(i, d)
-                    };
-                    let l = f.u32(k);
-                    let lane = f.lane(value, l);
-                    f.store(g, at, lane);
-                }
+                store_lanes(&mut f, slot, stride, value);
                 f.ret_(value);
                 self.push(&own, f, vec![Callee::Call(value_of)]);
             }
@@ -326,11 +310,15 @@ impl<'a> LaneFns<'a> {
 
     /// Appends kernel IR function `name`, after the text of the rows functions made so far.
     fn push(&mut self, name: &str, f: kir::Builder, callees: Vec<Callee>) {
+        self.push_function(name, f.finish(), callees);
+    }
+
+    fn push_function(&mut self, name: &str, function: kir::Function, callees: Vec<Callee>) {
         self.flush_text();
         self.items.push(Item::Function {
             name: name.to_string(),
             comment: None,
-            function: f.finish(),
+            function,
             callees,
         });
     }
@@ -634,16 +622,34 @@ fn reduction_length(graph: &Graph, id: NodeId) -> usize {
 
 /// Statements storing the four lanes of `value` (lane 0 at `i`) into binding `slot`: how a
 /// saved value writes itself as it is computed.
-fn store_lanes(slot: u32, stride: usize) -> String {
-    let mut s = String::new();
-    for (k, lane) in ["x", "y", "z", "w"].iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "    buf{slot}[{}] = value.{lane};",
-            offset("i", k * stride)
-        );
+fn store_lanes(f: &mut kir::Builder, slot: u32, stride: usize, value: kir::Expr) {
+    let g = f.global(kir::Global {
+        name: format!("buf{slot}"),
+        space: kir::Space::Storage { read_only: false },
+        elem: kir::Ty::F32,
+    });
+    let i = f.index();
+    for k in 0..LANES {
+        let at = offset_expr(f, i, k * stride);
+        let l = f.u32(k);
+        let lane = f.lane(value, l);
+        f.store(g, at, lane);
     }
-    s
+}
+
+/// `base + delta`, without a `+ 0u`.
+fn offset_expr(f: &mut kir::Builder, base: kir::Expr, delta: usize) -> kir::Expr {
+    if delta == 0 {
+        base
+    } else {
+        let d = f.u32(delta);
+        f.add(base, d)
+    }
+}
+
+/// `array<vec4<f32>, n>`.
+fn vec4s(n: usize) -> kir::Ty {
+    kir::Ty::array(kir::Ty::VEC4_F32, n as u32).expect("one deep")
 }
 
 /// The blocking of a map kernel's `root` that gives the most reduction work a blocked rule,
@@ -967,26 +973,28 @@ impl LaneFns<'_> {
                     }
                 })
                 .collect();
-            let mut body = body_over(graph, n, &reads, Some(kir::Ty::VEC4_F32), false);
+            let (mut definition, callees) =
+                definition_over(graph, n, &reads, Some(kir::Ty::VEC4_F32), false);
+            definition.params.push(("red".into(), kir::Ty::VEC4_F32));
+            let name = format!("v{}_row", n.0);
             let saved = matches!(self.plan.placement[n.0], Placement::Side { .. })
                 && self.kernel.stores.contains(&n);
-            if saved {
-                let slot =
-                    (self.binding_of)(self.plan.buffer_of[n.0].expect("stored nodes have buffers"));
-                let _ = writeln!(
-                    self.text,
-                    "fn value_of_v{}_row(i: u32, red: vec4<f32>) -> vec4<f32> {{\n{body}}}",
-                    n.0
-                );
-                body = format!("    let value = value_of_v{}_row(i, red);\n", n.0);
-                body.push_str(&store_lanes(slot, lane_stride));
-                body.push_str("    return value;\n");
+            if !saved {
+                self.push_function(&name, definition, callees);
+                continue;
             }
-            let _ = writeln!(
-                self.text,
-                "fn v{}_row(i: u32, red: vec4<f32>) -> vec4<f32> {{\n{body}}}",
-                n.0
-            );
+            let slot =
+                (self.binding_of)(self.plan.buffer_of[n.0].expect("stored nodes have buffers"));
+            let value_of = format!("value_of_{name}");
+            self.push_function(&value_of, definition, callees);
+            let mut f = kir::Builder::new(kir::Ty::VEC4_F32, vec![kir::Ty::VEC4_F32]);
+            let i = f.index();
+            let red = f.param("red", kir::Ty::VEC4_F32);
+            let value = f.call(0, vec![i, red]);
+            let value = f.let_("value", kir::Ty::VEC4_F32, value);
+            store_lanes(&mut f, slot, lane_stride, value);
+            f.ret_(value);
+            self.push(&name, f, vec![Callee::Call(value_of)]);
         }
     }
 
@@ -996,7 +1004,6 @@ impl LaneFns<'_> {
         let graph = self.graph;
         let red = rows.reduction;
         let r = rows.count;
-        let arr = format!("array<vec4<f32>, {}>", rows.accumulators());
         let red_strides = strides(&graph.ty(red).shape);
         let red_lanes = red_strides[rows.lane_axis] * rows.lane_gap;
         // A stride-1 convolution under a 2x2 pooling computes its four window taps together.
@@ -1020,24 +1027,37 @@ impl LaneFns<'_> {
         if root != top {
             self.row_path(root, top, lane_stride, (rows.lane_axis, rows.lane_gap));
         }
-        let per_row: Vec<String> = rows
+        let accumulators = vec4s(rows.accumulators());
+        // Operand 0: the top's rows; operand 1: the path from the top up to the root, per row.
+        let mut operands = vec![accumulators];
+        let mut callees = vec![Callee::Call(top_fn)];
+        if root != top {
+            operands.push(kir::Ty::VEC4_F32);
+            callees.push(Callee::Call(format!("v{}_row", root.0)));
+        }
+        let mut f = kir::Builder::new(accumulators, operands);
+        let i = f.index();
+        let all = f.operand(0, i);
+        let all = f.let_("top", accumulators, all);
+        let per_row: Vec<kir::Expr> = rows
             .offsets(&strides(&graph.ty(top).shape))
             .into_iter()
             .enumerate()
             .map(|(k, at)| {
+                let k = f.u32(k);
+                let row = f.lane(all, k);
                 if root == top {
-                    format!("top[{k}]")
+                    row
                 } else {
-                    format!("v{}_row({}, top[{k}])", root.0, offset("i", at))
+                    let at = offset_expr(&mut f, i, at);
+                    f.call(1, vec![at, row])
                 }
             })
             .collect();
+        let value = f.array(per_row);
+        f.ret_(value);
         let name = format!("v{}_rows", root.0);
-        let _ = writeln!(
-            self.text,
-            "fn {name}(i: u32) -> {arr} {{\n    let top = {top_fn}(i);\n    return {arr}({});\n}}",
-            per_row.join(", ")
-        );
+        self.push(&name, f, callees);
         let label = format!("{red} ");
         self.blocked.retain(|b| !b.starts_with(&label));
         let columns = if rows.inner > 1 {
@@ -1071,73 +1091,100 @@ impl LaneFns<'_> {
             <[usize; 4]>::try_from(graph.ty(input).shape.as_slice()).expect("rank 4");
         let in_t = strides(&graph.ty(input).shape)[rows.row_axis];
         let r = rows.count;
-        let arr = format!("array<vec4<f32>, {r}>");
-        let mut s = crate::text::decode(&["nc", "oy", "ox"], &[out[0] * out[1], out[2], out[3]]);
-        let _ = writeln!(
-            s,
-            "    let base = (nc * {} + oy * {}) * {} + ox * {};",
-            u(h),
-            u(stride[0]),
-            u(w),
-            u(stride[1])
-        );
+        let rows_ty = vec4s(r);
         let taps: Vec<(usize, usize)> = (0..kernel[0])
             .flat_map(|ky| (0..kernel[1]).map(move |kx| (ky, kx)))
             .collect();
-        if fused_taps {
-            let _ = writeln!(s, "    let taps = {red_fn}(base);");
+        // Operand 0: the reduction's rows at a tap (or, fused, at all four taps); operand 1:
+        // the path from the reduction up to the pool's input, per row.
+        let red_ty = if fused_taps {
+            kir::Ty::array(rows_ty, 4).expect("two deep")
+        } else {
+            rows_ty
+        };
+        let through_path = input != rows.reduction;
+        let mut operands = vec![red_ty];
+        let mut callees = vec![Callee::Call(red_fn.to_string())];
+        if through_path {
+            operands.push(kir::Ty::VEC4_F32);
+            callees.push(Callee::Call(format!("v{}_row", input.0)));
         }
+        let mut f = kir::Builder::new(rows_ty, operands);
+        let i = f.index();
+        let [nc, oy, ox] = <[kir::Expr; 3]>::try_from(f.decode(
+            i,
+            &["nc", "oy", "ox"],
+            &[out[0] * out[1], out[2], out[3]],
+        ))
+        .expect("three axes");
+        let (hh, sy, ww, sx) = (f.u32(h), f.u32(stride[0]), f.u32(w), f.u32(stride[1]));
+        let row = f.mul(oy, sy);
+        let base = f.mul(nc, hh);
+        let base = f.add(base, row);
+        let base = f.mul(base, ww);
+        let col = f.mul(ox, sx);
+        let base = f.add(base, col);
+        let base = f.let_("base", kir::Ty::U32, base);
+        let all = if fused_taps {
+            let all = f.operand(0, base);
+            Some(f.let_("taps", red_ty, all))
+        } else {
+            None
+        };
+        let mut at = Vec::new();
+        let mut tap = Vec::new();
         for (k, (ky, kx)) in taps.iter().enumerate() {
-            let at = offset("base", ky * w + kx);
-            if fused_taps {
-                let _ = writeln!(s, "    let at{k} = {at};\n    let tap{k} = taps[{k}];");
-            } else {
-                let _ = writeln!(
-                    s,
-                    "    let at{k} = {at};\n    let tap{k} = {red_fn}(at{k});"
-                );
-            }
+            let here = offset_expr(&mut f, base, ky * w + kx);
+            let here = f.let_(&format!("at{k}"), kir::Ty::U32, here);
+            let value = match all {
+                Some(all) => {
+                    let kk = f.u32(k);
+                    f.lane(all, kk)
+                }
+                None => f.operand(0, here),
+            };
+            tap.push(f.let_(&format!("tap{k}"), rows_ty, value));
+            at.push(here);
         }
-        let value = |k: usize, q: usize| {
-            if input == rows.reduction {
-                format!("tap{k}[{q}]")
+        let value = |f: &mut kir::Builder, k: usize, q: usize| {
+            let qq = f.u32(q);
+            let row = f.lane(tap[k], qq);
+            if through_path {
+                let here = offset_expr(f, at[k], q * in_t);
+                f.call(1, vec![here, row])
             } else {
-                format!(
-                    "v{}_row({}, tap{k}[{q}])",
-                    input.0,
-                    offset(&format!("at{k}"), q * in_t)
-                )
+                row
             }
         };
         let mut results = Vec::new();
         for q in 0..r {
             if max {
-                let _ = writeln!(s, "    var best{q} = {};", value(0, q));
+                let first = value(&mut f, 0, q);
+                let best = f.var(&format!("best{q}"), kir::Ty::VEC4_F32, first);
                 for k in 1..taps.len() {
-                    let _ = writeln!(
-                        s,
-                        "    let a{q}_{k} = {};\n    best{q} = select(best{q}, a{q}_{k}, !(best{q} != best{q}) & !(a{q}_{k} <= best{q}));",
-                        value(k, q)
-                    );
+                    let a = value(&mut f, k, q);
+                    let a = f.let_(&format!("a{q}_{k}"), kir::Ty::VEC4_F32, a);
+                    let b = f.get(best);
+                    let takes = compute::first_max_takes(&mut f, b, a, kir::BinOp::BitAnd);
+                    let picked = f.select(takes, a, b);
+                    f.assign(best, picked);
                 }
-                results.push(format!("best{q}"));
+                results.push(f.get(best));
             } else {
-                let terms: Vec<String> = (0..taps.len()).map(|k| value(k, q)).collect();
-                let _ = writeln!(
-                    s,
-                    "    let row{q} = ({}) / {};",
-                    terms.join(" + "),
-                    crate::text::f32_lit(taps.len() as f32)
-                );
-                results.push(format!("row{q}"));
+                let mut sum = value(&mut f, 0, q);
+                for k in 1..taps.len() {
+                    let term = value(&mut f, k, q);
+                    sum = f.add(sum, term);
+                }
+                let n = f.f32(taps.len() as f32);
+                let mean = f.div(sum, n);
+                results.push(f.let_(&format!("row{q}"), kir::Ty::VEC4_F32, mean));
             }
         }
+        let value = f.array(results);
+        f.ret_(value);
         let name = format!("v{}_rows_of_pool", pool.0);
-        let _ = writeln!(
-            self.text,
-            "fn {name}(i: u32) -> {arr} {{\n{s}    return {arr}({});\n}}",
-            results.join(", ")
-        );
+        self.push(&name, f, callees);
         name
     }
 

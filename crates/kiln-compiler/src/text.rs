@@ -17,11 +17,6 @@ pub(crate) type UniformIndex<'a> = &'a dyn Fn(usize, &str) -> Option<String>;
 /// binding, `Some(Some(w))` for one read through the chunk's window `w`.
 pub(crate) type UniformAt<'a> = &'a dyn Fn(usize) -> Option<Option<usize>>;
 
-/// An f32 literal that round-trips exactly.
-pub(crate) fn f32_lit(x: f32) -> String {
-    format!("{x:?}f")
-}
-
 pub(crate) fn u(n: usize) -> String {
     format!("{n}u")
 }
@@ -219,26 +214,9 @@ pub(crate) fn batch_range(n: usize, chunked: bool) -> (String, String) {
     }
 }
 
-/// The body of `id`'s element function from its definition (`compute::element`), returning
-/// `lanes` (four `vec4` lanes) or its own scalar type, reading `operands`; a reduction over the
-/// batch sums only the chunk's images when `chunked`.
-pub(crate) fn body_over(
-    graph: &Graph,
-    id: NodeId,
-    operands: &[Operand],
-    lanes: Option<kir::Ty>,
-    chunked: bool,
-) -> String {
-    let (f, callees) = definition_over(graph, id, operands, lanes, chunked);
-    kir::wgsl::body(&f, &callees).unwrap_or_else(|e| {
-        panic!(
-            "{id} {}: the op's definition does not validate: {e}",
-            graph.node(id).op.name()
-        )
-    })
-}
-
-/// [`body_over`] as kernel IR: the function and the callees its operands name.
+/// `id`'s element function from its definition (`compute::element`), returning `lanes` (four
+/// `vec4` lanes) or its own scalar type, reading `operands`, with the callees they name; a
+/// reduction over the batch sums only the chunk's images when `chunked`.
 pub(crate) fn definition_over(
     graph: &Graph,
     id: NodeId,

@@ -22,39 +22,43 @@ pub enum Value {
     Bool(bool),
 }
 
-/// A value of the kernel IR: a scalar or four lanes.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// A value of the kernel IR: a scalar, four lanes, or an array of either.
+#[derive(Clone, Debug, PartialEq)]
 pub enum Lanes {
     Scalar(Value),
     Vec4([Value; 4]),
+    Array(std::rc::Rc<[Lanes]>),
 }
 
 impl Lanes {
-    pub fn f32(self) -> Option<f32> {
+    pub fn f32(&self) -> Option<f32> {
         match self {
-            Lanes::Scalar(Value::F32(x)) => Some(x),
+            Lanes::Scalar(Value::F32(x)) => Some(*x),
             _ => None,
         }
     }
 
-    fn lane(self, k: usize) -> Value {
+    /// Lane `k` (a scalar is every lane).
+    pub fn lane(&self, k: usize) -> Value {
         match self {
-            Lanes::Scalar(v) => v,
+            Lanes::Scalar(v) => *v,
             Lanes::Vec4(l) => l[k],
+            Lanes::Array(_) => unreachable!("validated: an array is no lanes"),
         }
     }
 
-    fn map(self, f: impl Fn(Value) -> Value) -> Lanes {
+    fn map(&self, f: impl Fn(Value) -> Value) -> Lanes {
         match self {
-            Lanes::Scalar(v) => Lanes::Scalar(f(v)),
+            Lanes::Scalar(v) => Lanes::Scalar(f(*v)),
             Lanes::Vec4(l) => Lanes::Vec4(l.map(f)),
+            Lanes::Array(_) => unreachable!("validated: no arithmetic on arrays"),
         }
     }
 
     /// `f` lane by lane, a scalar shared by the lanes of the other operand.
-    fn zip(self, other: Lanes, f: impl Fn(Value, Value) -> Value) -> Lanes {
+    fn zip(&self, other: &Lanes, f: impl Fn(Value, Value) -> Value) -> Lanes {
         match (self, other) {
-            (Lanes::Scalar(a), Lanes::Scalar(b)) => Lanes::Scalar(f(a, b)),
+            (Lanes::Scalar(a), Lanes::Scalar(b)) => Lanes::Scalar(f(*a, *b)),
             _ => Lanes::Vec4(std::array::from_fn(|k| f(self.lane(k), other.lane(k)))),
         }
     }
@@ -64,6 +68,14 @@ impl Lanes {
 /// (by the global's name) and, in an entry point, the invocation id.
 pub trait Env {
     fn operand(&mut self, k: usize, index: u32) -> Lanes;
+    /// Operand `k` at `index` with the values of its extra parameters.
+    fn call(&mut self, k: usize, index: u32, extra: &[Lanes]) -> Lanes {
+        assert!(
+            extra.is_empty(),
+            "operand {k} takes no extra parameters here"
+        );
+        self.operand(k, index)
+    }
     fn chunk(&self, bound: ChunkBound) -> u32;
     fn window_base(&self, w: usize) -> u32 {
         unreachable!("no window {w} in this environment")
@@ -146,6 +158,7 @@ impl<'a> Runner<'a> {
             fns: &self.fns,
             elems: &self.elems,
             callees: &entry.callees,
+            values: Vec::new(),
             buffers,
             gid,
             error: &mut error,
@@ -159,6 +172,9 @@ struct ModuleEnv<'a> {
     fns: &'a HashMap<&'a str, (&'a Function, &'a [Callee])>,
     elems: &'a HashMap<&'a str, Ty>,
     callees: &'a [Callee],
+    /// The extra parameters of the function being run, by name, with their values (what a
+    /// `Callee::Value` or `Callee::CallWith` names).
+    values: Vec<(&'a str, Lanes)>,
     buffers: &'a mut Buffers,
     gid: [u32; 2],
     /// The first error, reported after the invocation (`Env` reads cannot fail).
@@ -181,10 +197,28 @@ impl ModuleEnv<'_> {
 
 impl Env for ModuleEnv<'_> {
     fn operand(&mut self, k: usize, index: u32) -> Lanes {
-        let Callee::Call(name) = &self.callees[k] else {
-            return self.fail(EvalError::Module(format!(
-                "operand {k} is not a function call"
-            )));
+        self.call(k, index, &[])
+    }
+
+    fn call(&mut self, k: usize, index: u32, extra: &[Lanes]) -> Lanes {
+        let value = |env: &ModuleEnv, name: &str| {
+            env.values
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let (name, extra) = match &self.callees[k] {
+            Callee::Call(name) => (name, extra.to_vec()),
+            Callee::CallWith(name, with) => match value(self, with) {
+                Some(v) => (name, [extra, &[v]].concat()),
+                None => return self.fail(EvalError::Module(format!("no parameter `{with}`"))),
+            },
+            Callee::Value(name) => {
+                return match value(self, name) {
+                    Some(v) => v,
+                    None => self.fail(EvalError::Module(format!("no parameter `{name}`"))),
+                };
+            }
         };
         let Some(&(f, callees)) = self.fns.get(name.as_str()) else {
             return self.fail(EvalError::Module(format!("no function `{name}`")));
@@ -193,11 +227,17 @@ impl Env for ModuleEnv<'_> {
             fns: self.fns,
             elems: self.elems,
             callees,
+            values: f
+                .params
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .zip(extra.iter().cloned())
+                .collect(),
             buffers: &mut *self.buffers,
             gid: self.gid,
             error: &mut *self.error,
         };
-        match eval_valid(f, index, &mut inner) {
+        match eval_with(f, index, &extra, &mut inner) {
             Ok(Some(v)) => v,
             Ok(None) => self.fail(EvalError::Module(format!("`{name}` returns nothing"))),
             Err(e) => self.fail(e),
@@ -263,9 +303,27 @@ pub fn eval(f: &Function, index: u32, env: &mut dyn Env) -> Result<Option<Lanes>
 
 /// [`eval`] of a function already validated (a module's functions, evaluated per element).
 pub fn eval_valid(f: &Function, index: u32, env: &mut dyn Env) -> Result<Option<Lanes>, EvalError> {
+    eval_with(f, index, &[], env)
+}
+
+/// [`eval_valid`] of a function with extra parameters, given their values.
+pub fn eval_with(
+    f: &Function,
+    index: u32,
+    params: &[Lanes],
+    env: &mut dyn Env,
+) -> Result<Option<Lanes>, EvalError> {
+    if params.len() != f.params.len() {
+        return Err(EvalError::Module(format!(
+            "{} values for {} parameters",
+            params.len(),
+            f.params.len()
+        )));
+    }
     let mut m = Machine {
         f,
         index,
+        params,
         env,
         locals: vec![None; f.locals.len()],
         arrays: vec![Vec::new(); f.locals.len()],
@@ -290,6 +348,7 @@ enum Flow {
 struct Machine<'a> {
     f: &'a Function,
     index: u32,
+    params: &'a [Lanes],
     env: &'a mut dyn Env,
     locals: Vec<Option<Lanes>>,
     /// Elements of the array locals.
@@ -318,7 +377,9 @@ impl Machine<'_> {
                 let v = match op {
                     None => v,
                     Some(op) => {
-                        let old = self.locals[local.index()].expect("validated: declared");
+                        let old = self.locals[local.index()]
+                            .clone()
+                            .expect("validated: declared");
                         binary(*op, old, v)
                     }
                 };
@@ -334,7 +395,7 @@ impl Machine<'_> {
                 let start = self.u32(*start);
                 self.locals[counter.index()] = Some(Lanes::Scalar(Value::U32(start)));
                 loop {
-                    let c = self.locals[counter.index()].expect("set");
+                    let c = self.locals[counter.index()].clone().expect("set");
                     let Lanes::Scalar(Value::U32(c)) = c else {
                         unreachable!("validated: counters are u32")
                     };
@@ -453,7 +514,23 @@ impl Machine<'_> {
                 Literal::Bool(b) => Value::Bool(b),
             }),
             ExprKind::Index => Lanes::Scalar(Value::U32(self.index)),
-            ExprKind::Local(l) => self.locals[l.index()].expect("validated: set before read"),
+            ExprKind::Local(l) => self.locals[l.index()]
+                .clone()
+                .expect("validated: set before read"),
+            ExprKind::Call { k, args } => {
+                let k = *k;
+                let args: Vec<Lanes> = args.clone().into_iter().map(|a| self.expr(a)).collect();
+                let Lanes::Scalar(Value::U32(at)) = args[0] else {
+                    unreachable!("validated: indices are u32")
+                };
+                self.env.call(k, at, &args[1..])
+            }
+            ExprKind::Param(k) => self.params[*k].clone(),
+            ExprKind::Array(elements) => {
+                let elements: Vec<Lanes> =
+                    elements.clone().into_iter().map(|e| self.expr(e)).collect();
+                Lanes::Array(elements.into())
+            }
             ExprKind::Operand { k, index } => {
                 let (k, index) = (*k, *index);
                 let at = self.u32(index);
@@ -491,7 +568,7 @@ impl Machine<'_> {
                     MathFn::Log => one(f32::ln),
                     MathFn::Sqrt => one(f32::sqrt),
                     MathFn::Tanh => one(f32::tanh),
-                    MathFn::Max | MathFn::Min => args[0].zip(args[1], |a, b| {
+                    MathFn::Max | MathFn::Min => args[0].zip(&args[1], |a, b| {
                         let max = fun == MathFn::Max;
                         match (a, b) {
                             (Value::F32(a), Value::F32(b)) => {
@@ -515,9 +592,9 @@ impl Machine<'_> {
             } => {
                 let (c, a, r) = (*cond, *accept, *reject);
                 let (c, a, r) = (self.expr(c), self.expr(a), self.expr(r));
-                match (a, c) {
+                match (&a, &c) {
                     (_, Lanes::Scalar(Value::Bool(b))) => {
-                        if b {
+                        if *b {
                             a
                         } else {
                             r
@@ -541,7 +618,7 @@ impl Machine<'_> {
                 let x = *x;
                 match self.expr(x) {
                     Lanes::Scalar(v) => Lanes::Vec4([v; 4]),
-                    Lanes::Vec4(_) => unreachable!("validated: splat of a scalar"),
+                    _ => unreachable!("validated: splat of a scalar"),
                 }
             }
             ExprKind::Compose(lanes) => {
@@ -559,8 +636,9 @@ impl Machine<'_> {
                 let (vector, lane) = (*vector, *lane);
                 let l = self.u32(lane);
                 match self.expr(vector) {
-                    // WGSL clamps a dynamic lane index out of range.
+                    // WGSL clamps a dynamic lane or array index out of range.
                     Lanes::Vec4(v) => Lanes::Scalar(v[(l as usize).min(3)]),
+                    Lanes::Array(a) => a[(l as usize).min(a.len() - 1)].clone(),
                     Lanes::Scalar(_) => unreachable!("validated: a lane of a vector"),
                 }
             }
@@ -572,7 +650,7 @@ impl Machine<'_> {
                 let (local, index) = (*local, *index);
                 let at = self.u32(index) as usize;
                 let array = &self.arrays[local.index()];
-                array[at.min(array.len() - 1)]
+                array[at.min(array.len() - 1)].clone()
             }
         }
     }
@@ -609,7 +687,7 @@ fn cast(to: Scalar, v: Value) -> Value {
 
 fn binary(op: BinOp, l: Lanes, r: Lanes) -> Lanes {
     use std::cmp::Ordering;
-    l.zip(r, |a, b| {
+    l.zip(&r, |a, b| {
         let ord = match (a, b) {
             (Value::F32(x), Value::F32(y)) => x.partial_cmp(&y),
             (Value::U32(x), Value::U32(y)) => Some(x.cmp(&y)),
@@ -707,7 +785,7 @@ mod tests {
         b.ret_(a);
         let f = b.finish();
         let got = eval(&f, 0, &mut Table((0..8).map(|x| x as f32).collect())).unwrap();
-        assert_eq!(got.and_then(Lanes::f32), Some(2.0));
+        assert_eq!(got.and_then(|l| l.f32()), Some(2.0));
     }
 
     #[test]
@@ -785,7 +863,7 @@ mod tests {
         b.ret_(total);
         let f = b.finish();
         let got = eval(&f, 0, &mut Table((0..8).map(|x| x as f32).collect())).unwrap();
-        assert_eq!(got.and_then(Lanes::f32), Some(28.0));
+        assert_eq!(got.and_then(|l| l.f32()), Some(28.0));
         // The same function prints as WGSL naga accepts.
         let text =
             crate::kir::wgsl::body(&f, &[crate::kir::wgsl::Callee::Call("v1".into())]).unwrap();

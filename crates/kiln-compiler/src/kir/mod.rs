@@ -29,11 +29,19 @@ pub enum Scalar {
     Bool,
 }
 
-/// The type of a value: a scalar, or four lanes of one (`vec4<T>`).
+/// The type of a value: a scalar, four lanes of one (`vec4<T>`), or a fixed-size array of
+/// either (`array<T, len>`: a schedule's several accumulators returned at once), or of such
+/// arrays (`outer`: `array<array<T, len>, outer>`, accumulators per window tap).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Ty {
     Scalar(Scalar),
     Vec4(Scalar),
+    Array {
+        scalar: Scalar,
+        vec4: bool,
+        len: u32,
+        outer: Option<u32>,
+    },
 }
 
 impl Ty {
@@ -45,7 +53,7 @@ impl Ty {
 
     pub fn scalar(self) -> Scalar {
         match self {
-            Ty::Scalar(s) | Ty::Vec4(s) => s,
+            Ty::Scalar(s) | Ty::Vec4(s) | Ty::Array { scalar: s, .. } => s,
         }
     }
 
@@ -54,7 +62,67 @@ impl Ty {
         match self {
             Ty::Scalar(_) => Ty::Scalar(s),
             Ty::Vec4(_) => Ty::Vec4(s),
+            Ty::Array {
+                vec4, len, outer, ..
+            } => Ty::Array {
+                scalar: s,
+                vec4,
+                len,
+                outer,
+            },
         }
+    }
+
+    /// `array<elem, len>`; `None` for arrays three deep.
+    pub fn array(elem: Ty, len: u32) -> Option<Ty> {
+        match elem {
+            Ty::Scalar(scalar) | Ty::Vec4(scalar) => Some(Ty::Array {
+                scalar,
+                vec4: matches!(elem, Ty::Vec4(_)),
+                len,
+                outer: None,
+            }),
+            Ty::Array {
+                scalar,
+                vec4,
+                len: inner,
+                outer: None,
+            } => Some(Ty::Array {
+                scalar,
+                vec4,
+                len: inner,
+                outer: Some(len),
+            }),
+            Ty::Array { .. } => None,
+        }
+    }
+
+    /// The type of one element of an array or one lane of a `vec4`.
+    pub fn element(self) -> Option<Ty> {
+        match self {
+            Ty::Scalar(_) => None,
+            Ty::Vec4(s) => Some(Ty::Scalar(s)),
+            Ty::Array {
+                outer: Some(_),
+                scalar,
+                vec4,
+                len,
+            } => Some(Ty::Array {
+                scalar,
+                vec4,
+                len,
+                outer: None,
+            }),
+            Ty::Array { scalar, vec4, .. } => Some(if vec4 {
+                Ty::Vec4(scalar)
+            } else {
+                Ty::Scalar(scalar)
+            }),
+        }
+    }
+
+    pub fn is_array(self) -> bool {
+        matches!(self, Ty::Array { .. })
     }
 }
 
@@ -188,6 +256,16 @@ pub enum ExprKind {
         k: usize,
         index: Expr,
     },
+    /// Operand `k` called with `args`: the element's index, then the values its extra
+    /// parameters take (a rows epilogue is handed its row of the reduction).
+    Call {
+        k: usize,
+        args: Vec<Expr>,
+    },
+    /// The function's extra parameter `k` ([`Function::params`]).
+    Param(usize),
+    /// `array<T, N>(elements)`.
+    Array(Vec<Expr>),
     Binary {
         op: BinOp,
         left: Expr,
@@ -226,7 +304,7 @@ pub enum ExprKind {
         global: usize,
         index: Expr,
     },
-    /// Lane `lane` (0 to 3) of a `vec4`.
+    /// Lane `lane` (0 to 3) of a `vec4`, or element `lane` of an array value.
     Lane {
         vector: Expr,
         lane: Expr,
@@ -347,6 +425,8 @@ pub type Block = Vec<Stmt>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Function {
     pub ret: Option<Ty>,
+    /// Parameters after the index, by name and type.
+    pub params: Vec<(String, Ty)>,
     pub operands: Vec<Ty>,
     pub globals: Vec<Global>,
     pub exprs: Vec<ExprKind>,
@@ -388,6 +468,7 @@ impl Builder {
         Builder {
             f: Function {
                 ret,
+                params: Vec::new(),
                 operands,
                 globals: Vec::new(),
                 exprs: Vec::new(),
@@ -550,6 +631,21 @@ impl Builder {
 
     pub fn operand(&mut self, k: usize, index: Expr) -> Expr {
         self.push(ExprKind::Operand { k, index })
+    }
+
+    /// Operand `k` called with its index and then the values of its extra parameters.
+    pub fn call(&mut self, k: usize, args: Vec<Expr>) -> Expr {
+        self.push(ExprKind::Call { k, args })
+    }
+
+    /// Declares an extra parameter `name: ty` after the index; returns its read.
+    pub fn param(&mut self, name: &str, ty: Ty) -> Expr {
+        self.f.params.push((name.to_string(), ty));
+        self.push(ExprKind::Param(self.f.params.len() - 1))
+    }
+
+    pub fn array(&mut self, elements: Vec<Expr>) -> Expr {
+        self.push(ExprKind::Array(elements))
     }
 
     pub fn bin(&mut self, op: BinOp, left: Expr, right: Expr) -> Expr {

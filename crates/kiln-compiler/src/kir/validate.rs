@@ -53,6 +53,14 @@ pub fn validate(f: &Function) -> Result<FunctionInfo, ValidationError> {
         types: vec![None; f.exprs.len()],
         starts: Vec::new(),
     };
+    for (k, (name, _)) in f.params.iter().enumerate() {
+        if name == "i" || f.params[..k].iter().any(|(n, _)| n == name) {
+            return fail(format!("parameter `{name}` is declared twice"));
+        }
+        if f.locals.iter().any(|l| l.name == *name) {
+            return fail(format!("local `{name}` shadows a parameter"));
+        }
+    }
     if !c.block(&f.body)? && f.ret.is_some() {
         return fail("the function can end without returning a value".into());
     }
@@ -320,6 +328,9 @@ impl<'a> Checker<'a> {
     fn binary_ty(&self, op: BinOp, l: Ty, r: Ty) -> Result<Ty, ValidationError> {
         use Scalar::*;
         let bad = || fail(format!("{op:?} of {l:?} and {r:?}"));
+        if l.is_array() || r.is_array() {
+            return bad();
+        }
         match op {
             BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem => {
                 if l.scalar() == Bool || l.scalar() != r.scalar() {
@@ -404,9 +415,44 @@ impl<'a> Checker<'a> {
                 if self.ty(*lane)? != Ty::U32 {
                     return fail("a lane index that is not u32".into());
                 }
-                match v {
-                    Ty::Vec4(s) => Ok(Ty::Scalar(s)),
-                    _ => fail(format!("a lane of {v:?}")),
+                match v.element() {
+                    Some(t) => Ok(t),
+                    None => fail(format!("a lane of {v:?}")),
+                }
+            }
+            ExprKind::Call { k, args } => {
+                let Some(&ty) = f.operands.get(*k) else {
+                    return fail(format!("operand {k} does not exist"));
+                };
+                let Some((&index, extra)) = args.split_first() else {
+                    return fail(format!("operand {k} is called without an index"));
+                };
+                if self.ty(index)? != Ty::U32 {
+                    return fail(format!("operand {k} is called at an index that is not u32"));
+                }
+                // The callee's extra parameters are its own (naga checks the module's calls).
+                for &a in extra {
+                    self.ty(a)?;
+                }
+                Ok(ty)
+            }
+            ExprKind::Param(k) => match f.params.get(*k) {
+                Some(&(_, ty)) if f.ret.is_some() => Ok(ty),
+                _ => fail(format!("parameter {k} does not exist")),
+            },
+            ExprKind::Array(elements) => {
+                let Some(&first) = elements.first() else {
+                    return fail("an empty array".into());
+                };
+                let t = self.ty(first)?;
+                for &e in &elements[1..] {
+                    if self.ty(e)? != t {
+                        return fail("an array of elements of different types".into());
+                    }
+                }
+                match Ty::array(t, elements.len() as u32) {
+                    Some(a) => Ok(a),
+                    None => fail("an array of arrays of arrays".into()),
                 }
             }
             ExprKind::Local(l) => {
@@ -434,6 +480,7 @@ impl<'a> Checker<'a> {
             ExprKind::Unary { op, operand } => {
                 let t = self.ty(*operand)?;
                 match (op, t.scalar()) {
+                    _ if t.is_array() => fail(format!("{op:?} of an array")),
                     (UnOp::Neg, Scalar::F32 | Scalar::I32) | (UnOp::Not, Scalar::Bool) => Ok(t),
                     _ => fail(format!("{op:?} of {t:?}")),
                 }
@@ -443,6 +490,9 @@ impl<'a> Checker<'a> {
                     return fail(format!("{fun:?} takes {} arguments", fun.arity()));
                 }
                 let t = self.ty(args[0])?;
+                if t.is_array() {
+                    return fail(format!("{fun:?} of an array"));
+                }
                 for &a in args.iter().skip(1) {
                     if self.ty(a)? != t {
                         return fail(format!("{fun:?} of different types"));
@@ -462,12 +512,15 @@ impl<'a> Checker<'a> {
                 let a = self.ty(*accept)?;
                 let r = self.ty(*reject)?;
                 let c = self.ty(*cond)?;
-                if a != r || (c != Ty::BOOL && c != a.with_scalar(Scalar::Bool)) {
+                if a != r || a.is_array() || (c != Ty::BOOL && c != a.with_scalar(Scalar::Bool)) {
                     return fail(format!("select of {a:?} and {r:?} on {c:?}"));
                 }
                 Ok(a)
             }
-            ExprKind::Cast { to, value } => Ok(self.ty(*value)?.with_scalar(*to)),
+            ExprKind::Cast { to, value } => match self.ty(*value)? {
+                t if t.is_array() => fail("a cast of an array".into()),
+                t => Ok(t.with_scalar(*to)),
+            },
             ExprKind::Splat(x) => match self.ty(*x)? {
                 Ty::Scalar(s) => Ok(Ty::Vec4(s)),
                 t => fail(format!("splat of {t:?}")),

@@ -86,6 +86,19 @@ pub fn ty(t: Ty) -> String {
     match t {
         Ty::Scalar(_) => s.to_string(),
         Ty::Vec4(_) => format!("vec4<{s}>"),
+        Ty::Array {
+            vec4, len, outer, ..
+        } => {
+            let elem = if vec4 {
+                format!("vec4<{s}>")
+            } else {
+                s.to_string()
+            };
+            match outer {
+                None => format!("array<{elem}, {len}>"),
+                Some(n) => format!("array<array<{elem}, {len}>, {n}>"),
+            }
+        }
     }
 }
 
@@ -341,6 +354,25 @@ impl Printer<'_> {
                 },
                 Primary,
             ),
+            ExprKind::Call { k, args } => {
+                let mut args: Vec<String> = args.iter().map(|&a| self.expr(a)).collect();
+                let name = match &self.operands[*k] {
+                    Callee::Call(name) | Callee::Value(name) => name,
+                    Callee::CallWith(name, extra) => {
+                        args.push(extra.clone());
+                        name
+                    }
+                };
+                (format!("{name}({})", args.join(", ")), Primary)
+            }
+            ExprKind::Param(k) => (self.f.params[*k].0.clone(), Primary),
+            ExprKind::Array(elements) => {
+                let elements: Vec<String> = elements.iter().map(|&e| self.expr(e)).collect();
+                (
+                    format!("{}({})", ty(self.ty(e)), elements.join(", ")),
+                    Primary,
+                )
+            }
             ExprKind::Binary { op, left, right } => {
                 let (class, l, r): (Class, &[Class], &[Class]) = match op {
                     BinOp::Mul | BinOp::Div => (
@@ -421,11 +453,13 @@ impl Printer<'_> {
             ExprKind::Lane { vector, lane } => (
                 match self.f.expr(*lane) {
                     // A lane known here reads as a swizzle.
-                    ExprKind::Literal(Literal::U32(k @ 0..=3)) => format!(
-                        "{}.{}",
-                        self.operand(*vector, &[Primary]),
-                        ["x", "y", "z", "w"][*k as usize]
-                    ),
+                    ExprKind::Literal(Literal::U32(k @ 0..=3)) if !self.ty(*vector).is_array() => {
+                        format!(
+                            "{}.{}",
+                            self.operand(*vector, &[Primary]),
+                            ["x", "y", "z", "w"][*k as usize]
+                        )
+                    }
                     _ => format!(
                         "{}[{}]",
                         self.operand(*vector, &[Primary]),
