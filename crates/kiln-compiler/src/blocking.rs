@@ -52,7 +52,6 @@
 //! accumulators was 17% faster and cost 3.7 s of cold start).
 
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
 
 use kiln_ir::{DType, Graph, NodeId, Op};
 
@@ -60,9 +59,7 @@ use crate::chunks::chunk_part;
 use crate::compute;
 use crate::kir::{self, module::Item, wgsl::Callee};
 use crate::plan::{Kernel, Placement, Plan};
-use crate::text::{
-    Operand as Read, UniformAt, batch_range, definition_over, matmul_indices, offset, strides, u, v,
-};
+use crate::text::{Operand as Read, UniformAt, definition_over, strides, v};
 
 /// Outputs per invocation of a blocked kernel (the lanes of a `vec4`).
 pub const LANES: usize = 4;
@@ -111,10 +108,8 @@ pub struct LaneFns<'a> {
     binding_of: &'a dyn Fn(usize) -> u32,
     uniform_at: UniformAt<'a>,
     done: BTreeSet<(NodeId, usize)>,
-    /// The lane functions made so far, in order.
+    /// The lane and rows functions made so far, in order.
     items: Vec<Item>,
-    /// The rows functions' text written since the last item.
-    text: String,
     /// Multiply-adds per output done by reductions with a blocked rule: what choosing a
     /// blocking maximises.
     pub blocked_work: usize,
@@ -184,7 +179,6 @@ impl<'a> LaneFns<'a> {
             direct_parts: 0,
             done: BTreeSet::new(),
             items: Vec::new(),
-            text: String::new(),
             blocked_work: 0,
             blocked: Vec::new(),
             chunked: Vec::new(),
@@ -262,7 +256,6 @@ impl<'a> LaneFns<'a> {
                     self.plan.buffer_of[id.0].expect("stored nodes have buffers"),
                 );
                 let value_of = format!("value_of_{name}");
-                self.flush_text();
                 self.items.push(Item::Function {
                     name: value_of.clone(),
                     comment: None,
@@ -278,7 +271,6 @@ impl<'a> LaneFns<'a> {
                 self.push(&own, f, vec![Callee::Call(value_of)]);
             }
             Some((definition, callees)) => {
-                self.flush_text();
                 self.items.push(Item::Function {
                     name: own,
                     comment: None,
@@ -308,13 +300,12 @@ impl<'a> LaneFns<'a> {
         name
     }
 
-    /// Appends kernel IR function `name`, after the text of the rows functions made so far.
+    /// Appends kernel IR function `name`.
     fn push(&mut self, name: &str, f: kir::Builder, callees: Vec<Callee>) {
         self.push_function(name, f.finish(), callees);
     }
 
     fn push_function(&mut self, name: &str, function: kir::Function, callees: Vec<Callee>) {
-        self.flush_text();
         self.items.push(Item::Function {
             name: name.to_string(),
             comment: None,
@@ -323,20 +314,9 @@ impl<'a> LaneFns<'a> {
         });
     }
 
-    /// Moves the rows functions' text written so far into the items.
-    fn flush_text(&mut self) {
-        if !self.text.is_empty() {
-            self.items.push(Item::Text(std::mem::take(&mut self.text)));
-        }
-    }
-
     /// The lane and rows functions made, in order.
-    pub fn items(&self) -> Vec<Item> {
-        let mut items = self.items.clone();
-        if !self.text.is_empty() {
-            items.push(Item::Text(self.text.clone()));
-        }
-        items
+    pub fn items(&self) -> &[Item] {
+        &self.items
     }
 
     /// The binding of `id` when it is read from a uniform buffer and lanes at `stride` are
@@ -1217,145 +1197,183 @@ impl LaneFns<'_> {
         let Op::Conv2d { padding, .. } = &node.op else {
             unreachable!("pool_taps_fusable picks convolutions")
         };
-        let out = &node.ty.shape;
+        let out = node.ty.shape.clone();
         let xs = graph.ty(node.inputs[0]).shape.clone();
         let ws = graph.ty(node.inputs[1]).shape.clone();
-        let [_, c, h, w] = <[usize; 4]>::try_from(xs.as_slice()).expect("rank 4");
-        let [_, _, kh, kw] = <[usize; 4]>::try_from(ws.as_slice()).expect("rank 4");
+        let [_, c, h, w] = compute::rank4(&xs);
+        let [_, _, kh, kw] = compute::rank4(&ws);
         let (x_st, w_st) = (strides(&xs), strides(&ws));
         let r = rows.count;
         // Lanes over output channels share the pixels and rows over images the weights, or
-        // lanes over images and rows over channels.
+        // lanes over images and rows over channels. Operand 0 reads pixels, operand 1 weights.
         let lanes_on_channels = rows.lane_axis == 1;
-        let (pixel_fn, weight_fn, zero) = if lanes_on_channels {
+        let (pixels, weights) = if lanes_on_channels {
             (
-                v(node.inputs[0]),
-                self.request(node.inputs[1], w_st[0]),
-                "0.0f",
+                Read::scalar(graph, node.inputs[0]),
+                Read::lanes(Callee::Call(self.request(node.inputs[1], w_st[0]))),
             )
         } else {
             (
-                self.request(node.inputs[0], x_st[0]),
-                v(node.inputs[1]),
-                "vec4<f32>(0.0f)",
+                Read::lanes(Callee::Call(self.request(node.inputs[0], x_st[0]))),
+                Read::scalar(graph, node.inputs[1]),
             )
         };
+        let pixel_ty = pixels.ty;
+        let ret = kir::Ty::array(vec4s(r), 4).expect("two deep");
+        let mut f = kir::Builder::new(ret, vec![pixels.ty, weights.ty]);
+        let callees = vec![pixels.callee, weights.callee];
         let padded = *padding != [0, 0];
-        let (py, px) = (crate::text::i(padding[0]), crate::text::i(padding[1]));
-        // Pixel (row `dy` of the patch, column `col` as an i32 expression) for row `q`.
-        let pixel = |dy: usize, col: &str, q: usize| -> String {
-            let image_row = if lanes_on_channels {
-                offset(&format!("row{dy}"), q * x_st[0])
-            } else {
-                format!("row{dy}")
+        let i = f.index();
+        let [nn, oc, oy, ox] = compute::coords4(&mut f, i, ["n", "o", "oy", "ox"], &out);
+        // Accumulator (tap t, row q): taps row-major over the 2x2 window.
+        let names: Vec<String> = (0..4)
+            .flat_map(|t| (0..r).map(move |q| format!("a{t}_{q}")))
+            .collect();
+        let accs = zeroed(&mut f, &names);
+        // Pixel (row `dy` of the patch, column `col` an i32) for row `q`.
+        let pixel =
+            |f: &mut kir::Builder, (row, ok): (kir::Expr, kir::Expr), col: kir::Expr, q: usize| {
+                let image_row = if lanes_on_channels {
+                    offset_expr(f, row, q * x_st[0])
+                } else {
+                    row
+                };
+                if padded {
+                    let (z, wm) = (f.i32(0), f.i32(w - 1));
+                    let at = f.math(kir::MathFn::Clamp, &[col, z, wm]);
+                    let at = f.cast(kir::Scalar::U32, at);
+                    let at = f.add(image_row, at);
+                    let p = f.operand(0, at);
+                    let zero = f.f32(0.0);
+                    let zero = if pixel_ty == kir::Ty::F32 {
+                        zero
+                    } else {
+                        f.splat(zero)
+                    };
+                    let (z, wi) = (f.i32(0), f.i32(w));
+                    let lo = f.bin(kir::BinOp::Ge, col, z);
+                    let inside = f.bin(kir::BinOp::And, ok, lo);
+                    let hi = f.bin(kir::BinOp::Lt, col, wi);
+                    let inside = f.bin(kir::BinOp::And, inside, hi);
+                    f.select(inside, p, zero)
+                } else {
+                    let at = f.cast(kir::Scalar::U32, col);
+                    let at = f.add(image_row, at);
+                    f.operand(0, at)
+                }
             };
-            if padded {
-                format!(
-                    "select({zero}, {pixel_fn}({image_row} + u32(clamp({col}, 0i, {wm}))), ok{dy} && {col} >= 0i && {col} < {wi})",
-                    wm = crate::text::i(w - 1),
-                    wi = crate::text::i(w),
-                )
-            } else {
-                format!("{pixel_fn}({image_row} + u32({col}))")
-            }
-        };
         // The pixels' rows: one per image row of the lanes (or the shared image).
         let pix_rows = if lanes_on_channels { r } else { 1 };
-        let mut s = crate::text::decode(&["n", "o", "oy", "ox"], out);
-        for t in 0..4 {
-            for q in 0..r {
-                let _ = writeln!(s, "    var a{t}_{q} = vec4<f32>(0.0f);");
-            }
-        }
-        let _ = writeln!(
-            s,
-            "    for (var c = 0u; c < {C}; c++) {{\n        for (var ky = 0u; ky < {KH}; ky++) {{",
-            C = u(c),
-            KH = u(kh)
-        );
-        for dy in 0..2 {
-            let _ = writeln!(
-                s,
-                "            let iy{dy} = i32(oy + ky + {dy}u) - {py};\n            let ok{dy} = iy{dy} >= 0i && iy{dy} < {hi};\n            let row{dy} = ((n * {C} + c) * {H} + u32(clamp(iy{dy}, 0i, {hm}))) * {W};",
-                hi = crate::text::i(h),
-                hm = crate::text::i(h - 1),
-                C = u(c),
-                H = u(h),
-                W = u(w),
-            );
-        }
-        for dy in 0..2 {
-            for q in 0..pix_rows {
-                let _ = writeln!(
-                    s,
-                    "            var p{dy}_{q} = {};",
-                    pixel(dy, &format!("i32(ox) - {px}"), q)
-                );
-            }
-        }
-        let _ = writeln!(
-            s,
-            "            for (var kx = 0u; kx < {KW}; kx++) {{\n                let col = i32(ox + kx + 1u) - {px};\n                let wi = ((o * {C} + c) * {KH} + ky) * {KW} + kx;",
-            KW = u(kw),
-            C = u(c),
-            KH = u(kh),
-        );
-        for dy in 0..2 {
-            for q in 0..pix_rows {
-                let _ = writeln!(
-                    s,
-                    "                let n{dy}_{q} = {};",
-                    pixel(dy, "col", q)
-                );
-            }
-        }
-        if lanes_on_channels {
-            let _ = writeln!(s, "                let wv = {weight_fn}(wi);");
-        } else {
-            for q in 0..r {
-                let _ = writeln!(
-                    s,
-                    "                let w{q} = {weight_fn}({});",
-                    offset("wi", q * w_st[0])
-                );
-            }
-        }
-        for t in 0..4 {
-            let (dy, dx) = (t / 2, t % 2);
-            for q in 0..r {
-                let pq = if lanes_on_channels { q } else { 0 };
-                let px_name = if dx == 0 {
-                    format!("p{dy}_{pq}")
-                } else {
-                    format!("n{dy}_{pq}")
-                };
-                let (a, b) = if lanes_on_channels {
-                    (px_name, "wv".to_string())
-                } else {
-                    (px_name, format!("w{q}"))
-                };
-                let _ = writeln!(s, "                a{t}_{q} += {a} * {b};");
-            }
-        }
-        for dy in 0..2 {
-            for q in 0..pix_rows {
-                let _ = writeln!(s, "                p{dy}_{q} = n{dy}_{q};");
-            }
-        }
-        s.push_str("            }\n        }\n    }\n");
-        let arr = format!("array<vec4<f32>, {r}>");
-        let taps: Vec<String> = (0..4)
+        let (z, cu) = (f.u32(0), f.u32(c));
+        f.for_("c", z, cu, |f, ci| {
+            let (z, khu) = (f.u32(0), f.u32(kh));
+            f.for_("ky", z, khu, |f, ky| {
+                let patch: Vec<(kir::Expr, kir::Expr)> = (0..2)
+                    .map(|dy| {
+                        let t = f.add(oy, ky);
+                        let d = f.u32(dy);
+                        let t = f.add(t, d);
+                        let t = f.cast(kir::Scalar::I32, t);
+                        let py = f.i32(padding[0]);
+                        let iy = f.sub(t, py);
+                        let iy = f.let_(&format!("iy{dy}"), kir::Ty::I32, iy);
+                        let (z, hi) = (f.i32(0), f.i32(h));
+                        let lo = f.bin(kir::BinOp::Ge, iy, z);
+                        let up = f.bin(kir::BinOp::Lt, iy, hi);
+                        let ok = f.bin(kir::BinOp::And, lo, up);
+                        let ok = f.let_(&format!("ok{dy}"), kir::Ty::BOOL, ok);
+                        let (z, hm) = (f.i32(0), f.i32(h - 1));
+                        let y = f.math(kir::MathFn::Clamp, &[iy, z, hm]);
+                        let y = f.cast(kir::Scalar::U32, y);
+                        let row = f.flat(&[nn, ci], &[0, c]);
+                        let hu = f.u32(h);
+                        let row = f.mul(row, hu);
+                        let row = f.add(row, y);
+                        let wu = f.u32(w);
+                        let row = f.mul(row, wu);
+                        let row = f.let_(&format!("row{dy}"), kir::Ty::U32, row);
+                        (row, ok)
+                    })
+                    .collect();
+                let mut before: Vec<Vec<kir::Local>> = Vec::new();
+                for (dy, &at) in patch.iter().enumerate() {
+                    let mut row = Vec::new();
+                    for q in 0..pix_rows {
+                        let oxi = f.cast(kir::Scalar::I32, ox);
+                        let px = f.i32(padding[1]);
+                        let col = f.sub(oxi, px);
+                        let p = pixel(f, at, col, q);
+                        row.push(f.var(&format!("p{dy}_{q}"), pixel_ty, p));
+                    }
+                    before.push(row);
+                }
+                let (z, kwu) = (f.u32(0), f.u32(kw));
+                f.for_("kx", z, kwu, |f, kx| {
+                    let t = f.add(ox, kx);
+                    let one = f.u32(1);
+                    let t = f.add(t, one);
+                    let t = f.cast(kir::Scalar::I32, t);
+                    let px = f.i32(padding[1]);
+                    let col = f.sub(t, px);
+                    let col = f.let_("col", kir::Ty::I32, col);
+                    let wi = f.flat(&[oc, ci, ky, kx], &[0, c, kh, kw]);
+                    let wi = f.let_("wi", kir::Ty::U32, wi);
+                    let next: Vec<Vec<kir::Expr>> = patch
+                        .iter()
+                        .enumerate()
+                        .map(|(dy, &at)| {
+                            (0..pix_rows)
+                                .map(|q| {
+                                    let p = pixel(f, at, col, q);
+                                    f.let_(&format!("n{dy}_{q}"), pixel_ty, p)
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    let weights: Vec<kir::Expr> = if lanes_on_channels {
+                        let wv = f.operand(1, wi);
+                        vec![f.let_("wv", kir::Ty::VEC4_F32, wv)]
+                    } else {
+                        (0..r)
+                            .map(|q| {
+                                let at = offset_expr(f, wi, q * w_st[0]);
+                                let wq = f.operand(1, at);
+                                f.let_(&format!("w{q}"), kir::Ty::F32, wq)
+                            })
+                            .collect()
+                    };
+                    for t in 0..4 {
+                        let (dy, dx) = (t / 2, t % 2);
+                        for q in 0..r {
+                            let pq = if lanes_on_channels { q } else { 0 };
+                            let p = if dx == 0 {
+                                f.get(before[dy][pq])
+                            } else {
+                                next[dy][pq]
+                            };
+                            let wt = weights[if lanes_on_channels { 0 } else { q }];
+                            let term = f.mul(p, wt);
+                            f.add_assign(accs[t * r + q], term);
+                        }
+                    }
+                    for dy in 0..2 {
+                        for q in 0..pix_rows {
+                            f.assign(before[dy][q], next[dy][q]);
+                        }
+                    }
+                });
+            });
+        });
+        let taps: Vec<kir::Expr> = (0..4)
             .map(|t| {
-                let accs: Vec<String> = (0..r).map(|q| format!("a{t}_{q}")).collect();
-                format!("{arr}({})", accs.join(", "))
+                let values: Vec<kir::Expr> = (0..r).map(|q| f.get(accs[t * r + q])).collect();
+                f.array(values)
             })
             .collect();
+        let all = f.array(taps);
+        f.ret_(all);
         let name = format!("v{}_rows_at_pool_taps", red.0);
-        let _ = writeln!(
-            self.text,
-            "fn {name}(i: u32) -> array<{arr}, 4> {{\n{s}    return array<{arr}, 4>({});\n}}",
-            taps.join(", ")
-        );
+        self.push(&name, f, callees);
         name
     }
 
@@ -1364,7 +1382,7 @@ impl LaneFns<'_> {
     fn reduction_rows(&mut self, red: NodeId, rows: Rows) -> String {
         let graph = self.graph;
         let node = graph.node(red);
-        let out = &node.ty.shape;
+        let out = node.ty.shape.clone();
         let r = rows.count;
         let shape = |k: usize| graph.ty(node.inputs[k]).shape.clone();
         let in_strides = |k: usize| strides(&graph.ty(node.inputs[k]).shape);
@@ -1376,327 +1394,452 @@ impl LaneFns<'_> {
         } else {
             name.clone()
         };
-        let accs: Vec<String> = if rows.inner > 1 {
+        let names: Vec<String> = if rows.inner > 1 {
             (0..r)
                 .flat_map(|k| (0..rows.inner).map(move |c| format!("acc{k}_{c}")))
                 .collect()
         } else {
             (0..r).map(|k| format!("acc{k}")).collect()
         };
-        let mut s = String::new();
-        for a in &accs {
-            let _ = writeln!(s, "    var {a} = vec4<f32>(0.0f);");
-        }
-        let arr = format!("array<vec4<f32>, {}>", accs.len());
-        let body = match &node.op {
-            Op::Conv2dGradWeight { stride, .. } => {
-                let [n, c, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
-                let [_, o, oh, ow] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
-                let x = v(node.inputs[0]);
-                let dy = self.request(node.inputs[1], in_strides(1)[1]);
-                if stride[1] == 1 {
-                    // Row k reads pixel ox + kx + k: one step along ox later it is row k - 1's.
-                    // A window of the rows' pixels slides along the input row, one load per
-                    // step instead of one per row.
-                    let preload: String = (0..r - 1)
-                        .map(|k| format!("            var p{k} = {x}({});\n", offset("xb", k)))
-                        .collect();
-                    let adds: String = (0..r)
-                        .map(|k| format!("                acc{k} += p{k} * d;\n"))
-                        .collect();
-                    let shift: String = (0..r - 1)
-                        .map(|k| format!("                p{k} = p{};\n", k + 1))
-                        .collect();
-                    format!(
-                        "{}{s}    for (var n = {N0}; n < {N}; n++) {{
-        for (var oy = 0u; oy < {OH}; oy++) {{
-            let iy = oy * {SY} + ky;
-            let xb = ((n * {C} + c) * {H} + iy) * {W} + kx;
-            let db = ((n * {O} + o) * {OH} + oy) * {OW};
-{preload}            for (var ox = 0u; ox < {OW}; ox++) {{
-                let p{last} = {x}(xb + ox + {LAST});
-                let d = {dy}(db + ox);
-{adds}{shift}            }}
-        }}
-    }}
-",
-                        crate::text::decode(&["o", "c", "ky", "kx"], out),
-                        N0 = batch_range(n, chunked).0,
-                        N = batch_range(n, chunked).1,
-                        C = u(c),
-                        H = u(h),
-                        W = u(w),
-                        O = u(o),
-                        OH = u(oh),
-                        OW = u(ow),
-                        SY = u(stride[0]),
-                        last = r - 1,
-                        LAST = u(r - 1),
-                    )
-                } else {
-                    let adds: Vec<String> = (0..r)
-                        .map(|k| format!("                acc{k} += {x}({}) * d;", offset("xb", k)))
-                        .collect();
-                    format!(
-                        "{}{s}    for (var n = {N0}; n < {N}; n++) {{
-        for (var oy = 0u; oy < {OH}; oy++) {{
-            let iy = oy * {SY} + ky;
-            for (var ox = 0u; ox < {OW}; ox++) {{
-                let d = {dy}(((n * {O} + o) * {OH} + oy) * {OW} + ox);
-                let xb = ((n * {C} + c) * {H} + iy) * {W} + ox * {SX} + kx;
-{adds}
-            }}
-        }}
-    }}
-",
-                        crate::text::decode(&["o", "c", "ky", "kx"], out),
-                        N0 = batch_range(n, chunked).0,
-                        N = batch_range(n, chunked).1,
-                        C = u(c),
-                        H = u(h),
-                        W = u(w),
-                        O = u(o),
-                        OH = u(oh),
-                        OW = u(ow),
-                        SY = u(stride[0]),
-                        SX = u(stride[1]),
-                        adds = adds.join("\n"),
-                    )
-                }
-            }
-            Op::Conv2dGradInput { padding, .. } if rows.inner > 1 => format!(
-                "{}{s}{}",
-                crate::text::decode(&["n", "c", "h", "w"], out),
-                self.grad_input_columns(red, rows, *padding)
+        let ret = vec4s(names.len());
+        // Operand 0 is read once per step for all rows (lanes, or a split part); operand 1
+        // once per row.
+        let (first, second) = match &node.op {
+            Op::Conv2dGradWeight { .. } => (
+                Read::scalar(graph, node.inputs[0]),
+                Read::lanes(Callee::Call(self.request(node.inputs[1], in_strides(1)[1]))),
             ),
+            Op::Conv2dGradInput { .. } => (
+                Read::lanes(Callee::Call(self.request(node.inputs[0], in_strides(0)[0]))),
+                Read::scalar(graph, node.inputs[1]),
+            ),
+            Op::MatMul { transpose_b, .. } => {
+                let bv = if self.quarter_rows(red, rows).is_some() {
+                    Read::scalar(graph, node.inputs[1])
+                } else {
+                    Read::lanes(Callee::Call(self.request(
+                        node.inputs[1],
+                        in_strides(1)[usize::from(!*transpose_b)] * rows.lane_gap,
+                    )))
+                };
+                (Read::scalar(graph, node.inputs[0]), bv)
+            }
+            Op::Conv2d { .. } if rows.lane_axis == 1 => (
+                Read::lanes(Callee::Call(self.request(node.inputs[1], in_strides(1)[0]))),
+                Read::scalar(graph, node.inputs[0]),
+            ),
+            Op::Conv2d { .. } => (
+                Read::lanes(Callee::Call(self.request(node.inputs[0], in_strides(0)[0]))),
+                Read::scalar(graph, node.inputs[1]),
+            ),
+            _ => unreachable!("rows_for only picks ops with a rows body"),
+        };
+        let mut f = kir::Builder::new(ret, vec![first.ty, second.ty]);
+        let callees = vec![first.callee, second.callee];
+        let i = f.index();
+        let offset = |f: &mut kir::Builder, base: kir::Expr, d: usize| offset_expr(f, base, d);
+        match &node.op {
+            Op::Conv2dGradWeight { stride, .. } => {
+                let [n, c, h, w] = compute::rank4(&shape(0));
+                let [_, o, oh, ow] = compute::rank4(&shape(1));
+                let [oc, cc, ky, kx] = compute::coords4(&mut f, i, ["o", "c", "ky", "kx"], &out);
+                let accs = zeroed(&mut f, &names);
+                let (lo, hi) = compute::batch_range(&mut f, n, chunked);
+                let sliding = stride[1] == 1;
+                f.for_("n", lo, hi, |f, nn| {
+                    let (z, ohu) = (f.u32(0), f.u32(oh));
+                    f.for_("oy", z, ohu, |f, oy| {
+                        let sy = f.u32(stride[0]);
+                        let iy = f.mul(oy, sy);
+                        let iy = f.add(iy, ky);
+                        let iy = f.let_("iy", kir::Ty::U32, iy);
+                        let (z, owu) = (f.u32(0), f.u32(ow));
+                        if sliding {
+                            // Row k reads pixel ox + kx + k: one step along ox later it is row
+                            // k - 1's. A window of the rows' pixels slides along the input
+                            // row, one load per step instead of one per row.
+                            let xb = f.flat(&[nn, cc, iy], &[0, c, h]);
+                            let ww = f.u32(w);
+                            let xb = f.mul(xb, ww);
+                            let xb = f.add(xb, kx);
+                            let xb = f.let_("xb", kir::Ty::U32, xb);
+                            let db = f.flat(&[nn, oc, oy], &[0, o, oh]);
+                            let oww = f.u32(ow);
+                            let db = f.mul(db, oww);
+                            let db = f.let_("db", kir::Ty::U32, db);
+                            let pixels: Vec<kir::Local> = (0..r - 1)
+                                .map(|k| {
+                                    let at = offset(f, xb, k);
+                                    let p = f.operand(0, at);
+                                    f.var(&format!("p{k}"), kir::Ty::F32, p)
+                                })
+                                .collect();
+                            f.for_("ox", z, owu, |f, ox| {
+                                let at = f.add(xb, ox);
+                                let at = offset(f, at, r - 1);
+                                let last = f.operand(0, at);
+                                let last = f.let_(&format!("p{}", r - 1), kir::Ty::F32, last);
+                                let at = f.add(db, ox);
+                                let d = f.operand(1, at);
+                                let d = f.let_("d", kir::Ty::VEC4_F32, d);
+                                for k in 0..r {
+                                    let p = if k == r - 1 { last } else { f.get(pixels[k]) };
+                                    let t = f.mul(p, d);
+                                    f.add_assign(accs[k], t);
+                                }
+                                for k in 0..r - 1 {
+                                    let next = if k + 1 == r - 1 {
+                                        last
+                                    } else {
+                                        f.get(pixels[k + 1])
+                                    };
+                                    f.assign(pixels[k], next);
+                                }
+                            });
+                        } else {
+                            f.for_("ox", z, owu, |f, ox| {
+                                let at = f.flat(&[nn, oc, oy, ox], &[0, o, oh, ow]);
+                                let d = f.operand(1, at);
+                                let d = f.let_("d", kir::Ty::VEC4_F32, d);
+                                let xb = f.flat(&[nn, cc, iy], &[0, c, h]);
+                                let ww = f.u32(w);
+                                let xb = f.mul(xb, ww);
+                                let sx = f.u32(stride[1]);
+                                let col = f.mul(ox, sx);
+                                let xb = f.add(xb, col);
+                                let xb = f.add(xb, kx);
+                                let xb = f.let_("xb", kir::Ty::U32, xb);
+                                for (k, &acc) in accs.iter().enumerate() {
+                                    let at = offset(f, xb, k);
+                                    let x = f.operand(0, at);
+                                    let t = f.mul(x, d);
+                                    f.add_assign(acc, t);
+                                }
+                            });
+                        }
+                    });
+                });
+                finish_rows(&mut f, &accs);
+            }
+            Op::Conv2dGradInput { padding, .. } if rows.inner > 1 => {
+                let coords = compute::coords4(&mut f, i, ["n", "c", "h", "w"], &out);
+                let accs = zeroed(&mut f, &names);
+                grad_input_columns(
+                    &mut f,
+                    coords,
+                    (&shape(0), &shape(1)),
+                    *padding,
+                    rows,
+                    &accs,
+                );
+                finish_rows(&mut f, &accs);
+            }
             Op::Conv2dGradInput { padding, .. } => {
                 let kk = shape(1)[2] * shape(1)[3];
-                let dy = self.request(node.inputs[0], in_strides(0)[0]);
-                let wt = v(node.inputs[1]);
-                let mut inner = format!("                let d = {dy}(dyi);\n");
-                for k in 0..r {
-                    let _ = writeln!(
-                        inner,
-                        "                acc{k} += {wt}({}) * d;",
-                        offset("wi", k * kk)
-                    );
-                }
-                format!(
-                    "{}{s}{}",
-                    crate::text::decode(&["n", "c", "h", "w"], out),
-                    crate::text::unit_stride_grad_input_taps(
-                        &shape(0),
-                        &shape(1),
-                        *padding,
-                        &inner
-                    ),
-                )
+                let coords = compute::coords4(&mut f, i, ["n", "c", "h", "w"], &out);
+                let accs = zeroed(&mut f, &names);
+                compute::unit_stride_grad_input_taps(
+                    &mut f,
+                    coords,
+                    &shape(0),
+                    &shape(1),
+                    *padding,
+                    &|f, dyi, wi| {
+                        let d = f.operand(0, dyi);
+                        let d = f.let_("d", kir::Ty::VEC4_F32, d);
+                        for (k, &acc) in accs.iter().enumerate() {
+                            let at = offset(f, wi, k * kk);
+                            let w = f.operand(1, at);
+                            let t = f.mul(w, d);
+                            f.add_assign(acc, t);
+                        }
+                    },
+                );
+                finish_rows(&mut f, &accs);
             }
             Op::MatMul {
                 transpose_a,
                 transpose_b,
             } => {
                 let (a, b) = (shape(0), shape(1));
-                let (k, _, bi) = matmul_indices(*transpose_a, *transpose_b, &a, &b, "r");
-                let ai = |row: String| matmul_indices(*transpose_a, *transpose_b, &a, &b, &row).1;
-                let av = v(node.inputs[0]);
-                let adds: Vec<String> = (0..r)
-                    .map(|q| format!("        acc{q} += {av}({}) * bb;", ai(offset("r", q))))
-                    .collect();
-                // A right-hand matrix `[K, N]` split in four parts of whole rows along the
-                // reduction: one loop per part, each reading its part's four consecutive
-                // columns as one vec4 (instead of every part per element).
-                let quarter_rows = (self.split)(node.inputs[1]).filter(|&(_, parts, words)| {
-                    !*transpose_b
-                        && !chunked
-                        && rows.lane_gap == 1
-                        && parts as usize == LANES
-                        && k % LANES == 0
-                        && b[1] % LANES == 0
-                        && words == k / LANES * b[1]
-                });
-                if let Some((slot, _, words)) = quarter_rows {
+                let (ta, tb) = (*transpose_a, *transpose_b);
+                let k = if ta { a[0] } else { a[1] };
+                let [rr, cc] =
+                    <[kir::Expr; 2]>::try_from(f.decode(i, &["r", "c"], &out)).expect("rank 2");
+                let accs = zeroed(&mut f, &names);
+                // Element (rr + q, p) of `a` and (p, cc) of `b`.
+                let a_at = |f: &mut kir::Builder, q: usize, p: kir::Expr| {
+                    let n = f.u32(a[1]);
+                    if ta {
+                        let t = f.mul(p, n);
+                        let t = f.add(t, rr);
+                        offset_expr(f, t, q)
+                    } else {
+                        let row = offset_expr(f, rr, q);
+                        let t = f.mul(row, n);
+                        f.add(t, p)
+                    }
+                };
+                let b_at = |f: &mut kir::Builder, p: kir::Expr| {
+                    let n = f.u32(b[1]);
+                    if tb {
+                        let t = f.mul(cc, n);
+                        f.add(t, p)
+                    } else {
+                        let t = f.mul(p, n);
+                        f.add(t, cc)
+                    }
+                };
+                let adds = |f: &mut kir::Builder, p: kir::Expr, bb: kir::Expr| {
+                    for (q, &acc) in accs.iter().enumerate() {
+                        let at = a_at(f, q, p);
+                        let x = f.operand(0, at);
+                        let t = f.mul(x, bb);
+                        f.add_assign(acc, t);
+                    }
+                };
+                if let Some((slot, words)) = self.quarter_rows(red, rows) {
+                    // A right-hand matrix `[K, N]` split in four parts of whole rows along the
+                    // reduction: one loop per part, each reading its part's four consecutive
+                    // columns as one vec4 (instead of every part per element).
                     self.direct_parts += 1;
                     let per = k / LANES;
-                    let loops: String = (0..LANES)
-                        .map(|l| {
-                            format!(
-                                "    for (var p = {}; p < {}; p++) {{\n        let bb = buf{slot}_{l}[({}) >> 2u];\n{}\n    }}\n",
-                                u(l * per),
-                                u((l + 1) * per),
-                                if l == 0 {
-                                    bi.clone()
-                                } else {
-                                    format!("{bi} - {}", u(l * words))
-                                },
-                                adds.join("\n")
-                            )
-                        })
-                        .collect();
-                    format!("{}{s}{loops}", crate::text::decode(&["r", "c"], out))
+                    for l in 0..LANES {
+                        let g = f.global(uniform_quads(format!("buf{slot}_{l}")));
+                        let (lo, hi) = (f.u32(l * per), f.u32((l + 1) * per));
+                        f.for_("p", lo, hi, |f, p| {
+                            let mut at = b_at(f, p);
+                            if l > 0 {
+                                let d = f.u32(l * words);
+                                at = f.sub(at, d);
+                            }
+                            let two = f.u32(2);
+                            let q = f.bin(kir::BinOp::ShiftRight, at, two);
+                            let bb = f.load(g, q);
+                            let bb = f.let_("bb", kir::Ty::VEC4_F32, bb);
+                            adds(f, p, bb);
+                        });
+                    }
                 } else {
-                    let bv = self.request(
-                        node.inputs[1],
-                        in_strides(1)[usize::from(!*transpose_b)] * rows.lane_gap,
-                    );
-                    format!(
-                        "{}{s}    for (var p = {K0}; p < {K}; p++) {{
-        let bb = {bv}({bi});
-{adds}
-    }}
-",
-                        crate::text::decode(&["r", "c"], out),
-                        K0 = batch_range(k, chunked).0,
-                        K = batch_range(k, chunked).1,
-                        adds = adds.join("\n"),
-                    )
+                    let (lo, hi) = compute::batch_range(&mut f, k, chunked);
+                    f.for_("p", lo, hi, |f, p| {
+                        let at = b_at(f, p);
+                        let bb = f.operand(1, at);
+                        let bb = f.let_("bb", kir::Ty::VEC4_F32, bb);
+                        adds(f, p, bb);
+                    });
                 }
+                finish_rows(&mut f, &accs);
             }
             Op::Conv2d { stride, padding } => {
-                let [_, c, h, w] = <[usize; 4]>::try_from(shape(0)).expect("rank 4");
-                let [_, _, kh, kw] = <[usize; 4]>::try_from(shape(1)).expect("rank 4");
-                let (ty, iy) =
-                    crate::text::tap("        ", "iy", "oy", "ky", stride[0], padding[0], h);
-                let (tx, ix) =
-                    crate::text::tap("            ", "ix", "ox", "kx", stride[1], padding[1], w);
+                let [_, c, h, w] = compute::rank4(&shape(0));
+                let [_, _, kh, kw] = compute::rank4(&shape(1));
+                let [nn, oc, oy, ox] = compute::coords4(&mut f, i, ["n", "o", "oy", "ox"], &out);
+                let accs = zeroed(&mut f, &names);
                 // Lanes over output channels share the pixel; rows over images share the
                 // weights (or the other way round).
-                let (lanes, per_row, step) = if rows.lane_axis == 1 {
-                    let wl = self.request(node.inputs[1], in_strides(1)[0]);
-                    (
-                        format!("{wl}(wi)"),
-                        v(node.inputs[0]),
-                        ("xi", in_strides(0)[0]),
-                    )
+                let step = if rows.lane_axis == 1 {
+                    in_strides(0)[0]
                 } else {
-                    let xl = self.request(node.inputs[0], in_strides(0)[0]);
-                    (
-                        format!("{xl}(xi)"),
-                        v(node.inputs[1]),
-                        ("wi", in_strides(1)[0]),
-                    )
+                    in_strides(1)[0]
                 };
-                let adds: Vec<String> = (0..r)
-                    .map(|q| {
-                        format!(
-                            "                acc{q} += {per_row}({}) * both;",
-                            offset(step.0, q * step.1)
-                        )
-                    })
-                    .collect();
-                format!(
-                    "{}{s}    for (var c = 0u; c < {C}; c++) {{
-        for (var ky = 0u; ky < {KH}; ky++) {{
-{ty}
-            for (var kx = 0u; kx < {KW}; kx++) {{
-{tx}
-                let xi = ((n * {C} + c) * {H} + {iy}) * {W} + {ix};
-                let wi = ((o * {C} + c) * {KH} + ky) * {KW} + kx;
-                let both = {lanes};
-{adds}
-            }}
-        }}
-    }}
-",
-                    crate::text::decode(&["n", "o", "oy", "ox"], out),
-                    C = u(c),
-                    H = u(h),
-                    W = u(w),
-                    KH = u(kh),
-                    KW = u(kw),
-                    adds = adds.join("\n"),
-                )
+                let (z, cu) = (f.u32(0), f.u32(c));
+                f.for_("c", z, cu, |f, ci| {
+                    let (z, khu) = (f.u32(0), f.u32(kh));
+                    f.for_("ky", z, khu, |f, ky| {
+                        let iy = compute::tap(f, "iy", oy, ky, stride[0], padding[0], h);
+                        let (z, kwu) = (f.u32(0), f.u32(kw));
+                        f.for_("kx", z, kwu, |f, kx| {
+                            let ix = compute::tap(f, "ix", ox, kx, stride[1], padding[1], w);
+                            let xi = f.flat(&[nn, ci, iy, ix], &[0, c, h, w]);
+                            let xi = f.let_("xi", kir::Ty::U32, xi);
+                            let wi = f.flat(&[oc, ci, ky, kx], &[0, c, kh, kw]);
+                            let wi = f.let_("wi", kir::Ty::U32, wi);
+                            let (shared, per_row) = if rows.lane_axis == 1 {
+                                (wi, xi)
+                            } else {
+                                (xi, wi)
+                            };
+                            let both = f.operand(0, shared);
+                            let both = f.let_("both", kir::Ty::VEC4_F32, both);
+                            for (q, &acc) in accs.iter().enumerate() {
+                                let at = offset(f, per_row, q * step);
+                                let x = f.operand(1, at);
+                                let t = f.mul(x, both);
+                                f.add_assign(acc, t);
+                            }
+                        });
+                    });
+                });
+                finish_rows(&mut f, &accs);
             }
             _ => unreachable!("rows_for only picks ops with a rows body"),
-        };
-        let _ = writeln!(
-            self.text,
-            "fn {own}(i: u32) -> {arr} {{\n{body}    return {arr}({});\n}}",
-            accs.join(", ")
-        );
+        }
+        self.push(&own, f, callees);
         name
+    }
+
+    /// The binding and words per part of a matmul's right-hand matrix `[K, N]` split in four
+    /// parts of whole rows along the reduction, when the rows read it part by part.
+    fn quarter_rows(&self, red: NodeId, rows: Rows) -> Option<(u32, usize)> {
+        let graph = self.graph;
+        let node = graph.node(red);
+        let Op::MatMul {
+            transpose_a,
+            transpose_b,
+        } = node.op
+        else {
+            return None;
+        };
+        let (a, b) = (
+            &graph.ty(node.inputs[0]).shape,
+            &graph.ty(node.inputs[1]).shape,
+        );
+        let k = if transpose_a { a[0] } else { a[1] };
+        (self.split)(node.inputs[1])
+            .filter(|&(_, parts, words)| {
+                !transpose_b
+                    && !self.chunked.contains(&red)
+                    && rows.lane_gap == 1
+                    && parts as usize == LANES
+                    && k % LANES == 0
+                    && b[1] % LANES == 0
+                    && words == k / LANES * b[1]
+            })
+            .map(|(slot, _, words)| (slot, words))
     }
 }
 
-impl LaneFns<'_> {
-    /// The tap loops of a stride-1 input gradient computing `rows.inner` adjacent columns
-    /// (`w`, `w + 1`, ...) of each row: column `k` at kernel column `kx` reads `dy` at
-    /// `ox = w + k + px - kx`, which is column `k - 1`'s value one step earlier, so each step
-    /// loads one new `dy` (four images) for all columns; `kx` runs over the whole kernel and
-    /// loads outside `dy` are selected away (their index clamped).
-    fn grad_input_columns(&mut self, red: NodeId, rows: Rows, padding: [usize; 2]) -> String {
-        let graph = self.graph;
-        let node = graph.node(red);
-        let dys = graph.ty(node.inputs[0]).shape.clone();
-        let ws = graph.ty(node.inputs[1]).shape.clone();
-        let [_, o, oh, ow] = <[usize; 4]>::try_from(dys.as_slice()).expect("rank 4");
-        let [_, c, kh, kw] = <[usize; 4]>::try_from(ws.as_slice()).expect("rank 4");
-        let dy = self.request(node.inputs[0], strides(&dys)[0]);
-        let wt = v(node.inputs[1]);
-        let cols = rows.inner;
-        let (ii, uu) = (crate::text::i, u);
-        let load = |x: &str| {
-            format!(
-                "select(vec4<f32>(0.0f), {dy}(db + u32(clamp({x}, 0i, {OW1}))), {x} >= 0i && {x} < {OWi})",
-                OW1 = ii(ow - 1),
-                OWi = ii(ow),
-            )
-        };
-        let mut s = format!(
-            "    let ky_lo = u32(max(i32(h) + {PY} - {OH1}, 0i));
-    let ky_end = u32(min(i32(h) + {PY} + 1i, {KHi}));
-    for (var o = 0u; o < {O}; o++) {{
-        for (var ky = ky_lo; ky < ky_end; ky++) {{
-            let db = ((n * {O} + o) * {OH} + h + {PYu} - ky) * {OW};
-            let wb = ((o * {C} + c) * {KH} + ky) * {KW};
-",
-            PY = ii(padding[0]),
-            OH1 = ii(oh - 1),
-            KHi = ii(kh),
-            O = uu(o),
-            OH = uu(oh),
-            OW = uu(ow),
-            PYu = uu(padding[0]),
-            C = uu(c),
-            KH = uu(kh),
-            KW = uu(kw),
-        );
-        // Columns 1.. at kx = 0; column 0 is loaded at the top of each step.
-        for k in 1..cols {
-            let x = format!("x{k}");
-            let _ = writeln!(
-                s,
-                "            let {x} = i32(w) + {};
-            var p{k} = {};",
-                ii(k + padding[1]),
-                load(&x)
-            );
-        }
-        let _ = writeln!(
-            s,
-            "            for (var kx = 0u; kx < {KW}; kx++) {{
-                let x0 = i32(w) + {PX} - i32(kx);
-                let p0 = {};",
-            load("x0"),
-            KW = uu(kw),
-            PX = ii(padding[1]),
-        );
-        for q in 0..rows.count {
-            let _ = writeln!(
-                s,
-                "                let w{q} = {wt}({});",
-                offset("wb + kx", q * kh * kw)
-            );
-        }
-        for q in 0..rows.count {
-            for k in 0..cols {
-                let _ = writeln!(s, "                acc{q}_{k} += w{q} * p{k};");
+/// `var <name> = vec4<f32>(0.0f);` for each accumulator.
+fn zeroed(f: &mut kir::Builder, names: &[String]) -> Vec<kir::Local> {
+    names
+        .iter()
+        .map(|n| {
+            let z = f.f32(0.0);
+            let z = f.splat(z);
+            f.var(n, kir::Ty::VEC4_F32, z)
+        })
+        .collect()
+}
+
+/// `return array<vec4<f32>, N>(accumulators);`
+fn finish_rows(f: &mut kir::Builder, accs: &[kir::Local]) {
+    let values: Vec<kir::Expr> = accs.iter().map(|&a| f.get(a)).collect();
+    let all = f.array(values);
+    f.ret_(all);
+}
+
+/// The tap loops of a stride-1 input gradient computing `rows.inner` adjacent columns
+/// (`w`, `w + 1`, ...) of each row: column `k` at kernel column `kx` reads `dy` at
+/// `ox = w + k + px - kx`, which is column `k - 1`'s value one step earlier, so each step
+/// loads one new `dy` (four images) for all columns; `kx` runs over the whole kernel and
+/// loads outside `dy` are selected away (their index clamped). Operand 0 reads `dy`'s lanes,
+/// operand 1 the weights; `accs` are row-major over rows, then columns.
+fn grad_input_columns(
+    f: &mut kir::Builder,
+    [n, c, h, w]: [kir::Expr; 4],
+    (dys, ws): (&[usize], &[usize]),
+    padding: [usize; 2],
+    rows: Rows,
+    accs: &[kir::Local],
+) {
+    let [_, o, oh, ow] = compute::rank4(dys);
+    let [_, cc, kh, kw] = compute::rank4(ws);
+    let cols = rows.inner;
+    let ty = kir::Ty::VEC4_F32;
+    let hi = f.cast(kir::Scalar::I32, h);
+    let py = f.i32(padding[0]);
+    let t = f.add(hi, py);
+    let oh1 = f.i32(oh - 1);
+    let t = f.sub(t, oh1);
+    let z = f.i32(0);
+    let t = f.math(kir::MathFn::Max, &[t, z]);
+    let ky_lo = f.cast(kir::Scalar::U32, t);
+    let ky_lo = f.let_("ky_lo", kir::Ty::U32, ky_lo);
+    let hi = f.cast(kir::Scalar::I32, h);
+    let t = f.add(hi, py);
+    let one = f.i32(1);
+    let t = f.add(t, one);
+    let khi = f.i32(kh);
+    let t = f.math(kir::MathFn::Min, &[t, khi]);
+    let ky_end = f.cast(kir::Scalar::U32, t);
+    let ky_end = f.let_("ky_end", kir::Ty::U32, ky_end);
+    // `dy` at column `x` of the row at `db`, zero outside it.
+    let load = |f: &mut kir::Builder, db: kir::Expr, x: kir::Expr| {
+        let zero = f.f32(0.0);
+        let zero = f.splat(zero);
+        let (z, last) = (f.i32(0), f.i32(ow - 1));
+        let inside_at = f.math(kir::MathFn::Clamp, &[x, z, last]);
+        let at = f.cast(kir::Scalar::U32, inside_at);
+        let at = f.add(db, at);
+        let d = f.operand(0, at);
+        let (z, n) = (f.i32(0), f.i32(ow));
+        let lo = f.bin(kir::BinOp::Ge, x, z);
+        let hi = f.bin(kir::BinOp::Lt, x, n);
+        let inside = f.bin(kir::BinOp::And, lo, hi);
+        f.select(inside, d, zero)
+    };
+    let (z, ou) = (f.u32(0), f.u32(o));
+    f.for_("o", z, ou, |f, oi| {
+        f.for_("ky", ky_lo, ky_end, |f, ky| {
+            let db = f.flat(&[n, oi], &[0, o]);
+            let ohu = f.u32(oh);
+            let db = f.mul(db, ohu);
+            let db = f.add(db, h);
+            let pyu = f.u32(padding[0]);
+            let db = f.add(db, pyu);
+            let db = f.sub(db, ky);
+            let owu = f.u32(ow);
+            let db = f.mul(db, owu);
+            let db = f.let_("db", kir::Ty::U32, db);
+            let wb = f.flat(&[oi, c, ky], &[0, cc, kh]);
+            let kwu = f.u32(kw);
+            let wb = f.mul(wb, kwu);
+            let wb = f.let_("wb", kir::Ty::U32, wb);
+            // Columns 1.. at kx = 0; column 0 is loaded at the top of each step.
+            let mut p: Vec<Option<kir::Local>> = vec![None];
+            for k in 1..cols {
+                let wi = f.cast(kir::Scalar::I32, w);
+                let d = f.i32(k + padding[1]);
+                let x = f.add(wi, d);
+                let x = f.let_(&format!("x{k}"), kir::Ty::I32, x);
+                let v = load(f, db, x);
+                p.push(Some(f.var(&format!("p{k}"), ty, v)));
             }
-        }
-        for k in (1..cols).rev() {
-            let _ = writeln!(s, "                p{k} = p{};", k - 1);
-        }
-        s.push_str("            }\n        }\n    }\n");
-        s
-    }
+            let (z, kwu) = (f.u32(0), f.u32(kw));
+            f.for_("kx", z, kwu, |f, kx| {
+                let wi = f.cast(kir::Scalar::I32, w);
+                let px = f.i32(padding[1]);
+                let x0 = f.add(wi, px);
+                let kxi = f.cast(kir::Scalar::I32, kx);
+                let x0 = f.sub(x0, kxi);
+                let x0 = f.let_("x0", kir::Ty::I32, x0);
+                let p0 = load(f, db, x0);
+                let p0 = f.let_("p0", ty, p0);
+                let weights: Vec<kir::Expr> = (0..rows.count)
+                    .map(|q| {
+                        let at = f.add(wb, kx);
+                        let at = offset_expr(f, at, q * kh * kw);
+                        let wq = f.operand(1, at);
+                        f.let_(&format!("w{q}"), kir::Ty::F32, wq)
+                    })
+                    .collect();
+                let pixel = |f: &mut kir::Builder, k: usize| match p[k] {
+                    None => p0,
+                    Some(l) => f.get(l),
+                };
+                for (q, &wq) in weights.iter().enumerate() {
+                    for k in 0..cols {
+                        let pk = pixel(f, k);
+                        let t = f.mul(wq, pk);
+                        f.add_assign(accs[q * cols + k], t);
+                    }
+                }
+                for k in (1..cols).rev() {
+                    let before = pixel(f, k - 1);
+                    f.assign(p[k].expect("columns 1.. are vars"), before);
+                }
+            });
+        });
+    });
 }

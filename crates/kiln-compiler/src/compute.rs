@@ -629,11 +629,11 @@ pub fn element(
     builder.finish()
 }
 
-fn rank4(s: &[usize]) -> [usize; 4] {
+pub(crate) fn rank4(s: &[usize]) -> [usize; 4] {
     <[usize; 4]>::try_from(s).expect("rank 4")
 }
 
-fn coords4(b: &mut Builder, i: Expr, names: [&str; 4], shape: &[usize]) -> [Expr; 4] {
+pub(crate) fn coords4(b: &mut Builder, i: Expr, names: [&str; 4], shape: &[usize]) -> [Expr; 4] {
     <[Expr; 4]>::try_from(b.decode(i, &names, shape)).expect("rank 4")
 }
 
@@ -723,7 +723,7 @@ fn reduce_loops(
 /// The input coordinate `name = outer * stride + k - pad` of a convolution tap, skipping taps
 /// in the zero padding. Without padding every tap of a valid output lies inside the input:
 /// no check, and unsigned arithmetic the driver's compiler can vectorise.
-fn tap(
+pub(crate) fn tap(
     b: &mut Builder,
     name: &str,
     outer: Expr,
@@ -822,7 +822,7 @@ fn valid_outputs(
 /// weights `[O,C,KH,KW]`) over exactly the taps that land inside dy — one range per axis
 /// instead of testing every tap, which was most of the loop — calling `inner` with the flat
 /// indices of dy and of the weight.
-fn unit_stride_grad_input_taps(
+pub(crate) fn unit_stride_grad_input_taps(
     b: &mut Builder,
     [n, c, h, w]: [Expr; 4],
     dy: &[usize],

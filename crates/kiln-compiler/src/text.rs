@@ -1,5 +1,5 @@
-//! WGSL text fragments shared by the schedules that are still written as text (register
-//! blocking's rows, the CPU-class convolutions, chunk sums) and the element functions they
+//! WGSL text fragments shared by the schedules that are still written as text (the CPU-class
+//! convolutions, kernel columns, entry points, chunk sums) and the element functions they
 //! wrap, which come from each op's definition in the kernel IR (`compute.rs`). Only the other
 //! code generation modules import it; it imports none of them, so they form no cycle.
 
@@ -56,37 +56,6 @@ pub(crate) fn decode_from(var: &str, names: &[&str], shape: &[usize]) -> String 
     s
 }
 
-/// The statements (at `indent`) computing input coordinate `var = outer * stride + k - pad` of
-/// a convolution tap, skipping taps that fall in the zero padding, and the u32 expression for
-/// the coordinate. Without padding every tap of a valid output lies inside the input: no check,
-/// and unsigned arithmetic the driver's compiler can vectorise.
-pub(crate) fn tap(
-    indent: &str,
-    var: &str,
-    outer: &str,
-    k: &str,
-    stride: usize,
-    pad: usize,
-    size: usize,
-) -> (String, String) {
-    if pad == 0 {
-        (
-            format!("{indent}let {var} = {outer} * {} + {k};", u(stride)),
-            var.to_string(),
-        )
-    } else {
-        (
-            format!(
-                "{indent}let {var} = i32({outer} * {} + {k}) - {};\n{indent}if ({var} < 0i || {var} >= {}) {{ continue; }}",
-                u(stride),
-                i(pad),
-                i(size)
-            ),
-            format!("u32({var})"),
-        )
-    }
-}
-
 /// `let <o>_lo` and `let <o>_end`: the range of outputs `o` (`out` of them) along one axis
 /// whose stride-1 tap `k` lands inside an input of `size` padded by `pad` on each side.
 pub(crate) fn valid_outputs(o: &str, k: &str, pad: usize, size: usize, out: usize) -> String {
@@ -95,76 +64,6 @@ pub(crate) fn valid_outputs(o: &str, k: &str, pad: usize, size: usize, out: usiz
         i(pad),
         i(size + pad),
         i(out)
-    )
-}
-
-/// A matmul's reduction length and, at step `p`, the flat indices of `a` at row `row` and of
-/// `b` at column `c`.
-pub(crate) fn matmul_indices(
-    transpose_a: bool,
-    transpose_b: bool,
-    a: &[usize],
-    b: &[usize],
-    row: &str,
-) -> (usize, String, String) {
-    let k = if transpose_a { a[0] } else { a[1] };
-    let ai = if transpose_a {
-        format!("p * {} + {row}", u(a[1]))
-    } else if row.contains(' ') {
-        format!("({row}) * {} + p", u(a[1]))
-    } else {
-        format!("{row} * {} + p", u(a[1]))
-    };
-    let bi = if transpose_b {
-        format!("c * {} + p", u(b[1]))
-    } else {
-        format!("p * {} + c", u(b[1]))
-    };
-    (k, ai, bi)
-}
-
-/// The loops of a stride-1 convolution input gradient at `(n, c, h, w)` (dy `[N,O,OH,OW]`,
-/// weights `[O,C,KH,KW]`) over exactly the taps that land inside dy — one range per axis
-/// instead of testing every tap, which was most of the loop — with `dyi` and `wi` the flat
-/// indices of dy and of the weight; `inner` runs once per tap.
-pub(crate) fn unit_stride_grad_input_taps(
-    dy: &[usize],
-    w: &[usize],
-    padding: [usize; 2],
-    inner: &str,
-) -> String {
-    let [_, o, oh, ow] = <[usize; 4]>::try_from(dy).expect("rank 4");
-    let [_, c, kh, kw] = <[usize; 4]>::try_from(w).expect("rank 4");
-    format!(
-        "    let ky_lo = u32(max(i32(h) + {PY} - {OH1}, 0i));
-    let ky_end = u32(min(i32(h) + {PY} + 1i, {KHi}));
-    let kx_lo = u32(max(i32(w) + {PX} - {OW1}, 0i));
-    let kx_end = u32(min(i32(w) + {PX} + 1i, {KWi}));
-    for (var o = 0u; o < {O}; o++) {{
-        for (var ky = ky_lo; ky < ky_end; ky++) {{
-            let oy = h + {PYu} - ky;
-            for (var kx = kx_lo; kx < kx_end; kx++) {{
-                let ox = w + {PXu} - kx;
-                let dyi = ((n * {O} + o) * {OH} + oy) * {OW} + ox;
-                let wi = ((o * {C} + c) * {KH} + ky) * {KW} + kx;
-{inner}            }}
-        }}
-    }}
-",
-        O = u(o),
-        OH = u(oh),
-        OW = u(ow),
-        OH1 = i(oh - 1),
-        OW1 = i(ow - 1),
-        C = u(c),
-        KH = u(kh),
-        KW = u(kw),
-        KHi = i(kh),
-        KWi = i(kw),
-        PY = i(padding[0]),
-        PX = i(padding[1]),
-        PYu = u(padding[0]),
-        PXu = u(padding[1]),
     )
 }
 

@@ -1689,12 +1689,12 @@ fn emit_kernel_with(
         KernelKind::Map { roots } if blocking.is_some() => {
             let (main, b, fns, rows) = blocking.as_ref().expect("blocked");
             fn_text.push('\n');
-            fn_text.push_str(&print_items(&fns.items()).map_err(|e| {
-                CodegenError::Unsupported {
+            fn_text.push_str(
+                &print_items(fns.items()).map_err(|e| CodegenError::Unsupported {
                     kernel: kernel.name.clone(),
                     message: format!("generator bug: {e}"),
-                }
-            })?);
+                })?,
+            );
             let lane = |k: usize| ["x", "y", "z", "w"][k];
             let main_numel = graph.ty(*main).numel();
             // The invocation grid: the main root's index space with its blocked axes divided

@@ -568,21 +568,11 @@ impl Machine<'_> {
                     MathFn::Log => one(f32::ln),
                     MathFn::Sqrt => one(f32::sqrt),
                     MathFn::Tanh => one(f32::tanh),
-                    MathFn::Max | MathFn::Min => args[0].zip(&args[1], |a, b| {
-                        let max = fun == MathFn::Max;
-                        match (a, b) {
-                            (Value::F32(a), Value::F32(b)) => {
-                                Value::F32(if max { a.max(b) } else { a.min(b) })
-                            }
-                            (Value::U32(a), Value::U32(b)) => {
-                                Value::U32(if max { a.max(b) } else { a.min(b) })
-                            }
-                            (Value::I32(a), Value::I32(b)) => {
-                                Value::I32(if max { a.max(b) } else { a.min(b) })
-                            }
-                            _ => unreachable!("validated: {fun:?} of {a:?}, {b:?}"),
-                        }
-                    }),
+                    MathFn::Clamp => {
+                        let low = min_max(MathFn::Max, &args[0], &args[1]);
+                        min_max(MathFn::Min, &low, &args[2])
+                    }
+                    MathFn::Max | MathFn::Min => min_max(fun, &args[0], &args[1]),
                 }
             }
             ExprKind::Select {
@@ -654,6 +644,17 @@ impl Machine<'_> {
             }
         }
     }
+}
+
+/// WGSL's `max` or `min`, lane by lane.
+fn min_max(fun: MathFn, a: &Lanes, b: &Lanes) -> Lanes {
+    let max = fun == MathFn::Max;
+    a.zip(b, |a, b| match (a, b) {
+        (Value::F32(a), Value::F32(b)) => Value::F32(if max { a.max(b) } else { a.min(b) }),
+        (Value::U32(a), Value::U32(b)) => Value::U32(if max { a.max(b) } else { a.min(b) }),
+        (Value::I32(a), Value::I32(b)) => Value::I32(if max { a.max(b) } else { a.min(b) }),
+        _ => unreachable!("validated: {fun:?} of {a:?}, {b:?}"),
+    })
 }
 
 fn float(v: Value) -> f32 {

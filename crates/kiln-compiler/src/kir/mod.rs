@@ -206,12 +206,15 @@ pub enum MathFn {
     Tanh,
     Max,
     Min,
+    /// `clamp(x, low, high)`: `min(max(x, low), high)`.
+    Clamp,
 }
 
 impl MathFn {
     pub fn arity(self) -> usize {
         match self {
             MathFn::Max | MathFn::Min => 2,
+            MathFn::Clamp => 3,
             _ => 1,
         }
     }

@@ -498,7 +498,7 @@ impl<'a> Checker<'a> {
                         return fail(format!("{fun:?} of different types"));
                     }
                 }
-                let float_only = !matches!(fun, MathFn::Max | MathFn::Min);
+                let float_only = !matches!(fun, MathFn::Max | MathFn::Min | MathFn::Clamp);
                 if t.scalar() == Scalar::Bool || float_only && t.scalar() != Scalar::F32 {
                     return fail(format!("{fun:?} of {t:?}"));
                 }

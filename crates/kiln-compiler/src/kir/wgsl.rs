@@ -420,6 +420,7 @@ impl Printer<'_> {
                     MathFn::Tanh => "tanh",
                     MathFn::Max => "max",
                     MathFn::Min => "min",
+                    MathFn::Clamp => "clamp",
                 };
                 let args: Vec<String> = args.iter().map(|&a| self.expr(a)).collect();
                 (format!("{name}({})", args.join(", ")), Primary)
