@@ -100,6 +100,11 @@ pub struct KernelModule {
     /// in it entirely (one invocation per element, no image chunks, no text items); the
     /// interpreter can run it (`kir::interp::Runner`).
     pub kernel_ir: Option<kir::module::Module>,
+    /// The kernel's functions in module order before its entry point: kernel IR, or text for
+    /// the schedules still written as text (the CPU-class convolutions, kernel columns). A
+    /// blocked kernel's lane and rows functions are here as data, for tests and tools that
+    /// run them on the interpreter.
+    pub functions: Vec<kir::module::Item>,
 }
 
 impl KernelModule {
@@ -1553,10 +1558,14 @@ fn emit_kernel_with(
             target.class == DeviceClass::Cpu,
         )
     };
-    let mut fn_text = print_items(&items).map_err(|e| CodegenError::Unsupported {
-        kernel: kernel.name.clone(),
-        message: format!("generator bug: {e}"),
-    })?;
+    // The kernel's functions in module order (text for the schedules still written as text).
+    let mut functions: Vec<Item> = items.clone();
+    let printed = |items: &[Item]| {
+        print_items(items).map_err(|e| CodegenError::Unsupported {
+            kernel: kernel.name.clone(),
+            message: format!("generator bug: {e}"),
+        })
+    };
     // Summing kernels: each dispatch's reductions add the sums carried from the chunks before.
     let batch_end = batch.unwrap_or(0);
     let last_chunk_only = |carry: &str| -> String {
@@ -1576,12 +1585,7 @@ fn emit_kernel_with(
             lanes,
             rows,
         };
-        print_items(&chunks::sum_loaders(red, &forms, quads)).map_err(|e| {
-            CodegenError::Unsupported {
-                kernel: kernel.name.clone(),
-                message: format!("generator bug: {e}"),
-            }
-        })
+        chunks::sum_loaders(red, &forms, quads)
     };
     let mut kernel_ir = None;
     match &kernel.kind {
@@ -1605,7 +1609,7 @@ fn emit_kernel_with(
         KernelKind::Map { roots } if columns.is_some() => {
             let (main, red, kw, channels) = columns.expect("columns");
             let ins = &graph.node(red).inputs;
-            fn_text.push('\n');
+            functions.push(Item::Text("\n".into()));
             let (xv, dyv) = (v(ins[0]), v(ins[1]));
             let at = |buffer: usize| move |var: &str| uniform(buffer, var).expect("uniform");
             // Offsets from `i` of the values an invocation computes: kernel columns of each of
@@ -1616,13 +1620,13 @@ fn emit_kernel_with(
                 .collect();
             if channels > 1 {
                 let (x, dy) = column_operands.expect("whole rows read uniform bindings");
-                fn_text.push_str(&crate::conv_quads::weight_rows_fn(
+                functions.push(Item::Text(crate::conv_quads::weight_rows_fn(
                     graph,
                     red,
                     channels,
                     (binding_of(x), &at(x)),
                     (binding_of(dy), &at(dy)),
-                ));
+                )));
             } else {
                 let quad_at = column_quads.map(|(x, dy)| (x, at(x), dy, at(dy)));
                 let loads = match &quad_at {
@@ -1632,7 +1636,7 @@ fn emit_kernel_with(
                     },
                     None => chunks::ColumnLoads::Scalar { x: &xv, dy: &dyv },
                 };
-                fn_text.push_str(&chunks::kernel_columns_fn(graph, red, loads));
+                functions.push(Item::Text(chunks::kernel_columns_fn(graph, red, loads)));
             }
             let mut carry = String::new();
             for &(r, root) in &sums {
@@ -1647,9 +1651,9 @@ fn emit_kernel_with(
                 } else {
                     carry.push_str(&chunks::element_running_sum(r, "j", graph.ty(root).numel()));
                 }
-                fn_text.push_str(&loaders(r, Vec::new(), None, false)?);
+                functions.extend(loaders(r, Vec::new(), None, false));
             }
-            s.push_str(&fn_text);
+            s.push_str(&printed(&functions)?);
             s.push('\n');
             let slot = |r: NodeId| binding_of(plan.buffer_of[r.0].expect("roots are stored"));
             // Invocation j covers channels `channels * (j / per_set) ..` at kernel row
@@ -1688,13 +1692,8 @@ fn emit_kernel_with(
         }
         KernelKind::Map { roots } if blocking.is_some() => {
             let (main, b, fns, rows) = blocking.as_ref().expect("blocked");
-            fn_text.push('\n');
-            fn_text.push_str(
-                &print_items(fns.items()).map_err(|e| CodegenError::Unsupported {
-                    kernel: kernel.name.clone(),
-                    message: format!("generator bug: {e}"),
-                })?,
-            );
+            functions.push(Item::Text("\n".into()));
+            functions.extend(fns.items().iter().cloned());
             let lane = |k: usize| ["x", "y", "z", "w"][k];
             let main_numel = graph.ty(*main).numel();
             // The invocation grid: the main root's index space with its blocked axes divided
@@ -1787,22 +1786,22 @@ fn emit_kernel_with(
                         .as_ref()
                         .filter(|(r, _)| r.reduction == red)
                         .map(|_| stores.iter().map(|(off, _)| *off).collect());
-                    fn_text.push_str(&loaders(
+                    functions.extend(loaders(
                         red,
                         summed_lanes(red),
                         rows_offsets,
                         quad_sum == Some(red),
-                    )?);
+                    ));
                 } else {
                     carry.push_str(&chunks::element_running_sum(
                         red,
                         "j",
                         graph.ty(root).numel(),
                     ));
-                    fn_text.push_str(&loaders(red, summed_lanes(red), None, false)?);
+                    functions.extend(loaders(red, summed_lanes(red), None, false));
                 }
             }
-            s.push_str(&fn_text);
+            s.push_str(&printed(&functions)?);
             s.push('\n');
             let slot = binding_of(plan.buffer_of[main.0].expect("roots are stored"));
             let store_text: String = if blocked_vec4_out.is_some() {
@@ -1895,9 +1894,9 @@ fn emit_kernel_with(
                     "i",
                     graph.ty(root).numel(),
                 ));
-                fn_text.push_str(&loaders(red, Vec::new(), None, false)?);
+                functions.extend(loaders(red, Vec::new(), None, false));
             }
-            s.push_str(&fn_text);
+            s.push_str(&printed(&functions)?);
             s.push('\n');
             let mut body = last_chunk_only(&carry);
             let mut numel = 0;
@@ -1969,6 +1968,7 @@ fn emit_kernel_with(
             chunks: chunking,
             loop_iterations: None,
             kernel_ir: kernel_ir.filter(|m: &kir::module::Module| m.is_data()),
+            functions,
         }),
         shares_loads,
     ))

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use super::module::Module;
+use super::module::{Item, Module};
 use super::wgsl::Callee;
 use super::{
     BinOp, Block, ChunkBound, Expr, ExprKind, Function, Literal, MathFn, Scalar, Stmt, Ty, UnOp,
@@ -117,34 +117,21 @@ pub type Buffers = HashMap<String, Vec<Value>>;
 /// A module checked once, then run invocation by invocation (`run`).
 pub struct Runner<'a> {
     module: &'a Module,
-    fns: HashMap<&'a str, (&'a Function, &'a [Callee])>,
-    elems: HashMap<&'a str, Ty>,
+    library: Library<'a>,
 }
 
 impl<'a> Runner<'a> {
     /// Validates every function of `module`; refuses a module with text items.
     pub fn new(module: &'a Module) -> Result<Runner<'a>, EvalError> {
-        let mut fns: HashMap<&str, (&Function, &[Callee])> = HashMap::new();
-        for item in &module.items {
-            let Some((name, f, callees)) = item.function() else {
-                return Err(EvalError::Module(
-                    "a text item cannot be interpreted".into(),
-                ));
-            };
-            fns.insert(name, (f, callees));
+        if !module.is_data() {
+            return Err(EvalError::Module(
+                "a text item cannot be interpreted".into(),
+            ));
         }
-        let mut elems: HashMap<&str, Ty> = HashMap::new();
-        for f in fns
-            .values()
-            .map(|(f, _)| *f)
-            .chain([&module.entry.function])
-        {
-            validate(f)?;
-            for g in &f.globals {
-                elems.insert(&g.name, g.elem);
-            }
-        }
-        Ok(Runner { module, fns, elems })
+        let mut library = Library::new(&module.items)?;
+        validate(&module.entry.function)?;
+        library.add_globals(&module.entry.function);
+        Ok(Runner { module, library })
     }
 
     /// Runs one invocation of the entry point (global invocation id `gid`) over `buffers`, as
@@ -155,12 +142,12 @@ impl<'a> Runner<'a> {
         let mut error = None;
         let entry = &self.module.entry;
         let mut env = ModuleEnv {
-            fns: &self.fns,
-            elems: &self.elems,
+            library: &self.library,
             callees: &entry.callees,
             values: Vec::new(),
             buffers,
             gid,
+            chunk: None,
             error: &mut error,
         };
         eval_valid(&entry.function, 0, &mut env)?;
@@ -168,15 +155,78 @@ impl<'a> Runner<'a> {
     }
 }
 
+/// The current chunk of a chunked schedule (CPU-class image chunks): the images it sums
+/// over, and where each of its windows starts in the flat index of what it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkTable {
+    pub first_image: u32,
+    pub end_image: u32,
+    pub window_bases: Vec<u32>,
+}
+
+/// The kernel IR functions of a list of items, checked once and called by name (a
+/// schedule's lane and rows functions); text items are left out, and calling into one is an
+/// error.
+pub struct Library<'a> {
+    fns: HashMap<&'a str, (&'a Function, &'a [Callee])>,
+    elems: HashMap<&'a str, Ty>,
+}
+
+impl<'a> Library<'a> {
+    pub fn new(items: &'a [Item]) -> Result<Library<'a>, EvalError> {
+        let mut library = Library {
+            fns: HashMap::new(),
+            elems: HashMap::new(),
+        };
+        for (name, f, callees) in items.iter().filter_map(Item::function) {
+            validate(f)?;
+            library.fns.insert(name, (f, callees));
+            library.add_globals(f);
+        }
+        Ok(library)
+    }
+
+    fn add_globals(&mut self, f: &'a Function) {
+        for g in &f.globals {
+            self.elems.insert(&g.name, g.elem);
+        }
+    }
+
+    /// Calls function `name` at element `index` with the values of its extra parameters,
+    /// over `buffers` (bounds-checked), in `chunk` where the schedule is chunked.
+    pub fn call(
+        &self,
+        name: &str,
+        index: u32,
+        params: &[Lanes],
+        buffers: &mut Buffers,
+        chunk: Option<&ChunkTable>,
+    ) -> Result<Lanes, EvalError> {
+        let callees = [Callee::Call(name.to_string())];
+        let mut error = None;
+        let mut env = ModuleEnv {
+            library: self,
+            callees: &callees,
+            values: Vec::new(),
+            buffers,
+            gid: [0, 0],
+            chunk,
+            error: &mut error,
+        };
+        let value = env.call(0, index, params);
+        error.map_or(Ok(value), Err)
+    }
+}
+
 struct ModuleEnv<'a> {
-    fns: &'a HashMap<&'a str, (&'a Function, &'a [Callee])>,
-    elems: &'a HashMap<&'a str, Ty>,
+    library: &'a Library<'a>,
     callees: &'a [Callee],
     /// The extra parameters of the function being run, by name, with their values (what a
     /// `Callee::Value` or `Callee::CallWith` names).
     values: Vec<(&'a str, Lanes)>,
     buffers: &'a mut Buffers,
     gid: [u32; 2],
+    chunk: Option<&'a ChunkTable>,
     /// The first error, reported after the invocation (`Env` reads cannot fail).
     error: &'a mut Option<EvalError>,
 }
@@ -188,7 +238,7 @@ impl ModuleEnv<'_> {
     }
 
     fn width(&self, global: &str) -> usize {
-        match self.elems.get(global) {
+        match self.library.elems.get(global) {
             Some(Ty::Vec4(_)) => 4,
             _ => 1,
         }
@@ -220,12 +270,11 @@ impl Env for ModuleEnv<'_> {
                 };
             }
         };
-        let Some(&(f, callees)) = self.fns.get(name.as_str()) else {
+        let Some(&(f, callees)) = self.library.fns.get(name.as_str()) else {
             return self.fail(EvalError::Module(format!("no function `{name}`")));
         };
         let mut inner = ModuleEnv {
-            fns: self.fns,
-            elems: self.elems,
+            library: self.library,
             callees,
             values: f
                 .params
@@ -235,6 +284,7 @@ impl Env for ModuleEnv<'_> {
                 .collect(),
             buffers: &mut *self.buffers,
             gid: self.gid,
+            chunk: self.chunk,
             error: &mut *self.error,
         };
         match eval_with(f, index, &extra, &mut inner) {
@@ -244,8 +294,19 @@ impl Env for ModuleEnv<'_> {
         }
     }
 
-    fn chunk(&self, _: ChunkBound) -> u32 {
-        unreachable!("validated modules of kernel IR are not chunked")
+    fn chunk(&self, bound: ChunkBound) -> u32 {
+        match (self.chunk, bound) {
+            (Some(c), ChunkBound::FirstImage) => c.first_image,
+            (Some(c), ChunkBound::EndImage) => c.end_image,
+            (None, _) => unreachable!("a chunked function run without its chunk"),
+        }
+    }
+
+    fn window_base(&self, w: usize) -> u32 {
+        match self.chunk.and_then(|c| c.window_bases.get(w)) {
+            Some(&base) => base,
+            None => unreachable!("window {w} read without its chunk's base"),
+        }
     }
 
     fn load(&mut self, global: &str, index: u32) -> Lanes {
