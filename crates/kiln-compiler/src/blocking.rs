@@ -55,11 +55,10 @@ use std::collections::BTreeSet;
 
 use kiln_ir::{DType, Graph, NodeId, Op};
 
-use crate::chunks::chunk_part;
 use crate::compute;
 use crate::kir::{self, module::Item, wgsl::Callee};
 use crate::plan::{Kernel, Placement, Plan};
-use crate::text::{Operand as Read, UniformAt, definition_over, strides, v};
+use crate::text::{Operand as Read, UniformAt, chunk_part, definition_over, strides, v};
 
 /// Outputs per invocation of a blocked kernel (the lanes of a `vec4`).
 pub const LANES: usize = 4;

@@ -26,11 +26,10 @@
 //! 27 ms per step, its weight gradient (summing chunks) 130 -> 27 ms, the whole step 510 ->
 //! 240 ms with these two alone.
 
-use std::fmt::Write as _;
-
 use kiln_ir::{DType, Graph, NodeId, Op, OpPattern};
 
 use crate::kir::{self, module::Item};
+use crate::text::chunk_part;
 
 /// The bindings of one span (several chunks per dispatch: `spans.rs`): its windows (in
 /// [`Chunks::windows`] order), its chunk range
@@ -319,15 +318,6 @@ pub(crate) fn batch_sums(
     (!sums.is_empty()).then_some(sums)
 }
 
-/// The name of the function computing the part of a reduction summed over the batch (and
-/// carried from chunk to chunk) that the kernel's current chunk adds: `name`'s function
-/// computes the whole sum, which the entry point has stored in `sum<red>` by the time the
-/// epilogue reads it, so the reduction runs once per dispatch, not once for the running sum
-/// and again for the epilogue.
-pub(crate) fn chunk_part(name: &str) -> String {
-    format!("{name}_chunk")
-}
-
 /// The forms in which a kernel computes a reduction summed chunk by chunk, each a chunk part
 /// ([`chunk_part`]) whose plain name must load the finished sums instead.
 #[derive(Clone, Debug, Default)]
@@ -497,15 +487,15 @@ pub(crate) fn kernel_columns(graph: &Graph, red: NodeId) -> Option<usize> {
 }
 
 /// How [`kernel_columns_fn`] reads its operands.
-pub(crate) enum ColumnLoads<'a> {
+pub(crate) enum ColumnLoads {
     /// One element at a time, through the operands' element functions (`x`, `dy`).
-    Scalar { x: &'a str, dy: &'a str },
+    Scalar { x: String, dy: String },
     /// Four consecutive elements at a time from uniform bindings whose rows (input and output
-    /// gradient) are whole `vec4`s: `x`/`dy` map a flat element index that is a multiple of four
-    /// to the `vec4` index expression's `var<uniform>` binding and its element offset.
+    /// gradient) are whole `vec4`s: each operand's binding and the chunk window it is read
+    /// through, if any.
     Vec4 {
-        x: (u32, &'a dyn Fn(&str) -> String),
-        dy: (u32, &'a dyn Fn(&str) -> String),
+        x: (u32, Option<usize>),
+        dy: (u32, Option<usize>),
     },
 }
 
@@ -525,139 +515,183 @@ pub(crate) fn columns_in_vec4s(graph: &Graph, red: NodeId) -> bool {
 /// new pixel `vec4` (the window of pixel `vec4`s slides along the row), `4 * KW`
 /// multiply-adds for two loads, where scalar steps do `KW` for two (lavapipe: a `vec4` load
 /// costs about 1.5 scalar ones).
-pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, loads: ColumnLoads) -> String {
+pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, loads: ColumnLoads) -> Item {
+    use crate::conv_quads::{
+        quad_blocks, quad_taps_expr as quad_taps, row_quad_expr as row_quad, uniform_index,
+    };
+    use kir::{BinOp, Literal, Scalar, Ty};
     let node = graph.node(red);
     let Op::Conv2dGradWeight { padding, .. } = &node.op else {
         unreachable!("kernel columns are a conv weight gradient's")
     };
-    let [_, c, h, w] =
-        <[usize; 4]>::try_from(graph.ty(node.inputs[0]).shape.as_slice()).expect("rank 4");
-    let [_, o, oh, ow] =
-        <[usize; 4]>::try_from(graph.ty(node.inputs[1]).shape.as_slice()).expect("rank 4");
+    let [_, c, h, w] = crate::compute::rank4(&graph.ty(node.inputs[0]).shape);
+    let [_, o, oh, ow] = crate::compute::rank4(&graph.ty(node.inputs[1]).shape);
     let kw = node.ty.shape[3];
-    let u = crate::text::u;
-    let i = crate::text::i;
-    let mut s = format!(
-        "fn {}(i: u32) -> array<f32, {kw}> {{\n",
-        chunk_part(&format!("v{}_columns", red.0))
-    );
-    s.push_str(&crate::text::decode(
-        &["o", "c", "ky", "kx"],
-        &node.ty.shape,
-    ));
-    s.push_str(&crate::text::valid_outputs("oy", "ky", padding[0], h, oh));
-    for k in 0..kw {
-        let _ = writeln!(s, "    var acc{k} = 0.0f;");
-    }
-    let _ = writeln!(
-        s,
-        "    for (var n = chunk[0].z; n < chunk[0].w; n++) {{
-        for (var oy = oy_lo; oy < oy_end; oy++) {{
-            let row = ((n * {C} + c) * {H} + oy + ky - {PY}) * {W};
-            let drow = ((n * {O} + o) * {OH} + oy) * {OW};",
-        C = u(c),
-        H = u(h),
-        W = u(w),
-        O = u(o),
-        OH = u(oh),
-        OW = u(ow),
-        PY = u(padding[0]),
-    );
+    let ret = Ty::array(Ty::F32, kw as u32).expect("one deep");
+    let (operands, callees) = match &loads {
+        ColumnLoads::Scalar { x, dy } => (
+            vec![Ty::F32, Ty::F32],
+            vec![
+                kir::wgsl::Callee::Call(x.clone()),
+                kir::wgsl::Callee::Call(dy.clone()),
+            ],
+        ),
+        ColumnLoads::Vec4 { .. } => (Vec::new(), Vec::new()),
+    };
+    let mut f = kir::Builder::new(ret, operands);
+    let i = f.index();
+    let [oc, cc, ky, _] =
+        crate::compute::coords4(&mut f, i, ["o", "c", "ky", "kx"], &node.ty.shape);
+    let (oy_lo, oy_end) = crate::compute::valid_outputs(&mut f, "oy", ky, padding[0], h, oh);
+    let accs: Vec<kir::Local> = (0..kw)
+        .map(|k| {
+            let z = f.f32(0.0);
+            f.var(&format!("acc{k}"), Ty::F32, z)
+        })
+        .collect();
+    let (first, end) = crate::compute::batch_range(&mut f, 0, true);
     let px = padding[1] as i64;
-    match loads {
-        ColumnLoads::Scalar { x, dy } => {
-            // Pixel `ix` of the current input row, zero in the padding.
-            let pixel = |ix: &str| {
-                format!(
-                    "select(0.0f, {x}(row + u32(clamp({ix}, 0i, {wm}))), {ix} >= 0i && {ix} < {wi})",
-                    wm = i(w - 1),
-                    wi = i(w)
-                )
-            };
-            // The window holds pixels ox - pad .. ox - pad + KW - 1; the first KW - 1 are
-            // loaded before the loop, each step loads the last.
-            for k in 0..kw - 1 {
-                let _ = writeln!(
-                    s,
-                    "            var p{k} = {};",
-                    pixel(&format!("{} - {}", i(k), i(padding[1])))
-                );
+    let ilit = |f: &mut kir::Builder, v: i64| f.lit(Literal::I32(v as i32));
+    f.for_("n", first, end, |f, n| {
+        f.for_("oy", oy_lo, oy_end, |f, oy| {
+            let row = f.flat(&[n, cc], &[0, c]);
+            let hh = f.u32(h);
+            let row = f.mul(row, hh);
+            let row = f.add(row, oy);
+            let row = f.add(row, ky);
+            let py = f.u32(padding[0]);
+            let row = f.sub(row, py);
+            let ww = f.u32(w);
+            let row = f.mul(row, ww);
+            let row = f.let_("row", Ty::U32, row);
+            let drow = f.flat(&[n, oc, oy], &[0, o, oh]);
+            let oww = f.u32(ow);
+            let drow = f.mul(drow, oww);
+            let drow = f.let_("drow", Ty::U32, drow);
+            match &loads {
+                ColumnLoads::Scalar { .. } => {
+                    // Pixel `ix` of the current input row, zero in the padding.
+                    let pixel = |f: &mut kir::Builder, ix: kir::Expr| {
+                        let (z, wm) = (f.i32(0), f.i32(w - 1));
+                        let at = f.math(kir::MathFn::Clamp, &[ix, z, wm]);
+                        let at = f.cast(Scalar::U32, at);
+                        let at = f.add(row, at);
+                        let p = f.operand(0, at);
+                        let zero = f.f32(0.0);
+                        let (z, wi) = (f.i32(0), f.i32(w));
+                        let lo = f.bin(BinOp::Ge, ix, z);
+                        let hi = f.bin(BinOp::Lt, ix, wi);
+                        let inside = f.bin(BinOp::And, lo, hi);
+                        f.select(inside, p, zero)
+                    };
+                    // The window holds pixels ox - pad .. ox - pad + KW - 1; the first KW - 1
+                    // are loaded before the loop, each step loads the last.
+                    let window: Vec<kir::Local> = (0..kw - 1)
+                        .map(|k| {
+                            let (kk, pp) = (f.i32(k), f.i32(padding[1]));
+                            let ix = f.sub(kk, pp);
+                            let p = pixel(f, ix);
+                            f.var(&format!("p{k}"), Ty::F32, p)
+                        })
+                        .collect();
+                    let (z, owu) = (f.u32(0), f.u32(ow));
+                    f.for_("ox", z, owu, |f, ox| {
+                        let oxi = f.cast(Scalar::I32, ox);
+                        let lk = f.i32(kw - 1);
+                        let last = f.add(oxi, lk);
+                        let pp = f.i32(padding[1]);
+                        let last = f.sub(last, pp);
+                        let last = f.let_("last", Ty::I32, last);
+                        let newest = pixel(f, last);
+                        let newest = f.let_(&format!("p{}", kw - 1), Ty::F32, newest);
+                        let at = f.add(drow, ox);
+                        let d = f.operand(1, at);
+                        let d = f.let_("d", Ty::F32, d);
+                        let p = |f: &mut kir::Builder, k: usize| {
+                            if k == kw - 1 {
+                                newest
+                            } else {
+                                f.get(window[k])
+                            }
+                        };
+                        for (k, &acc) in accs.iter().enumerate() {
+                            let pk = p(f, k);
+                            let t = f.mul(pk, d);
+                            f.add_assign(acc, t);
+                        }
+                        for k in 0..kw - 1 {
+                            let next = p(f, k + 1);
+                            f.assign(window[k], next);
+                        }
+                    });
+                }
+                ColumnLoads::Vec4 {
+                    x: (xs, xw),
+                    dy: (ds, dw),
+                } => {
+                    // A step at output column `4 * q` needs pixel vec4s `q + lo ..= q + hi`
+                    // of the row (zero outside it), held in `p0 ..= p{hi - lo}`; each step
+                    // loads the last.
+                    let (lo, hi) = quad_blocks(kw, px);
+                    let blocks = (hi - lo + 1) as usize;
+                    let xg = f.global(crate::conv_quads::uniform_quads(*xs));
+                    let dg = f.global(crate::conv_quads::uniform_quads(*ds));
+                    let xq = uniform_index(f, row, *xw);
+                    let two = f.u32(2);
+                    let xq = f.bin(BinOp::ShiftRight, xq, two);
+                    let xq = f.let_("xq", Ty::U32, xq);
+                    let dq = uniform_index(f, drow, *dw);
+                    let dq = f.bin(BinOp::ShiftRight, dq, two);
+                    let dq = f.let_("dq", Ty::U32, dq);
+                    let window: Vec<kir::Local> = (0..blocks - 1)
+                        .map(|b| {
+                            let at = ilit(f, lo + b as i64);
+                            let quad = row_quad(f, (xg, xq), at, w / 4, None);
+                            f.var(&format!("p{b}"), Ty::VEC4_F32, quad)
+                        })
+                        .collect();
+                    let (z, qn) = (f.u32(0), f.u32(ow / 4));
+                    f.for_("q", z, qn, |f, q| {
+                        let qi = f.cast(Scalar::I32, q);
+                        let h = ilit(f, hi);
+                        let last = f.add(qi, h);
+                        let last = f.let_("last", Ty::I32, last);
+                        let newest = row_quad(f, (xg, xq), last, w / 4, None);
+                        let newest = f.let_(&format!("p{}", blocks - 1), Ty::VEC4_F32, newest);
+                        let at = f.add(dq, q);
+                        let d = f.load(dg, at);
+                        let d = f.let_("d", Ty::VEC4_F32, d);
+                        let blocks_now: Vec<kir::Expr> = (0..blocks)
+                            .map(|b| {
+                                if b == blocks - 1 {
+                                    newest
+                                } else {
+                                    f.get(window[b])
+                                }
+                            })
+                            .collect();
+                        for (k, &acc) in accs.iter().enumerate() {
+                            let taps = quad_taps(f, &blocks_now, k, px, lo);
+                            let t = f.math(kir::MathFn::Dot, &[taps, d]);
+                            f.add_assign(acc, t);
+                        }
+                        for b in 0..blocks - 1 {
+                            f.assign(window[b], blocks_now[b + 1]);
+                        }
+                    });
+                }
             }
-            let _ = writeln!(
-                s,
-                "            for (var ox = 0u; ox < {OW}; ox++) {{
-                let last = i32(ox) + {last_k} - {px};
-                let p{l} = {load};
-                let d = {dy}(drow + ox);",
-                OW = u(ow),
-                last_k = i(kw - 1),
-                px = i(padding[1]),
-                l = kw - 1,
-                load = pixel("last"),
-            );
-            for k in 0..kw {
-                let _ = writeln!(s, "                acc{k} += p{k} * d;");
-            }
-            for k in 0..kw - 1 {
-                let _ = writeln!(s, "                p{k} = p{};", k + 1);
-            }
-        }
-        ColumnLoads::Vec4 {
-            x: (xs, xat),
-            dy: (ds, dat),
-        } => {
-            // A step at output column `4 * q` needs pixel vec4s `q + lo ..= q + hi` of the
-            // row (zero outside it), held in `p0 ..= p{hi - lo}`; each step loads the last.
-            let (lo, hi) = crate::conv_quads::quad_blocks(kw, px);
-            let blocks = (hi - lo + 1) as usize;
-            let _ = writeln!(
-                s,
-                "            let xq = {} >> 2u;\n            let dq = {} >> 2u;",
-                xat("row"),
-                dat("drow")
-            );
-            let block = |b: &str| crate::conv_quads::row_quad(xs, b, w / 4, None);
-            for b in 0..blocks - 1 {
-                let _ = writeln!(
-                    s,
-                    "            var p{b} = {};",
-                    block(&format!("{}i", lo + b as i64))
-                );
-            }
-            let _ = writeln!(
-                s,
-                "            for (var q = 0u; q < {Q}; q++) {{
-                let last = i32(q) + {hi}i;
-                let p{l} = {load};
-                let d = buf{ds}[dq + q];",
-                Q = u(ow / 4),
-                l = blocks - 1,
-                load = block("last"),
-            );
-            for k in 0..kw {
-                let _ = writeln!(
-                    s,
-                    "                acc{k} += dot({}, d);",
-                    crate::conv_quads::quad_taps(k, px, lo)
-                );
-            }
-            for b in 0..blocks - 1 {
-                let _ = writeln!(s, "                p{b} = p{};", b + 1);
-            }
-        }
+        });
+    });
+    let values: Vec<kir::Expr> = accs.iter().map(|&a| f.get(a)).collect();
+    let all = f.array(values);
+    f.ret_(all);
+    Item::Function {
+        name: chunk_part(&format!("v{}_columns", red.0)),
+        comment: None,
+        function: f.finish(),
+        callees,
     }
-    let accs: Vec<String> = (0..kw).map(|k| format!("acc{k}")).collect();
-    let _ = write!(
-        s,
-        "            }}
-        }}
-    }}
-    return array<f32, {kw}>({});
-}}
-",
-        accs.join(", ")
-    );
-    s
 }
 
 /// Whether `id` can be read through a window: batched f32 words.

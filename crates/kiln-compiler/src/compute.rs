@@ -793,7 +793,7 @@ fn strided_source(
 
 /// `<o>_lo` and `<o>_end`: the range of outputs `o` (`out` of them) along one axis whose
 /// stride-1 tap `k` lands inside an input of `size` padded by `pad` on each side.
-fn valid_outputs(
+pub(crate) fn valid_outputs(
     b: &mut Builder,
     o: &str,
     k: Expr,

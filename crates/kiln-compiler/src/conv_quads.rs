@@ -35,6 +35,7 @@ use std::fmt::Write as _;
 
 use kiln_ir::{DType, Graph, NodeId, Op};
 
+use crate::kir;
 use crate::plan::Kernel;
 use crate::text::{i, lanes_formula, u};
 
@@ -457,7 +458,7 @@ pub(crate) fn weight_rows_fn(
     let kw = node.ty.shape[3];
     let mut s = format!(
         "fn {}(i: u32) -> array<f32, {}> {{\n",
-        crate::chunks::chunk_part(&format!("v{}_columns", red.0)),
+        crate::text::chunk_part(&format!("v{}_columns", red.0)),
         per * kw
     );
     s.push_str(&crate::text::decode(
@@ -587,6 +588,73 @@ pub(crate) fn quad_taps(kx: usize, px: i64, lo: i64) -> String {
         })
         .collect();
     format!("vec4<f32>({})", taps.join(", "))
+}
+
+/// A uniform binding of `vec4`s, by its slot.
+pub(crate) fn uniform_quads(slot: u32) -> kir::Global {
+    kir::Global {
+        name: format!("buf{slot}"),
+        space: kir::Space::Uniform,
+        elem: kir::Ty::VEC4_F32,
+    }
+}
+
+/// `index` into a uniform binding read whole, or through the chunk's window `window`.
+pub(crate) fn uniform_index(
+    f: &mut kir::Builder,
+    index: kir::Expr,
+    window: Option<usize>,
+) -> kir::Expr {
+    match window {
+        None => index,
+        Some(w) => {
+            let base = f.window_base(w);
+            f.sub(index, base)
+        }
+    }
+}
+
+/// [`row_quad`] in the kernel IR: `vec4` `b` (an `i32`) of the row of `row_vec4s` whole
+/// `vec4`s starting at `vec4` `xq` of `global`, zero outside it or where `ok` is false.
+pub(crate) fn row_quad_expr(
+    f: &mut kir::Builder,
+    (global, xq): (usize, kir::Expr),
+    b: kir::Expr,
+    row_vec4s: usize,
+    ok: Option<kir::Expr>,
+) -> kir::Expr {
+    let zero = f.f32(0.0);
+    let zero = f.splat(zero);
+    let (z, last) = (f.i32(0), f.i32(row_vec4s - 1));
+    let at = f.math(kir::MathFn::Clamp, &[b, z, last]);
+    let at = f.cast(kir::Scalar::U32, at);
+    let at = f.add(xq, at);
+    let quad = f.load(global, at);
+    let (z, n) = (f.i32(0), f.i32(row_vec4s));
+    let lo = f.bin(kir::BinOp::Ge, b, z);
+    let lo = match ok {
+        Some(ok) => f.bin(kir::BinOp::And, ok, lo),
+        None => lo,
+    };
+    let hi = f.bin(kir::BinOp::Lt, b, n);
+    let inside = f.bin(kir::BinOp::And, lo, hi);
+    f.select(inside, quad, zero)
+}
+
+/// [`quad_taps`] in the kernel IR, from the blocks `blocks` (`p0 ..`).
+pub(crate) fn quad_taps_expr(
+    f: &mut kir::Builder,
+    blocks: &[kir::Expr],
+    kx: usize,
+    px: i64,
+    lo: i64,
+) -> kir::Expr {
+    let taps = [0i64, 1, 2, 3].map(|j| {
+        let at = j + kx as i64 - px - 4 * lo;
+        let l = f.u32((at % 4) as usize);
+        f.lane(blocks[(at / 4) as usize], l)
+    });
+    f.compose(taps)
 }
 
 /// The statements of the entry point after invocation `j` is known: the accumulation, the

@@ -128,6 +128,15 @@ pub(crate) fn definition_over(
     (compute::element(graph, id, lanes, &tys, chunked), callees)
 }
 
+/// The name of the function computing the part of a reduction summed over the batch (and
+/// carried from chunk to chunk) that the kernel's current chunk adds: `name`'s function
+/// computes the whole sum, which the entry point has stored in `sum<red>` by the time the
+/// epilogue reads it, so the reduction runs once per dispatch, not once for the running sum
+/// and again for the epilogue.
+pub(crate) fn chunk_part(name: &str) -> String {
+    format!("{name}_chunk")
+}
+
 /// `base + delta` as WGSL, without a `+ 0u`.
 pub(crate) fn offset(base: &str, delta: usize) -> String {
     if delta == 0 {

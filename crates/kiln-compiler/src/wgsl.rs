@@ -555,7 +555,7 @@ fn functions(
         let comment = format!("{n} = {} : {}{layer}", node.op.name(), node.ty);
         // A reduction summed chunk by chunk computes the chunk's part; `v<n>` loads the sum.
         let name = if summed.contains(&n) {
-            chunks::chunk_part(&v(n))
+            crate::text::chunk_part(&v(n))
         } else {
             v(n)
         };
@@ -1628,15 +1628,18 @@ fn emit_kernel_with(
                     (binding_of(dy), &at(dy)),
                 )));
             } else {
-                let quad_at = column_quads.map(|(x, dy)| (x, at(x), dy, at(dy)));
-                let loads = match &quad_at {
-                    Some((x, x_at, dy, dy_at)) => chunks::ColumnLoads::Vec4 {
-                        x: (binding_of(*x), x_at),
-                        dy: (binding_of(*dy), dy_at),
+                let window = |b: usize| uniform_at(b).expect("read from a uniform binding");
+                let loads = match column_quads {
+                    Some((x, dy)) => chunks::ColumnLoads::Vec4 {
+                        x: (binding_of(x), window(x)),
+                        dy: (binding_of(dy), window(dy)),
                     },
-                    None => chunks::ColumnLoads::Scalar { x: &xv, dy: &dyv },
+                    None => chunks::ColumnLoads::Scalar {
+                        x: xv.clone(),
+                        dy: dyv.clone(),
+                    },
                 };
-                functions.push(Item::Text(chunks::kernel_columns_fn(graph, red, loads)));
+                functions.push(chunks::kernel_columns_fn(graph, red, loads));
             }
             let mut carry = String::new();
             for &(r, root) in &sums {
@@ -1646,7 +1649,10 @@ fn emit_kernel_with(
                         .enumerate()
                         .map(|(k, &off)| (off, format!("rows[{k}]")))
                         .collect();
-                    let call = format!("{}(i)", chunks::chunk_part(&format!("v{}_columns", red.0)));
+                    let call = format!(
+                        "{}(i)",
+                        crate::text::chunk_part(&format!("v{}_columns", red.0))
+                    );
                     carry.push_str(&chunks::running_sum(red, "rows", &call, &stores, false));
                 } else {
                     carry.push_str(&chunks::element_running_sum(r, "j", graph.ty(root).numel()));
@@ -1771,10 +1777,10 @@ fn emit_kernel_with(
                     let call = match rows {
                         Some((r, _)) if r.reduction == red && r.pool.is_none() => format!(
                             "{}(i)",
-                            chunks::chunk_part(&format!("v{}_rows_of_reduction", red.0))
+                            crate::text::chunk_part(&format!("v{}_rows_of_reduction", red.0))
                         ),
                         Some(_) => return Ok((None, shares_loads)),
-                        None => format!("{}(i)", chunks::chunk_part(&lane_fn(red, b.stride))),
+                        None => format!("{}(i)", crate::text::chunk_part(&lane_fn(red, b.stride))),
                     };
                     let var = if rows.is_some() { "rows" } else { "value" };
                     carry.push_str(&if quad_sum == Some(red) {

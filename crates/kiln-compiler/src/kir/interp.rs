@@ -634,6 +634,11 @@ impl Machine<'_> {
                         min_max(MathFn::Min, &low, &args[2])
                     }
                     MathFn::Max | MathFn::Min => min_max(fun, &args[0], &args[1]),
+                    MathFn::Dot => {
+                        let products =
+                            (0..4).map(|k| float(args[0].lane(k)) * float(args[1].lane(k)));
+                        Lanes::Scalar(Value::F32(products.sum()))
+                    }
                 }
             }
             ExprKind::Select {

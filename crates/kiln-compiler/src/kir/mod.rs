@@ -208,12 +208,14 @@ pub enum MathFn {
     Min,
     /// `clamp(x, low, high)`: `min(max(x, low), high)`.
     Clamp,
+    /// `dot(a, b)` of two `vec4<f32>`s: the sum of their lanes' products.
+    Dot,
 }
 
 impl MathFn {
     pub fn arity(self) -> usize {
         match self {
-            MathFn::Max | MathFn::Min => 2,
+            MathFn::Max | MathFn::Min | MathFn::Dot => 2,
             MathFn::Clamp => 3,
             _ => 1,
         }

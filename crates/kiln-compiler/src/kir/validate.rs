@@ -502,7 +502,11 @@ impl<'a> Checker<'a> {
                 if t.scalar() == Scalar::Bool || float_only && t.scalar() != Scalar::F32 {
                     return fail(format!("{fun:?} of {t:?}"));
                 }
-                Ok(t)
+                match fun {
+                    MathFn::Dot if t != Ty::VEC4_F32 => fail(format!("dot of {t:?}")),
+                    MathFn::Dot => Ok(Ty::F32),
+                    _ => Ok(t),
+                }
             }
             ExprKind::Select {
                 cond,

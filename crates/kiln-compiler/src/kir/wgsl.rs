@@ -421,6 +421,7 @@ impl Printer<'_> {
                     MathFn::Max => "max",
                     MathFn::Min => "min",
                     MathFn::Clamp => "clamp",
+                    MathFn::Dot => "dot",
                 };
                 let args: Vec<String> = args.iter().map(|&a| self.expr(a)).collect();
                 (format!("{name}({})", args.join(", ")), Primary)
