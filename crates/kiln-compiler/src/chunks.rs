@@ -619,9 +619,9 @@ pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, loads: ColumnLoads) 
                             let t = f.mul(pk, d);
                             f.add_assign(acc, t);
                         }
-                        for k in 0..kw - 1 {
+                        for (k, &slot) in window.iter().enumerate() {
                             let next = p(f, k + 1);
-                            f.assign(window[k], next);
+                            f.assign(slot, next);
                         }
                     });
                 }
