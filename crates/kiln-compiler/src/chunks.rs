@@ -336,15 +336,7 @@ pub(crate) struct SummedForms {
 /// (a lane of a `vec4`), four consecutive lanes at an aligned offset are one `vec4`.
 pub(crate) fn sum_loaders(red: NodeId, forms: &SummedForms, quads: bool) -> Vec<Item> {
     let v = format!("v{}", red.0);
-    let global = kir::Global {
-        name: format!("sum{}", red.0),
-        space: kir::Space::Storage { read_only: false },
-        elem: if quads {
-            kir::Ty::VEC4_F32
-        } else {
-            kir::Ty::F32
-        },
-    };
+    let global = sum_global(red, quads);
     // Element `i + off` of the sums.
     let at = |f: &mut kir::Builder, g: usize, off: usize| -> kir::Expr {
         let i = f.index();
@@ -422,52 +414,91 @@ pub(crate) fn sum_loaders(red: NodeId, forms: &SummedForms, quads: bool) -> Vec<
     items
 }
 
-/// Entry-point statements (in a block of their own) that compute reduction `red`'s chunk
-/// part with `call` (a `_chunk` function of `index`) into `var`, add the running sum after
-/// the first chunk and store it: `stores` are the offsets from `index` and the parts of `var`
-/// they hold. With `quads` the sum is declared as `vec4`s ([`Sum::quads`]) and `stores` are
-/// the `vec4` parts of `var` (`rows[q]`) at offsets in fours: one load and one store each
-/// instead of four (lavapipe stores 1.3 G floats/s as `vec4`s, 0.4-0.5 G/s one at a time).
-pub(crate) fn running_sum(
-    red: NodeId,
-    var: &str,
-    call: &str,
-    stores: &[(usize, String)],
-    quads: bool,
-) -> String {
-    let sum = format!("sum{}", red.0);
-    let mut add = String::new();
-    let mut store = String::new();
-    for (off, value) in stores {
-        let index = crate::text::offset(var_index(call), *off);
-        let at = if quads {
-            format!("{sum}[({index}) >> 2u]")
+/// The running sums of reduction `red`: `sum<red>`, as `vec4`s with `quads`.
+pub(crate) fn sum_global(red: NodeId, quads: bool) -> kir::Global {
+    kir::Global {
+        name: format!("sum{}", red.0),
+        space: kir::Space::Storage { read_only: false },
+        elem: if quads {
+            kir::Ty::VEC4_F32
         } else {
-            format!("{sum}[{index}]")
-        };
-        add.push_str(&format!("            {value} += {at};\n"));
-        store.push_str(&format!("        {at} = {value};\n"));
+            kir::Ty::F32
+        },
     }
-    format!(
-        "    {{\n        var {var} = {call};\n        if (chunk[0].z != 0u) {{\n{add}        }}\n{store}    }}\n"
-    )
 }
 
-/// [`running_sum`] of element `index` (an invocation variable) of reduction `red`, for the
-/// invocations below `numel` (a second root, like a bias, smaller than the main one).
-pub(crate) fn element_running_sum(red: NodeId, index: &str, numel: usize) -> String {
-    let call = format!("v{}_chunk({index})", red.0);
-    format!(
-        "    if ({index} < {}) {{\n{}    }}\n",
-        crate::text::u(numel),
-        running_sum(red, "part", &call, &[(0, "part".into())], false)
-    )
+/// Entry-point statements (in a block of their own) that compute reduction `red`'s chunk
+/// part `value` (of type `ty`, at flat index `base`) into var `name`, add the running sum
+/// after the first chunk and store it: `stores` are the offsets from `base` and the parts of
+/// the var they hold. With `quads` the sum is declared as `vec4`s ([`Sum::quads`]) and
+/// `stores` are `vec4` parts at offsets in fours: one load and one store each instead of
+/// four (lavapipe stores 1.3 G floats/s as `vec4`s, 0.4-0.5 G/s one at a time).
+pub(crate) fn running_sum(
+    f: &mut kir::Builder,
+    red: NodeId,
+    (name, ty, value): (&str, kir::Ty, kir::Expr),
+    base: kir::Expr,
+    stores: &[(usize, kir::Part)],
+    quads: bool,
+) {
+    let g = f.global(sum_global(red, quads));
+    let at = |f: &mut kir::Builder, off: usize| {
+        let index = if off == 0 {
+            base
+        } else {
+            let d = f.u32(off);
+            f.add(base, d)
+        };
+        if quads {
+            let two = f.u32(2);
+            f.bin(kir::BinOp::ShiftRight, index, two)
+        } else {
+            index
+        }
+    };
+    f.scope(|f| {
+        let var = f.var(name, ty, value);
+        let first = f.chunk(kir::ChunkBound::FirstImage);
+        let zero = f.u32(0);
+        let later = f.bin(kir::BinOp::Ne, first, zero);
+        f.if_(later, |f| {
+            for &(off, part) in stores {
+                let index = at(f, off);
+                let sum = f.load(g, index);
+                f.update_part(var, part, Some(kir::BinOp::Add), sum);
+            }
+        });
+        for &(off, part) in stores {
+            let index = at(f, off);
+            let whole = f.get(var);
+            let v = f.part(whole, part);
+            f.store(g, index, v);
+        }
+    });
 }
 
-/// The index argument of a call `f(x)`.
-fn var_index(call: &str) -> &str {
-    call.rsplit_once('(')
-        .map_or("i", |(_, rest)| rest.trim_end_matches(')'))
+/// [`running_sum`] of element `index` (an invocation variable) of reduction `red`, its chunk
+/// part `value`, for the invocations below `numel` (a second root, like a bias, smaller than
+/// the main one).
+pub(crate) fn element_running_sum(
+    f: &mut kir::Builder,
+    red: NodeId,
+    index: kir::Expr,
+    value: kir::Expr,
+    numel: usize,
+) {
+    let n = f.u32(numel);
+    let inside = f.bin(kir::BinOp::Lt, index, n);
+    f.if_(inside, |f| {
+        running_sum(
+            f,
+            red,
+            ("part", kir::Ty::F32, value),
+            index,
+            &[(0, kir::Part::WHOLE)],
+            false,
+        );
+    });
 }
 
 /// The kernel-column schedule of an unblocked summing kernel whose main root is (elementwise)

@@ -18,16 +18,13 @@ use crate::blocking::{self, LANES, LaneFns, lane_fn};
 use crate::chunks::{self, Chunks, Window, window_base};
 use crate::compute;
 use crate::interface::{self, LayoutEntry, Slot};
-use crate::kir::module::{Item, print_items};
+use crate::kir::module::Item;
 use crate::kir::wgsl::Callee;
 use crate::kir::{self, BinOp};
 use crate::plan::{Head, Kernel, KernelKind, Placement, Plan};
 use crate::report::node_label;
 use crate::target::{DeviceClass, Target};
-use crate::text::{
-    UniformAt, UniformIndex, batch_range, decode, decode_from, offset, scalar_operands, strides, u,
-    v,
-};
+use crate::text::{UniformAt, UniformIndex, batch_range, decode, scalar_operands, strides, u, v};
 use crate::trips;
 
 /// Workgroups a map kernel should have at least, shrinking its workgroups (down to 8
@@ -1560,22 +1557,34 @@ fn emit_kernel_with(
     };
     // The kernel's functions in module order (text for the schedules still written as text).
     let mut functions: Vec<Item> = items.clone();
-    let printed = |items: &[Item]| {
-        print_items(items).map_err(|e| CodegenError::Unsupported {
+    let printed_module = |m: &kir::module::Module| {
+        m.print().map_err(|e| CodegenError::Unsupported {
             kernel: kernel.name.clone(),
             message: format!("generator bug: {e}"),
         })
     };
     // Summing kernels: each dispatch's reductions add the sums carried from the chunks before.
     let batch_end = batch.unwrap_or(0);
-    let last_chunk_only = |carry: &str| -> String {
-        if carry.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "{carry}    if (chunk[0].w < {}) {{\n        return;\n    }}\n",
-                u(batch_end)
-            )
+    // After the running sums, only the chunk that ends the batch runs the epilogue.
+    let last_chunk_only = |f: &mut kir::Builder| {
+        let end = f.chunk(kir::ChunkBound::EndImage);
+        let batch = f.u32(batch_end);
+        let before = f.bin(BinOp::Lt, end, batch);
+        f.if_(before, |f| f.return_());
+    };
+    // Stores `root`'s element `at` (operand `k`) into its buffer.
+    let store_root = |f: &mut kir::Builder, root: NodeId, k: usize, at: kir::Expr| {
+        let g = f.global(global(plan.buffer_of[root.0].expect("roots are stored")));
+        let value = f.operand(k, at);
+        f.store(g, at, value);
+    };
+    // The other roots, one element per invocation `j` below their size (operands from
+    // `first`, in the roots' order).
+    let other_roots = |f: &mut kir::Builder, others: &[NodeId], first: usize, j: kir::Expr| {
+        for (k, &r) in others.iter().enumerate() {
+            let n = f.u32(graph.ty(r).numel());
+            let inside = f.bin(BinOp::Lt, j, n);
+            f.if_(inside, |f| store_root(f, r, first + k, j));
         }
     };
     // The loaders of a summed reduction's finished sums, under the names of its forms.
@@ -1641,127 +1650,179 @@ fn emit_kernel_with(
                 };
                 functions.push(chunks::kernel_columns_fn(graph, red, loads));
             }
-            let mut carry = String::new();
-            for &(r, root) in &sums {
-                if r == red {
-                    let stores: Vec<(usize, String)> = offsets
-                        .iter()
-                        .enumerate()
-                        .map(|(k, &off)| (off, format!("rows[{k}]")))
-                        .collect();
-                    let call = format!(
-                        "{}(i)",
-                        crate::text::chunk_part(&format!("v{}_columns", red.0))
-                    );
-                    carry.push_str(&chunks::running_sum(red, "rows", &call, &stores, false));
-                } else {
-                    carry.push_str(&chunks::element_running_sum(r, "j", graph.ty(root).numel()));
-                }
+            for &(r, _) in &sums {
                 functions.extend(loaders(r, Vec::new(), None, false));
             }
-            s.push_str(&printed(&functions)?);
-            s.push('\n');
-            let slot = |r: NodeId| binding_of(plan.buffer_of[r.0].expect("roots are stored"));
+            // Operand 0: the kernel columns' chunk part; 1: the main root; then the chunk
+            // parts of the other sums and the other roots.
+            let others: Vec<NodeId> = roots.iter().copied().filter(|&r| r != main).collect();
+            let other_sums: Vec<(NodeId, NodeId)> =
+                sums.iter().copied().filter(|&(r, _)| r != red).collect();
+            let mut operands = vec![
+                kir::Ty::array(kir::Ty::F32, offsets.len() as u32).expect("one deep"),
+                compute::value_ty(graph.ty(main).dtype),
+            ];
+            let mut callees = vec![
+                Callee::Call(crate::text::chunk_part(&format!("v{}_columns", red.0))),
+                Callee::Call(v(main)),
+            ];
+            for &(r, _) in &other_sums {
+                operands.push(kir::Ty::F32);
+                callees.push(Callee::Call(crate::text::chunk_part(&v(r))));
+            }
+            for &r in &others {
+                operands.push(compute::value_ty(graph.ty(r).dtype));
+                callees.push(Callee::Call(v(r)));
+            }
+            let mut f = kir::Builder::entry(operands);
+            let j = invocation(
+                &mut f,
+                "j",
+                dispatch[0] as usize * workgroup_size as usize,
+                None,
+            );
             // Invocation j covers channels `channels * (j / per_set) ..` at kernel row
             // `j % per_set` (an (input channel, kernel row) pair).
             let per_set = channel_words / kw;
-            let mut body = if channels > 1 {
-                format!(
-                    "    let i = (j / {per}) * {block} + (j % {per}) * {kw};\n",
-                    per = u(per_set),
-                    block = u(channels * channel_words),
-                    kw = u(kw)
-                )
+            let first = if channels > 1 {
+                let (per, block, kwu) =
+                    (f.u32(per_set), f.u32(channels * channel_words), f.u32(kw));
+                let set = f.div(j, per);
+                let set = f.mul(set, block);
+                let row = f.rem(j, per);
+                let row = f.mul(row, kwu);
+                f.add(set, row)
             } else {
-                format!("    let i = j * {};\n", u(kw))
+                let kwu = f.u32(kw);
+                f.mul(j, kwu)
             };
-            body.push_str(&last_chunk_only(&carry));
+            let i = f.let_("i", kir::Ty::U32, first);
+            let stores: Vec<(usize, kir::Part)> = offsets
+                .iter()
+                .enumerate()
+                .map(|(k, &off)| {
+                    (
+                        off,
+                        kir::Part {
+                            index: Some(k as u32),
+                            lane: None,
+                        },
+                    )
+                })
+                .collect();
+            let mut other = 0;
+            for &(r, root) in &sums {
+                if r == red {
+                    let columns = f.operand(0, i);
+                    let ty = f.operand_ty(0);
+                    chunks::running_sum(&mut f, red, ("rows", ty, columns), i, &stores, false);
+                } else {
+                    let part = f.operand(2 + other, j);
+                    other += 1;
+                    chunks::element_running_sum(&mut f, r, j, part, graph.ty(root).numel());
+                }
+            }
+            last_chunk_only(&mut f);
             for &k in &offsets {
-                let at = offset("i", k);
-                let _ = writeln!(body, "    buf{}[{at}] = {}({at});", slot(main), v(main));
+                let at = if k == 0 {
+                    i
+                } else {
+                    let d = f.u32(k);
+                    f.add(i, d)
+                };
+                store_root(&mut f, main, 1, at);
             }
-            for &r in roots.iter().filter(|&&r| r != main) {
-                let _ = writeln!(
-                    body,
-                    "    if (j < {}) {{\n        buf{}[j] = {}(j);\n    }}",
-                    u(graph.ty(r).numel()),
-                    slot(r),
-                    v(r)
-                );
-            }
-            s.push_str(&entry_point(
-                workgroup_size,
-                dispatch,
-                ("j", 0, true),
-                &body,
-            ));
+            other_roots(&mut f, &others, 2 + other_sums.len(), j);
+            let module = kir::module::Module {
+                items: functions.clone(),
+                entry: kir::module::Entry {
+                    workgroup_size,
+                    function: f.finish(),
+                    callees,
+                    workgroup: Vec::new(),
+                },
+            };
+            s.push_str(&printed_module(&module)?);
+            kernel_ir = Some(module);
         }
         KernelKind::Map { roots } if blocking.is_some() => {
             let (main, b, fns, rows) = blocking.as_ref().expect("blocked");
             functions.push(Item::Text("\n".into()));
             functions.extend(fns.items().iter().cloned());
-            let lane = |k: usize| ["x", "y", "z", "w"][k];
+            let part = |index: Option<usize>, lane: Option<usize>| kir::Part {
+                index: index.map(|k| k as u32),
+                lane: lane.map(|l| l as u32),
+            };
             let main_numel = graph.ty(*main).numel();
             // The invocation grid: the main root's index space with its blocked axes divided
-            // by their blocks, and how far one grid step moves in the root's flat index.
-            let (grid, steps, setup, stores, quads) = match rows {
-                Some((r, rows_fn)) => {
-                    let shape = &graph.ty(r.top()).shape;
-                    let st = strides(shape);
-                    let block = |d: usize| {
-                        if d == r.lane_axis {
-                            LANES
-                        } else if d == r.row_axis {
-                            r.count
-                        } else if d == r.inner_axis {
-                            r.inner
-                        } else {
-                            1
-                        }
-                    };
-                    let stores: Vec<(usize, String)> = r
-                        .offsets(&st)
-                        .into_iter()
-                        .enumerate()
-                        .flat_map(|(q, at)| {
-                            (0..LANES)
-                                .map(move |k| (at + k * b.stride, format!("rows[{q}].{}", lane(k))))
-                        })
-                        .collect();
-                    (
-                        (0..shape.len())
-                            .map(|d| shape[d] / block(d))
-                            .collect::<Vec<_>>(),
-                        (0..shape.len())
-                            .map(|d| {
-                                // Along the lanes: four apart, or one where the lanes lie a
-                                // quarter of the axis apart.
-                                if d == r.lane_axis {
-                                    b.step()
-                                } else {
-                                    block(d) * st[d]
-                                }
-                            })
-                            .collect::<Vec<_>>(),
-                        format!("    let rows = {rows_fn}(i);\n"),
-                        stores,
-                        r.offsets(&st)
-                            .into_iter()
-                            .enumerate()
-                            .map(|(q, at)| (at, format!("rows[{q}]")))
-                            .collect::<Vec<_>>(),
-                    )
-                }
-                None => (
-                    vec![main_numel / b.span(), b.extent / LANES, b.base()],
-                    vec![b.span(), b.step(), 1],
-                    format!("    let value = {}(i);\n", lane_fn(*main, b.stride)),
-                    (0..LANES)
-                        .map(|k| (k * b.stride, format!("value.{}", lane(k))))
-                        .collect(),
-                    vec![(0, "value".to_string())],
-                ),
-            };
+            // by their blocks, and how far one grid step moves in the root's flat index; what
+            // the invocation computes (`rows` of lanes, or one `value` of four), its lanes'
+            // offsets from `i`, and its vec4s' offsets.
+            type Stores = Vec<(usize, kir::Part)>;
+            let (grid, steps, setup, stores, quads): (Vec<usize>, Vec<usize>, _, Stores, Stores) =
+                match rows {
+                    Some((r, rows_fn)) => {
+                        let shape = &graph.ty(r.top()).shape;
+                        let st = strides(shape);
+                        let block = |d: usize| {
+                            if d == r.lane_axis {
+                                LANES
+                            } else if d == r.row_axis {
+                                r.count
+                            } else if d == r.inner_axis {
+                                r.inner
+                            } else {
+                                1
+                            }
+                        };
+                        let offsets = r.offsets(&st);
+                        (
+                            (0..shape.len()).map(|d| shape[d] / block(d)).collect(),
+                            (0..shape.len())
+                                .map(|d| {
+                                    // Along the lanes: four apart, or one where the lanes lie a
+                                    // quarter of the axis apart.
+                                    if d == r.lane_axis {
+                                        b.step()
+                                    } else {
+                                        block(d) * st[d]
+                                    }
+                                })
+                                .collect(),
+                            (
+                                "rows",
+                                vec4s_ty(r.accumulators()),
+                                Callee::Call(rows_fn.clone()),
+                            ),
+                            offsets
+                                .iter()
+                                .enumerate()
+                                .flat_map(|(q, &at)| {
+                                    (0..LANES)
+                                        .map(move |k| (at + k * b.stride, part(Some(q), Some(k))))
+                                })
+                                .collect(),
+                            offsets
+                                .iter()
+                                .enumerate()
+                                .map(|(q, &at)| (at, part(Some(q), None)))
+                                .collect(),
+                        )
+                    }
+                    None => (
+                        vec![main_numel / b.span(), b.extent / LANES, b.base()],
+                        vec![b.span(), b.step(), 1],
+                        (
+                            "value",
+                            kir::Ty::VEC4_F32,
+                            Callee::Call(lane_fn(*main, b.stride)),
+                        ),
+                        (0..LANES)
+                            .map(|k| (k * b.stride, part(None, Some(k))))
+                            .collect(),
+                        vec![(0, part(None, None))],
+                    ),
+                };
             // Every chunk adds its part to the running sums; the last then runs the epilogue,
             // which loads the finished sums.
             let summed_lanes = |red: NodeId| -> Vec<usize> {
@@ -1771,23 +1832,69 @@ fn emit_kernel_with(
                     .map(|(_, s)| *s)
                     .collect()
             };
-            let mut carry = String::new();
+            // Operand 0: what the invocation computes; then each sum's chunk part; then the
+            // other roots.
+            let (setup_name, setup_ty, setup_fn) = setup;
+            let others: Vec<NodeId> = roots.iter().copied().filter(|&r| r != *main).collect();
+            let mut operands = vec![setup_ty];
+            let mut callees = vec![setup_fn];
             for &(red, root) in &sums {
                 if root == *main {
-                    let call = match rows {
-                        Some((r, _)) if r.reduction == red && r.pool.is_none() => format!(
-                            "{}(i)",
-                            crate::text::chunk_part(&format!("v{}_rows_of_reduction", red.0))
+                    let part = match rows {
+                        Some((r, _)) if r.reduction == red && r.pool.is_none() => (
+                            crate::text::chunk_part(&format!("v{}_rows_of_reduction", red.0)),
+                            setup_ty,
                         ),
                         Some(_) => return Ok((None, shares_loads)),
-                        None => format!("{}(i)", crate::text::chunk_part(&lane_fn(red, b.stride))),
+                        None => (
+                            crate::text::chunk_part(&lane_fn(red, b.stride)),
+                            kir::Ty::VEC4_F32,
+                        ),
                     };
-                    let var = if rows.is_some() { "rows" } else { "value" };
-                    carry.push_str(&if quad_sum == Some(red) {
-                        chunks::running_sum(red, var, &call, &quads, true)
+                    operands.push(part.1);
+                    callees.push(Callee::Call(part.0));
+                } else {
+                    operands.push(kir::Ty::F32);
+                    callees.push(Callee::Call(crate::text::chunk_part(&v(red))));
+                }
+            }
+            for &r in &others {
+                operands.push(compute::value_ty(graph.ty(r).dtype));
+                callees.push(Callee::Call(v(r)));
+            }
+            let mut f = kir::Builder::entry(operands);
+            let count = grid.iter().product::<usize>();
+            let row = dispatch[0] as usize * workgroup_size as usize;
+            let j = invocation(&mut f, "j", row, chunking.is_none().then_some(count));
+            let names: Vec<String> = (0..grid.len()).map(|d| format!("g{d}")).collect();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let coords = f.decode(j, &refs, &grid);
+            let mut first = None;
+            for (d, &c) in coords.iter().enumerate() {
+                let step = f.u32(steps[d]);
+                let term = f.mul(c, step);
+                first = Some(match first {
+                    None => term,
+                    Some(sum) => f.add(sum, term),
+                });
+            }
+            let i = f.let_("i", kir::Ty::U32, first.expect("a grid has axes"));
+            for (k, &(red, root)) in sums.iter().enumerate() {
+                if root == *main {
+                    let value = f.operand(1 + k, i);
+                    let ty = f.operand_ty(1 + k);
+                    if quad_sum == Some(red) {
+                        chunks::running_sum(&mut f, red, (setup_name, ty, value), i, &quads, true);
                     } else {
-                        chunks::running_sum(red, var, &call, &stores, false)
-                    });
+                        chunks::running_sum(
+                            &mut f,
+                            red,
+                            (setup_name, ty, value),
+                            i,
+                            &stores,
+                            false,
+                        );
+                    }
                     let rows_offsets = rows
                         .as_ref()
                         .filter(|(r, _)| r.reduction == red)
@@ -1799,49 +1906,52 @@ fn emit_kernel_with(
                         quad_sum == Some(red),
                     ));
                 } else {
-                    carry.push_str(&chunks::element_running_sum(
-                        red,
-                        "j",
-                        graph.ty(root).numel(),
-                    ));
+                    let value = f.operand(1 + k, j);
+                    chunks::element_running_sum(&mut f, red, j, value, graph.ty(root).numel());
                     functions.extend(loaders(red, summed_lanes(red), None, false));
                 }
             }
-            s.push_str(&printed(&functions)?);
-            s.push('\n');
-            let slot = binding_of(plan.buffer_of[main.0].expect("roots are stored"));
-            let store_text: String = if blocked_vec4_out.is_some() {
-                quads
-                    .iter()
-                    .map(|(off, value)| {
-                        let at = match off {
-                            0 => "i".to_string(),
-                            _ => format!("({})", offset("i", *off)),
-                        };
-                        format!("    buf{slot}[{at} >> 2u] = {value};\n")
-                    })
-                    .collect()
-            } else {
-                stores
-                    .iter()
-                    .map(|(off, value)| {
-                        format!("    buf{slot}[{}] = {value};\n", offset("i", *off))
-                    })
-                    .collect()
+            if !sums.is_empty() {
+                last_chunk_only(&mut f);
+            }
+            let computed = f.operand(0, i);
+            let computed = f.let_(setup_name, setup_ty, computed);
+            let g = f.global(global(plan.buffer_of[main.0].expect("roots are stored")));
+            let at = |f: &mut kir::Builder, off: usize| {
+                if off == 0 {
+                    i
+                } else {
+                    let d = f.u32(off);
+                    f.add(i, d)
+                }
             };
-            s.push_str(&blocked_main(
-                graph,
-                plan,
-                roots,
-                *main,
-                (&grid, &steps),
-                (&setup, &store_text),
-                workgroup_size,
-                dispatch,
-                chunking.is_some(),
-                &last_chunk_only(&carry),
-                &binding_of,
-            ));
+            if blocked_vec4_out.is_some() {
+                for &(off, p) in &quads {
+                    let index = at(&mut f, off);
+                    let two = f.u32(2);
+                    let q = f.bin(BinOp::ShiftRight, index, two);
+                    let value = f.part(computed, p);
+                    f.store(g, q, value);
+                }
+            } else {
+                for &(off, p) in &stores {
+                    let index = at(&mut f, off);
+                    let value = f.part(computed, p);
+                    f.store(g, index, value);
+                }
+            }
+            other_roots(&mut f, &others, 1 + sums.len(), j);
+            let module = kir::module::Module {
+                items: functions.clone(),
+                entry: kir::module::Entry {
+                    workgroup_size,
+                    function: f.finish(),
+                    callees,
+                    workgroup: Vec::new(),
+                },
+            };
+            s.push_str(&printed_module(&module)?);
+            kernel_ir = Some(module);
         }
         KernelKind::Map { roots } if sums.is_empty() && chunking.is_none() => {
             // One invocation per element, every root stored: all kernel IR.
@@ -1893,40 +2003,52 @@ fn emit_kernel_with(
             kernel_ir = Some(module);
         }
         KernelKind::Map { roots } => {
-            let mut carry = String::new();
-            for &(red, root) in &sums {
-                carry.push_str(&chunks::element_running_sum(
-                    red,
-                    "i",
-                    graph.ty(root).numel(),
-                ));
+            // One invocation per element, summing chunk by chunk or cut into image chunks.
+            let mut operands: Vec<kir::Ty> = vec![kir::Ty::F32; sums.len()];
+            let mut callees: Vec<Callee> = sums
+                .iter()
+                .map(|(red, _)| Callee::Call(crate::text::chunk_part(&v(*red))))
+                .collect();
+            for &(red, _) in &sums {
                 functions.extend(loaders(red, Vec::new(), None, false));
             }
-            s.push_str(&printed(&functions)?);
-            s.push('\n');
-            let mut body = last_chunk_only(&carry);
             let mut numel = 0;
             for r in roots {
-                let n = numel_u32(&kernel.name, graph.ty(*r))?;
-                numel = numel.max(n);
-                let slot = binding_of(plan.buffer_of[r.0].expect("roots are stored"));
-                if roots.len() == 1 {
-                    let _ = writeln!(body, "    buf{slot}[i] = {}(i);", v(*r));
-                } else {
-                    let _ = writeln!(
-                        body,
-                        "    if (i < {}) {{\n        buf{slot}[i] = {}(i);\n    }}",
-                        u(n as usize),
-                        v(*r)
-                    );
-                }
+                numel = numel.max(numel_u32(&kernel.name, graph.ty(*r))?);
+                operands.push(compute::value_ty(graph.ty(*r).dtype));
+                callees.push(Callee::Call(v(*r)));
             }
-            s.push_str(&entry_point(
-                workgroup_size,
-                dispatch,
-                ("i", numel as usize, chunking.is_some()),
-                &body,
-            ));
+            let mut f = kir::Builder::entry(operands);
+            let row = dispatch[0] as usize * workgroup_size as usize;
+            let i = invocation(
+                &mut f,
+                "i",
+                row,
+                chunking.is_none().then_some(numel as usize),
+            );
+            for (k, &(red, root)) in sums.iter().enumerate() {
+                let value = f.operand(k, i);
+                chunks::element_running_sum(&mut f, red, i, value, graph.ty(root).numel());
+            }
+            if !sums.is_empty() {
+                last_chunk_only(&mut f);
+            }
+            if roots.len() == 1 {
+                store_root(&mut f, roots[0], sums.len(), i);
+            } else {
+                other_roots(&mut f, roots, sums.len(), i);
+            }
+            let module = kir::module::Module {
+                items: functions.clone(),
+                entry: kir::module::Entry {
+                    workgroup_size,
+                    function: f.finish(),
+                    callees,
+                    workgroup: Vec::new(),
+                },
+            };
+            s.push_str(&printed_module(&module)?);
+            kernel_ir = Some(module);
         }
         KernelKind::Head(h) => {
             // A workgroup's barriers: printed from the kernel IR, not interpreted.
@@ -1980,6 +2102,32 @@ fn emit_kernel_with(
     ))
 }
 
+/// The invocation's index `var`: `gid.x + gid.y * row`, returning past `count`; or, in an
+/// image chunk (`count` `None`), plus the chunk's first invocation, returning past its end.
+fn invocation(f: &mut kir::Builder, var: &str, row: usize, count: Option<usize>) -> kir::Expr {
+    let (x, y) = (f.global_id(0), f.global_id(1));
+    let r = f.u32(row);
+    let t = f.mul(y, r);
+    let mut at = f.add(x, t);
+    if count.is_none() {
+        let first = f.chunk(kir::ChunkBound::FirstInvocation);
+        at = f.add(at, first);
+    }
+    let j = f.let_(var, kir::Ty::U32, at);
+    let end = match count {
+        Some(n) => f.u32(n),
+        None => f.chunk(kir::ChunkBound::EndInvocation),
+    };
+    let past = f.bin(BinOp::Ge, j, end);
+    f.if_(past, |f| f.return_());
+    j
+}
+
+/// `array<vec4<f32>, n>`.
+fn vec4s_ty(n: usize) -> kir::Ty {
+    kir::Ty::array(kir::Ty::VEC4_F32, n as u32).expect("one deep")
+}
+
 /// Bytes of part `k` of a buffer of `bytes` split in parts of `part_bytes`.
 fn part_len(bytes: u64, part_bytes: u64, k: u32) -> u64 {
     part_bytes.min(bytes - u64::from(k) * part_bytes)
@@ -2023,52 +2171,6 @@ fn invocation_index(var: &str, row: usize, count: usize, chunked: bool) -> Strin
             u(count)
         )
     }
-}
-
-/// The entry point of a blocked map kernel: invocation `j` is a point of `grid`, its first
-/// element of `main` is `i`, the sum of its coordinates times `steps`; `setup` computes the
-/// block and `stores` writes it (offset from `i`, value). Each other root is computed for
-/// element `j`.
-#[allow(clippy::too_many_arguments)]
-fn blocked_main(
-    graph: &Graph,
-    plan: &Plan,
-    roots: &[NodeId],
-    main: NodeId,
-    (grid, steps): (&[usize], &[usize]),
-    (setup, stores): (&str, &str),
-    workgroup_size: u32,
-    dispatch: [u32; 3],
-    chunked: bool,
-    carry: &str,
-    binding_of: &dyn Fn(usize) -> u32,
-) -> String {
-    let slot = |r: NodeId| binding_of(plan.buffer_of[r.0].expect("roots are stored"));
-    let names: Vec<String> = (0..grid.len()).map(|d| format!("g{d}")).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let terms: Vec<String> = (0..grid.len())
-        .map(|d| format!("g{d} * {}", u(steps[d])))
-        .collect();
-    let mut body = decode_from("j", &refs, grid);
-    let _ = writeln!(body, "    let i = {};", terms.join(" + "));
-    body.push_str(carry);
-    body.push_str(setup);
-    body.push_str(stores);
-    for &r in roots.iter().filter(|&&r| r != main) {
-        let _ = writeln!(
-            body,
-            "    if (j < {}) {{\n        buf{}[j] = {}(j);\n    }}",
-            u(graph.ty(r).numel()),
-            slot(r),
-            v(r)
-        );
-    }
-    entry_point(
-        workgroup_size,
-        dispatch,
-        ("j", grid.iter().product(), chunked),
-        &body,
-    )
 }
 
 /// The classifier head's entry point: one workgroup strides over the rows, keeping a row's

@@ -138,6 +138,8 @@ fn check(what: &str, g: &Graph, target: &Target) -> usize {
         let mut buffers = buffers(&compiled, k, &value_of);
         // One chunk over the whole batch, windows over whole buffers.
         let chunk = module.chunks.as_ref().map(|c| ChunkTable {
+            first_invocation: 0,
+            end_invocation: c.invocations as u32,
             first_image: 0,
             end_image: c.batch as u32,
             window_bases: vec![0; c.windows.len()],

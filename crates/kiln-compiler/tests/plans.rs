@@ -472,7 +472,7 @@ fn kernels_of_many_small_chunks_run_several_to_a_dispatch_on_cpus() {
             "    chunk_main(gid);\n    chunk_main_s1(gid);\n}",
         ],
     );
-    assert_eq!(conv1_dw.matches("        sum59[i] = rows[0];").count(), 2);
+    assert_eq!(conv1_dw.matches("        sum59[i] = rows[0u];").count(), 2);
     assert_eq!(
         conv1_dw.matches("    if (chunk_s1[0].w < 256u) {").count(),
         1
@@ -599,8 +599,8 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         &modules[14].wgsl,
         &[
             "var<storage, read_write> sum49: array<vec4<f32>>;",
-            "            rows[7] += sum49[(i + 2800u) >> 2u];",
-            "        sum49[(i + 2800u) >> 2u] = rows[7];",
+            "            rows[7u] += sum49[(i + 2800u) >> 2u];",
+            "        sum49[(i + 2800u) >> 2u] = rows[7u];",
             "    return array<vec4<f32>, 8>(sum49[(i) >> 2u], sum49[(i + 400u) >> 2u],",
             // Its bias sum stays scalar.
             "var<storage, read_write> sum47: array<f32>;",
@@ -641,8 +641,8 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "            let xat = (((n * 6u + c) * 14u + oy + ky - 0u) * 14u - bases[0].x);",
             "                let dat = (((n * 16u + o + 3u) * 10u + oy) * 10u - bases[0].y);",
             "                a3_4 += d0 * x4 + d1 * x5 + d2 * x6 + d3 * x7 + d4 * x8 + d5 * x9 + d6 * x10 + d7 * x11 + d8 * x12 + d9 * x13;",
-            "    let i = (j / 30u) * 600u + (j % 30u) * 5u;",
-            "            rows[19] += sum55[i + 454u];",
+            "    let i = j / 30u * 600u + (j % 30u) * 5u;",
+            "            rows[19u] += sum55[i + 454u];",
             "    buf1[i + 454u] = v65(i + 454u);",
             // The batch loop covers the chunk's images only.
             "for (var n = chunk[0].z; n < chunk[0].w; n++) {",
@@ -765,7 +765,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "        let bb = v17_x4s12000(c * 400u + p);",
             "    return red + v18_x4s30((i / 1u) % 120u);",
             "    let g0 = j / 30u;\n    let g1 = j % 30u;\n    let i = g0 * 960u + g1 * 1u;",
-            "    buf6[i + 90u] = rows[0].w;\n    buf6[i + 120u] = rows[1].x;",
+            "    buf6[i + 90u] = rows[0u].w;\n    buf6[i + 120u] = rows[1u].x;",
         ],
     );
     // Its input gradient sums over the weights' rows: one loop per part, each reading four

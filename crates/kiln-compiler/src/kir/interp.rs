@@ -159,6 +159,8 @@ impl<'a> Runner<'a> {
 /// over, and where each of its windows starts in the flat index of what it holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChunkTable {
+    pub first_invocation: u32,
+    pub end_invocation: u32,
     pub first_image: u32,
     pub end_image: u32,
     pub window_bases: Vec<u32>,
@@ -296,6 +298,8 @@ impl Env for ModuleEnv<'_> {
 
     fn chunk(&self, bound: ChunkBound) -> u32 {
         match (self.chunk, bound) {
+            (Some(c), ChunkBound::FirstInvocation) => c.first_invocation,
+            (Some(c), ChunkBound::EndInvocation) => c.end_invocation,
             (Some(c), ChunkBound::FirstImage) => c.first_image,
             (Some(c), ChunkBound::EndImage) => c.end_image,
             (None, _) => unreachable!("a chunked function run without its chunk"),
@@ -526,6 +530,51 @@ impl Machine<'_> {
                 let len = decl.array.expect("validated: arrays have a length") as usize;
                 self.arrays[local.index()] = vec![zero; len];
             }
+            Stmt::Update {
+                local,
+                index,
+                lane,
+                op,
+                value,
+            } => {
+                let at = index.map(|i| self.u32(i) as usize);
+                let v = self.expr(*value);
+                let whole = self.locals[local.index()]
+                    .clone()
+                    .expect("validated: declared");
+                let part = |old: &Lanes| -> Lanes {
+                    let old_part = match lane {
+                        Some(l) => Lanes::Scalar(old.lane(*l as usize)),
+                        None => old.clone(),
+                    };
+                    let new = match op {
+                        None => v.clone(),
+                        Some(op) => binary(*op, old_part, v.clone()),
+                    };
+                    match (lane, old) {
+                        (Some(l), Lanes::Vec4(lanes)) => {
+                            let mut lanes = *lanes;
+                            lanes[*l as usize] = new.lane(0);
+                            Lanes::Vec4(lanes)
+                        }
+                        (Some(_), _) => unreachable!("validated: a lane of a vec4"),
+                        (None, _) => new,
+                    }
+                };
+                let updated = match (at, &whole) {
+                    (Some(at), Lanes::Array(elements)) => {
+                        let mut elements = elements.to_vec();
+                        // WGSL clamps a dynamic index into the array.
+                        let at = at.min(elements.len() - 1);
+                        elements[at] = part(&elements[at]);
+                        Lanes::Array(elements.into())
+                    }
+                    (Some(_), _) => unreachable!("validated: an element of an array"),
+                    (None, _) => part(&whole),
+                };
+                self.locals[local.index()] = Some(updated);
+            }
+            Stmt::Block(body) => return self.block(body),
             Stmt::AssignElement {
                 local,
                 index,
@@ -826,6 +875,7 @@ mod tests {
             match bound {
                 ChunkBound::FirstImage => 1,
                 ChunkBound::EndImage => 3,
+                _ => unreachable!("the tests' chunks bound images only"),
             }
         }
     }

@@ -222,10 +222,12 @@ impl MathFn {
     }
 }
 
-/// A bound of the image range of the kernel's current chunk (CPU-class image chunks: the
-/// chunk table's `z` and `w`).
+/// A bound of the kernel's current chunk (CPU-class image chunks): of the invocations it
+/// runs and of the images it covers (the chunk table's `x`, `y`, `z` and `w`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ChunkBound {
+    FirstInvocation,
+    EndInvocation,
     FirstImage,
     EndImage,
 }
@@ -410,6 +412,17 @@ pub enum Stmt {
     VarArray {
         local: Local,
     },
+    /// `local[index].lane op= value;`: part of a `var` — an element of an array value, a lane
+    /// of a `vec4`, or a lane of an element (`index` and `lane` each optional).
+    Update {
+        local: Local,
+        index: Option<Expr>,
+        lane: Option<u32>,
+        op: Option<BinOp>,
+        value: Expr,
+    },
+    /// `{ body }`: a scope of its own.
+    Block(Block),
     /// `local[index] = value;` of an array.
     AssignElement {
         local: Local,
@@ -447,6 +460,21 @@ impl Function {
     pub fn local(&self, l: Local) -> &LocalDecl {
         &self.locals[l.index()]
     }
+}
+
+/// A constant part of a value: element `index` of an array, lane `lane` of a `vec4`, or lane
+/// `lane` of element `index` (the whole value where both are `None`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub index: Option<u32>,
+    pub lane: Option<u32>,
+}
+
+impl Part {
+    pub const WHOLE: Part = Part {
+        index: None,
+        lane: None,
+    };
 }
 
 /// A loop's condition, made from the read of its counter.
@@ -542,6 +570,55 @@ impl Builder {
             index,
             value,
         });
+    }
+
+    /// Declares one more operand of type `ty`; returns its number.
+    pub fn declare_operand(&mut self, ty: Ty) -> usize {
+        self.f.operands.push(ty);
+        self.f.operands.len() - 1
+    }
+
+    /// Part `part` of `value` (an element of an array, a lane of a `vec4`, or both).
+    pub fn part(&mut self, value: Expr, part: Part) -> Expr {
+        let mut at = value;
+        if let Some(k) = part.index {
+            let k = self.lit(Literal::U32(k));
+            at = self.lane(at, k);
+        }
+        if let Some(l) = part.lane {
+            let l = self.lit(Literal::U32(l));
+            at = self.lane(at, l);
+        }
+        at
+    }
+
+    /// `local[index].lane op= value;` of a constant part.
+    pub fn update_part(&mut self, local: Local, part: Part, op: Option<BinOp>, value: Expr) {
+        let index = part.index.map(|k| self.lit(Literal::U32(k)));
+        self.update(local, (index, part.lane), op, value);
+    }
+
+    /// `local[index].lane op= value;` (see [`Stmt::Update`]).
+    pub fn update(
+        &mut self,
+        local: Local,
+        (index, lane): (Option<Expr>, Option<u32>),
+        op: Option<BinOp>,
+        value: Expr,
+    ) {
+        self.stmt(Stmt::Update {
+            local,
+            index,
+            lane,
+            op,
+            value,
+        });
+    }
+
+    /// `{ body }`.
+    pub fn scope(&mut self, body: impl FnOnce(&mut Builder)) {
+        let block = self.block(body);
+        self.stmt(Stmt::Block(block));
     }
 
     pub fn barrier(&mut self) {

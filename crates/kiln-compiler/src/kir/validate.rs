@@ -272,6 +272,51 @@ impl<'a> Checker<'a> {
                 let ty = decl.ty;
                 self.declare(*local, Kind::Var, ty)?;
             }
+            Stmt::Update {
+                local,
+                index,
+                lane,
+                op,
+                value,
+            } => {
+                if self.kind(*local) != Some(Kind::Var)
+                    || self.f.locals[local.index()].array.is_some()
+                {
+                    return fail(format!(
+                        "`{}` is updated but is not a var in scope",
+                        self.name(*local)
+                    ));
+                }
+                let mut target = self.f.locals[local.index()].ty;
+                if let Some(index) = index {
+                    if !target.is_array() || self.ty(*index)? != Ty::U32 {
+                        return fail(format!("`{}` is not an array", self.name(*local)));
+                    }
+                    target = target.element().expect("arrays have elements");
+                }
+                if let Some(lane) = lane {
+                    if !matches!(target, Ty::Vec4(_)) || *lane > 3 {
+                        return fail(format!("lane {lane} of a {target:?}"));
+                    }
+                    target = target.element().expect("vec4s have lanes");
+                }
+                let v = self.ty(*value)?;
+                let ty = match op {
+                    None => v,
+                    Some(op) => self.binary_ty(*op, target, v)?,
+                };
+                if ty != target {
+                    return fail(format!(
+                        "part {target:?} of `{}` is assigned a {ty:?}",
+                        self.name(*local)
+                    ));
+                }
+            }
+            Stmt::Block(body) => {
+                if self.block(body)? {
+                    return Ok(true);
+                }
+            }
             Stmt::AssignElement {
                 local,
                 index,

@@ -274,6 +274,30 @@ impl Printer<'_> {
                     decl.array.expect("validated: arrays have a length")
                 );
             }
+            Stmt::Update {
+                local,
+                index,
+                lane,
+                op,
+                value,
+            } => {
+                let index = index.map_or(String::new(), |i| format!("[{}]", self.expr(i)));
+                let lane = lane.map_or(String::new(), |l| {
+                    format!(".{}", ["x", "y", "z", "w"][l as usize])
+                });
+                let op = op.map_or("", binary_op);
+                let _ = writeln!(
+                    out,
+                    "{pad}{}{index}{lane} {op}= {};",
+                    name(*local),
+                    self.expr(*value)
+                );
+            }
+            Stmt::Block(body) => {
+                let _ = writeln!(out, "{pad}{{");
+                self.block(out, body, depth + 1);
+                let _ = writeln!(out, "{pad}}}");
+            }
             Stmt::AssignElement {
                 local,
                 index,
@@ -479,6 +503,8 @@ impl Printer<'_> {
             ExprKind::WindowBase(w) => (window_base(*w), Primary),
             ExprKind::Chunk(bound) => (
                 match bound {
+                    ChunkBound::FirstInvocation => "chunk[0].x",
+                    ChunkBound::EndInvocation => "chunk[0].y",
                     ChunkBound::FirstImage => "chunk[0].z",
                     ChunkBound::EndImage => "chunk[0].w",
                 }
