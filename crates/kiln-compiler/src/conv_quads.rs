@@ -438,87 +438,146 @@ pub(crate) fn weight_rows_channels(graph: &Graph, red: NodeId) -> Option<usize> 
 /// row `ky`, where `i` is the flat index of `(o, c, ky, 0)`, summed over the chunk's images.
 /// Each step reads one input row and each channel's `dy` row as `vec4`s (rows of an even
 /// width: [`skewed_row`]); every input pixel serves `P * KW` multiply-adds. `x` and `dy`:
-/// the binding and flat-index expression of each operand.
+/// the binding of each operand and the chunk window it is read through, if any.
 pub(crate) fn weight_rows_fn(
     graph: &Graph,
     red: NodeId,
     per: usize,
-    x: (u32, &dyn Fn(&str) -> String),
-    dy: (u32, &dyn Fn(&str) -> String),
-) -> String {
+    x: (u32, Option<usize>),
+    dy: (u32, Option<usize>),
+) -> kir::module::Item {
     let node = graph.node(red);
     let Op::Conv2dGradWeight { padding, .. } = &node.op else {
         unreachable!("weight rows are a weight gradient's")
     };
-    let shape = |id: NodeId| -> [usize; 4] {
-        <[usize; 4]>::try_from(graph.ty(id).shape.as_slice()).expect("rank 4")
-    };
-    let [_, c, h, wi] = shape(node.inputs[0]);
-    let [_, o, oh, ow] = shape(node.inputs[1]);
+    let [_, c, h, wi] = crate::compute::rank4(&graph.ty(node.inputs[0]).shape);
+    let [_, o, oh, ow] = crate::compute::rank4(&graph.ty(node.inputs[1]).shape);
     let kw = node.ty.shape[3];
-    let mut s = format!(
-        "fn {}(i: u32) -> array<f32, {}> {{\n",
-        crate::text::chunk_part(&format!("v{}_columns", red.0)),
-        per * kw
-    );
-    s.push_str(&crate::text::decode(
-        &["o", "c", "ky", "kx"],
-        &node.ty.shape,
-    ));
-    s.push_str(&crate::text::valid_outputs("oy", "ky", padding[0], h, oh));
-    for k in 0..per {
-        for kx in 0..kw {
-            let _ = writeln!(s, "    var a{k}_{kx} = 0.0f;");
-        }
-    }
-    let _ = writeln!(
-        s,
-        "    for (var n = chunk[0].z; n < chunk[0].w; n++) {{\n        for (var oy = oy_lo; oy < oy_end; oy++) {{"
-    );
-    let row = format!(
-        "((n * {} + c) * {} + oy + ky - {}) * {}",
-        u(c),
-        u(h),
-        u(padding[0]),
-        u(wi)
-    );
-    skewed_row(&mut s, "            ", (x.0, &x.1(&row)), wi, "x", "true");
-    for k in 0..per {
-        s.push_str("            {\n");
-        let drow = format!("((n * {} + o + {k}u) * {} + oy) * {}", u(o), u(oh), u(ow));
-        skewed_row(
-            &mut s,
-            "                ",
-            (dy.0, &dy.1(&drow)),
-            ow,
-            "d",
-            "true",
-        );
-        for kx in 0..kw {
-            let terms: Vec<String> = (0..ow)
-                .filter_map(|ox| {
-                    let ix = (ox + kx) as i64 - padding[1] as i64;
-                    (0..wi as i64)
-                        .contains(&ix)
-                        .then(|| format!("d{ox} * x{ix}"))
-                })
-                .collect();
-            if !terms.is_empty() {
-                let _ = writeln!(s, "                a{k}_{kx} += {};", terms.join(" + "));
-            }
-        }
-        s.push_str("            }\n");
-    }
-    let accs: Vec<String> = (0..per)
+    let ret = kir::Ty::array(kir::Ty::F32, (per * kw) as u32).expect("one deep");
+    let mut f = kir::Builder::new(ret, Vec::new());
+    let i = f.index();
+    let [oc, cc, ky, _] =
+        crate::compute::coords4(&mut f, i, ["o", "c", "ky", "kx"], &node.ty.shape);
+    let (oy_lo, oy_end) = crate::compute::valid_outputs(&mut f, "oy", ky, padding[0], h, oh);
+    let accs: Vec<kir::Local> = (0..per)
         .flat_map(|k| (0..kw).map(move |kx| format!("a{k}_{kx}")))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|name| {
+            let z = f.f32(0.0);
+            f.var(&name, kir::Ty::F32, z)
+        })
         .collect();
-    let _ = write!(
-        s,
-        "        }}\n    }}\n    return array<f32, {}>({});\n}}\n",
-        per * kw,
-        accs.join(", ")
-    );
-    s
+    let (xg, dg) = (f.global(uniform_quads(x.0)), f.global(uniform_quads(dy.0)));
+    let (first, end) = crate::compute::batch_range(&mut f, 0, true);
+    f.for_("n", first, end, |f, n| {
+        f.for_("oy", oy_lo, oy_end, |f, oy| {
+            let row = f.flat(&[n, cc], &[0, c]);
+            let hh = f.u32(h);
+            let row = f.mul(row, hh);
+            let row = f.add(row, oy);
+            let row = f.add(row, ky);
+            let py = f.u32(padding[0]);
+            let row = f.sub(row, py);
+            let ww = f.u32(wi);
+            let row = f.mul(row, ww);
+            let row = uniform_index(f, row, x.1);
+            let yes = f.lit(kir::Literal::Bool(true));
+            let pixels = skewed_row_expr(f, (xg, row), wi, "x", yes);
+            for k in 0..per {
+                f.scope(|f| {
+                    let ou = f.u32(o);
+                    let t = f.mul(n, ou);
+                    let t = f.add(t, oc);
+                    let ku = f.u32(k);
+                    let t = f.add(t, ku);
+                    let ohu = f.u32(oh);
+                    let t = f.mul(t, ohu);
+                    let t = f.add(t, oy);
+                    let owu = f.u32(ow);
+                    let t = f.mul(t, owu);
+                    let drow = uniform_index(f, t, dy.1);
+                    let yes = f.lit(kir::Literal::Bool(true));
+                    let d = skewed_row_expr(f, (dg, drow), ow, "d", yes);
+                    for kx in 0..kw {
+                        let mut sum = None;
+                        for (ox, &dv) in d.iter().enumerate() {
+                            let ix = (ox + kx) as i64 - padding[1] as i64;
+                            if (0..wi as i64).contains(&ix) {
+                                let t = f.mul(dv, pixels[ix as usize]);
+                                sum = Some(match sum {
+                                    None => t,
+                                    Some(s) => f.add(s, t),
+                                });
+                            }
+                        }
+                        if let Some(sum) = sum {
+                            f.add_assign(accs[k * kw + kx], sum);
+                        }
+                    }
+                });
+            }
+        });
+    });
+    let values: Vec<kir::Expr> = accs.iter().map(|&a| f.get(a)).collect();
+    let all = f.array(values);
+    f.ret_(all);
+    kir::module::Item::Function {
+        name: crate::text::chunk_part(&format!("v{}_columns", red.0)),
+        comment: None,
+        function: f.finish(),
+        callees: Vec::new(),
+    }
+}
+
+/// [`skewed_row`] in the kernel IR: the `width` elements of a row at flat index `at` of
+/// uniform `global` (each its own `let`), read as `vec4`s, zero unless `ok`.
+pub(crate) fn skewed_row_expr(
+    f: &mut kir::Builder,
+    (global, at): (usize, kir::Expr),
+    width: usize,
+    name: &str,
+    ok: kir::Expr,
+) -> Vec<kir::Expr> {
+    let skewed = width % 4 != 0;
+    let blocks = (width + if skewed { 2 } else { 0 }).div_ceil(4);
+    let at = f.let_(&format!("{name}at"), kir::Ty::U32, at);
+    let skew = skewed.then(|| {
+        let three = f.u32(3);
+        let s = f.bin(kir::BinOp::BitAnd, at, three);
+        f.let_(&format!("{name}skew"), kir::Ty::U32, s)
+    });
+    let quads: Vec<kir::Expr> = (0..blocks)
+        .map(|b| {
+            let two = f.u32(2);
+            let q = f.bin(kir::BinOp::ShiftRight, at, two);
+            let bb = f.u32(b);
+            let q = f.add(q, bb);
+            let quad = f.load(global, q);
+            let zero = f.f32(0.0);
+            let zero = f.splat(zero);
+            let v = f.select(ok, quad, zero);
+            f.let_(&format!("{name}q{b}"), kir::Ty::VEC4_F32, v)
+        })
+        .collect();
+    let lane = |f: &mut kir::Builder, at: usize| {
+        let l = f.u32(at % 4);
+        f.lane(quads[at / 4], l)
+    };
+    (0..width)
+        .map(|k| {
+            let pick = match skew {
+                Some(skew) => {
+                    let (a, b) = (lane(f, k), lane(f, k + 2));
+                    let z = f.u32(0);
+                    let shifted = f.bin(kir::BinOp::Ne, skew, z);
+                    f.select(shifted, b, a)
+                }
+                None => lane(f, k),
+            };
+            f.let_(&format!("{name}{k}"), kir::Ty::F32, pick)
+        })
+        .collect()
 }
 
 /// `var a<k>_<r>_<x> = 0.0f;` for `channels x rows x width` scalar accumulators.

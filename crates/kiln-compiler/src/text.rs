@@ -29,44 +29,6 @@ pub(crate) fn v(id: NodeId) -> String {
     format!("v{}", id.0)
 }
 
-/// `let` statements decoding flat index `i` into named coordinates of `shape`.
-pub(crate) fn decode(names: &[&str], shape: &[usize]) -> String {
-    decode_from("i", names, shape)
-}
-
-/// [`decode`] of the flat index held in variable `var`.
-pub(crate) fn decode_from(var: &str, names: &[&str], shape: &[usize]) -> String {
-    let mut s = String::new();
-    let mut stride = 1usize;
-    let mut parts = Vec::new();
-    for d in (0..shape.len()).rev() {
-        let expr = if d == 0 {
-            format!("{var} / {}", u(stride))
-        } else if stride == 1 {
-            format!("{var} % {}", u(shape[d]))
-        } else {
-            format!("({var} / {}) % {}", u(stride), u(shape[d]))
-        };
-        parts.push(format!("    let {} = {};\n", names[d], expr));
-        stride *= shape[d];
-    }
-    for p in parts.into_iter().rev() {
-        s.push_str(&p);
-    }
-    s
-}
-
-/// `let <o>_lo` and `let <o>_end`: the range of outputs `o` (`out` of them) along one axis
-/// whose stride-1 tap `k` lands inside an input of `size` padded by `pad` on each side.
-pub(crate) fn valid_outputs(o: &str, k: &str, pad: usize, size: usize, out: usize) -> String {
-    format!(
-        "    let {o}_lo = u32(max({} - i32({k}), 0i));\n    let {o}_end = u32(min({} - i32({k}), {}));\n",
-        i(pad),
-        i(size + pad),
-        i(out)
-    )
-}
-
 /// Each operand of `id` read through its own scalar function `v<operand>`.
 pub(crate) fn scalar_operands(graph: &Graph, id: NodeId) -> Vec<Operand> {
     graph
@@ -100,16 +62,6 @@ impl Operand {
             callee,
             ty: kir::Ty::VEC4_F32,
         }
-    }
-}
-
-/// The loop bounds of a reduction over `n` images: all of them, or (`chunked`) those of the
-/// chunk in the kernel's chunk table.
-pub(crate) fn batch_range(n: usize, chunked: bool) -> (String, String) {
-    if chunked {
-        ("chunk[0].z".into(), "chunk[0].w".into())
-    } else {
-        ("0u".into(), u(n))
     }
 }
 

@@ -24,7 +24,7 @@ use crate::kir::{self, BinOp};
 use crate::plan::{Head, Kernel, KernelKind, Placement, Plan};
 use crate::report::node_label;
 use crate::target::{DeviceClass, Target};
-use crate::text::{UniformAt, UniformIndex, batch_range, decode, scalar_operands, strides, u, v};
+use crate::text::{UniformAt, UniformIndex, scalar_operands, strides, u, v};
 use crate::trips;
 
 /// Workgroups a map kernel should have at least, shrinking its workgroups (down to 8
@@ -542,7 +542,6 @@ fn functions(
         KernelKind::Map { .. } => Vec::new(),
     };
     for &n in kernel.nodes.iter().filter(|n| !in_head_main.contains(n)) {
-        let ty = wgsl_type(graph.ty(n).dtype);
         let node = graph.node(n);
         let layer = node
             .layer
@@ -557,14 +556,17 @@ fn functions(
             v(n)
         };
         let quad_sum = if quads {
-            reduce_sum_in_quads(graph, kernel, plan, n, binding_of, uniform, summed)
+            reduce_sum_in_quads(graph, kernel, plan, n, at, summed)
         } else {
             None
         };
-        if let Some(body) = quad_sum {
-            items.push(Item::Text(format!(
-                "// {comment}\nfn {name}(i: u32) -> {ty} {{\n{body}}}\n"
-            )));
+        if let Some(function) = quad_sum {
+            items.push(Item::Function {
+                name,
+                comment: Some(comment),
+                function,
+                callees: Vec::new(),
+            });
             continue;
         }
         let operands = scalar_operands(graph, n);
@@ -610,50 +612,6 @@ fn functions(
     items
 }
 
-/// The start of a reduction over `axes` of a value of shape `xs`: the kept axes decoded from
-/// `i` (`k<d>`), `acc` declared, a loop over each of `loops.0` (`r<d>`; the batch axis over
-/// the chunk's images when `chunked`), and inside them `inner(indent, index)`, where `index`
-/// is the flat index of the coordinates of the axes before `loops.1` (the rest are 0).
-fn reduction_nest(
-    xs: &[usize],
-    axes: &[usize],
-    (loops, dims): (&[usize], usize),
-    chunked: bool,
-    acc: &str,
-    inner: &dyn Fn(&str, &str) -> String,
-) -> String {
-    let st = strides(xs);
-    let kept: Vec<usize> = (0..xs.len()).filter(|d| !axes.contains(d)).collect();
-    let names: Vec<String> = kept.iter().map(|d| format!("k{d}")).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let kept_shape: Vec<usize> = kept.iter().map(|&d| xs[d]).collect();
-    let mut s = decode(&refs, &kept_shape);
-    let _ = writeln!(s, "    {acc}");
-    let mut indent = String::from("    ");
-    for &a in loops {
-        let (lo, hi) = batch_range(xs[a], chunked && a == 0);
-        let _ = writeln!(s, "{indent}for (var r{a} = {lo}; r{a} < {hi}; r{a}++) {{");
-        indent.push_str("    ");
-    }
-    let terms: Vec<String> = (0..dims)
-        .map(|d| {
-            let var = if axes.contains(&d) { "r" } else { "k" };
-            format!("{var}{d} * {}", u(st[d]))
-        })
-        .collect();
-    let index = if terms.is_empty() {
-        "0u".to_string()
-    } else {
-        terms.join(" + ")
-    };
-    s.push_str(&inner(&indent, &index));
-    for _ in loops {
-        indent.truncate(indent.len() - 4);
-        let _ = writeln!(s, "{indent}}}");
-    }
-    s
-}
-
 /// The body of reduction `n` reading its operand a `vec4` at a time, where the operand comes
 /// straight from a uniform binding and the reduced axes end with a contiguous run in fours
 /// (conv1's bias gradient sums rows of 784 per image and channel). lavapipe gathers a `vec4`
@@ -664,10 +622,9 @@ fn reduce_sum_in_quads(
     kernel: &Kernel,
     plan: &Plan,
     n: NodeId,
-    binding_of: &dyn Fn(usize) -> u32,
-    uniform: UniformIndex,
+    at: &Addressing,
     summed: &[NodeId],
-) -> Option<String> {
+) -> Option<kir::Function> {
     let node = graph.node(n);
     let Op::ReduceSum { axes } = &node.op else {
         return None;
@@ -689,25 +646,85 @@ fn reduce_sum_in_quads(
     if run_from == xs.len() || run % 4 != 0 || (chunked && run_from == 0) {
         return None;
     }
-    uniform(buffer, "i")?;
+    let window = (at.uniform_at)(buffer)?;
     let outer: Vec<usize> = axes.iter().copied().filter(|&a| a < run_from).collect();
-    let slot = binding_of(buffer);
-    let mut s = reduction_nest(
-        xs,
-        axes,
-        (&outer, run_from),
-        chunked,
-        "var acc = vec4<f32>(0.0f);",
-        &|indent, base| {
-            format!(
-                "{indent}let q = {} >> 2u;\n{indent}for (var r = 0u; r < {}; r++) {{\n{indent}    acc += buf{slot}[q + r];\n{indent}}}\n",
-                uniform(buffer, &format!("({base})")).expect("a uniform binding"),
-                u(run / 4),
-            )
-        },
-    );
-    s.push_str("    return acc.x + acc.y + acc.z + acc.w;\n");
-    Some(s)
+    let st = strides(xs);
+    let kept: Vec<usize> = (0..xs.len()).filter(|d| !axes.contains(d)).collect();
+    let names: Vec<String> = kept.iter().map(|d| format!("k{d}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let kept_shape: Vec<usize> = kept.iter().map(|&d| xs[d]).collect();
+    let mut f = kir::Builder::new(kir::Ty::F32, Vec::new());
+    let g = f.global((at.global)(buffer));
+    let i = f.index();
+    let coords = f.decode(i, &refs, &kept_shape);
+    let zero = f.f32(0.0);
+    let zero = f.splat(zero);
+    let acc = f.var("acc", kir::Ty::VEC4_F32, zero);
+    // The loops over the outer reduced axes (their counters by axis), then one over the
+    // run's vec4s.
+    type Inner<'a> = &'a dyn Fn(&mut kir::Builder, &[(usize, kir::Expr)]);
+    fn nest(
+        f: &mut kir::Builder,
+        loops: &[usize],
+        counters: &mut Vec<(usize, kir::Expr)>,
+        inner: Inner,
+        (xs, chunked): (&[usize], bool),
+    ) {
+        let Some((&a, rest)) = loops.split_first() else {
+            inner(f, counters);
+            return;
+        };
+        let (lo, hi) = compute::batch_range(f, xs[a], chunked && a == 0);
+        let mut inside = std::mem::take(counters);
+        f.for_(&format!("r{a}"), lo, hi, |f, r| {
+            inside.push((a, r));
+            nest(f, rest, &mut inside, inner, (xs, chunked));
+        });
+    }
+    let inner = |f: &mut kir::Builder, counters: &[(usize, kir::Expr)]| {
+        let mut index: Option<kir::Expr> = None;
+        for d in 0..run_from {
+            let c = if axes.contains(&d) {
+                counters
+                    .iter()
+                    .find(|(a, _)| *a == d)
+                    .expect("a loop per outer axis")
+                    .1
+            } else {
+                coords[kept.iter().position(|&k| k == d).expect("kept")]
+            };
+            let s = f.u32(st[d]);
+            let t = f.mul(c, s);
+            index = Some(match index {
+                None => t,
+                Some(sum) => f.add(sum, t),
+            });
+        }
+        let index = index.unwrap_or_else(|| f.u32(0));
+        let q = crate::conv_quads::uniform_index(f, index, window);
+        let two = f.u32(2);
+        let q = f.bin(BinOp::ShiftRight, q, two);
+        let q = f.let_("q", kir::Ty::U32, q);
+        let (z, quads) = (f.u32(0), f.u32(run / 4));
+        f.for_("r", z, quads, |f, r| {
+            let at = f.add(q, r);
+            let v = f.load(g, at);
+            f.add_assign(acc, v);
+        });
+    };
+    nest(&mut f, &outer, &mut Vec::new(), &inner, (xs, chunked));
+    let a = f.get(acc);
+    let lanes: Vec<kir::Expr> = (0..4)
+        .map(|l| {
+            let l = f.u32(l);
+            f.lane(a, l)
+        })
+        .collect();
+    let sum = f.add(lanes[0], lanes[1]);
+    let sum = f.add(sum, lanes[2]);
+    let sum = f.add(sum, lanes[3]);
+    f.ret_(sum);
+    Some(f.finish())
 }
 
 fn numel_u32(kernel: &str, ty: &TensorType) -> Result<u32, CodegenError> {
@@ -1620,7 +1637,6 @@ fn emit_kernel_with(
             let ins = &graph.node(red).inputs;
             functions.push(Item::Text("\n".into()));
             let (xv, dyv) = (v(ins[0]), v(ins[1]));
-            let at = |buffer: usize| move |var: &str| uniform(buffer, var).expect("uniform");
             // Offsets from `i` of the values an invocation computes: kernel columns of each of
             // its output channels.
             let channel_words = graph.ty(red).numel() / graph.ty(red).shape[0];
@@ -1629,13 +1645,14 @@ fn emit_kernel_with(
                 .collect();
             if channels > 1 {
                 let (x, dy) = column_operands.expect("whole rows read uniform bindings");
-                functions.push(Item::Text(crate::conv_quads::weight_rows_fn(
+                let window = |b: usize| uniform_at(b).expect("read from a uniform binding");
+                functions.push(crate::conv_quads::weight_rows_fn(
                     graph,
                     red,
                     channels,
-                    (binding_of(x), &at(x)),
-                    (binding_of(dy), &at(dy)),
-                )));
+                    (binding_of(x), window(x)),
+                    (binding_of(dy), window(dy)),
+                ));
             } else {
                 let window = |b: usize| uniform_at(b).expect("read from a uniform binding");
                 let loads = match column_quads {

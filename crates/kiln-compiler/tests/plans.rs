@@ -624,7 +624,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "                acc4 += dot(vec4<f32>(p1.z, p1.w, p2.x, p2.y), d);",
             "        var rows = v59_columns_chunk(i);",
             // Its bias gradient sums each image's channel plane a vec4 at a time.
-            "        let q = ((r0 * 4704u + k1 * 784u) - bases[0].y) >> 2u;",
+            "        let q = (r0 * 4704u + k1 * 784u - bases[0].y) >> 2u;",
             "            acc += buf3[q + r];",
             "    return acc.x + acc.y + acc.z + acc.w;",
         ],
@@ -638,8 +638,8 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         &[
             "// schedule: 5 kernel columns x 4 output channels of %65 per invocation, in whole rows (vec4 rows of the input and dy, each pixel serving 20 multiply-adds; 120 invocations; %55 conv2d_grad_weight)",
             "fn v55_columns_chunk(i: u32) -> array<f32, 20> {",
-            "            let xat = (((n * 6u + c) * 14u + oy + ky - 0u) * 14u - bases[0].x);",
-            "                let dat = (((n * 16u + o + 3u) * 10u + oy) * 10u - bases[0].y);",
+            "            let xat = ((n * 6u + c) * 14u + oy + ky - 0u) * 14u - bases[0].x;",
+            "                let dat = ((n * 16u + o + 3u) * 10u + oy) * 10u - bases[0].y;",
             "                a3_4 += d0 * x4 + d1 * x5 + d2 * x6 + d3 * x7 + d4 * x8 + d5 * x9 + d6 * x10 + d7 * x11 + d8 * x12 + d9 * x13;",
             "    let i = j / 30u * 600u + (j % 30u) * 5u;",
             "            rows[19u] += sum55[i + 454u];",
