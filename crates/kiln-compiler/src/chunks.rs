@@ -104,7 +104,7 @@ pub struct Window {
 
 /// What chunk `k`'s dispatch binds: its table words and each window's byte offset.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct ChunkEntry {
+pub struct ChunkEntry {
     pub table: Vec<u32>,
     pub window_offsets: Vec<u64>,
 }
@@ -124,7 +124,7 @@ impl Chunks {
     /// first entry is `(first invocation, end invocation, first image, end image)`. A window
     /// starts at the aligned offset at or below its chunk's first image, pulled back for the
     /// last chunks so that it ends inside the buffer.
-    pub(crate) fn entry(&self, k: usize, buffer_bytes: &dyn Fn(usize) -> u64) -> ChunkEntry {
+    pub fn entry(&self, k: usize, buffer_bytes: &dyn Fn(usize) -> u64) -> ChunkEntry {
         let images = k * self.images;
         let end_image = (images + self.images).min(self.batch);
         // Image chunks split the invocations in proportion to their images.

@@ -22,7 +22,7 @@ mod uniform_control;
 mod verify_plan;
 mod wgsl;
 
-pub use chunks::{Chunks, Span, Sum, Window};
+pub use chunks::{ChunkEntry, Chunks, Span, Sum, Window};
 pub use compile::{CompileError, Compiled, compile};
 pub use interface::{LayoutEntry, Slot};
 pub use launch::{

@@ -1635,7 +1635,6 @@ fn emit_kernel_with(
         KernelKind::Map { roots } if columns.is_some() => {
             let (main, red, kw, channels) = columns.expect("columns");
             let ins = &graph.node(red).inputs;
-            functions.push(Item::Text("\n".into()));
             let (xv, dyv) = (v(ins[0]), v(ins[1]));
             // Offsets from `i` of the values an invocation computes: kernel columns of each of
             // its output channels.
@@ -1764,7 +1763,6 @@ fn emit_kernel_with(
         }
         KernelKind::Map { roots } if blocking.is_some() => {
             let (main, b, fns, rows) = blocking.as_ref().expect("blocked");
-            functions.push(Item::Text("\n".into()));
             functions.extend(fns.items().iter().cloned());
             let part = |index: Option<usize>, lane: Option<usize>| kir::Part {
                 index: index.map(|k| k as u32),

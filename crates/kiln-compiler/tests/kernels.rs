@@ -13,13 +13,17 @@ mod common;
 
 use common::{close, feeds, zoo};
 use kiln_autodiff::{Optimizer, evaluation_graph, read_batches_from_dataset, training_step_with};
-use kiln_compiler::kir::interp::{Buffers, Runner, Value};
-use kiln_compiler::{KernelKind, Target, compile};
+use kiln_compiler::kir::interp::{Buffers, ChunkTable, Runner, Value};
+use kiln_compiler::{Access, KernelKind, Target, compile};
 use kiln_ir::{DType, Graph, LenetVariant, Model, NodeId, TensorType};
 use kiln_reference::{Data, Tensor, execute};
 
 /// Invocations run per kernel at most (evenly spread, the last included).
 const INVOCATIONS: usize = 300;
+
+/// Invocations run per kernel (and chunk) of the blocked and chunked schedules, whose
+/// invocations each compute several outputs, some summing over the whole batch.
+const SCHEDULE_INVOCATIONS: usize = 40;
 
 /// A tensor as the scalars of its buffer: u8 packed four to a `u32` word little-endian, and
 /// room to whole `vec4`s (what a uniform binding of it reads).
@@ -169,5 +173,197 @@ fn zoo_kernels_match_reference_on_the_interpreter() {
             check(&name, &step, &unblocked()) > 0,
             "{name}: no kernel ran"
         );
+    }
+}
+
+/// A value no kernel computes: what an output buffer holds before the kernel runs, so that
+/// the elements it wrote can be told from the rest.
+fn unwritten(dtype: DType) -> Value {
+    match dtype {
+        DType::F32 => Value::F32(-7.25e33),
+        DType::I32 => Value::I32(-0x2bad_f00d),
+        _ => Value::U32(0xdead_beef),
+    }
+}
+
+/// Runs every kernel of `g` compiled for `target` that is all kernel IR — register-blocked
+/// lanes and rows, uniform windows over image chunks, running sums carried from chunk to
+/// chunk, one chunk per dispatch as the launch lays them out — over buffers of reference
+/// values, sampled invocations of every chunk, and compares each element the kernel wrote
+/// with the reference. Returns how many kernels ran and how many of them were chunked.
+fn check_schedules(what: &str, g: &Graph, target: &Target) -> (usize, usize) {
+    let compiled = compile(g, target).unwrap();
+    let (inputs, params) = feeds(g, 7, 10);
+    let values = execute(g, &inputs, &params).unwrap();
+    let plan = &compiled.plan;
+    let launch = compiled.launch();
+    let value_of = |n: NodeId| values.get(n);
+    let (mut ran, mut chunked) = (0, 0);
+    for (kernel, module) in plan.kernels.iter().zip(&compiled.modules) {
+        let Some(ir) = &module.kernel_ir else {
+            continue;
+        };
+        let name = &kernel.name;
+        // Each binding's data, whole; a window is cut from it chunk by chunk.
+        let mut whole: Vec<(String, Vec<Value>)> = Vec::new();
+        let mut buffers = Buffers::new();
+        for b in &module.bindings {
+            let buf = &plan.buffers[b.buffer];
+            let read = kernel
+                .reads
+                .iter()
+                .find(|r| plan.buffer_of[r.0] == Some(b.buffer));
+            let data = match read {
+                Some(&r) => words(value_of(r), buf.packed_u8),
+                None => vec![unwritten(buf.ty.dtype); (buf.bytes() / 4).max(4) as usize],
+            };
+            match b.access {
+                Access::Split { parts, part_bytes } => {
+                    let per = (part_bytes / 4) as usize;
+                    for p in 0..parts as usize {
+                        let mut part = data
+                            [(p * per).min(data.len())..((p + 1) * per).min(data.len())]
+                            .to_vec();
+                        part.resize(part.len().div_ceil(4).max(1) * 4, Value::F32(0.0));
+                        buffers.insert(format!("buf{}_{p}", b.binding), part);
+                    }
+                }
+                _ => {
+                    buffers.insert(format!("buf{}", b.binding), data.clone());
+                }
+            }
+            whole.push((format!("buf{}", b.binding), data));
+        }
+        let runner = Runner::new(ir).unwrap_or_else(|e| panic!("{what}: {name}: {e}"));
+        let row = module.dispatch[0] as usize * module.workgroup_size as usize;
+        let spread = |first: usize, end: usize| -> Vec<usize> {
+            let step = (end - first).div_ceil(SCHEDULE_INVOCATIONS).max(1);
+            let mut ids: Vec<usize> = (first..end).step_by(step).collect();
+            if ids.last() != Some(&(end - 1)) {
+                ids.push(end - 1);
+            }
+            ids
+        };
+        let run = |buffers: &mut Buffers, j: usize, first: usize, chunk: Option<&ChunkTable>| {
+            let rel = j - first;
+            runner
+                .run_in([(rel % row) as u32, (rel / row) as u32], buffers, chunk)
+                .unwrap_or_else(|e| panic!("{what}: {name} invocation {j}: {e}"));
+        };
+        match &module.chunks {
+            None => {
+                let all = row * module.dispatch[1] as usize;
+                for j in spread(0, all) {
+                    run(&mut buffers, j, 0, None);
+                }
+            }
+            Some(c) => {
+                chunked += 1;
+                for s in &c.sums {
+                    buffers.insert(
+                        format!("sum{}", s.node.0),
+                        vec![Value::F32(0.0); s.words.div_ceil(4) * 4],
+                    );
+                }
+                let summing = !c.sums.is_empty();
+                let ids = if summing {
+                    spread(0, c.invocations)
+                } else {
+                    spread(0, c.invocations * c.batch / c.images)
+                };
+                for k in 0..c.count {
+                    let entry = c.entry(k, &|b| launch.buffer_bytes[b]);
+                    let [first, end, first_image, end_image] = [0, 1, 2, 3].map(|t| entry.table[t]);
+                    for (w, window) in c.windows.iter().enumerate() {
+                        let global = format!("buf{}", window.binding);
+                        let data = &whole.iter().find(|(n, _)| *n == global).expect("bound").1;
+                        let from = (entry.window_offsets[w] / 4) as usize;
+                        let mut slice: Vec<Value> = data
+                            [from.min(data.len())..(from + window.vec4s * 4).min(data.len())]
+                            .to_vec();
+                        slice.resize(window.vec4s * 4, Value::F32(0.0));
+                        buffers.insert(global, slice);
+                    }
+                    let table = ChunkTable {
+                        first_invocation: first,
+                        end_invocation: end,
+                        first_image,
+                        end_image,
+                        window_bases: entry.table[4..4 + c.windows.len()].to_vec(),
+                    };
+                    for &j in &ids {
+                        if summing || (first as usize..end as usize).contains(&j) {
+                            run(&mut buffers, j, first as usize, Some(&table));
+                        }
+                    }
+                }
+            }
+        }
+        for &s in &kernel.stores {
+            let b = plan.buffer_of[s.0].expect("stored nodes have buffers");
+            let binding = module
+                .bindings
+                .iter()
+                .find(|x| x.buffer == b)
+                .expect("bound");
+            let before = &whole
+                .iter()
+                .find(|(n, _)| *n == format!("buf{}", binding.binding))
+                .expect("bound")
+                .1;
+            let got = &buffers[&format!("buf{}", binding.binding)];
+            let want = words(value_of(s), false);
+            let numel = g.ty(s).numel();
+            let written: Vec<usize> = (0..numel).filter(|&e| got[e] != before[e]).collect();
+            let KernelKind::Map { roots } = &kernel.kind else {
+                unreachable!("only map kernels are all kernel IR")
+            };
+            assert!(
+                !written.is_empty() || !roots.contains(&s),
+                "{what}: {name}: nothing of {s} written"
+            );
+            for e in written {
+                assert!(
+                    close(got[e], want[e]),
+                    "{what}: {name} stores {s} = {} element {e}: interpreter {:?}, reference {:?}",
+                    g.node(s).op.name(),
+                    got[e],
+                    want[e]
+                );
+            }
+        }
+        ran += 1;
+    }
+    (ran, chunked)
+}
+
+#[test]
+fn lenet_blocked_and_chunked_schedules_match_reference_on_the_interpreter() {
+    for v in LenetVariant::ALL {
+        let batch = if v == LenetVariant::Lenet { 256 } else { 96 };
+        let [step, eval] = graphs(&v.model().into(), "lenet", batch, &Optimizer::from(0.9));
+        for target in [Target::lavapipe(), Target::portable()] {
+            let what = format!("{v:?} on {target}");
+            let (ran, chunked) = check_schedules(&what, &step, &target);
+            assert!(ran >= 8, "{what}: only {ran} kernels on the kernel IR");
+            if target.class == kiln_compiler::DeviceClass::Cpu {
+                assert!(chunked >= 3, "{what}: only {chunked} chunked kernels ran");
+            }
+            assert!(check_schedules(&what, &eval, &target).0 > 0);
+        }
+    }
+}
+
+#[test]
+fn zoo_blocked_and_chunked_schedules_match_reference_on_the_interpreter() {
+    for (name, model) in zoo() {
+        let [step, _] = graphs(&model, &name, 64, &Optimizer::adamw(1e-3));
+        for target in [Target::lavapipe(), Target::portable()] {
+            let what = format!("{name} on {target}");
+            assert!(
+                check_schedules(&what, &step, &target).0 > 0,
+                "{what}: no kernel ran"
+            );
+        }
     }
 }

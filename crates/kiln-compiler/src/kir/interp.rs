@@ -139,6 +139,16 @@ impl<'a> Runner<'a> {
     /// buffer's end an error (on a software GPU it corrupts the process; here it fails the
     /// test).
     pub fn run(&self, gid: [u32; 2], buffers: &mut Buffers) -> Result<(), EvalError> {
+        self.run_in(gid, buffers, None)
+    }
+
+    /// [`Runner::run`] in `chunk`, for a chunked schedule (CPU-class image chunks).
+    pub fn run_in(
+        &self,
+        gid: [u32; 2],
+        buffers: &mut Buffers,
+        chunk: Option<&ChunkTable>,
+    ) -> Result<(), EvalError> {
         let mut error = None;
         let entry = &self.module.entry;
         let mut env = ModuleEnv {
@@ -147,7 +157,7 @@ impl<'a> Runner<'a> {
             values: Vec::new(),
             buffers,
             gid,
-            chunk: None,
+            chunk,
             error: &mut error,
         };
         eval_valid(&entry.function, 0, &mut env)?;
@@ -321,11 +331,17 @@ impl Env for ModuleEnv<'_> {
         let at = index as usize * w;
         if at + w > data.len() {
             let len = data.len() / w;
-            return self.fail(EvalError::OutOfBounds {
+            let stand_in = self.fail(EvalError::OutOfBounds {
                 global: global.into(),
                 index,
                 len,
             });
+            // A stand-in of the element's width: the run goes on to report the error.
+            return if w == 4 {
+                Lanes::Vec4([stand_in.lane(0); 4])
+            } else {
+                stand_in
+            };
         }
         if w == 4 {
             Lanes::Vec4([data[at], data[at + 1], data[at + 2], data[at + 3]])
@@ -744,7 +760,8 @@ impl Machine<'_> {
                     // WGSL clamps a dynamic lane or array index out of range.
                     Lanes::Vec4(v) => Lanes::Scalar(v[(l as usize).min(3)]),
                     Lanes::Array(a) => a[(l as usize).min(a.len() - 1)].clone(),
-                    Lanes::Scalar(_) => unreachable!("validated: a lane of a vector"),
+                    // Only the stand-in for a failed read or call (reported after the run).
+                    Lanes::Scalar(v) => Lanes::Scalar(v),
                 }
             }
             ExprKind::GlobalId(axis) => {
