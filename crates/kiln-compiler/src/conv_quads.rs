@@ -31,13 +31,11 @@
 //!   input channel and kernel row per invocation; every pixel serves 20 multiply-adds.
 //!   14.5-17.7 -> 11.9-15.8.
 
-use std::fmt::Write as _;
-
 use kiln_ir::{DType, Graph, NodeId, Op};
 
 use crate::kir;
 use crate::plan::Kernel;
-use crate::text::{i, lanes_formula, u};
+use crate::text::lanes_formula;
 
 /// Most weights (`O * C * KH * KW`) the column-quad cover unrolls.
 pub(crate) const MAX_WEIGHTS: usize = 256;
@@ -283,132 +281,6 @@ fn grad_input_rows(
     })
 }
 
-/// `<name>q<b>` vec4s of a row of `width` (even) words whose flat index in binding `slot`
-/// is `at` (an expression), zero unless `ok`, and `let <name><k>` for each of its elements:
-/// the row starts at a multiple of four or, where the width is not in fours, maybe two past
-/// one (known at run time), so whole vec4s are read from the aligned word at or before it.
-pub(crate) fn skewed_row(
-    s: &mut String,
-    indent: &str,
-    (slot, at): (u32, &str),
-    width: usize,
-    name: &str,
-    ok: &str,
-) {
-    let skewed = width % 4 != 0;
-    let blocks = (width + if skewed { 2 } else { 0 }).div_ceil(4);
-    let _ = writeln!(s, "{indent}let {name}at = {at};");
-    if skewed {
-        let _ = writeln!(s, "{indent}let {name}skew = {name}at & 3u;");
-    }
-    for b in 0..blocks {
-        let _ = writeln!(
-            s,
-            "{indent}let {name}q{b} = select(vec4<f32>(0.0f), buf{slot}[({name}at >> 2u) + {}], {ok});",
-            u(b)
-        );
-    }
-    let lane = |at: usize| format!("{name}q{}.{}", at / 4, LANE[at % 4]);
-    for k in 0..width {
-        let pick = if skewed {
-            format!("select({}, {}, {name}skew != 0u)", lane(k), lane(k + 2))
-        } else {
-            lane(k)
-        };
-        let _ = writeln!(s, "{indent}let {name}{k} = {pick};");
-    }
-}
-
-fn grad_input_body(
-    graph: &Graph,
-    q: &ConvQuads,
-    uniform_of: &dyn Fn(NodeId, &str) -> String,
-    slot: &dyn Fn(NodeId) -> u32,
-) -> String {
-    let node = graph.node(q.conv);
-    let Op::Conv2dGradInput { padding, .. } = &node.op else {
-        unreachable!("grad-input rows are an input gradient's")
-    };
-    let (dy, w) = (node.inputs[0], node.inputs[1]);
-    let shape = |id: NodeId| -> [usize; 4] {
-        <[usize; 4]>::try_from(graph.ty(id).shape.as_slice()).expect("rank 4")
-    };
-    let [_, c, h, wi] = shape(q.conv);
-    let [_, o, oh, ow] = shape(dy);
-    let [_, _, kh, kw] = shape(w);
-    let per = q.channels;
-    let sets = c / per;
-    let mut s = format!(
-        "    let n = j / {};\n    let g = (j / {}) % {};\n    let c0 = (j % {}) * {};\n",
-        u(q.per_image),
-        u(sets),
-        u(h / 2),
-        u(sets),
-        u(per)
-    );
-    accumulators(&mut s, per, 2, wi);
-    let ws = slot(w);
-    // dx[iy, ix] sums dy[iy + py - ky, ix + px - kx] w[ky, kx] over the output channels.
-    let _ = writeln!(
-        s,
-        "    for (var o = 0u; o < {}; o++) {{\n        for (var ky = 0u; ky < {}; ky++) {{",
-        u(o),
-        u(kh)
-    );
-    kernel_row_weights(&mut s, ws, per, kw, &|k| {
-        format!("((o * {} + c0 + {k}u) * {} + ky) * {}", u(c), u(kh), u(kw))
-    });
-    for r in 0..2 {
-        let _ = writeln!(
-            s,
-            "            {{\n                let oy = i32(g * 2u + {}) - i32(ky);\n                let ok = oy >= 0i && oy < {};",
-            u(r + padding[0]),
-            i(oh)
-        );
-        let row = format!(
-            "((n * {} + o) * {} + u32(clamp(oy, 0i, {}))) * {}",
-            u(o),
-            u(oh),
-            i(oh - 1),
-            u(ow)
-        );
-        let at = uniform_of(dy, &row);
-        skewed_row(&mut s, "                ", (slot(dy), &at), ow, "d", "ok");
-        for k in 0..per {
-            for kx in 0..kw {
-                for ix in 0..wi {
-                    let ox = (ix + padding[1]) as i64 - kx as i64;
-                    if ox < 0 || ox >= ow as i64 {
-                        continue;
-                    }
-                    let _ = writeln!(s, "                a{k}_{r}_{ix} += d{ox} * w{k}_{kx};");
-                }
-            }
-        }
-        s.push_str("            }\n");
-    }
-    s.push_str("        }\n    }\n");
-    // Both rows of each channel, four values at a time in memory order.
-    for k in 0..per {
-        let values: Vec<String> = (0..2 * wi)
-            .map(|v| format!("a{k}_{}_{}", v / wi, v % wi))
-            .collect();
-        for (v, four) in values.chunks(4).enumerate() {
-            let _ = writeln!(
-                s,
-                "    buf{}[(((n * {} + c0 + {k}u) * {} + g * 2u) * {}) / 4u + {}] = vec4<f32>({});",
-                slot(q.conv),
-                u(c),
-                u(h),
-                u(wi),
-                u(v),
-                four.join(", ")
-            );
-        }
-    }
-    s
-}
-
 /// Output channels per invocation of a weight gradient in whole rows. conv2's weight
 /// gradient per step (alternating runs): 2 channels 14.8-17.3 ms, 4 11.9-15.8, 8 12.0-14.8,
 /// 16 13.9; blocked over four channels x five kernel columns with scalar loads 14.5-17.7.
@@ -580,73 +452,11 @@ pub(crate) fn skewed_row_expr(
         .collect()
 }
 
-/// `var a<k>_<r>_<x> = 0.0f;` for `channels x rows x width` scalar accumulators.
-fn accumulators(s: &mut String, channels: usize, rows: usize, width: usize) {
-    for k in 0..channels {
-        for r in 0..rows {
-            for x in 0..width {
-                let _ = writeln!(s, "    var a{k}_{r}_{x} = 0.0f;");
-            }
-        }
-    }
-}
-
-/// `let w<k>_<kx>`: the `kw` weights of a kernel row starting at flat index `base(k)` (an
-/// expression) for each of `channels` channels, gathered from uniform binding `slot`.
-fn kernel_row_weights(
-    s: &mut String,
-    slot: u32,
-    channels: usize,
-    kw: usize,
-    base: &dyn Fn(usize) -> String,
-) {
-    for k in 0..channels {
-        let _ = writeln!(s, "            let wb{k} = {};", base(k));
-        for kx in 0..kw {
-            let _ = writeln!(
-                s,
-                "            let w{k}_{kx} = buf{slot}[(wb{k} + {kx}u) >> 2u][(wb{k} + {kx}u) & 3u];"
-            );
-        }
-    }
-}
-
-const LANE: [char; 4] = ['x', 'y', 'z', 'w'];
-
-/// Element `k` of a uniform binding read whole, at a constant index.
-fn constant(slot: u32, k: usize) -> String {
-    format!("buf{slot}[{}u].{}", k / 4, LANE[k % 4])
-}
-
 /// The pixel `vec4`s a quad of output columns `4q ..= 4q + 3` reads through a kernel row
 /// of `kw` columns at padding `px`: pixels `4q - px ..= 4q + 3 + kw - 1 - px`, in `vec4`s
 /// `q + lo ..= q + hi` of the row.
 pub(crate) fn quad_blocks(kw: usize, px: i64) -> (i64, i64) {
     ((-px).div_euclid(4), (3 + kw as i64 - 1 - px).div_euclid(4))
-}
-
-/// `vec4` `b` (an `i32` expression) of a row of `row_vec4s` whole `vec4`s starting at `vec4`
-/// `xq` of binding `slot`: zero outside the row, or where `ok` (if given) is false.
-pub(crate) fn row_quad(slot: u32, b: &str, row_vec4s: usize, ok: Option<&str>) -> String {
-    let ok = ok.map_or(String::new(), |ok| format!("{ok} && "));
-    format!(
-        "select(vec4<f32>(0.0f), buf{slot}[xq + u32(clamp({b}, 0i, {}))], {ok}{b} >= 0i && {b} < {})",
-        i(row_vec4s - 1),
-        i(row_vec4s)
-    )
-}
-
-/// The quad's four pixels under kernel column `kx`, from the blocks `p0 ..` loaded from
-/// [`quad_blocks`]'s `lo` (padding `px`): output column `4q + j` reads pixel
-/// `4q + j + kx - px`.
-pub(crate) fn quad_taps(kx: usize, px: i64, lo: i64) -> String {
-    let taps: Vec<String> = (0..4)
-        .map(|j| {
-            let at = j + kx as i64 - px - 4 * lo;
-            format!("p{}.{}", at / 4, LANE[(at % 4) as usize])
-        })
-        .collect();
-    format!("vec4<f32>({})", taps.join(", "))
 }
 
 /// A uniform binding of `vec4`s, by its slot.
@@ -716,22 +526,6 @@ pub(crate) fn quad_taps_expr(
     f.compose(taps)
 }
 
-/// The statements of the entry point after invocation `j` is known: the accumulation, the
-/// epilogue and the stores. `uniform_of` as in [`find`]; `slot(id)` is the binding of what
-/// `id` is read from or stored to.
-pub(crate) fn body(
-    graph: &Graph,
-    q: &ConvQuads,
-    uniform_of: &dyn Fn(NodeId, &str) -> String,
-    slot: &dyn Fn(NodeId) -> u32,
-) -> String {
-    match q.cover {
-        Cover::Quads => quads_body(graph, q, uniform_of, slot),
-        Cover::WholeRows => rows_body(graph, q, uniform_of, slot),
-        Cover::GradInputRows => grad_input_body(graph, q, uniform_of, slot),
-    }
-}
-
 /// Shapes of a convolution: input `[c, h, w]`, output `[o, oh, ow]`, kernel `[kh, kw]`,
 /// padding.
 struct Dims {
@@ -772,12 +566,108 @@ fn dims(graph: &Graph, conv: NodeId) -> Dims {
     }
 }
 
-fn quads_body(
-    graph: &Graph,
-    q: &ConvQuads,
-    uniform_of: &dyn Fn(NodeId, &str) -> String,
-    slot: &dyn Fn(NodeId) -> u32,
-) -> String {
+/// Where the schedule reads or stores a value: its global (binding, space, element type)
+/// and the chunk window a read goes through, if any.
+pub(crate) type Bound<'a> = &'a dyn Fn(NodeId) -> (kir::Global, Option<usize>);
+
+/// The statements of the entry point after invocation `j` is known: the accumulation, the
+/// epilogue and the stores, in the kernel IR.
+pub(crate) fn body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::Expr, at: Bound) {
+    match q.cover {
+        Cover::Quads => quads_body(f, graph, q, j, at),
+        Cover::WholeRows => rows_body(f, graph, q, j, at),
+        Cover::GradInputRows => grad_input_body(f, graph, q, j, at),
+    }
+}
+
+fn ilit(f: &mut kir::Builder, v: i64) -> kir::Expr {
+    f.lit(kir::Literal::I32(v as i32))
+}
+
+/// `let <name> = value;` of `u32` `value`.
+fn let_u32(f: &mut kir::Builder, name: &str, value: kir::Expr) -> kir::Expr {
+    f.let_(name, kir::Ty::U32, value)
+}
+
+/// `var a<k>_<r>_<x> = 0.0f;` for `channels x rows x width` scalar accumulators, in that order.
+fn accumulators(
+    f: &mut kir::Builder,
+    channels: usize,
+    rows: usize,
+    width: usize,
+) -> Vec<kir::Local> {
+    let mut out = Vec::new();
+    for k in 0..channels {
+        for r in 0..rows {
+            for x in 0..width {
+                let z = f.f32(0.0);
+                out.push(f.var(&format!("a{k}_{r}_{x}"), kir::Ty::F32, z));
+            }
+        }
+    }
+    out
+}
+
+/// `let wb<k>` and `let w<k>_<kx>`: the `kw` weights of a kernel row starting at flat index
+/// `base(k)` for each of `channels` channels, gathered from the uniform `global`.
+fn kernel_row_weights(
+    f: &mut kir::Builder,
+    global: usize,
+    channels: usize,
+    kw: usize,
+    base: &dyn Fn(&mut kir::Builder, usize) -> kir::Expr,
+) -> Vec<Vec<kir::Expr>> {
+    (0..channels)
+        .map(|k| {
+            let b = base(f, k);
+            let wb = let_u32(f, &format!("wb{k}"), b);
+            (0..kw)
+                .map(|kx| {
+                    let d = f.u32(kx);
+                    let at = f.add(wb, d);
+                    let (two, three) = (f.u32(2), f.u32(3));
+                    let q = f.bin(kir::BinOp::ShiftRight, at, two);
+                    let quad = f.load(global, q);
+                    let at = f.add(wb, d);
+                    let l = f.bin(kir::BinOp::BitAnd, at, three);
+                    let v = f.lane(quad, l);
+                    f.let_(&format!("w{k}_{kx}"), kir::Ty::F32, v)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `(n * C + c) * H + u32(clamp(iy, 0i, H - 1))`, times `W`: the flat index of input row `iy`
+/// (an `i32`) of channel `c` of image `n`, clamped into the image.
+fn clamped_row(
+    f: &mut kir::Builder,
+    (n, c): (kir::Expr, kir::Expr),
+    iy: kir::Expr,
+    (channels, h, w): (usize, usize, usize),
+) -> kir::Expr {
+    let cc = f.u32(channels);
+    let t = f.mul(n, cc);
+    let t = f.add(t, c);
+    let hh = f.u32(h);
+    let t = f.mul(t, hh);
+    let (z, hm) = (f.i32(0), f.i32(h - 1));
+    let y = f.math(kir::MathFn::Clamp, &[iy, z, hm]);
+    let y = f.cast(kir::Scalar::U32, y);
+    let t = f.add(t, y);
+    let ww = f.u32(w);
+    f.mul(t, ww)
+}
+
+/// `iy >= 0i && iy < size`.
+fn inside(f: &mut kir::Builder, iy: kir::Expr, size: usize) -> kir::Expr {
+    let (z, n) = (f.i32(0), f.i32(size));
+    let lo = f.bin(kir::BinOp::Ge, iy, z);
+    let hi = f.bin(kir::BinOp::Lt, iy, n);
+    f.bin(kir::BinOp::And, lo, hi)
+}
+
+fn quads_body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::Expr, at: Bound) {
     let Dims {
         c,
         h,
@@ -793,106 +683,136 @@ fn quads_body(
     let (x, w) = (graph.node(q.conv).inputs[0], graph.node(q.conv).inputs[1]);
     let rows = q.rows;
     let quads = ow / 4;
-    let mut s = format!(
-        "    let n = j / {};\n    let g = (j / {}) % {};\n    let q = j % {};\n    let qi = i32(q);\n",
-        u(q.per_image),
-        u(quads),
-        u(oh / rows),
-        u(quads)
-    );
+    let (pi, qu, g_n) = (f.u32(q.per_image), f.u32(quads), f.u32(oh / rows));
+    let n = f.div(j, pi);
+    let n = let_u32(f, "n", n);
+    let g = f.div(j, qu);
+    let g = f.rem(g, g_n);
+    let g = let_u32(f, "g", g);
+    let qq = f.rem(j, qu);
+    let qq = let_u32(f, "q", qq);
+    let qi = f.cast(kir::Scalar::I32, qq);
+    let qi = f.let_("qi", kir::Ty::I32, qi);
     let (lo, hi) = quad_blocks(kw, px);
-    let xs = slot(x);
-    let ws = slot(w);
+    let ((xglobal, xwindow), (wglobal, _)) = (at(x), at(w));
+    let (xg, wg) = (f.global(xglobal), f.global(wglobal));
     // One output channel at a time: its two accumulators stay in registers (SIMD lanes hold
     // each of a vec4's components in a register of its own; AVX2 has 16), at the price of
     // loading each pixel row once per channel (measured: 7.3-8.3 ms per step against 8.3 with
     // all six channels' accumulators live).
     for oc in 0..o {
-        s.push_str("    {\n");
-        for r in 0..rows {
-            let _ = writeln!(s, "        var a{r} = vec4<f32>(0.0f);");
-        }
-        // The channel's weights as whole vec4s at constant indices (naga validates a module
-        // with a constant-index load per multiply-add twice as slowly).
-        let per_channel = c * kh * kw;
-        for m in oc * per_channel / 4..=((oc + 1) * per_channel - 1) / 4 {
-            let _ = writeln!(s, "        let wq{m} = buf{ws}[{m}u];");
-        }
-        for ci in 0..c {
-            // Input row t of the invocation is y = rows * g + t - py; output row r reads it
-            // through kernel row t - r.
-            for t in 0..rows + kh - 1 {
-                let _ = writeln!(
-                    s,
-                    "        {{\n            let iy = i32(g * {}) + {};\n            let ok = iy >= 0i && iy < {};",
-                    u(rows),
-                    i64_lit(t as i64 - py),
-                    i(h)
-                );
-                let row = format!(
-                    "((n * {} + {}) * {} + u32(clamp(iy, 0i, {}))) * {}",
-                    u(c),
-                    u(ci),
-                    u(h),
-                    i(h - 1),
-                    u(wi)
-                );
-                let _ = writeln!(s, "            let xq = {} >> 2u;", uniform_of(x, &row));
-                for b in lo..=hi {
-                    let quad = row_quad(xs, &format!("qi + {}", i64_lit(b)), wi / 4, Some("ok"));
-                    let _ = writeln!(s, "            let p{} = {quad};", b - lo);
+        f.scope(|f| {
+            let accs: Vec<kir::Local> = (0..rows)
+                .map(|r| {
+                    let z = f.f32(0.0);
+                    let z = f.splat(z);
+                    f.var(&format!("a{r}"), kir::Ty::VEC4_F32, z)
+                })
+                .collect();
+            // The channel's weights as whole vec4s at constant indices (naga validates a
+            // module with a constant-index load per multiply-add twice as slowly).
+            let per_channel = c * kh * kw;
+            let first = oc * per_channel / 4;
+            let weights: Vec<kir::Expr> = (first..=((oc + 1) * per_channel - 1) / 4)
+                .map(|m| {
+                    let mm = f.u32(m);
+                    let v = f.load(wg, mm);
+                    f.let_(&format!("wq{m}"), kir::Ty::VEC4_F32, v)
+                })
+                .collect();
+            for ci in 0..c {
+                // Input row t of the invocation is y = rows * g + t - py; output row r
+                // reads it through kernel row t - r.
+                for t in 0..rows + kh - 1 {
+                    f.scope(|f| {
+                        let rr = f.u32(rows);
+                        let base = f.mul(g, rr);
+                        let base = f.cast(kir::Scalar::I32, base);
+                        let d = ilit(f, t as i64 - py);
+                        let iy = f.add(base, d);
+                        let iy = f.let_("iy", kir::Ty::I32, iy);
+                        let ok = inside(f, iy, h);
+                        let ok = f.let_("ok", kir::Ty::BOOL, ok);
+                        let cu = f.u32(ci);
+                        let row = clamped_row(f, (n, cu), iy, (c, h, wi));
+                        let row = uniform_index(f, row, xwindow);
+                        let two = f.u32(2);
+                        let xq = f.bin(kir::BinOp::ShiftRight, row, two);
+                        let xq = let_u32(f, "xq", xq);
+                        let blocks: Vec<kir::Expr> = (lo..=hi)
+                            .map(|b| {
+                                let d = ilit(f, b);
+                                let at = f.add(qi, d);
+                                let quad = row_quad_expr(f, (xg, xq), at, wi / 4, Some(ok));
+                                f.let_(&format!("p{}", b - lo), kir::Ty::VEC4_F32, quad)
+                            })
+                            .collect();
+                        // The quad's pixels under kernel column kx, shared by both rows.
+                        let taps: Vec<kir::Expr> = (0..kw)
+                            .map(|kx| {
+                                let v = quad_taps_expr(f, &blocks, kx, px, lo);
+                                f.let_(&format!("s{kx}"), kir::Ty::VEC4_F32, v)
+                            })
+                            .collect();
+                        for (r, &acc) in accs.iter().enumerate() {
+                            let Some(ky) = t.checked_sub(r).filter(|&ky| ky < kh) else {
+                                continue;
+                            };
+                            for (kx, &tap) in taps.iter().enumerate() {
+                                let k = ((oc * c + ci) * kh + ky) * kw + kx;
+                                let l = f.u32(k % 4);
+                                let wv = f.lane(weights[k / 4 - first], l);
+                                let term = f.mul(tap, wv);
+                                f.add_assign(acc, term);
+                            }
+                        }
+                    });
                 }
-                // The quad's pixels under kernel column kx, shared by both output rows.
-                for kx in 0..kw {
-                    let _ = writeln!(s, "            let s{kx} = {};", quad_taps(kx, px, lo));
-                }
-                for r in 0..rows {
-                    let Some(ky) = t.checked_sub(r).filter(|&ky| ky < kh) else {
-                        continue;
-                    };
-                    for kx in 0..kw {
-                        let k = ((oc * c + ci) * kh + ky) * kw + kx;
-                        let _ = writeln!(
-                            s,
-                            "            a{r} += s{kx} * wq{}.{};",
-                            k / 4,
-                            LANE[k % 4]
-                        );
-                    }
-                }
-                s.push_str("        }\n");
             }
-        }
-        let accs: Vec<String> = (0..rows).map(|r| format!("a{r}")).collect();
-        let stored = |r: usize| {
-            format!(
-                "((n * {} + {oc}u) * {} + g * {} + {r}u) * {} + q",
-                u(o),
-                u(oh),
-                u(rows),
-                u(quads)
-            )
-        };
-        let bias = |b: NodeId| constant(slot(b), oc);
-        // Value (r, column k of the quad) is lane k of vec4 r; pooled columns 2q, 2q + 1.
-        let pooled = format!(
-            "((n * {} + {oc}u) * {} + g) * {} + q * 2u",
-            u(o),
-            u(oh / 2),
-            u(ow / 2)
-        );
-        epilogue(graph, q, &mut s, &accs, &stored, &bias, slot, 4, &pooled);
-        s.push_str("    }\n");
+            let values: Vec<kir::Expr> = accs.iter().map(|&a| f.get(a)).collect();
+            let stored = |f: &mut kir::Builder, r: usize| {
+                let (ou, ocu, ohu, rr, ru, qn) = (
+                    f.u32(o),
+                    f.u32(oc),
+                    f.u32(oh),
+                    f.u32(rows),
+                    f.u32(r),
+                    f.u32(quads),
+                );
+                let t = f.mul(n, ou);
+                let t = f.add(t, ocu);
+                let t = f.mul(t, ohu);
+                let gr = f.mul(g, rr);
+                let t = f.add(t, gr);
+                let t = f.add(t, ru);
+                let t = f.mul(t, qn);
+                f.add(t, qq)
+            };
+            let bias = |f: &mut kir::Builder, b: NodeId| {
+                let g = f.global(at(b).0);
+                let m = f.u32(oc / 4);
+                let quad = f.load(g, m);
+                let l = f.u32(oc % 4);
+                f.lane(quad, l)
+            };
+            // Value (r, column k of the quad) is lane k of vec4 r; pooled columns 2q, 2q + 1.
+            let pooled = |f: &mut kir::Builder| {
+                let (ou, ocu, oh2, ow2, two) =
+                    (f.u32(o), f.u32(oc), f.u32(oh / 2), f.u32(ow / 2), f.u32(2));
+                let t = f.mul(n, ou);
+                let t = f.add(t, ocu);
+                let t = f.mul(t, oh2);
+                let t = f.add(t, g);
+                let t = f.mul(t, ow2);
+                let q2 = f.mul(qq, two);
+                f.add(t, q2)
+            };
+            epilogue(f, graph, q, &values, &stored, &bias, at, 4, &pooled);
+        });
     }
-    s
 }
 
-fn rows_body(
-    graph: &Graph,
-    q: &ConvQuads,
-    uniform_of: &dyn Fn(NodeId, &str) -> String,
-    slot: &dyn Fn(NodeId) -> u32,
-) -> String {
+fn rows_body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::Expr, at: Bound) {
     let Dims {
         c,
         h,
@@ -911,96 +831,223 @@ fn rows_body(
     let per = q.channels;
     let sets = o / per;
     // Channels fastest: the lanes of a SIMD group read the same pixels.
-    let mut s = format!(
-        "    let n = j / {};\n    let g = (j / {}) % {};\n    let o0 = (j % {}) * {};\n",
-        u(q.per_image),
-        u(sets),
-        u(groups),
-        u(sets),
-        u(per)
-    );
-    accumulators(&mut s, per, rows, ow);
-    let xs = slot(x);
-    let ws = slot(w);
+    let (pi, su, gu, pu) = (f.u32(q.per_image), f.u32(sets), f.u32(groups), f.u32(per));
+    let n = f.div(j, pi);
+    let n = let_u32(f, "n", n);
+    let g = f.div(j, su);
+    let g = f.rem(g, gu);
+    let g = let_u32(f, "g", g);
+    let o0 = f.rem(j, su);
+    let o0 = f.mul(o0, pu);
+    let o0 = let_u32(f, "o0", o0);
+    let accs = accumulators(f, per, rows, ow);
+    let ((xglobal, xwindow), (wglobal, _)) = (at(x), at(w));
+    let (xg, wg) = (f.global(xglobal), f.global(wglobal));
     // Loops over input channels and kernel rows keep the shader small (lavapipe compiles it
     // at the first dispatch; the same kernel unrolled over kernel rows took ~1 s more).
-    let _ = writeln!(
-        s,
-        "    for (var c = 0u; c < {}; c++) {{\n        for (var ky = 0u; ky < {}; ky++) {{",
-        u(c),
-        u(kh)
-    );
-    // The kernel row's weights of each channel: gathers (the channel is the lane's), each
-    // serving a row of multiply-adds for each output row.
-    kernel_row_weights(&mut s, ws, per, kw, &|k| {
-        format!(
-            "(((o0 + {k}u) * {} + c) * {} + ky) * {}",
-            u(c),
-            u(kh),
-            u(kw)
-        )
-    });
-    for r in 0..rows {
-        let _ = writeln!(
-            s,
-            "            {{\n                let iy = i32(g * {} + {r}u + ky) - {};\n                let ok = iy >= 0i && iy < {};",
-            u(rows),
-            i(py as usize),
-            i(h)
-        );
-        let row = format!(
-            "((n * {} + c) * {} + u32(clamp(iy, 0i, {}))) * {}",
-            u(c),
-            u(h),
-            i(h - 1),
-            u(wi)
-        );
-        let at = uniform_of(x, &row);
-        skewed_row(&mut s, "                ", (xs, &at), wi, "x", "ok");
-        for k in 0..per {
-            for kx in 0..kw {
-                for ox in 0..ow {
-                    let ix = (ox + kx) as i64 - px;
-                    if ix < 0 || ix >= wi as i64 {
-                        continue;
+    let (z, cu) = (f.u32(0), f.u32(c));
+    f.for_("c", z, cu, |f, ci| {
+        let (z, khu) = (f.u32(0), f.u32(kh));
+        f.for_("ky", z, khu, |f, ky| {
+            // The kernel row's weights of each channel: gathers (the channel is the lane's),
+            // each serving a row of multiply-adds for each output row.
+            let weights = kernel_row_weights(f, wg, per, kw, &|f, k| {
+                let ku = f.u32(k);
+                let t = f.add(o0, ku);
+                let cc = f.u32(c);
+                let t = f.mul(t, cc);
+                let t = f.add(t, ci);
+                let khh = f.u32(kh);
+                let t = f.mul(t, khh);
+                let t = f.add(t, ky);
+                let kww = f.u32(kw);
+                f.mul(t, kww)
+            });
+            for r in 0..rows {
+                f.scope(|f| {
+                    let rr = f.u32(rows);
+                    let t = f.mul(g, rr);
+                    let ru = f.u32(r);
+                    let t = f.add(t, ru);
+                    let t = f.add(t, ky);
+                    let t = f.cast(kir::Scalar::I32, t);
+                    let p = f.i32(py as usize);
+                    let iy = f.sub(t, p);
+                    let iy = f.let_("iy", kir::Ty::I32, iy);
+                    let ok = inside(f, iy, h);
+                    let ok = f.let_("ok", kir::Ty::BOOL, ok);
+                    let row = clamped_row(f, (n, ci), iy, (c, h, wi));
+                    let row = uniform_index(f, row, xwindow);
+                    let pixels = skewed_row_expr(f, (xg, row), wi, "x", ok);
+                    for (k, kernel_row) in weights.iter().enumerate() {
+                        for (kx, &wv) in kernel_row.iter().enumerate() {
+                            for ox in 0..ow {
+                                let ix = (ox + kx) as i64 - px;
+                                if ix < 0 || ix >= wi as i64 {
+                                    continue;
+                                }
+                                let t = f.mul(pixels[ix as usize], wv);
+                                f.add_assign(accs[(k * rows + r) * ow + ox], t);
+                            }
+                        }
                     }
-                    let _ = writeln!(s, "                a{k}_{r}_{ox} += x{ix} * w{k}_{kx};");
-                }
+                });
             }
-        }
-        s.push_str("            }\n");
-    }
-    s.push_str("        }\n    }\n");
+        });
+    });
     for k in 0..per {
-        let _ = writeln!(s, "    {{\n        let o = o0 + {};", u(k));
-        // The rows' values, four at a time in memory order (rows x columns).
-        let values: Vec<String> = (0..rows * ow)
-            .map(|v| format!("a{k}_{}_{}", v / ow, v % ow))
-            .collect();
-        let accs: Vec<String> = values
-            .chunks(4)
-            .enumerate()
-            .map(|(v, four)| {
-                let _ = writeln!(s, "        let v{v} = vec4<f32>({});", four.join(", "));
-                format!("v{v}")
-            })
-            .collect();
-        let stored = |v: usize| {
-            format!(
-                "(((n * {} + o) * {} + g * {}) * {}) / 4u + {}",
-                u(o),
-                u(oh),
-                u(rows),
-                u(ow),
-                u(v)
-            )
-        };
-        let bias = |b: NodeId| format!("buf{0}[o >> 2u][o & 3u]", slot(b));
-        let pooled = format!("((n * {} + o) * {} + g) * {}", u(o), u(oh / 2), u(ow / 2));
-        epilogue(graph, q, &mut s, &accs, &stored, &bias, slot, ow, &pooled);
-        s.push_str("    }\n");
+        f.scope(|f| {
+            let ku = f.u32(k);
+            let oc = f.add(o0, ku);
+            let oc = let_u32(f, "o", oc);
+            // The rows' values, four at a time in memory order (rows x columns).
+            let values: Vec<kir::Expr> = accs[k * rows * ow..(k + 1) * rows * ow]
+                .chunks(4)
+                .enumerate()
+                .map(|(v, four)| {
+                    let lanes = [0, 1, 2, 3].map(|l| f.get(four[l]));
+                    let quad = f.compose(lanes);
+                    f.let_(&format!("v{v}"), kir::Ty::VEC4_F32, quad)
+                })
+                .collect();
+            let stored = |f: &mut kir::Builder, v: usize| {
+                let (ou, ohu, rr, owu, four, vu) = (
+                    f.u32(o),
+                    f.u32(oh),
+                    f.u32(rows),
+                    f.u32(ow),
+                    f.u32(4),
+                    f.u32(v),
+                );
+                let t = f.mul(n, ou);
+                let t = f.add(t, oc);
+                let t = f.mul(t, ohu);
+                let gr = f.mul(g, rr);
+                let t = f.add(t, gr);
+                let t = f.mul(t, owu);
+                let t = f.div(t, four);
+                f.add(t, vu)
+            };
+            let bias = |f: &mut kir::Builder, b: NodeId| {
+                let g = f.global(at(b).0);
+                let (two, three) = (f.u32(2), f.u32(3));
+                let qv = f.bin(kir::BinOp::ShiftRight, oc, two);
+                let quad = f.load(g, qv);
+                let l = f.bin(kir::BinOp::BitAnd, oc, three);
+                f.lane(quad, l)
+            };
+            let pooled = |f: &mut kir::Builder| {
+                let (ou, oh2, ow2) = (f.u32(o), f.u32(oh / 2), f.u32(ow / 2));
+                let t = f.mul(n, ou);
+                let t = f.add(t, oc);
+                let t = f.mul(t, oh2);
+                let t = f.add(t, g);
+                f.mul(t, ow2)
+            };
+            epilogue(f, graph, q, &values, &stored, &bias, at, ow, &pooled);
+        });
     }
-    s
+}
+
+fn grad_input_body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::Expr, at: Bound) {
+    let node = graph.node(q.conv);
+    let Op::Conv2dGradInput { padding, .. } = &node.op else {
+        unreachable!("grad-input rows are an input gradient's")
+    };
+    let (dy, w) = (node.inputs[0], node.inputs[1]);
+    let [_, c, h, wi] = crate::compute::rank4(&graph.ty(q.conv).shape);
+    let [_, o, oh, ow] = crate::compute::rank4(&graph.ty(dy).shape);
+    let [_, _, kh, kw] = crate::compute::rank4(&graph.ty(w).shape);
+    let per = q.channels;
+    let sets = c / per;
+    let (pi, su, hu, pu) = (f.u32(q.per_image), f.u32(sets), f.u32(h / 2), f.u32(per));
+    let n = f.div(j, pi);
+    let n = let_u32(f, "n", n);
+    let g = f.div(j, su);
+    let g = f.rem(g, hu);
+    let g = let_u32(f, "g", g);
+    let c0 = f.rem(j, su);
+    let c0 = f.mul(c0, pu);
+    let c0 = let_u32(f, "c0", c0);
+    let accs = accumulators(f, per, 2, wi);
+    let ((dglobal, dwindow), (wglobal, _)) = (at(dy), at(w));
+    let (dg, wg) = (f.global(dglobal), f.global(wglobal));
+    // dx[iy, ix] sums dy[iy + py - ky, ix + px - kx] w[ky, kx] over the output channels.
+    let (z, ou) = (f.u32(0), f.u32(o));
+    f.for_("o", z, ou, |f, oi| {
+        let (z, khu) = (f.u32(0), f.u32(kh));
+        f.for_("ky", z, khu, |f, ky| {
+            let weights = kernel_row_weights(f, wg, per, kw, &|f, k| {
+                let cc = f.u32(c);
+                let t = f.mul(oi, cc);
+                let t = f.add(t, c0);
+                let ku = f.u32(k);
+                let t = f.add(t, ku);
+                let khh = f.u32(kh);
+                let t = f.mul(t, khh);
+                let t = f.add(t, ky);
+                let kww = f.u32(kw);
+                f.mul(t, kww)
+            });
+            for r in 0..2 {
+                f.scope(|f| {
+                    let two = f.u32(2);
+                    let t = f.mul(g, two);
+                    let d = f.u32(r + padding[0]);
+                    let t = f.add(t, d);
+                    let t = f.cast(kir::Scalar::I32, t);
+                    let kyi = f.cast(kir::Scalar::I32, ky);
+                    let oy = f.sub(t, kyi);
+                    let oy = f.let_("oy", kir::Ty::I32, oy);
+                    let ok = inside(f, oy, oh);
+                    let ok = f.let_("ok", kir::Ty::BOOL, ok);
+                    let row = clamped_row(f, (n, oi), oy, (o, oh, ow));
+                    let row = uniform_index(f, row, dwindow);
+                    let d = skewed_row_expr(f, (dg, row), ow, "d", ok);
+                    for (k, kernel_row) in weights.iter().enumerate() {
+                        for (kx, &wv) in kernel_row.iter().enumerate() {
+                            for ix in 0..wi {
+                                let ox = (ix + padding[1]) as i64 - kx as i64;
+                                if ox < 0 || ox >= ow as i64 {
+                                    continue;
+                                }
+                                let t = f.mul(d[ox as usize], wv);
+                                f.add_assign(accs[(k * 2 + r) * wi + ix], t);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    });
+    // Both rows of each channel, four values at a time in memory order.
+    let out = f.global(at(q.conv).0);
+    for k in 0..per {
+        let values = &accs[k * 2 * wi..(k + 1) * 2 * wi];
+        for (v, four) in values.chunks(4).enumerate() {
+            let (cc, ku, hh, two, wu, four_u, vu) = (
+                f.u32(c),
+                f.u32(k),
+                f.u32(h),
+                f.u32(2),
+                f.u32(wi),
+                f.u32(4),
+                f.u32(v),
+            );
+            let t = f.mul(n, cc);
+            let t = f.add(t, c0);
+            let t = f.add(t, ku);
+            let t = f.mul(t, hh);
+            let g2 = f.mul(g, two);
+            let t = f.add(t, g2);
+            let t = f.mul(t, wu);
+            let t = f.div(t, four_u);
+            let at = f.add(t, vu);
+            let lanes = [0, 1, 2, 3].map(|l| f.get(four[l]));
+            let quad = f.compose(lanes);
+            f.store(out, at, quad);
+        }
+    }
 }
 
 /// The epilogue of one output channel's accumulated `vec4`s `accs` (values in memory order
@@ -1009,35 +1056,47 @@ fn rows_body(
 /// from flat index `pooled` of the kernel's main root.
 #[allow(clippy::too_many_arguments)]
 fn epilogue(
+    f: &mut kir::Builder,
     graph: &Graph,
     q: &ConvQuads,
-    s: &mut String,
-    accs: &[String],
-    stored: &dyn Fn(usize) -> String,
-    bias: &dyn Fn(NodeId) -> String,
-    slot: &dyn Fn(NodeId) -> u32,
+    accs: &[kir::Expr],
+    stored: &dyn Fn(&mut kir::Builder, usize) -> kir::Expr,
+    bias: &dyn Fn(&mut kir::Builder, NodeId) -> kir::Expr,
+    at: Bound,
     columns: usize,
-    pooled: &str,
+    pooled: &dyn Fn(&mut kir::Builder) -> kir::Expr,
 ) {
-    let store = |s: &mut String, id: NodeId, k: usize, value: &str| {
+    let store = |f: &mut kir::Builder, id: NodeId, k: usize, value: kir::Expr| {
         if q.quads_out.contains(&id) {
-            let _ = writeln!(s, "        buf{}[{}] = {value};", slot(id), stored(k));
+            let g = f.global(at(id).0);
+            let index = stored(f, k);
+            f.store(g, index, value);
         }
     };
     let mut tops = Vec::new();
-    for (k, acc) in accs.iter().enumerate() {
-        let mut value = acc.clone();
-        store(s, q.conv, k, &value);
+    for (k, &acc) in accs.iter().enumerate() {
+        let mut value = acc;
+        store(f, q.conv, k, value);
         for (step, &id) in q.chain.iter().enumerate() {
-            let next = format!("e{k}_{step}");
             let formula = match &graph.node(id).op {
-                Op::BiasAdd { .. } => format!("{value} + {}", bias(graph.node(id).inputs[1])),
-                op => lanes_formula(graph, id, &value)
-                    .unwrap_or_else(|| unreachable!("{} is not in a quad chain", op.name())),
+                Op::BiasAdd { .. } => {
+                    let b = bias(f, graph.node(id).inputs[1]);
+                    f.add(value, b)
+                }
+                op => {
+                    let definition = crate::compute::element(
+                        graph,
+                        id,
+                        Some(kir::Ty::VEC4_F32),
+                        &[kir::Ty::VEC4_F32],
+                        false,
+                    );
+                    f.substitute(&definition, &[value])
+                        .unwrap_or_else(|| unreachable!("{} is not in a quad chain", op.name()))
+                }
             };
-            let _ = writeln!(s, "        let {next} = {formula};");
-            value = next;
-            store(s, id, k, &value);
+            value = f.let_(&format!("e{k}_{step}"), kir::Ty::VEC4_F32, formula);
+            store(f, id, k, value);
         }
         tops.push(value);
     }
@@ -1045,39 +1104,39 @@ fn epilogue(
         return;
     };
     // Window p of the two rows: columns 2p, 2p + 1 of rows 0 and 1, in the reference's order.
-    let value = |r: usize, col: usize| {
+    let value = |f: &mut kir::Builder, r: usize, col: usize| {
         let k = r * columns + col;
-        format!("{}.{}", tops[k / 4], LANE[k % 4])
+        let l = f.u32(k % 4);
+        f.lane(tops[k / 4], l)
     };
+    let out = f.global(at(q.out).0);
     for p in 0..columns / 2 {
         let taps = [
-            value(0, 2 * p),
-            value(0, 2 * p + 1),
-            value(1, 2 * p),
-            value(1, 2 * p + 1),
+            value(f, 0, 2 * p),
+            value(f, 0, 2 * p + 1),
+            value(f, 1, 2 * p),
+            value(f, 1, 2 * p + 1),
         ];
         let result = if matches!(graph.node(pool).op, Op::AvgPool2d { .. }) {
-            format!("({}) / 4.0f", taps.join(" + "))
+            let s = f.add(taps[0], taps[1]);
+            let s = f.add(s, taps[2]);
+            let s = f.add(s, taps[3]);
+            let four = f.f32(4.0);
+            f.div(s, four)
         } else {
             // Keep the first maximum; NaN wins, as in the reference.
-            let _ = writeln!(s, "        var best{p} = {};", taps[0]);
-            for t in &taps[1..] {
-                let _ = writeln!(
-                    s,
-                    "        best{p} = select(best{p}, {t}, !(best{p} != best{p}) & !({t} <= best{p}));"
-                );
+            let best = f.var(&format!("best{p}"), kir::Ty::F32, taps[0]);
+            for &t in &taps[1..] {
+                let b = f.get(best);
+                let takes = crate::compute::first_max_takes(f, b, t, kir::BinOp::BitAnd);
+                let picked = f.select(takes, t, b);
+                f.assign(best, picked);
             }
-            format!("best{p}")
+            f.get(best)
         };
-        let _ = writeln!(
-            s,
-            "        buf{}[{pooled} + {}] = {result};",
-            slot(q.out),
-            u(p)
-        );
+        let base = pooled(f);
+        let pu = f.u32(p);
+        let index = f.add(base, pu);
+        f.store(out, index, result);
     }
-}
-
-fn i64_lit(v: i64) -> String {
-    format!("{v}i")
 }

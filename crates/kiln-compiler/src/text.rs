@@ -21,10 +21,6 @@ pub(crate) fn u(n: usize) -> String {
     format!("{n}u")
 }
 
-pub(crate) fn i(n: usize) -> String {
-    format!("{n}i")
-}
-
 pub(crate) fn v(id: NodeId) -> String {
     format!("v{}", id.0)
 }

@@ -24,7 +24,7 @@ use crate::kir::{self, BinOp};
 use crate::plan::{Head, Kernel, KernelKind, Placement, Plan};
 use crate::report::node_label;
 use crate::target::{DeviceClass, Target};
-use crate::text::{UniformAt, UniformIndex, scalar_operands, strides, u, v};
+use crate::text::{UniformAt, UniformIndex, scalar_operands, strides, v};
 use crate::trips;
 
 /// Workgroups a map kernel should have at least, shrinking its workgroups (down to 8
@@ -1619,18 +1619,23 @@ fn emit_kernel_with(
             // Every value is loaded and stored in the entry point itself.
             let q = conv_quads.as_ref().expect("quads");
             let buffer = |id: NodeId| plan.buffer_of[id.0].expect("bound nodes have buffers");
-            let body = crate::conv_quads::body(
-                graph,
-                q,
-                &|id, var| uniform(buffer(id), var).expect("read from a uniform binding"),
-                &|id| binding_of(buffer(id)),
-            );
-            s.push_str(&entry_point(
-                workgroup_size,
-                dispatch,
-                ("j", q.invocations(graph), chunking.is_some()),
-                &body,
-            ));
+            let at = |id: NodeId| (global(buffer(id)), uniform_at(buffer(id)).flatten());
+            let mut f = kir::Builder::entry(Vec::new());
+            let row = dispatch[0] as usize * workgroup_size as usize;
+            let count = chunking.is_none().then_some(q.invocations(graph));
+            let j = invocation(&mut f, "j", row, count);
+            crate::conv_quads::body(&mut f, graph, q, j, &at);
+            let module = kir::module::Module {
+                items: Vec::new(),
+                entry: kir::module::Entry {
+                    workgroup_size,
+                    function: f.finish(),
+                    callees: Vec::new(),
+                    workgroup: Vec::new(),
+                },
+            };
+            s.push_str(&printed_module(&module)?);
+            kernel_ir = Some(module);
         }
         KernelKind::Map { roots } if columns.is_some() => {
             let (main, red, kw, channels) = columns.expect("columns");
@@ -2146,46 +2151,6 @@ fn vec4s_ty(n: usize) -> kir::Ty {
 /// Bytes of part `k` of a buffer of `bytes` split in parts of `part_bytes`.
 fn part_len(bytes: u64, part_bytes: u64, k: u32) -> u64 {
     part_bytes.min(bytes - u64::from(k) * part_bytes)
-}
-
-/// The statements of an entry point that name its invocation `var` (`row` invocations per
-/// row of workgroups) and return past the last: `count` of them, or in a chunked kernel the
-/// range in the chunk's table.
-/// A compute entry point `main` over invocation `var` (see [`invocation_index`]) running
-/// `body`.
-fn entry_point(
-    workgroup_size: u32,
-    dispatch: [u32; 3],
-    (var, count, chunked): (&str, usize, bool),
-    body: &str,
-) -> String {
-    format!(
-        "@compute @workgroup_size({workgroup_size})
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
-{}{body}}}
-",
-        invocation_index(
-            var,
-            dispatch[0] as usize * workgroup_size as usize,
-            count,
-            chunked
-        ),
-    )
-}
-
-fn invocation_index(var: &str, row: usize, count: usize, chunked: bool) -> String {
-    if chunked {
-        format!(
-            "    let {var} = gid.x + gid.y * {} + chunk[0].x;\n    if ({var} >= chunk[0].y) {{\n        return;\n    }}\n",
-            u(row)
-        )
-    } else {
-        format!(
-            "    let {var} = gid.x + gid.y * {};\n    if ({var} >= {}) {{\n        return;\n    }}\n",
-            u(row),
-            u(count)
-        )
-    }
 }
 
 /// The classifier head's entry point: one workgroup strides over the rows, keeping a row's

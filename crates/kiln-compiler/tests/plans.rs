@@ -567,12 +567,12 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "    for (var o = 0u; o < 16u; o++) {\n        for (var ky = 0u; ky < 5u; ky++) {",
             "            let w2_4 = buf0[(wb2 + 4u) >> 2u][(wb2 + 4u) & 3u];",
             "                let oy = i32(g * 2u + 1u) - i32(ky);",
-            "                let dat = (((n * 16u + o) * 10u + u32(clamp(oy, 0i, 9i))) * 10u - bases[0].x);",
+            "                let dat = ((n * 16u + o) * 10u + u32(clamp(oy, 0i, 9i))) * 10u - bases[0].x;",
             "                let dq2 = select(vec4<f32>(0.0f), buf1[(dat >> 2u) + 2u], ok);",
             "                let d9 = select(dq2.y, dq2.w, dskew != 0u);",
             // Column 13 of row 1 takes dy column 9 through kernel column 4.
             "                a2_1_13 += d9 * w2_4;",
-            "    buf2[(((n * 6u + c0 + 2u) * 14u + g * 2u) * 14u) / 4u + 3u] = vec4<f32>(a2_0_12, a2_0_13, a2_1_0, a2_1_1);",
+            "    buf2[((n * 6u + c0 + 2u) * 14u + g * 2u) * 14u / 4u + 3u] = vec4<f32>(a2_0_12, a2_0_13, a2_1_0, a2_1_1);",
         ],
     );
     // Weight gradients run every invocation per chunk over the chunk's images, carrying
@@ -710,14 +710,14 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "            let wb1 = (((o0 + 1u) * 6u + c) * 5u + ky) * 5u;",
             "            let w1_4 = buf1[(wb1 + 4u) >> 2u][(wb1 + 4u) & 3u];",
             "                let iy = i32(g * 2u + 1u + ky) - 0i;",
-            "                let xat = (((n * 6u + c) * 14u + u32(clamp(iy, 0i, 13i))) * 14u - bases[0].x);",
+            "                let xat = ((n * 6u + c) * 14u + u32(clamp(iy, 0i, 13i))) * 14u - bases[0].x;",
             "                let xskew = xat & 3u;",
             "                let xq3 = select(vec4<f32>(0.0f), buf0[(xat >> 2u) + 3u], ok);",
             // Pixel 13 is lane 13 of an even row's vec4s, lane 15 of an odd one's.
             "                let x13 = select(xq3.y, xq3.w, xskew != 0u);",
             "                a0_1_9 += x13 * w0_4;",
             // Both rows' 20 saved activations are five vec4s; the pooled row five scalars.
-            "        buf3[(((n * 16u + o) * 10u + g * 2u) * 10u) / 4u + 4u] = e4_1;",
+            "        buf3[((n * 16u + o) * 10u + g * 2u) * 10u / 4u + 4u] = e4_1;",
             "        buf4[((n * 16u + o) * 5u + g) * 5u + 4u] = (e2_1.x + e2_1.y + e4_1.z + e4_1.w) / 4.0f;",
         ],
     );

@@ -572,6 +572,83 @@ impl Builder {
         });
     }
 
+    /// The value of `f` — a definition whose body is `let`s and a `return` reading its
+    /// operands at its own index only (an elementwise op's) — with operand `k` replaced by
+    /// `operands[k]`, its expressions copied into this function: fusing a producer into a
+    /// consumer by substitution. `None` for any other body.
+    pub fn substitute(&mut self, f: &Function, operands: &[Expr]) -> Option<Expr> {
+        let (Stmt::Return(Some(value)), lets) = f.body.split_last()? else {
+            return None;
+        };
+        let mut locals: std::collections::HashMap<Local, Expr> = Default::default();
+        let mut copied: Vec<Option<Expr>> = vec![None; f.exprs.len()];
+        fn copy(
+            b: &mut Builder,
+            f: &Function,
+            e: Expr,
+            operands: &[Expr],
+            locals: &std::collections::HashMap<Local, Expr>,
+            copied: &mut Vec<Option<Expr>>,
+        ) -> Option<Expr> {
+            if let Some(done) = copied[e.index()] {
+                return Some(done);
+            }
+            let mut sub = |x: Expr, b: &mut Builder| copy(b, f, x, operands, locals, copied);
+            let new = match f.expr(e).clone() {
+                ExprKind::Operand { k, index } => {
+                    if !matches!(f.expr(index), ExprKind::Index) {
+                        return None;
+                    }
+                    *operands.get(k)?
+                }
+                ExprKind::Local(l) => *locals.get(&l)?,
+                ExprKind::Literal(l) => b.lit(l),
+                ExprKind::Binary { op, left, right } => {
+                    let (l, r) = (sub(left, b)?, sub(right, b)?);
+                    b.bin(op, l, r)
+                }
+                ExprKind::Unary { op, operand } => {
+                    let x = sub(operand, b)?;
+                    b.unary(op, x)
+                }
+                ExprKind::Math { fun, args } => {
+                    let mut out = Vec::new();
+                    for a in args {
+                        out.push(sub(a, b)?);
+                    }
+                    b.math(fun, &out)
+                }
+                ExprKind::Select {
+                    cond,
+                    accept,
+                    reject,
+                } => {
+                    let (c, a, r) = (sub(cond, b)?, sub(accept, b)?, sub(reject, b)?);
+                    b.select(c, a, r)
+                }
+                ExprKind::Cast { to, value } => {
+                    let x = sub(value, b)?;
+                    b.cast(to, x)
+                }
+                ExprKind::Splat(x) => {
+                    let x = sub(x, b)?;
+                    b.splat(x)
+                }
+                _ => return None,
+            };
+            copied[e.index()] = Some(new);
+            Some(new)
+        }
+        for s in lets {
+            let Stmt::Let { local, value } = s else {
+                return None;
+            };
+            let v = copy(self, f, *value, operands, &locals, &mut copied)?;
+            locals.insert(*local, v);
+        }
+        copy(self, f, *value, operands, &locals, &mut copied)
+    }
+
     /// Declares one more operand of type `ty`; returns its number.
     pub fn declare_operand(&mut self, ty: Ty) -> usize {
         self.f.operands.push(ty);
