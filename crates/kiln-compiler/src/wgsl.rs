@@ -975,7 +975,6 @@ fn emit_kernel_with(
             .binding
     };
 
-    let mut s = String::new();
     let ops: Vec<String> = kernel.nodes.iter().map(|&n| node_label(graph, n)).collect();
     let windowed: Vec<usize> = bindings
         .iter()
@@ -1374,151 +1373,191 @@ fn emit_kernel_with(
             ),
         ),
     };
-    let _ = writeln!(
-        s,
-        "// kiln kernel {} of graph \"{}\"",
-        kernel.name, plan.graph
-    );
-    let _ = writeln!(s, "// target: {target}");
-    let _ = writeln!(s, "// ops: {}", ops.join(", "));
-    if !kernel.recomputed.is_empty() {
-        let r: Vec<String> = kernel.recomputed.iter().map(|n| n.to_string()).collect();
+    // The module's header and binding declarations, once its chunks (and spans) are known.
+    let header = |c_opt: Option<&Chunks>| -> String {
+        let mut s = String::new();
         let _ = writeln!(
             s,
-            "// recomputed here (cheap, also computed by other kernels): {}",
-            r.join(", ")
+            "// kiln kernel {} of graph \"{}\"",
+            kernel.name, plan.graph
         );
-    }
-    let _ = writeln!(
-        s,
-        "// schedule: {schedule}, workgroup size {workgroup_size}"
-    );
-    let _ = writeln!(
-        s,
-        "// dispatch: {} x {} x {} workgroups",
-        dispatch[0], dispatch[1], dispatch[2]
-    );
-    if let Some(c) = &chunking {
-        let names: Vec<String> = c
-            .windows
-            .iter()
-            .map(|w| format!("{} ({} bytes)", plan.buffers[w.buffer].name, w.vec4s * 16))
-            .collect();
-        let rest = c.batch - (c.count - 1) * c.images;
-        let last = if rest == c.images {
-            String::new()
-        } else {
-            format!(", the last of {rest}")
-        };
+        let _ = writeln!(s, "// target: {target}");
+        let _ = writeln!(s, "// ops: {}", ops.join(", "));
+        if !kernel.recomputed.is_empty() {
+            let r: Vec<String> = kernel.recomputed.iter().map(|n| n.to_string()).collect();
+            let _ = writeln!(
+                s,
+                "// recomputed here (cheap, also computed by other kernels): {}",
+                r.join(", ")
+            );
+        }
         let _ = writeln!(
             s,
-            "// chunks: {} of {} images{last} ({} invocations each), reading {} through uniform windows{}",
-            c.count,
-            c.images,
-            c.invocations,
-            names.join(", "),
-            crate::spans::ONE_PER_DISPATCH
+            "// schedule: {schedule}, workgroup size {workgroup_size}"
         );
-    }
-    let _ = writeln!(s, "// bindings:");
-    for b in &bindings {
-        let buf = &plan.buffers[b.buffer];
         let _ = writeln!(
             s,
-            "//   {}: {} {}{} ({})",
-            b.binding,
-            buf.name,
-            buf.ty,
-            if buf.packed_u8 {
-                " packed 4 per word"
+            "// dispatch: {} x {} x {} workgroups",
+            dispatch[0], dispatch[1], dispatch[2]
+        );
+        if let Some(c) = c_opt {
+            let names: Vec<String> = c
+                .windows
+                .iter()
+                .map(|w| format!("{} ({} bytes)", plan.buffers[w.buffer].name, w.vec4s * 16))
+                .collect();
+            let rest = c.batch - (c.count - 1) * c.images;
+            let last = if rest == c.images {
+                String::new()
             } else {
-                ""
-            },
-            match b.access {
-                Access::ReadWrite if vec4_out.contains(&b.buffer) => {
-                    "read_write, stored as vec4".to_string()
+                format!(", the last of {rest}")
+            };
+            let _ = writeln!(
+                s,
+                "// chunks: {} of {} images{last} ({} invocations each), reading {} through uniform windows{}",
+                c.count,
+                c.images,
+                c.invocations,
+                names.join(", "),
+                crate::spans::per_dispatch(c)
+            );
+        }
+        let _ = writeln!(s, "// bindings:");
+        for b in &bindings {
+            let buf = &plan.buffers[b.buffer];
+            let _ = writeln!(
+                s,
+                "//   {}: {} {}{} ({})",
+                b.binding,
+                buf.name,
+                buf.ty,
+                if buf.packed_u8 {
+                    " packed 4 per word"
+                } else {
+                    ""
+                },
+                match b.access {
+                    Access::ReadWrite if vec4_out.contains(&b.buffer) => {
+                        "read_write, stored as vec4".to_string()
+                    }
+                    Access::ReadWrite => "read_write".to_string(),
+                    Access::Read => "read".to_string(),
+                    Access::Uniform => "uniform".to_string(),
+                    Access::Window => "uniform window".to_string(),
+                    Access::Split { parts, .. } => format!("{parts} uniform parts"),
                 }
-                Access::ReadWrite => "read_write".to_string(),
-                Access::Read => "read".to_string(),
-                Access::Uniform => "uniform".to_string(),
-                Access::Window => "uniform window".to_string(),
-                Access::Split { parts, .. } => format!("{parts} uniform parts"),
+            );
+        }
+        // The further spans' bindings, listed after the others.
+        for (k, span) in c_opt
+            .iter()
+            .flat_map(|c| c.spans.iter().enumerate().skip(1))
+        {
+            let _ = writeln!(
+                s,
+                "//   {}-{}: span {k}: {} windows, then its chunk range and window bases",
+                span.windows.first().copied().unwrap_or(span.table),
+                span.bases,
+                span.windows.len()
+            );
+        }
+        s.push('\n');
+        for b in &bindings {
+            let buf = &plan.buffers[b.buffer];
+            let elem = if buf.packed_u8 {
+                "u32"
+            } else {
+                wgsl_type(buf.ty.dtype)
+            };
+            let elem = if vec4_out.contains(&b.buffer) {
+                "vec4<f32>"
+            } else {
+                elem
+            };
+            let decl = match b.access {
+                Access::ReadWrite => {
+                    format!("var<storage, read_write> buf{}: array<{elem}>", b.binding)
+                }
+                Access::Read => format!("var<storage, read> buf{}: array<{elem}>", b.binding),
+                Access::Uniform => format!(
+                    "var<uniform> buf{}: array<vec4<f32>, {}>",
+                    b.binding,
+                    buf.bytes() / 16
+                ),
+                Access::Window => format!(
+                    "var<uniform> buf{}: array<vec4<f32>, {}>",
+                    b.binding,
+                    c_opt
+                        .and_then(|c| c.windows.iter().find(|w| w.binding == b.binding))
+                        .expect("windows are chunked")
+                        .vec4s
+                ),
+                Access::Split { parts, part_bytes } => {
+                    for k in 0..parts {
+                        let bytes = part_len(buf.bytes(), part_bytes, k);
+                        let _ = writeln!(
+                            s,
+                            "@group(0) @binding({}) var<uniform> buf{}_{k}: array<vec4<f32>, {}>;",
+                            b.binding + k,
+                            b.binding,
+                            bytes / 16
+                        );
+                    }
+                    continue;
+                }
+            };
+            let _ = writeln!(s, "@group(0) @binding({}) {decl};", b.binding);
+        }
+        if let Some(c) = c_opt {
+            let _ = writeln!(
+                s,
+                "@group(0) @binding({}) var<storage, read> chunk: array<vec4<u32>, 1>;",
+                c.table_binding
+            );
+            if c.bases_vec4s() > 0 {
+                let _ = writeln!(
+                    s,
+                    "@group(0) @binding({}) var<uniform> bases: array<vec4<u32>, {}>;",
+                    c.table_binding + 1,
+                    c.bases_vec4s()
+                );
             }
-        );
-    }
-    s.push('\n');
-    for b in &bindings {
-        let buf = &plan.buffers[b.buffer];
-        let elem = if buf.packed_u8 {
-            "u32"
-        } else {
-            wgsl_type(buf.ty.dtype)
-        };
-        let elem = if vec4_out.contains(&b.buffer) {
-            "vec4<f32>"
-        } else {
-            elem
-        };
-        let decl = match b.access {
-            Access::ReadWrite => {
-                format!("var<storage, read_write> buf{}: array<{elem}>", b.binding)
+            for sum in &c.sums {
+                let _ = writeln!(
+                    s,
+                    "@group(0) @binding({}) var<storage, read_write> sum{}: array<{}>;",
+                    sum.binding,
+                    sum.node.0,
+                    if sum.quads { "vec4<f32>" } else { "f32" }
+                );
             }
-            Access::Read => format!("var<storage, read> buf{}: array<{elem}>", b.binding),
-            Access::Uniform => format!(
-                "var<uniform> buf{}: array<vec4<f32>, {}>",
-                b.binding,
-                buf.bytes() / 16
-            ),
-            Access::Window => format!(
-                "var<uniform> buf{}: array<vec4<f32>, {}>",
-                b.binding,
-                chunking
-                    .as_ref()
-                    .and_then(|c| c.windows.iter().find(|w| w.binding == b.binding))
-                    .expect("windows are chunked")
-                    .vec4s
-            ),
-            Access::Split { parts, part_bytes } => {
-                for k in 0..parts {
-                    let bytes = part_len(buf.bytes(), part_bytes, k);
+            // Each further span's windows, chunk range and window bases.
+            for (k, span) in c.spans.iter().enumerate().skip(1) {
+                for (w, b) in c.windows.iter().zip(&span.windows) {
                     let _ = writeln!(
                         s,
-                        "@group(0) @binding({}) var<uniform> buf{}_{k}: array<vec4<f32>, {}>;",
-                        b.binding + k,
-                        b.binding,
-                        bytes / 16
+                        "@group(0) @binding({b}) var<uniform> buf{}_s{k}: array<vec4<f32>, {}>;",
+                        w.binding, w.vec4s
                     );
                 }
-                continue;
+                let _ = writeln!(
+                    s,
+                    "@group(0) @binding({}) var<storage, read> chunk_s{k}: array<vec4<u32>, 1>;",
+                    span.table
+                );
+                if !c.windows.is_empty() {
+                    let _ = writeln!(
+                        s,
+                        "@group(0) @binding({}) var<uniform> bases_s{k}: array<vec4<u32>, {}>;",
+                        span.bases,
+                        c.bases_vec4s()
+                    );
+                }
             }
-        };
-        let _ = writeln!(s, "@group(0) @binding({}) {decl};", b.binding);
-    }
-    if let Some(c) = &chunking {
-        let _ = writeln!(
-            s,
-            "@group(0) @binding({}) var<storage, read> chunk: array<vec4<u32>, 1>;",
-            c.table_binding
-        );
-        if c.bases_vec4s() > 0 {
-            let _ = writeln!(
-                s,
-                "@group(0) @binding({}) var<uniform> bases: array<vec4<u32>, {}>;",
-                c.table_binding + 1,
-                c.bases_vec4s()
-            );
         }
-        for sum in &c.sums {
-            let _ = writeln!(
-                s,
-                "@group(0) @binding({}) var<storage, read_write> sum{}: array<{}>;",
-                sum.binding,
-                sum.node.0,
-                if sum.quads { "vec4<f32>" } else { "f32" }
-            );
-        }
-    }
-    s.push('\n');
+        s.push('\n');
+        s
+    };
     let split = |buffer: usize| match bindings.iter().find(|b| b.buffer == buffer)?.access {
         Access::Split { parts, part_bytes } => Some((parts, part_bytes)),
         _ => None,
@@ -1613,7 +1652,7 @@ fn emit_kernel_with(
         };
         chunks::sum_loaders(red, &forms, quads)
     };
-    let mut kernel_ir = None;
+    let kernel_ir;
     match &kernel.kind {
         KernelKind::Map { .. } if conv_quads.is_some() => {
             // Every value is loaded and stored in the entry point itself.
@@ -1632,9 +1671,9 @@ fn emit_kernel_with(
                     function: f.finish(),
                     callees: Vec::new(),
                     workgroup: Vec::new(),
+                    spans: Vec::new(),
                 },
             };
-            s.push_str(&printed_module(&module)?);
             kernel_ir = Some(module);
         }
         KernelKind::Map { roots } if columns.is_some() => {
@@ -1761,9 +1800,9 @@ fn emit_kernel_with(
                     function: f.finish(),
                     callees,
                     workgroup: Vec::new(),
+                    spans: Vec::new(),
                 },
             };
-            s.push_str(&printed_module(&module)?);
             kernel_ir = Some(module);
         }
         KernelKind::Map { roots } if blocking.is_some() => {
@@ -1968,9 +2007,9 @@ fn emit_kernel_with(
                     function: f.finish(),
                     callees,
                     workgroup: Vec::new(),
+                    spans: Vec::new(),
                 },
             };
-            s.push_str(&printed_module(&module)?);
             kernel_ir = Some(module);
         }
         KernelKind::Map { roots } if sums.is_empty() && chunking.is_none() => {
@@ -2014,12 +2053,9 @@ fn emit_kernel_with(
                     function: f.finish(),
                     callees: roots.iter().map(|r| Callee::Call(v(*r))).collect(),
                     workgroup: Vec::new(),
+                    spans: Vec::new(),
                 },
             };
-            s.push_str(&module.print().map_err(|e| CodegenError::Unsupported {
-                kernel: kernel.name.clone(),
-                message: format!("generator bug: {e}"),
-            })?);
             kernel_ir = Some(module);
         }
         KernelKind::Map { roots } => {
@@ -2065,23 +2101,21 @@ fn emit_kernel_with(
                     function: f.finish(),
                     callees,
                     workgroup: Vec::new(),
+                    spans: Vec::new(),
                 },
             };
-            s.push_str(&printed_module(&module)?);
             kernel_ir = Some(module);
         }
         KernelKind::Head(h) => {
             // A workgroup's barriers: printed from the kernel IR, not interpreted.
-            let module = kir::module::Module {
+            kernel_ir = Some(kir::module::Module {
                 items,
                 entry: head_main(graph, plan, h, &global, head_workgroup),
-            };
-            s.push_str(&module.print().map_err(|e| CodegenError::Unsupported {
-                kernel: kernel.name.clone(),
-                message: format!("generator bug: {e}"),
-            })?);
+            });
         }
     }
+    let mut module = kernel_ir.expect("every schedule is kernel IR");
+    let is_head = matches!(kernel.kind, KernelKind::Head(_));
     // Several chunks per dispatch where binding slots and code size allow.
     if let Some(c) = chunking.as_mut() {
         let storage = bindings
@@ -2098,8 +2132,9 @@ fn emit_kernel_with(
                 .max_storage_buffers_per_stage
                 .saturating_sub(storage as u32),
         };
-        s = crate::spans::repeat(&s, c, free);
+        crate::spans::repeat(&mut module, c, free);
     }
+    let s = header(chunking.as_ref()) + &printed_module(&module)?;
     // The head's two partial-sum arrays (f32 and u32, one entry per invocation).
     let workgroup_storage_bytes = match kernel.kind {
         KernelKind::Head(_) => 2 * u64::from(head_workgroup) * 4,
@@ -2115,7 +2150,8 @@ fn emit_kernel_with(
             workgroup_storage_bytes,
             chunks: chunking,
             loop_iterations: None,
-            kernel_ir: kernel_ir.filter(|m: &kir::module::Module| m.is_data()),
+            // The head's barriers are printed, not interpreted.
+            kernel_ir: (!is_head && module.is_data()).then_some(module),
             functions,
         }),
         shares_loads,
@@ -2339,5 +2375,6 @@ fn head_main(
             ("part_loss".into(), Ty::F32, workgroup),
             ("part_count".into(), Ty::U32, workgroup),
         ],
+        spans: Vec::new(),
     }
 }

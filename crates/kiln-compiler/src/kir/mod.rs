@@ -443,6 +443,10 @@ pub type Block = Vec<Stmt>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Function {
     pub ret: Option<Ty>,
+    /// Which of a dispatch's chunks the function's `Chunk` and `WindowBase` expressions read
+    /// the table of: 0 its first (`chunk`, `bases`), `s` its span `s` (`chunk_s<s>`,
+    /// `bases_s<s>`; several chunks per dispatch, `spans.rs`).
+    pub span: u32,
     /// Parameters after the index, by name and type.
     pub params: Vec<(String, Ty)>,
     pub operands: Vec<Ty>,
@@ -501,6 +505,7 @@ impl Builder {
         Builder {
             f: Function {
                 ret,
+                span: 0,
                 params: Vec::new(),
                 operands,
                 globals: Vec::new(),

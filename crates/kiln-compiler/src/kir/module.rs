@@ -33,6 +33,10 @@ pub struct Entry {
     pub function: Function,
     pub callees: Vec<Callee>,
     pub workgroup: Vec<(String, Ty, u32)>,
+    /// The entry point's body for each further chunk the dispatch runs (`spans.rs`), with
+    /// its callees: `main` then runs the first chunk's body (`chunk_main`) and these in order
+    /// (`chunk_main_s1`, ...).
+    pub spans: Vec<(Function, Vec<Callee>)>,
 }
 
 /// A kernel's functions and entry point (its header and binding declarations are the
@@ -114,11 +118,36 @@ impl Entry {
         } else {
             "@builtin(local_invocation_index) lid: u32"
         };
+        if self.spans.is_empty() {
+            let _ = write!(
+                out,
+                "@compute @workgroup_size({})\nfn main({builtin}) {{\n{}}}\n",
+                self.workgroup_size,
+                wgsl::body(&self.function, &self.callees)?
+            );
+            return Ok(out);
+        }
+        if !self.workgroup.is_empty() {
+            return Err(ValidationError(
+                "a workgroup's entry point runs one chunk".into(),
+            ));
+        }
+        let mut calls = String::new();
+        let bodies = std::iter::once((&self.function, &self.callees))
+            .chain(self.spans.iter().map(|(f, c)| (f, c)));
+        for (s, (function, callees)) in bodies.enumerate() {
+            let name = format!("chunk_main{}", wgsl::span_suffix(s as u32));
+            let _ = writeln!(
+                out,
+                "fn {name}(gid: vec3<u32>) {{\n{}}}",
+                wgsl::body(function, callees)?
+            );
+            let _ = writeln!(calls, "    {name}(gid);");
+        }
         let _ = write!(
             out,
-            "@compute @workgroup_size({})\nfn main({builtin}) {{\n{}}}\n",
-            self.workgroup_size,
-            wgsl::body(&self.function, &self.callees)?
+            "@compute @workgroup_size({})\nfn main({builtin}) {{\n{calls}}}\n",
+            self.workgroup_size
         );
         Ok(out)
     }
@@ -207,6 +236,7 @@ mod tests {
                 function: entry.finish(),
                 callees: vec![Callee::Call("rows".into())],
                 workgroup: Vec::new(),
+                spans: Vec::new(),
             },
         }
     }

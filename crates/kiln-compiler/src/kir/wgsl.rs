@@ -500,18 +500,34 @@ impl Printer<'_> {
                 format!("{}[{}]", self.f.local(*local).name, self.expr(*index)),
                 Primary,
             ),
-            ExprKind::WindowBase(w) => (window_base(*w), Primary),
+            ExprKind::WindowBase(w) => (
+                window_base(*w).replacen("bases", &format!("bases{}", span_suffix(self.f.span)), 1),
+                Primary,
+            ),
             ExprKind::Chunk(bound) => (
-                match bound {
-                    ChunkBound::FirstInvocation => "chunk[0].x",
-                    ChunkBound::EndInvocation => "chunk[0].y",
-                    ChunkBound::FirstImage => "chunk[0].z",
-                    ChunkBound::EndImage => "chunk[0].w",
-                }
-                .into(),
+                format!(
+                    "chunk{}[0].{}",
+                    span_suffix(self.f.span),
+                    match bound {
+                        ChunkBound::FirstInvocation => "x",
+                        ChunkBound::EndInvocation => "y",
+                        ChunkBound::FirstImage => "z",
+                        ChunkBound::EndImage => "w",
+                    }
+                ),
                 Primary,
             ),
         }
+    }
+}
+
+/// The suffix of span `span`'s names: none for the first chunk of a dispatch, `_s<span>` for
+/// the others (`spans.rs`).
+pub fn span_suffix(span: u32) -> String {
+    if span == 0 {
+        String::new()
+    } else {
+        format!("_s{span}")
     }
 }
 
