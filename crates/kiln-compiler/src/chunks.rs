@@ -585,15 +585,8 @@ pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, loads: ColumnLoads) 
     let ilit = |f: &mut kir::Builder, v: i64| f.lit(Literal::I32(v as i32));
     f.for_("n", first, end, |f, n| {
         f.for_("oy", oy_lo, oy_end, |f, oy| {
-            let row = f.flat(&[n, cc], &[0, c]);
-            let hh = f.u32(h);
-            let row = f.mul(row, hh);
-            let row = f.add(row, oy);
-            let row = f.add(row, ky);
-            let py = f.u32(padding[0]);
-            let row = f.sub(row, py);
-            let ww = f.u32(w);
-            let row = f.mul(row, ww);
+            let row =
+                crate::conv_quads::weight_gradient_row(f, (n, cc, oy, ky), (c, h, w), padding[0]);
             let row = f.let_("row", Ty::U32, row);
             let drow = f.flat(&[n, oc, oy], &[0, o, oh]);
             let oww = f.u32(ow);

@@ -344,15 +344,7 @@ pub(crate) fn weight_rows_fn(
     let (first, end) = crate::compute::batch_range(&mut f, 0, true);
     f.for_("n", first, end, |f, n| {
         f.for_("oy", oy_lo, oy_end, |f, oy| {
-            let row = f.flat(&[n, cc], &[0, c]);
-            let hh = f.u32(h);
-            let row = f.mul(row, hh);
-            let row = f.add(row, oy);
-            let row = f.add(row, ky);
-            let py = f.u32(padding[0]);
-            let row = f.sub(row, py);
-            let ww = f.u32(wi);
-            let row = f.mul(row, ww);
+            let row = weight_gradient_row(f, (n, cc, oy, ky), (c, h, wi), padding[0]);
             let row = uniform_index(f, row, x.1);
             let yes = f.lit(kir::Literal::Bool(true));
             let pixels = skewed_row_expr(f, (xg, row), wi, "x", yes);
@@ -400,6 +392,25 @@ pub(crate) fn weight_rows_fn(
         function: f.finish(),
         callees: Vec::new(),
     }
+}
+
+/// The flat index of the input row a weight gradient's output row `oy` reads at kernel row
+/// `ky`, `((n * C + c) * H + oy + ky - pad) * W`, for an input `[_, C, H, W]`.
+pub(crate) fn weight_gradient_row(
+    f: &mut kir::Builder,
+    (n, c, oy, ky): (kir::Expr, kir::Expr, kir::Expr, kir::Expr),
+    (channels, h, w): (usize, usize, usize),
+    pad: usize,
+) -> kir::Expr {
+    let row = f.flat(&[n, c], &[0, channels]);
+    let hh = f.u32(h);
+    let row = f.mul(row, hh);
+    let row = f.add(row, oy);
+    let row = f.add(row, ky);
+    let py = f.u32(pad);
+    let row = f.sub(row, py);
+    let ww = f.u32(w);
+    f.mul(row, ww)
 }
 
 /// [`skewed_row`] in the kernel IR: the `width` elements of a row at flat index `at` of

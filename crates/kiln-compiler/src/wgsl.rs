@@ -1664,17 +1664,7 @@ fn emit_kernel_with(
             let count = chunking.is_none().then_some(q.invocations(graph));
             let j = invocation(&mut f, "j", row, count);
             crate::conv_quads::body(&mut f, graph, q, j, &at);
-            let module = kir::module::Module {
-                items: Vec::new(),
-                entry: kir::module::Entry {
-                    workgroup_size,
-                    function: f.finish(),
-                    callees: Vec::new(),
-                    workgroup: Vec::new(),
-                    spans: Vec::new(),
-                },
-            };
-            kernel_ir = Some(module);
+            kernel_ir = Some(map_module(Vec::new(), workgroup_size, f, Vec::new()));
         }
         KernelKind::Map { roots } if columns.is_some() => {
             let (main, red, kw, channels) = columns.expect("columns");
@@ -1793,17 +1783,7 @@ fn emit_kernel_with(
                 store_root(&mut f, main, 1, at);
             }
             other_roots(&mut f, &others, 2 + other_sums.len(), j);
-            let module = kir::module::Module {
-                items: functions.clone(),
-                entry: kir::module::Entry {
-                    workgroup_size,
-                    function: f.finish(),
-                    callees,
-                    workgroup: Vec::new(),
-                    spans: Vec::new(),
-                },
-            };
-            kernel_ir = Some(module);
+            kernel_ir = Some(map_module(functions.clone(), workgroup_size, f, callees));
         }
         KernelKind::Map { roots } if blocking.is_some() => {
             let (main, b, fns, rows) = blocking.as_ref().expect("blocked");
@@ -2000,17 +1980,7 @@ fn emit_kernel_with(
                 }
             }
             other_roots(&mut f, &others, 1 + sums.len(), j);
-            let module = kir::module::Module {
-                items: functions.clone(),
-                entry: kir::module::Entry {
-                    workgroup_size,
-                    function: f.finish(),
-                    callees,
-                    workgroup: Vec::new(),
-                    spans: Vec::new(),
-                },
-            };
-            kernel_ir = Some(module);
+            kernel_ir = Some(map_module(functions.clone(), workgroup_size, f, callees));
         }
         KernelKind::Map { roots } if sums.is_empty() && chunking.is_none() => {
             // One invocation per element, every root stored: all kernel IR.
@@ -2046,17 +2016,8 @@ fn emit_kernel_with(
                     f.if_(inside, store);
                 }
             }
-            let module = kir::module::Module {
-                items,
-                entry: kir::module::Entry {
-                    workgroup_size,
-                    function: f.finish(),
-                    callees: roots.iter().map(|r| Callee::Call(v(*r))).collect(),
-                    workgroup: Vec::new(),
-                    spans: Vec::new(),
-                },
-            };
-            kernel_ir = Some(module);
+            let callees = roots.iter().map(|r| Callee::Call(v(*r))).collect();
+            kernel_ir = Some(map_module(items, workgroup_size, f, callees));
         }
         KernelKind::Map { roots } => {
             // One invocation per element, summing chunk by chunk or cut into image chunks.
@@ -2094,17 +2055,7 @@ fn emit_kernel_with(
             } else {
                 other_roots(&mut f, roots, sums.len(), i);
             }
-            let module = kir::module::Module {
-                items: functions.clone(),
-                entry: kir::module::Entry {
-                    workgroup_size,
-                    function: f.finish(),
-                    callees,
-                    workgroup: Vec::new(),
-                    spans: Vec::new(),
-                },
-            };
-            kernel_ir = Some(module);
+            kernel_ir = Some(map_module(functions.clone(), workgroup_size, f, callees));
         }
         KernelKind::Head(h) => {
             // A workgroup's barriers: printed from the kernel IR, not interpreted.
@@ -2156,6 +2107,25 @@ fn emit_kernel_with(
         }),
         shares_loads,
     ))
+}
+
+/// A map kernel's module: its functions and, from `f`, its entry point.
+fn map_module(
+    items: Vec<Item>,
+    workgroup_size: u32,
+    f: kir::Builder,
+    callees: Vec<Callee>,
+) -> kir::module::Module {
+    kir::module::Module {
+        items,
+        entry: kir::module::Entry {
+            workgroup_size,
+            function: f.finish(),
+            callees,
+            workgroup: Vec::new(),
+            spans: Vec::new(),
+        },
+    }
 }
 
 /// The invocation's index `var`: `gid.x + gid.y * row`, returning past `count`; or, in an

@@ -11,12 +11,12 @@
 
 mod common;
 
-use common::{close, feeds, zoo};
+use common::{bind, close, feeds, words, zoo};
 use kiln_autodiff::{Optimizer, evaluation_graph, read_batches_from_dataset, training_step_with};
 use kiln_compiler::kir::interp::{Buffers, ChunkTable, Runner, Value};
-use kiln_compiler::{Access, KernelKind, Target, compile};
+use kiln_compiler::{KernelKind, Target, compile};
 use kiln_ir::{DType, Graph, LenetVariant, Model, NodeId, TensorType};
-use kiln_reference::{Data, Tensor, execute};
+use kiln_reference::execute;
 
 /// Invocations run per kernel at most (evenly spread, the last included).
 const INVOCATIONS: usize = 300;
@@ -24,30 +24,6 @@ const INVOCATIONS: usize = 300;
 /// Invocations run per kernel (and chunk) of the blocked and chunked schedules, whose
 /// invocations each compute several outputs, some summing over the whole batch.
 const SCHEDULE_INVOCATIONS: usize = 40;
-
-/// A tensor as the scalars of its buffer: u8 packed four to a `u32` word little-endian, and
-/// room to whole `vec4`s (what a uniform binding of it reads).
-fn words(t: &Tensor, packed: bool) -> Vec<Value> {
-    let mut out: Vec<Value> = match t.data() {
-        Data::Float(v) => v.iter().map(|&x| Value::F32(x)).collect(),
-        Data::U8(v) if packed => v
-            .chunks(4)
-            .map(|c| {
-                let mut w = [0u8; 4];
-                w[..c.len()].copy_from_slice(c);
-                Value::U32(u32::from_le_bytes(w))
-            })
-            .collect(),
-        Data::U8(v) => v.iter().map(|&x| Value::U32(u32::from(x))).collect(),
-        Data::U32(v) => v.iter().map(|&x| Value::U32(x)).collect(),
-        Data::I32(v) => v.iter().map(|&x| Value::I32(x)).collect(),
-    };
-    let fill = out.first().copied().unwrap_or(Value::F32(0.0));
-    while out.len() % 4 != 0 || out.is_empty() {
-        out.push(fill);
-    }
-    out
-}
 
 /// Runs every interpretable kernel of `g` compiled for `target`; returns how many ran.
 fn check(what: &str, g: &Graph, target: &Target) -> usize {
@@ -57,25 +33,13 @@ fn check(what: &str, g: &Graph, target: &Target) -> usize {
     let plan = &compiled.plan;
     let value_of = |n: NodeId| values.get(n);
     let mut ran = 0;
-    for (kernel, module) in plan.kernels.iter().zip(&compiled.modules) {
+    for (k, (kernel, module)) in plan.kernels.iter().zip(&compiled.modules).enumerate() {
         let Some(ir) = &module.kernel_ir else {
             continue;
         };
-        let mut buffers = Buffers::new();
-        for b in &module.bindings {
-            let buf = &plan.buffers[b.buffer];
-            // What the kernel reads from the buffer (an in-place update reads the parameter
-            // it overwrites), else zeros.
-            let read = kernel
-                .reads
-                .iter()
-                .find(|r| plan.buffer_of[r.0] == Some(b.buffer));
-            let data = match read {
-                Some(&r) => words(value_of(r), buf.packed_u8),
-                None => vec![Value::F32(0.0); (buf.bytes() / 4) as usize],
-            };
-            buffers.insert(format!("buf{}", b.binding), data);
-        }
+        // What the kernel reads from each buffer (an in-place update reads the parameter it
+        // overwrites), else zeros.
+        let (mut buffers, _) = bind(&compiled, k, &|n| value_of(n).clone(), &|_| Value::F32(0.0));
         let invocations = module.dispatch[0] as usize * module.workgroup_size as usize;
         let step = invocations.div_ceil(INVOCATIONS).max(1);
         let mut ids: Vec<usize> = (0..invocations).step_by(step).collect();
@@ -199,41 +163,13 @@ fn check_schedules(what: &str, g: &Graph, target: &Target) -> (usize, usize) {
     let launch = compiled.launch();
     let value_of = |n: NodeId| values.get(n);
     let (mut ran, mut chunked) = (0, 0);
-    for (kernel, module) in plan.kernels.iter().zip(&compiled.modules) {
+    for (k, (kernel, module)) in plan.kernels.iter().zip(&compiled.modules).enumerate() {
         let Some(ir) = &module.kernel_ir else {
             continue;
         };
         let name = &kernel.name;
         // Each binding's data, whole; a window is cut from it chunk by chunk.
-        let mut whole: Vec<(String, Vec<Value>)> = Vec::new();
-        let mut buffers = Buffers::new();
-        for b in &module.bindings {
-            let buf = &plan.buffers[b.buffer];
-            let read = kernel
-                .reads
-                .iter()
-                .find(|r| plan.buffer_of[r.0] == Some(b.buffer));
-            let data = match read {
-                Some(&r) => words(value_of(r), buf.packed_u8),
-                None => vec![unwritten(buf.ty.dtype); (buf.bytes() / 4).max(4) as usize],
-            };
-            match b.access {
-                Access::Split { parts, part_bytes } => {
-                    let per = (part_bytes / 4) as usize;
-                    for p in 0..parts as usize {
-                        let mut part = data
-                            [(p * per).min(data.len())..((p + 1) * per).min(data.len())]
-                            .to_vec();
-                        part.resize(part.len().div_ceil(4).max(1) * 4, Value::F32(0.0));
-                        buffers.insert(format!("buf{}_{p}", b.binding), part);
-                    }
-                }
-                _ => {
-                    buffers.insert(format!("buf{}", b.binding), data.clone());
-                }
-            }
-            whole.push((format!("buf{}", b.binding), data));
-        }
+        let (mut buffers, whole) = bind(&compiled, k, &|n| value_of(n).clone(), &unwritten);
         let runner = Runner::new(ir).unwrap_or_else(|e| panic!("{what}: {name}: {e}"));
         let row = module.dispatch[0] as usize * module.workgroup_size as usize;
         let spread = |first: usize, end: usize| -> Vec<usize> {

@@ -11,39 +11,15 @@
 
 mod common;
 
-use common::{close, feeds, zoo};
+use common::{bind, close, feeds, words, zoo};
 use kiln_autodiff::{Optimizer, read_batches_from_dataset, training_step_with};
 use kiln_compiler::kir::interp::{Buffers, ChunkTable, EvalError, Lanes, Library, Value};
-use kiln_compiler::{Access, Target, compile};
+use kiln_compiler::{Target, compile};
 use kiln_ir::{DType, Graph, LenetVariant, Model, NodeId, TensorType};
-use kiln_reference::{Data, Tensor, execute};
+use kiln_reference::{Tensor, execute};
 
 /// Element indices tried per function (evenly spread, the last included).
 const SAMPLES: usize = 12;
-
-/// A tensor as the scalars of its buffer: u8 packed four to a `u32` word little-endian, and
-/// room to whole `vec4`s (what a uniform binding of it reads).
-fn words(t: &Tensor, packed: bool) -> Vec<Value> {
-    let mut out: Vec<Value> = match t.data() {
-        Data::Float(v) => v.iter().map(|&x| Value::F32(x)).collect(),
-        Data::U8(v) if packed => v
-            .chunks(4)
-            .map(|c| {
-                let mut w = [0u8; 4];
-                w[..c.len()].copy_from_slice(c);
-                Value::U32(u32::from_le_bytes(w))
-            })
-            .collect(),
-        Data::U8(v) => v.iter().map(|&x| Value::U32(u32::from(x))).collect(),
-        Data::U32(v) => v.iter().map(|&x| Value::U32(x)).collect(),
-        Data::I32(v) => v.iter().map(|&x| Value::I32(x)).collect(),
-    };
-    let fill = out.first().copied().unwrap_or(Value::F32(0.0));
-    while out.len() % 4 != 0 || out.is_empty() {
-        out.push(fill);
-    }
-    out
-}
 
 /// What a lane function at `stride` over `shape` may be asked for: the first lanes' indices
 /// such that the four lanes are elements along one axis without wrapping. Lanes on an axis of
@@ -76,45 +52,15 @@ fn lane_starts(shape: &[usize], stride: usize) -> Vec<usize> {
     starts
 }
 
-/// The buffers of a module: each binding's global holding what the kernel reads from it (the
-/// whole buffer, for a window), else zeros; split parts one global each; running sums the
-/// reference's finished sums.
+/// The buffers of kernel `k` (`common::bind`, zeros where it reads nothing), its running
+/// sums the reference's finished sums.
 fn buffers(
     compiled: &kiln_compiler::Compiled,
     k: usize,
     value_of: &dyn Fn(NodeId) -> Tensor,
 ) -> Buffers {
-    let plan = &compiled.plan;
-    let (kernel, module) = (&plan.kernels[k], &compiled.modules[k]);
-    let mut buffers = Buffers::new();
-    for b in &module.bindings {
-        let buf = &plan.buffers[b.buffer];
-        let read = kernel
-            .reads
-            .iter()
-            .find(|r| plan.buffer_of[r.0] == Some(b.buffer));
-        let data = match read {
-            Some(&r) => words(&value_of(r), buf.packed_u8),
-            None => vec![Value::F32(0.0); (buf.bytes() / 4).max(4) as usize],
-        };
-        match b.access {
-            Access::Split { parts, part_bytes } => {
-                let per = (part_bytes / 4) as usize;
-                for p in 0..parts as usize {
-                    let mut part =
-                        data[(p * per).min(data.len())..((p + 1) * per).min(data.len())].to_vec();
-                    while part.len() % 4 != 0 || part.is_empty() {
-                        part.push(Value::F32(0.0));
-                    }
-                    buffers.insert(format!("buf{}_{p}", b.binding), part);
-                }
-            }
-            _ => {
-                buffers.insert(format!("buf{}", b.binding), data);
-            }
-        }
-    }
-    if let Some(c) = &module.chunks {
+    let (mut buffers, _) = bind(compiled, k, value_of, &|_| Value::F32(0.0));
+    if let Some(c) = &compiled.modules[k].chunks {
         for s in &c.sums {
             buffers.insert(format!("sum{}", s.node.0), words(&value_of(s.node), false));
         }

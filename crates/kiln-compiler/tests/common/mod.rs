@@ -4,9 +4,10 @@
 
 use std::collections::HashMap;
 
-use kiln_compiler::kir::interp::Value;
-use kiln_ir::{DType, Graph, Model, parse_file};
-use kiln_reference::Tensor;
+use kiln_compiler::kir::interp::{Buffers, Value};
+use kiln_compiler::{Access, Compiled};
+use kiln_ir::{DType, Graph, Model, NodeId, parse_file};
+use kiln_reference::{Data, Tensor};
 
 /// Within this much of the reference relative to its size: the interpreter adds in f32 in
 /// loop order, the reference in f64.
@@ -102,4 +103,70 @@ pub fn zoo() -> Vec<(String, Model)> {
             (name, parse_file(&p).unwrap().into())
         })
         .collect()
+}
+
+/// A tensor as the scalars of its buffer: u8 packed four to a `u32` word little-endian, and
+/// room to whole `vec4`s (what a uniform binding of it reads).
+pub fn words(t: &Tensor, packed: bool) -> Vec<Value> {
+    let mut out: Vec<Value> = match t.data() {
+        Data::Float(v) => v.iter().map(|&x| Value::F32(x)).collect(),
+        Data::U8(v) if packed => v
+            .chunks(4)
+            .map(|c| {
+                let mut w = [0u8; 4];
+                w[..c.len()].copy_from_slice(c);
+                Value::U32(u32::from_le_bytes(w))
+            })
+            .collect(),
+        Data::U8(v) => v.iter().map(|&x| Value::U32(u32::from(x))).collect(),
+        Data::U32(v) => v.iter().map(|&x| Value::U32(x)).collect(),
+        Data::I32(v) => v.iter().map(|&x| Value::I32(x)).collect(),
+    };
+    let fill = out.first().copied().unwrap_or(Value::F32(0.0));
+    while out.len() % 4 != 0 || out.is_empty() {
+        out.push(fill);
+    }
+    out
+}
+
+/// The buffers kernel `k` of `compiled` runs over: each binding's global holding what the
+/// kernel reads from it (all of it, for a window), else `fill` of its dtype; split uniform
+/// parts one global each. Also each binding's whole data by global name.
+pub fn bind(
+    compiled: &Compiled,
+    k: usize,
+    value_of: &dyn Fn(NodeId) -> Tensor,
+    fill: &dyn Fn(DType) -> Value,
+) -> (Buffers, Vec<(String, Vec<Value>)>) {
+    let plan = &compiled.plan;
+    let (kernel, module) = (&plan.kernels[k], &compiled.modules[k]);
+    let mut buffers = Buffers::new();
+    let mut whole = Vec::new();
+    for b in &module.bindings {
+        let buf = &plan.buffers[b.buffer];
+        let read = kernel
+            .reads
+            .iter()
+            .find(|r| plan.buffer_of[r.0] == Some(b.buffer));
+        let data = match read {
+            Some(&r) => words(&value_of(r), buf.packed_u8),
+            None => vec![fill(buf.ty.dtype); (buf.bytes() / 4).max(4) as usize],
+        };
+        match b.access {
+            Access::Split { parts, part_bytes } => {
+                let per = (part_bytes / 4) as usize;
+                for p in 0..parts as usize {
+                    let mut part =
+                        data[(p * per).min(data.len())..((p + 1) * per).min(data.len())].to_vec();
+                    part.resize(part.len().div_ceil(4).max(1) * 4, Value::F32(0.0));
+                    buffers.insert(format!("buf{}_{p}", b.binding), part);
+                }
+            }
+            _ => {
+                buffers.insert(format!("buf{}", b.binding), data.clone());
+            }
+        }
+        whole.push((format!("buf{}", b.binding), data));
+    }
+    (buffers, whole)
 }
