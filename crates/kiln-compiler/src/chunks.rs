@@ -115,7 +115,7 @@ impl Chunks {
     /// last chunk it must also end inside the buffer, and without room past the data no
     /// aligned start both covers the last words and fits (batch 211 of 84 features lost the
     /// last image's last four).
-    pub(crate) fn window_slack(&self) -> u64 {
+    pub fn window_slack(&self) -> u64 {
         self.alignment
     }
 
@@ -547,9 +547,7 @@ pub(crate) fn columns_in_vec4s(graph: &Graph, red: NodeId) -> bool {
 /// multiply-adds for two loads, where scalar steps do `KW` for two (lavapipe: a `vec4` load
 /// costs about 1.5 scalar ones).
 pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, loads: ColumnLoads) -> Item {
-    use crate::conv_quads::{
-        quad_blocks, quad_taps_expr as quad_taps, row_quad_expr as row_quad, uniform_index,
-    };
+    use crate::conv_quads::{quad_blocks, quad_taps, row_quad, uniform_index};
     use kir::{BinOp, Literal, Scalar, Ty};
     let node = graph.node(red);
     let Op::Conv2dGradWeight { padding, .. } = &node.op else {

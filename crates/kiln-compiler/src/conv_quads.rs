@@ -347,7 +347,7 @@ pub(crate) fn weight_rows_fn(
             let row = weight_gradient_row(f, (n, cc, oy, ky), (c, h, wi), padding[0]);
             let row = uniform_index(f, row, x.1);
             let yes = f.lit(kir::Literal::Bool(true));
-            let pixels = skewed_row_expr(f, (xg, row), wi, "x", yes);
+            let pixels = skewed_row(f, (xg, row), wi, "x", yes);
             for k in 0..per {
                 f.scope(|f| {
                     let ou = f.u32(o);
@@ -362,7 +362,7 @@ pub(crate) fn weight_rows_fn(
                     let t = f.mul(t, owu);
                     let drow = uniform_index(f, t, dy.1);
                     let yes = f.lit(kir::Literal::Bool(true));
-                    let d = skewed_row_expr(f, (dg, drow), ow, "d", yes);
+                    let d = skewed_row(f, (dg, drow), ow, "d", yes);
                     for kx in 0..kw {
                         let mut sum = None;
                         for (ox, &dv) in d.iter().enumerate() {
@@ -413,9 +413,9 @@ pub(crate) fn weight_gradient_row(
     f.mul(row, ww)
 }
 
-/// [`skewed_row`] in the kernel IR: the `width` elements of a row at flat index `at` of
+/// The `width` elements of a row of even width at flat index `at` of
 /// uniform `global` (each its own `let`), read as `vec4`s, zero unless `ok`.
-pub(crate) fn skewed_row_expr(
+pub(crate) fn skewed_row(
     f: &mut kir::Builder,
     (global, at): (usize, kir::Expr),
     width: usize,
@@ -494,9 +494,9 @@ pub(crate) fn uniform_index(
     }
 }
 
-/// [`row_quad`] in the kernel IR: `vec4` `b` (an `i32`) of the row of `row_vec4s` whole
+/// `vec4` `b` (an `i32`) of the row of `row_vec4s` whole
 /// `vec4`s starting at `vec4` `xq` of `global`, zero outside it or where `ok` is false.
-pub(crate) fn row_quad_expr(
+pub(crate) fn row_quad(
     f: &mut kir::Builder,
     (global, xq): (usize, kir::Expr),
     b: kir::Expr,
@@ -521,8 +521,10 @@ pub(crate) fn row_quad_expr(
     f.select(inside, quad, zero)
 }
 
-/// [`quad_taps`] in the kernel IR, from the blocks `blocks` (`p0 ..`).
-pub(crate) fn quad_taps_expr(
+/// The quad's four pixels under kernel column `kx`, from the blocks `blocks` (`p0 ..`) loaded
+/// from [`quad_blocks`]'s `lo` (padding `px`): output column `4q + j` reads pixel
+/// `4q + j + kx - px`.
+pub(crate) fn quad_taps(
     f: &mut kir::Builder,
     blocks: &[kir::Expr],
     kx: usize,
@@ -754,14 +756,14 @@ fn quads_body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::Expr, 
                             .map(|b| {
                                 let d = ilit(f, b);
                                 let at = f.add(qi, d);
-                                let quad = row_quad_expr(f, (xg, xq), at, wi / 4, Some(ok));
+                                let quad = row_quad(f, (xg, xq), at, wi / 4, Some(ok));
                                 f.let_(&format!("p{}", b - lo), kir::Ty::VEC4_F32, quad)
                             })
                             .collect();
                         // The quad's pixels under kernel column kx, shared by both rows.
                         let taps: Vec<kir::Expr> = (0..kw)
                             .map(|kx| {
-                                let v = quad_taps_expr(f, &blocks, kx, px, lo);
+                                let v = quad_taps(f, &blocks, kx, px, lo);
                                 f.let_(&format!("s{kx}"), kir::Ty::VEC4_F32, v)
                             })
                             .collect();
@@ -889,7 +891,7 @@ fn rows_body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::Expr, a
                     let ok = f.let_("ok", kir::Ty::BOOL, ok);
                     let row = clamped_row(f, (n, ci), iy, (c, h, wi));
                     let row = uniform_index(f, row, xwindow);
-                    let pixels = skewed_row_expr(f, (xg, row), wi, "x", ok);
+                    let pixels = skewed_row(f, (xg, row), wi, "x", ok);
                     for (k, kernel_row) in weights.iter().enumerate() {
                         for (kx, &wv) in kernel_row.iter().enumerate() {
                             for ox in 0..ow {
@@ -1014,7 +1016,7 @@ fn grad_input_body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::E
                     let ok = f.let_("ok", kir::Ty::BOOL, ok);
                     let row = clamped_row(f, (n, oi), oy, (o, oh, ow));
                     let row = uniform_index(f, row, dwindow);
-                    let d = skewed_row_expr(f, (dg, row), ow, "d", ok);
+                    let d = skewed_row(f, (dg, row), ow, "d", ok);
                     for (k, kernel_row) in weights.iter().enumerate() {
                         for (kx, &wv) in kernel_row.iter().enumerate() {
                             for ix in 0..wi {
