@@ -386,30 +386,32 @@ pub(crate) fn sum_loaders(red: NodeId, forms: &SummedForms, quads: bool) -> Vec<
         items.push(item(format!("{v}_x4s{stride}"), f));
     }
     if let Some(offsets) = &forms.rows {
-        let sum = &global.name;
-        let at = |off: usize| {
-            let index = crate::text::offset("i", off);
-            if quads {
-                format!("{sum}[({index}) >> 2u][({index}) & 3u]")
-            } else {
-                format!("{sum}[{index}]")
-            }
-        };
-        let rows: Vec<String> = offsets
+        let n = offsets.len().div_ceil(4);
+        let ret = kir::Ty::array(kir::Ty::VEC4_F32, n as u32).expect("one deep");
+        let mut f = kir::Builder::new(ret, Vec::new());
+        let g = f.global(global.clone());
+        let rows: Vec<kir::Expr> = offsets
             .chunks(4)
             .map(|lanes| {
                 if quads {
-                    return format!("{sum}[({}) >> 2u]", crate::text::offset("i", lanes[0]));
+                    let i = f.index();
+                    let index = if lanes[0] == 0 {
+                        i
+                    } else {
+                        let d = f.u32(lanes[0]);
+                        f.add(i, d)
+                    };
+                    let two = f.u32(2);
+                    let q = f.bin(kir::BinOp::ShiftRight, index, two);
+                    return f.load(g, q);
                 }
-                let l: Vec<String> = lanes.iter().map(|&off| at(off)).collect();
-                format!("vec4<f32>({})", l.join(", "))
+                let l = [0, 1, 2, 3].map(|k| at(&mut f, g, lanes[k]));
+                f.compose(l)
             })
             .collect();
-        let ret = format!("array<vec4<f32>, {}>", rows.len());
-        items.push(Item::Text(format!(
-            "fn {v}_rows_of_reduction(i: u32) -> {ret} {{\n    return {ret}({});\n}}\n",
-            rows.join(", ")
-        )));
+        let value = f.array(rows);
+        f.ret_(value);
+        items.push(item(format!("{v}_rows_of_reduction"), f));
     }
     items
 }
@@ -790,14 +792,10 @@ mod tests {
         };
         for quads in [false, true] {
             let items = sum_loaders(NodeId(7), &forms, quads);
-            let names: Vec<&str> = items
-                .iter()
-                .filter_map(|i| i.function())
-                .map(|f| f.0)
-                .collect();
+            let names: Vec<&str> = items.iter().map(|i| i.function()).map(|f| f.0).collect();
             assert_eq!(names, ["v7", "v7_x4s1", "v7_x4s3"]);
             for item in &items {
-                let (name, f, _) = item.function().expect("kernel IR");
+                let (name, f, _) = item.function();
                 let stride = name
                     .strip_prefix("v7_x4s")
                     .map(|s| s.parse::<u32>().unwrap());

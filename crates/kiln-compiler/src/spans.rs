@@ -134,7 +134,7 @@ pub(crate) fn repeat(module: &mut Module, chunks: &mut Chunks, free: FreeSlots) 
         .map(|w| format!("buf{}", w.binding))
         .collect();
     let functions: Vec<(&str, &Function, &[Callee])> =
-        module.items.iter().filter_map(Item::function).collect();
+        module.items.iter().map(Item::function).collect();
     let reads_chunk = |f: &Function| {
         f.globals.iter().any(|g| windows.contains(&g.name))
             || f.exprs
@@ -175,17 +175,13 @@ pub(crate) fn repeat(module: &mut Module, chunks: &mut Chunks, free: FreeSlots) 
     let copies: Vec<&Item> = module
         .items
         .iter()
-        .filter(|i| {
-            i.function()
-                .is_some_and(|(name, _, _)| copied.contains(name))
-        })
+        .filter(|i| copied.contains(i.function().0))
         .collect();
     // The copies' code, comments aside: what the driver compiles again per span.
     let code_bytes = |item: &Item| {
         let mut bare = item.clone();
-        if let Item::Function { comment, .. } = &mut bare {
-            *comment = None;
-        }
+        let Item::Function { comment, .. } = &mut bare;
+        *comment = None;
         print_items(std::slice::from_ref(&bare)).map_or(0, |t| t.len())
     };
     let copy_bytes: usize = copies.iter().map(|i| code_bytes(i)).sum::<usize>()
@@ -217,15 +213,7 @@ pub(crate) fn repeat(module: &mut Module, chunks: &mut Chunks, free: FreeSlots) 
     let mut added = Vec::new();
     for span in 1..spans as u32 {
         for item in &copies {
-            let Item::Function {
-                name,
-                function,
-                callees,
-                ..
-            } = item
-            else {
-                unreachable!("copies are functions");
-            };
+            let (name, function, callees) = item.function();
             let (function, callees) = for_span((function, callees), span, &windows, &copied);
             added.push(Item::Function {
                 name: format!("{name}_s{span}"),

@@ -1,7 +1,8 @@
-//! WGSL text fragments shared by the schedules that are still written as text (the CPU-class
-//! convolutions, kernel columns, entry points, chunk sums) and the element functions they
-//! wrap, which come from each op's definition in the kernel IR (`compute.rs`). Only the other
-//! code generation modules import it; it imports none of them, so they form no cycle.
+//! What the code generation modules share without importing each other: the names of
+//! element functions (`v`, `chunk_part`), how a schedule reads an operand (`Operand`), each
+//! op's definition with the callees its operands name (`definition_over`, from `compute.rs`),
+//! and how a buffer is indexed (`UniformIndex`, `UniformAt`). It imports only `compute` and
+//! `kir`, so the code generation modules form no cycle.
 
 use kiln_ir::{Graph, NodeId};
 
@@ -16,10 +17,6 @@ pub(crate) type UniformIndex<'a> = &'a dyn Fn(usize, &str) -> Option<String>;
 /// The same for the kernel IR: `None` for storage bindings, `Some(None)` for a whole uniform
 /// binding, `Some(Some(w))` for one read through the chunk's window `w`.
 pub(crate) type UniformAt<'a> = &'a dyn Fn(usize) -> Option<Option<usize>>;
-
-pub(crate) fn u(n: usize) -> String {
-    format!("{n}u")
-}
 
 pub(crate) fn v(id: NodeId) -> String {
     format!("v{}", id.0)
@@ -83,15 +80,6 @@ pub(crate) fn definition_over(
 /// and again for the epilogue.
 pub(crate) fn chunk_part(name: &str) -> String {
     format!("{name}_chunk")
-}
-
-/// `base + delta` as WGSL, without a `+ 0u`.
-pub(crate) fn offset(base: &str, delta: usize) -> String {
-    if delta == 0 {
-        base.to_string()
-    } else {
-        format!("{base} + {}", u(delta))
-    }
 }
 
 /// Elementwise op `id`'s formula as one WGSL expression over four lanes `value` (its only

@@ -93,14 +93,13 @@ pub struct KernelModule {
     /// The most loop iterations one invocation runs (`trips.rs`), `None` if unbounded;
     /// set when the module is validated.
     pub loop_iterations: Option<u64>,
-    /// The kernel's functions and entry point as kernel IR, where its schedule is written
-    /// in it entirely (one invocation per element, no image chunks, no text items); the
-    /// interpreter can run it (`kir::interp::Runner`).
+    /// The kernel's functions and entry point as kernel IR, several chunks per dispatch
+    /// included, which the interpreter can run (`kir::interp::Runner`); `None` for the
+    /// classifier head, whose workgroup barriers it cannot.
     pub kernel_ir: Option<kir::module::Module>,
-    /// The kernel's functions in module order before its entry point: kernel IR, or text for
-    /// the schedules still written as text (the CPU-class convolutions, kernel columns). A
-    /// blocked kernel's lane and rows functions are here as data, for tests and tools that
-    /// run them on the interpreter.
+    /// The kernel's functions in module order before its entry point (the first chunk's of
+    /// a dispatch), the head's too: a blocked kernel's lane and rows functions as data, for
+    /// tests and tools that call them on the interpreter (`kir::interp::Library`).
     pub functions: Vec<kir::module::Item>,
 }
 
@@ -1611,7 +1610,7 @@ fn emit_kernel_with(
             target.class == DeviceClass::Cpu,
         )
     };
-    // The kernel's functions in module order (text for the schedules still written as text).
+    // The kernel's functions in module order.
     let mut functions: Vec<Item> = items.clone();
     let printed_module = |m: &kir::module::Module| {
         m.print().map_err(|e| CodegenError::Unsupported {
@@ -2102,7 +2101,7 @@ fn emit_kernel_with(
             chunks: chunking,
             loop_iterations: None,
             // The head's barriers are printed, not interpreted.
-            kernel_ir: (!is_head && module.is_data()).then_some(module),
+            kernel_ir: (!is_head).then_some(module),
             functions,
         }),
         shares_loads,

@@ -90,7 +90,7 @@ fn check(what: &str, g: &Graph, target: &Target) -> usize {
             end_image: c.batch as u32,
             window_bases: vec![0; c.windows.len()],
         });
-        for (name, _, _) in module.functions.iter().filter_map(|i| i.function()) {
+        for (name, _, _) in module.functions.iter().map(|i| i.function()) {
             let plain = name.strip_suffix("_chunk").unwrap_or(name);
             let Some(rest) = plain.strip_prefix('v') else {
                 continue;

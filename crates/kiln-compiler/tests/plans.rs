@@ -601,7 +601,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "var<storage, read_write> sum49: array<vec4<f32>>;",
             "            rows[7u] += sum49[(i + 2800u) >> 2u];",
             "        sum49[(i + 2800u) >> 2u] = rows[7u];",
-            "    return array<vec4<f32>, 8>(sum49[(i) >> 2u], sum49[(i + 400u) >> 2u],",
+            "    return array<vec4<f32>, 8>(sum49[i >> 2u], sum49[(i + 400u) >> 2u],",
             // Its bias sum stays scalar.
             "var<storage, read_write> sum47: array<f32>;",
         ],

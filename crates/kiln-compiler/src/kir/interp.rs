@@ -121,13 +121,8 @@ pub struct Runner<'a> {
 }
 
 impl<'a> Runner<'a> {
-    /// Validates every function of `module`; refuses a module with text items.
+    /// Validates every function of `module`.
     pub fn new(module: &'a Module) -> Result<Runner<'a>, EvalError> {
-        if !module.is_data() {
-            return Err(EvalError::Module(
-                "a text item cannot be interpreted".into(),
-            ));
-        }
         let mut library = Library::new(&module.items)?;
         validate(&module.entry.function)?;
         library.add_globals(&module.entry.function);
@@ -177,8 +172,7 @@ pub struct ChunkTable {
 }
 
 /// The kernel IR functions of a list of items, checked once and called by name (a
-/// schedule's lane and rows functions); text items are left out, and calling into one is an
-/// error.
+/// schedule's lane and rows functions).
 pub struct Library<'a> {
     fns: HashMap<&'a str, (&'a Function, &'a [Callee])>,
     elems: HashMap<&'a str, Ty>,
@@ -190,7 +184,7 @@ impl<'a> Library<'a> {
             fns: HashMap::new(),
             elems: HashMap::new(),
         };
-        for (name, f, callees) in items.iter().filter_map(Item::function) {
+        for (name, f, callees) in items.iter().map(Item::function) {
             validate(f)?;
             library.fns.insert(name, (f, callees));
             library.add_globals(f);

@@ -1,7 +1,6 @@
 //! A kernel's code as data: its functions in order and its entry point. Each item is a kernel
-//! IR function with the callees its operands name, or — for the schedules still written as
-//! text — a piece of WGSL text; a module without text items is all data, and runs on the
-//! interpreter (`interp::Runner`).
+//! IR function with the callees its operands name; a module runs on the interpreter
+//! (`interp::Runner`) and prints as WGSL in one pass.
 
 use std::fmt::Write as _;
 
@@ -9,8 +8,6 @@ use super::wgsl::{self, Callee};
 use super::{Function, Ty, ValidationError};
 
 /// One top-level item of a module.
-// A module holds a few dozen items, built once: boxing the large variant would buy nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Item {
     /// `// comment` (if any), then `fn name(i: u32) -> ret { ... }`.
@@ -20,8 +17,6 @@ pub enum Item {
         function: Function,
         callees: Vec<Callee>,
     },
-    /// WGSL written by a schedule not yet on the kernel IR, as is.
-    Text(String),
 }
 
 /// An entry point `main` over `@builtin(global_invocation_id) gid`, or over
@@ -48,17 +43,15 @@ pub struct Module {
 }
 
 impl Item {
-    /// The item's function, when it is one, with its callees.
-    pub fn function(&self) -> Option<(&str, &Function, &[Callee])> {
-        match self {
-            Item::Function {
-                name,
-                function,
-                callees,
-                ..
-            } => Some((name, function, callees)),
-            Item::Text(_) => None,
-        }
+    /// The item's name, function and callees.
+    pub fn function(&self) -> (&str, &Function, &[Callee]) {
+        let Item::Function {
+            name,
+            function,
+            callees,
+            ..
+        } = self;
+        (name, function, callees)
     }
 }
 
@@ -67,7 +60,6 @@ pub fn print_items(items: &[Item]) -> Result<String, ValidationError> {
     let mut out = String::new();
     for item in items {
         match item {
-            Item::Text(text) => out.push_str(text),
             Item::Function {
                 name,
                 comment,
@@ -154,13 +146,6 @@ impl Entry {
 }
 
 impl Module {
-    /// Whether every item is kernel IR (no text): the module can be interpreted.
-    pub fn is_data(&self) -> bool {
-        self.items
-            .iter()
-            .all(|i| matches!(i, Item::Function { .. }))
-    }
-
     /// The items, a blank line, the entry point.
     pub fn print(&self) -> Result<String, ValidationError> {
         Ok(format!(
