@@ -178,11 +178,6 @@ impl Chunks {
     }
 }
 
-/// The WGSL expression of window `w`'s base index in the chunk's bases.
-pub(crate) fn window_base(w: usize) -> String {
-    kir::wgsl::window_base(w)
-}
-
 /// Whether output image `n` of `node` needs only image `n` of its operand `k` (both batched).
 fn image_local(graph: &Graph, node: NodeId, k: usize) -> bool {
     let n = graph.node(node);

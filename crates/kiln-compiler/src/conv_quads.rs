@@ -113,18 +113,18 @@ impl ConvQuads {
 }
 
 /// The schedule of `kernel`, whose largest root is `main`, where one applies.
-/// `uniform_of(id)` is the index expression of element `i` of `id` where the kernel reads
-/// `id` from a uniform binding (a whole buffer or a window), else `None`.
+/// `uniform_of(id)` says how the kernel reads `id` from a uniform binding: `Some(None)` whole,
+/// `Some(Some(w))` through the chunk's window `w`, `None` not at all.
 pub(crate) fn find(
     graph: &Graph,
     kernel: &Kernel,
     roots: &[NodeId],
     main: NodeId,
-    uniform_of: &dyn Fn(NodeId) -> Option<String>,
+    uniform_of: &dyn Fn(NodeId) -> Option<Option<usize>>,
 ) -> Option<ConvQuads> {
     let read_uniform = |id: NodeId| kernel.reads.contains(&id) && uniform_of(id).is_some();
     // A whole buffer (not a window): read at any index, constant or not.
-    let whole = |id: NodeId| read_uniform(id) && uniform_of(id).as_deref() == Some("i");
+    let whole = |id: NodeId| read_uniform(id) && uniform_of(id) == Some(None);
     let computed = |id: NodeId| kernel.nodes.contains(&id) && graph.ty(id).dtype == DType::F32;
     if let Some(q) = grad_input_rows(graph, kernel, roots, main, &read_uniform, &whole) {
         return Some(q);
@@ -1086,27 +1086,35 @@ fn epilogue(
             f.store(g, index, value);
         }
     };
+    // Each activation's definition over four lanes, substituted into every accumulator's.
+    let definitions: Vec<Option<kir::Function>> = q
+        .chain
+        .iter()
+        .map(|&id| {
+            (!matches!(graph.node(id).op, Op::BiasAdd { .. })).then(|| {
+                crate::compute::element(
+                    graph,
+                    id,
+                    Some(kir::Ty::VEC4_F32),
+                    &[kir::Ty::VEC4_F32],
+                    false,
+                )
+            })
+        })
+        .collect();
     let mut tops = Vec::new();
     for (k, &acc) in accs.iter().enumerate() {
         let mut value = acc;
         store(f, q.conv, k, value);
-        for (step, &id) in q.chain.iter().enumerate() {
-            let formula = match &graph.node(id).op {
-                Op::BiasAdd { .. } => {
+        for (step, (&id, definition)) in q.chain.iter().zip(&definitions).enumerate() {
+            let formula = match definition {
+                None => {
                     let b = bias(f, graph.node(id).inputs[1]);
                     f.add(value, b)
                 }
-                op => {
-                    let definition = crate::compute::element(
-                        graph,
-                        id,
-                        Some(kir::Ty::VEC4_F32),
-                        &[kir::Ty::VEC4_F32],
-                        false,
-                    );
-                    f.substitute(&definition, &[value])
-                        .unwrap_or_else(|| unreachable!("{} is not in a quad chain", op.name()))
-                }
+                Some(definition) => f.substitute(definition, &[value]).unwrap_or_else(|| {
+                    unreachable!("{} is not in a quad chain", graph.node(id).op.name())
+                }),
             };
             value = f.let_(&format!("e{k}_{step}"), kir::Ty::VEC4_F32, formula);
             store(f, id, k, value);

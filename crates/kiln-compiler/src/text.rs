@@ -1,7 +1,7 @@
 //! What the code generation modules share without importing each other: the names of
 //! element functions (`v`, `chunk_part`), how a schedule reads an operand (`Operand`), each
 //! op's definition with the callees its operands name (`definition_over`, from `compute.rs`),
-//! and how a buffer is indexed (`UniformIndex`, `UniformAt`). It imports only `compute` and
+//! and how a buffer is indexed (`UniformAt`). It imports only `compute` and
 //! `kir`, so the code generation modules form no cycle.
 
 use kiln_ir::{Graph, NodeId};
@@ -9,13 +9,9 @@ use kiln_ir::{Graph, NodeId};
 pub(crate) use crate::compute::strides;
 use crate::{compute, kir};
 
-/// How a kernel's code indexes a buffer bound as a uniform array: given the buffer and the
-/// name of a flat index variable, the index into the binding (the variable itself, or rebased
-/// to the chunk's window); `None` for storage bindings.
-pub(crate) type UniformIndex<'a> = &'a dyn Fn(usize, &str) -> Option<String>;
-
-/// The same for the kernel IR: `None` for storage bindings, `Some(None)` for a whole uniform
-/// binding, `Some(Some(w))` for one read through the chunk's window `w`.
+/// How a kernel reads a buffer (by plan index) bound as a uniform array: `None` for storage
+/// bindings, `Some(None)` for a whole uniform binding, `Some(Some(w))` for one read through
+/// the chunk's window `w`.
 pub(crate) type UniformAt<'a> = &'a dyn Fn(usize) -> Option<Option<usize>>;
 
 pub(crate) fn v(id: NodeId) -> String {

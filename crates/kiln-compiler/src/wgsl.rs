@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use kiln_ir::{DType, Graph, NodeId, Op, TensorType};
 
 use crate::blocking::{self, LANES, LaneFns, lane_fn};
-use crate::chunks::{self, Chunks, Window, window_base};
+use crate::chunks::{self, Chunks, Window};
 use crate::compute;
 use crate::interface::{self, LayoutEntry, Slot};
 use crate::kir::module::Item;
@@ -24,7 +24,7 @@ use crate::kir::{self, BinOp};
 use crate::plan::{Head, Kernel, KernelKind, Placement, Plan};
 use crate::report::node_label;
 use crate::target::{DeviceClass, Target};
-use crate::text::{UniformAt, UniformIndex, scalar_operands, strides, v};
+use crate::text::{UniformAt, scalar_operands, strides, v};
 use crate::trips;
 
 /// Workgroups a map kernel should have at least, shrinking its workgroups (down to 8
@@ -401,7 +401,6 @@ fn main_root(graph: &Graph, roots: &[NodeId]) -> NodeId {
 /// (or window) binding, and the parts of a split one.
 struct Addressing<'a> {
     binding_of: &'a dyn Fn(usize) -> u32,
-    uniform: UniformIndex<'a>,
     uniform_at: UniformAt<'a>,
     split: &'a dyn Fn(usize) -> Option<(u32, u64)>,
     /// The kernel IR's view of a buffer's binding (name, space, element type).
@@ -420,7 +419,6 @@ fn functions(
 ) -> Vec<Item> {
     let Addressing {
         binding_of,
-        uniform,
         uniform_at,
         split,
         global,
@@ -495,7 +493,7 @@ fn functions(
             let mut f = kir::Builder::new(ret, Vec::new());
             let g = f.global(global(b));
             let i = f.index();
-            let value = if uniform(b, "i").is_some() {
+            let value = if uniform_at(b).is_some() {
                 // A uniform array of vec4s: element `i` is lane `i % 4` of vec4 `i / 4`.
                 let (two, three) = (f.u32(2), f.u32(3));
                 let q = f.bin(BinOp::ShiftRight, i, two);
@@ -995,12 +993,6 @@ fn emit_kernel_with(
             Access::Read | Access::ReadWrite | Access::Split { .. } => None,
         }
     };
-    let uniform = |buffer: usize, var: &str| -> Option<String> {
-        Some(match uniform_at(buffer)? {
-            None => var.to_string(),
-            Some(w) => format!("({var} - {})", window_base(w)),
-        })
-    };
     let summed: Vec<NodeId> = sums.iter().map(|s| s.0).collect();
     // A small stride-1 convolution whose input is a uniform binding (whole or a window) on a
     // CPU-class target: column quads (conv_quads.rs), when the values it stores as vec4s are
@@ -1010,7 +1002,7 @@ fn emit_kernel_with(
             if target.class == DeviceClass::Cpu && target.block_outputs && sums.is_empty() =>
         {
             let main = main_root(graph, roots);
-            let uniform_of = |id: NodeId| plan.buffer_of[id.0].and_then(|b| uniform(b, "i"));
+            let uniform_of = |id: NodeId| plan.buffer_of[id.0].and_then(&uniform_at);
             crate::conv_quads::find(graph, kernel, roots, main, &uniform_of).filter(|q| {
                 q.quads_out.iter().all(|m| {
                     let buffer = plan.buffer_of[m.0];
@@ -1026,7 +1018,7 @@ fn emit_kernel_with(
             return None;
         }
         let buffer = plan.buffer_of[id.0]?;
-        uniform(buffer, "i").map(|_| buffer)
+        uniform_at(buffer).map(|_| buffer)
     };
     // A summing kernel whose main root is (elementwise) a stride-1 conv weight gradient:
     // the kernel columns of one `(o, c, ky)` per invocation (`kernel_columns`), or, on a
@@ -1592,7 +1584,6 @@ fn emit_kernel_with(
     };
     let addressing = Addressing {
         binding_of: &binding_of,
-        uniform: &uniform,
         uniform_at: &uniform_at,
         split: &split,
         global: &global,
@@ -1719,10 +1710,7 @@ fn emit_kernel_with(
                 operands.push(kir::Ty::F32);
                 callees.push(Callee::Call(crate::text::chunk_part(&v(r))));
             }
-            for &r in &others {
-                operands.push(compute::value_ty(graph.ty(r).dtype));
-                callees.push(Callee::Call(v(r)));
-            }
+            element_operands(graph, &others, (&mut operands, &mut callees));
             let mut f = kir::Builder::entry(operands);
             let j = invocation(
                 &mut f,
@@ -1896,10 +1884,7 @@ fn emit_kernel_with(
                     callees.push(Callee::Call(crate::text::chunk_part(&v(red))));
                 }
             }
-            for &r in &others {
-                operands.push(compute::value_ty(graph.ty(r).dtype));
-                callees.push(Callee::Call(v(r)));
-            }
+            element_operands(graph, &others, (&mut operands, &mut callees));
             let mut f = kir::Builder::entry(operands);
             let count = grid.iter().product::<usize>();
             let row = dispatch[0] as usize * workgroup_size as usize;
@@ -2031,9 +2016,8 @@ fn emit_kernel_with(
             let mut numel = 0;
             for r in roots {
                 numel = numel.max(numel_u32(&kernel.name, graph.ty(*r))?);
-                operands.push(compute::value_ty(graph.ty(*r).dtype));
-                callees.push(Callee::Call(v(*r)));
             }
+            element_operands(graph, roots, (&mut operands, &mut callees));
             let mut f = kir::Builder::entry(operands);
             let row = dispatch[0] as usize * workgroup_size as usize;
             let i = invocation(
@@ -2106,6 +2090,18 @@ fn emit_kernel_with(
         }),
         shares_loads,
     ))
+}
+
+/// Appends each of `nodes`' element functions `v<id>` to an entry point's operands.
+fn element_operands(
+    graph: &Graph,
+    nodes: &[NodeId],
+    (operands, callees): (&mut Vec<kir::Ty>, &mut Vec<Callee>),
+) {
+    for &n in nodes {
+        operands.push(compute::value_ty(graph.ty(n).dtype));
+        callees.push(Callee::Call(v(n)));
+    }
 }
 
 /// A map kernel's module: its functions and, from `f`, its entry point.
