@@ -34,7 +34,7 @@
 //! image, where rows are not in fours): its aligned uniform reads become one `vec4` load each
 //! and a tiling average pool's gradient loads one value per window, not per column (conv1's
 //! activation gradient 11.4 -> 7.7 ms per step on lavapipe; storing its outputs a `vec4` at a
-//! time, `vec4_out` in wgsl.rs, then took it to ~5 ms).
+//! time, `Schedule::vec4_out` in schedule.rs, then took it to ~5 ms).
 //!
 //! Two rows bodies reuse loads along the input row. A stride-1 convolution under a 2x2 pooling
 //! of stride 2 computes the window's four taps in one pass ([`LaneFns::rows_fn`] via

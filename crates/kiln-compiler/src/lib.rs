@@ -4,16 +4,21 @@
 //! HLSL.
 
 pub mod backends;
+mod bind;
 mod blocking;
 mod chunks;
 mod compile;
 pub mod compute;
 mod conv_quads;
+mod elements;
+mod head;
 mod interface;
 pub mod kir;
 mod launch;
+mod lower;
 mod plan;
 mod report;
+mod schedule;
 mod spans;
 mod target;
 mod text;

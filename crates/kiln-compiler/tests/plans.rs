@@ -341,6 +341,7 @@ fn register_blocking_shares_the_operand_the_outputs_have_in_common() {
     let g6 = step_graph(&lenet(), 6, 60);
     let m6 = emit_wgsl(&g6, &fuse(&g6, &t).unwrap(), &t).unwrap();
     assert!(schedule_line(&m6[1].wgsl).contains("one invocation per element"));
+    assert!(m6[1].wgsl.contains("\n// recipe: elements\n"));
     let plain = Target {
         block_outputs: false,
         ..Target::portable()
@@ -532,6 +533,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         act_grad,
         &[
             "4 elements of %57 per invocation, lanes at stride 1 (301056 invocations; no reduction to block: vec4 reads)",
+            "// recipe: register blocking",
             // The saved sigmoid output: one vec4 of its window.
             "    return buf0[(i - bases[0].x) >> 2u];",
             // Four columns of the 2x2 average pooling's gradient fall in two windows.
@@ -562,6 +564,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         conv2_dx,
         &[
             "// schedule: 2 rows x every column of 3 channels of %54 per invocation (whole rows: vec4 output-gradient rows shared by the channels, one weight load per row of multiply-adds; 3584 invocations)",
+            "// recipe: conv quads",
             "//   2: %54 f32[256,6,14,14] (read_write, stored as vec4)",
             "    let c0 = (j % 2u) * 3u;",
             "    for (var o = 0u; o < 16u; o++) {\n        for (var ky = 0u; ky < 5u; ky++) {",
@@ -614,6 +617,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         conv1_dw,
         &[
             "5 kernel columns of %61 per invocation, sliding along the input rows four output columns a step (vec4 loads) (30 invocations",
+            "// recipe: kernel columns",
             "fn v59_columns_chunk(i: u32) -> array<f32, 5> {",
             // Pixels ox - 2 ..= ox + 5 of the four columns: vec4s q - 1 ..= q + 1 of the row,
             // zero outside it.
@@ -637,6 +641,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         conv2_dw,
         &[
             "// schedule: 5 kernel columns x 4 output channels of %65 per invocation, in whole rows (vec4 rows of the input and dy, each pixel serving 20 multiply-adds; 120 invocations; %55 conv2d_grad_weight)",
+            "// recipe: weight-gradient rows",
             "fn v55_columns_chunk(i: u32) -> array<f32, 20> {",
             "            let xat = ((n * 6u + c) * 14u + oy + ky - 0u) * 14u - bases[0].x;",
             "                let dat = ((n * 16u + o + 3u) * 10u + oy) * 10u - bases[0].y;",
@@ -671,6 +676,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         conv1,
         &[
             "// schedule: 2 rows x 4 columns of every channel of %6 per invocation (column quads: vec4 pixel rows, constant-index weights; 25088 invocations)",
+            "// recipe: conv quads",
             "//   3: %8 f32[256,6,28,28] (read_write, stored as vec4)",
             "@group(0) @binding(3) var<storage, read_write> buf3: array<vec4<f32>>;",
             "            let p0 = select(vec4<f32>(0.0f), buf0[xq + u32(clamp(qi + -1i, 0i, 6i))], ok && qi + -1i >= 0i && qi + -1i < 7i);",
@@ -702,6 +708,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         &conv2.wgsl,
         &[
             "// schedule: 2 rows x every column of 4 channels of %12 per invocation (whole rows: vec4 pixel rows shared by the channels, one weight load per row of multiply-adds; 5120 invocations)",
+            "// recipe: conv quads",
             "// chunks: 20 of 13 images, the last of 9 (260 invocations each), reading %9 (61184 bytes) through uniform windows, one per dispatch",
             "var<storage, read> chunk: array<vec4<u32>, 1>;",
             "    let j = gid.x + gid.y * 288u + chunk[0].x;",

@@ -1,0 +1,655 @@
+//! Lowering, the third stage of a kernel's generation: a [`Schedule`]'s recipe as a kernel
+//! IR module (its element, lane and rows functions and its entry point), for the launch
+//! `lay_out` decided (workgroups, dispatch, chunks). One function per recipe; what they share
+//! (storing roots, running sums, the last chunk's epilogue) are methods of [`Lowering`].
+
+use kiln_ir::{Graph, NodeId};
+
+use crate::bind::KernelBindings;
+use crate::blocking::{LANES, lane_fn};
+use crate::chunks;
+use crate::compute;
+use crate::conv_quads::ConvQuads;
+use crate::elements::{Addressing, element_functions};
+use crate::head::head_main;
+use crate::kir::module::{Item, Module};
+use crate::kir::wgsl::Callee;
+use crate::kir::{self, BinOp};
+use crate::plan::{Kernel, KernelKind, Plan};
+use crate::schedule::{Blocked, Columns, Recipe, Schedule};
+use crate::text::{strides, v};
+
+/// What lowering a kernel's schedule needs.
+pub(crate) struct Lowering<'a> {
+    pub graph: &'a Graph,
+    pub plan: &'a Plan,
+    pub kernel: &'a Kernel,
+    pub bound: &'a KernelBindings,
+    pub schedule: &'a Schedule<'a>,
+    pub workgroup_size: u32,
+    pub dispatch: [u32; 3],
+    /// Whether the kernel runs image chunk by chunk (invocations offset by the chunk's).
+    pub chunked: bool,
+    /// The classifier head's workgroup size.
+    pub head_workgroup: u32,
+    /// The element functions (`elements.rs`), before the schedule's own.
+    items: Vec<Item>,
+}
+
+impl<'a> Lowering<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        graph: &'a Graph,
+        plan: &'a Plan,
+        kernel: &'a Kernel,
+        bound: &'a KernelBindings,
+        schedule: &'a Schedule<'a>,
+        (workgroup_size, dispatch): (u32, [u32; 3]),
+        chunked: bool,
+        head_workgroup: u32,
+        cpu: bool,
+    ) -> Self {
+        // A convolution over vec4 quads loads and stores everything in its entry point.
+        let items = if matches!(schedule.recipe, Recipe::ConvQuads(_)) {
+            Vec::new()
+        } else {
+            let binding_of = |b: usize| bound.binding_of(b);
+            let uniform_at = |b: usize| bound.uniform_at(b);
+            let split = |b: usize| bound.split(b);
+            let global = |b: usize| bound.global(plan, b, &schedule.vec4_out);
+            let at = Addressing {
+                binding_of: &binding_of,
+                uniform_at: &uniform_at,
+                split: &split,
+                global: &global,
+            };
+            element_functions(graph, plan, kernel, &at, &bound.summed(), cpu)
+        };
+        Lowering {
+            graph,
+            plan,
+            kernel,
+            bound,
+            schedule,
+            workgroup_size,
+            dispatch,
+            chunked,
+            head_workgroup,
+            items,
+        }
+    }
+
+    /// The kernel IR's view of `buffer`'s binding.
+    fn global(&self, buffer: usize) -> kir::Global {
+        self.bound
+            .global(self.plan, buffer, &self.schedule.vec4_out)
+    }
+
+    /// Invocations in one row of the dispatch grid (`gid.y` counts rows).
+    fn row(&self) -> usize {
+        self.dispatch[0] as usize * self.workgroup_size as usize
+    }
+
+    /// After the running sums, only the chunk that ends the batch runs the epilogue.
+    fn last_chunk_only(&self, f: &mut kir::Builder) {
+        let end = f.chunk(kir::ChunkBound::EndImage);
+        let batch = f.u32(self.bound.batch.unwrap_or(0));
+        let before = f.bin(BinOp::Lt, end, batch);
+        f.if_(before, |f| f.return_());
+    }
+
+    /// Stores `root`'s element `at` (operand `k`) into its buffer.
+    fn store_root(&self, f: &mut kir::Builder, root: NodeId, k: usize, at: kir::Expr) {
+        let g = f.global(self.global(self.plan.buffer_of[root.0].expect("roots are stored")));
+        let value = f.operand(k, at);
+        f.store(g, at, value);
+    }
+
+    /// The other roots, one element per invocation `j` below their size (operands from
+    /// `first`, in the roots' order).
+    fn other_roots(&self, f: &mut kir::Builder, others: &[NodeId], first: usize, j: kir::Expr) {
+        for (k, &r) in others.iter().enumerate() {
+            let n = f.u32(self.graph.ty(r).numel());
+            let inside = f.bin(BinOp::Lt, j, n);
+            f.if_(inside, |f| self.store_root(f, r, first + k, j));
+        }
+    }
+
+    /// The loaders of a summed reduction's finished sums, under the names of its forms.
+    fn loaders(
+        &self,
+        red: NodeId,
+        lanes: Vec<usize>,
+        rows: Option<Vec<usize>>,
+        quads: bool,
+    ) -> Vec<Item> {
+        let forms = chunks::SummedForms {
+            scalar: self.kernel.nodes.contains(&red),
+            lanes,
+            rows,
+        };
+        chunks::sum_loaders(red, &forms, quads)
+    }
+
+    fn roots(&self) -> &'a [NodeId] {
+        match &self.kernel.kind {
+            KernelKind::Map { roots } => roots,
+            KernelKind::Head(_) => &[],
+        }
+    }
+}
+
+/// The kernel IR module of `l.schedule`, and its functions before the entry point.
+pub(crate) fn lower(l: &Lowering) -> (Module, Vec<Item>) {
+    match &l.schedule.recipe {
+        Recipe::ConvQuads(q) => conv_quads(l, q),
+        Recipe::Columns(c) => columns(l, c),
+        Recipe::Blocked(b) => blocked(l, b),
+        Recipe::Elements if l.bound.sums.is_empty() && !l.chunked => elements(l),
+        Recipe::Elements => chunked_elements(l),
+        Recipe::Head => {
+            let KernelKind::Head(h) = &l.kernel.kind else {
+                unreachable!("the head recipe is the head's")
+            };
+            // A workgroup's barriers: printed from the kernel IR, not interpreted.
+            let global = |b: usize| l.global(b);
+            let module = Module {
+                items: l.items.clone(),
+                entry: head_main(l.graph, l.plan, h, &global, l.head_workgroup),
+            };
+            (module, l.items.clone())
+        }
+    }
+}
+
+/// Every value loaded and stored by the entry point itself (`conv_quads.rs`).
+fn conv_quads(l: &Lowering, q: &ConvQuads) -> (Module, Vec<Item>) {
+    let (graph, plan) = (l.graph, l.plan);
+    // Every value is loaded and stored in the entry point itself.
+    let buffer = |id: NodeId| plan.buffer_of[id.0].expect("bound nodes have buffers");
+    let at = |id: NodeId| {
+        (
+            l.global(buffer(id)),
+            l.bound.uniform_at(buffer(id)).flatten(),
+        )
+    };
+    let mut f = kir::Builder::entry(Vec::new());
+    let row = l.row();
+    let count = (!l.chunked).then_some(q.invocations(graph));
+    let j = invocation(&mut f, "j", row, count);
+    crate::conv_quads::body(&mut f, graph, q, j, &at);
+    (
+        map_module(Vec::new(), l.workgroup_size, f, Vec::new()),
+        Vec::new(),
+    )
+}
+
+/// Kernel columns of a weight gradient summed chunk by chunk, in whole rows for several
+/// output channels.
+fn columns(l: &Lowering, c: &Columns) -> (Module, Vec<Item>) {
+    let graph = l.graph;
+    let sums = l.bound.sums.as_slice();
+    let roots = l.roots();
+    let Columns {
+        main,
+        reduction: red,
+        kw,
+        channels,
+        operands,
+        vec4,
+    } = *c;
+    let mut functions = l.items.clone();
+    let ins = &graph.node(red).inputs;
+    let (xv, dyv) = (v(ins[0]), v(ins[1]));
+    // Offsets from `i` of the values an invocation computes: kernel columns of each of
+    // its output channels.
+    let channel_words = graph.ty(red).numel() / graph.ty(red).shape[0];
+    let offsets: Vec<usize> = (0..channels)
+        .flat_map(|k| (0..kw).map(move |kx| k * channel_words + kx))
+        .collect();
+    if channels > 1 {
+        let (x, dy) = operands.expect("whole rows read uniform bindings");
+        let window = |b: usize| l.bound.uniform_at(b).expect("read from a uniform binding");
+        functions.push(crate::conv_quads::weight_rows_fn(
+            graph,
+            red,
+            channels,
+            (l.bound.binding_of(x), window(x)),
+            (l.bound.binding_of(dy), window(dy)),
+        ));
+    } else {
+        let window = |b: usize| l.bound.uniform_at(b).expect("read from a uniform binding");
+        let loads = match operands.filter(|_| vec4) {
+            Some((x, dy)) => chunks::ColumnLoads::Vec4 {
+                x: (l.bound.binding_of(x), window(x)),
+                dy: (l.bound.binding_of(dy), window(dy)),
+            },
+            None => chunks::ColumnLoads::Scalar {
+                x: xv.clone(),
+                dy: dyv.clone(),
+            },
+        };
+        functions.push(chunks::kernel_columns_fn(graph, red, loads));
+    }
+    for &(r, _) in sums {
+        functions.extend(l.loaders(r, Vec::new(), None, false));
+    }
+    // Operand 0: the kernel columns' chunk part; 1: the main root; then the chunk
+    // parts of the other sums and the other roots.
+    let others: Vec<NodeId> = roots.iter().copied().filter(|&r| r != main).collect();
+    let other_sums: Vec<(NodeId, NodeId)> =
+        sums.iter().copied().filter(|&(r, _)| r != red).collect();
+    let mut operands = vec![
+        kir::Ty::array(kir::Ty::F32, offsets.len() as u32).expect("one deep"),
+        compute::value_ty(graph.ty(main).dtype),
+    ];
+    let mut callees = vec![
+        Callee::Call(crate::text::chunk_part(&format!("v{}_columns", red.0))),
+        Callee::Call(v(main)),
+    ];
+    for &(r, _) in &other_sums {
+        operands.push(kir::Ty::F32);
+        callees.push(Callee::Call(crate::text::chunk_part(&v(r))));
+    }
+    element_operands(graph, &others, (&mut operands, &mut callees));
+    let mut f = kir::Builder::entry(operands);
+    let j = invocation(&mut f, "j", l.row(), None);
+    // Invocation j covers channels `channels * (j / per_set) ..` at kernel row
+    // `j % per_set` (an (input channel, kernel row) pair).
+    let per_set = channel_words / kw;
+    let first = if channels > 1 {
+        let (per, block, kwu) = (f.u32(per_set), f.u32(channels * channel_words), f.u32(kw));
+        let set = f.div(j, per);
+        let set = f.mul(set, block);
+        let row = f.rem(j, per);
+        let row = f.mul(row, kwu);
+        f.add(set, row)
+    } else {
+        let kwu = f.u32(kw);
+        f.mul(j, kwu)
+    };
+    let i = f.let_("i", kir::Ty::U32, first);
+    let stores: Vec<(usize, kir::Part)> = offsets
+        .iter()
+        .enumerate()
+        .map(|(k, &off)| {
+            (
+                off,
+                kir::Part {
+                    index: Some(k as u32),
+                    lane: None,
+                },
+            )
+        })
+        .collect();
+    let mut other = 0;
+    for &(r, root) in sums {
+        if r == red {
+            let columns = f.operand(0, i);
+            let ty = f.operand_ty(0);
+            chunks::running_sum(&mut f, red, ("rows", ty, columns), i, &stores, false);
+        } else {
+            let part = f.operand(2 + other, j);
+            other += 1;
+            chunks::element_running_sum(&mut f, r, j, part, graph.ty(root).numel());
+        }
+    }
+    l.last_chunk_only(&mut f);
+    for &k in &offsets {
+        let at = if k == 0 {
+            i
+        } else {
+            let d = f.u32(k);
+            f.add(i, d)
+        };
+        l.store_root(&mut f, main, 1, at);
+    }
+    l.other_roots(&mut f, &others, 2 + other_sums.len(), j);
+    (
+        map_module(functions.clone(), l.workgroup_size, f, callees),
+        functions,
+    )
+}
+
+/// Register blocking: the lanes (or rows of lanes) of the main root per invocation, carried
+/// into running sums where the kernel sums over the batch.
+fn blocked(l: &Lowering, blocked: &Blocked) -> (Module, Vec<Item>) {
+    let (graph, plan) = (l.graph, l.plan);
+    let sums = l.bound.sums.as_slice();
+    let roots = l.roots();
+    let Blocked {
+        main,
+        blocking: b,
+        fns,
+        rows,
+    } = blocked;
+    let mut functions = l.items.clone();
+    functions.extend(fns.items().iter().cloned());
+    let part = |index: Option<usize>, lane: Option<usize>| kir::Part {
+        index: index.map(|k| k as u32),
+        lane: lane.map(|l| l as u32),
+    };
+    let main_numel = graph.ty(*main).numel();
+    // The invocation grid: the main root's index space with its blocked axes divided
+    // by their blocks, and how far one grid step moves in the root's flat index; what
+    // the invocation computes (`rows` of lanes, or one `value` of four), its lanes'
+    // offsets from `i`, and its vec4s' offsets.
+    type Stores = Vec<(usize, kir::Part)>;
+    let (grid, steps, setup, stores, quads): (Vec<usize>, Vec<usize>, _, Stores, Stores) =
+        match rows {
+            Some((r, rows_fn)) => {
+                let shape = &graph.ty(r.top()).shape;
+                let st = strides(shape);
+                let block = |d: usize| {
+                    if d == r.lane_axis {
+                        LANES
+                    } else if d == r.row_axis {
+                        r.count
+                    } else if d == r.inner_axis {
+                        r.inner
+                    } else {
+                        1
+                    }
+                };
+                let offsets = r.offsets(&st);
+                (
+                    (0..shape.len()).map(|d| shape[d] / block(d)).collect(),
+                    (0..shape.len())
+                        .map(|d| {
+                            // Along the lanes: four apart, or one where the lanes lie a
+                            // quarter of the axis apart.
+                            if d == r.lane_axis {
+                                b.step()
+                            } else {
+                                block(d) * st[d]
+                            }
+                        })
+                        .collect(),
+                    (
+                        "rows",
+                        vec4s_ty(r.accumulators()),
+                        Callee::Call(rows_fn.clone()),
+                    ),
+                    offsets
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(q, &at)| {
+                            (0..LANES).map(move |k| (at + k * b.stride, part(Some(q), Some(k))))
+                        })
+                        .collect(),
+                    offsets
+                        .iter()
+                        .enumerate()
+                        .map(|(q, &at)| (at, part(Some(q), None)))
+                        .collect(),
+                )
+            }
+            None => (
+                vec![main_numel / b.span(), b.extent / LANES, b.base()],
+                vec![b.span(), b.step(), 1],
+                (
+                    "value",
+                    kir::Ty::VEC4_F32,
+                    Callee::Call(lane_fn(*main, b.stride)),
+                ),
+                (0..LANES)
+                    .map(|k| (k * b.stride, part(None, Some(k))))
+                    .collect(),
+                vec![(0, part(None, None))],
+            ),
+        };
+    // Every chunk adds its part to the running sums; the last then runs the epilogue,
+    // which loads the finished sums.
+    let summed_lanes = |red: NodeId| -> Vec<usize> {
+        fns.summed_lanes
+            .iter()
+            .filter(|(n, _)| *n == red)
+            .map(|(_, s)| *s)
+            .collect()
+    };
+    // Operand 0: what the invocation computes; then each sum's chunk part; then the
+    // other roots.
+    let (setup_name, setup_ty, setup_fn) = setup;
+    let others: Vec<NodeId> = roots.iter().copied().filter(|&r| r != *main).collect();
+    let mut operands = vec![setup_ty];
+    let mut callees = vec![setup_fn];
+    for &(red, root) in sums {
+        if root == *main {
+            let part = match rows {
+                Some((r, _)) if r.reduction == red && r.pool.is_none() => (
+                    crate::text::chunk_part(&format!("v{}_rows_of_reduction", red.0)),
+                    setup_ty,
+                ),
+                Some(_) => unreachable!("Schedule::carries refuses other sums"),
+                None => (
+                    crate::text::chunk_part(&lane_fn(red, b.stride)),
+                    kir::Ty::VEC4_F32,
+                ),
+            };
+            operands.push(part.1);
+            callees.push(Callee::Call(part.0));
+        } else {
+            operands.push(kir::Ty::F32);
+            callees.push(Callee::Call(crate::text::chunk_part(&v(red))));
+        }
+    }
+    element_operands(graph, &others, (&mut operands, &mut callees));
+    let mut f = kir::Builder::entry(operands);
+    let count = grid.iter().product::<usize>();
+    let row = l.row();
+    let j = invocation(&mut f, "j", row, (!l.chunked).then_some(count));
+    let names: Vec<String> = (0..grid.len()).map(|d| format!("g{d}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let coords = f.decode(j, &refs, &grid);
+    let mut first = None;
+    for (d, &c) in coords.iter().enumerate() {
+        let step = f.u32(steps[d]);
+        let term = f.mul(c, step);
+        first = Some(match first {
+            None => term,
+            Some(sum) => f.add(sum, term),
+        });
+    }
+    let i = f.let_("i", kir::Ty::U32, first.expect("a grid has axes"));
+    for (k, &(red, root)) in sums.iter().enumerate() {
+        if root == *main {
+            let value = f.operand(1 + k, i);
+            let ty = f.operand_ty(1 + k);
+            if l.schedule.quad_sum == Some(red) {
+                chunks::running_sum(&mut f, red, (setup_name, ty, value), i, &quads, true);
+            } else {
+                chunks::running_sum(&mut f, red, (setup_name, ty, value), i, &stores, false);
+            }
+            let rows_offsets = rows
+                .as_ref()
+                .filter(|(r, _)| r.reduction == red)
+                .map(|_| stores.iter().map(|(off, _)| *off).collect());
+            functions.extend(l.loaders(
+                red,
+                summed_lanes(red),
+                rows_offsets,
+                l.schedule.quad_sum == Some(red),
+            ));
+        } else {
+            let value = f.operand(1 + k, j);
+            chunks::element_running_sum(&mut f, red, j, value, graph.ty(root).numel());
+            functions.extend(l.loaders(red, summed_lanes(red), None, false));
+        }
+    }
+    if !sums.is_empty() {
+        l.last_chunk_only(&mut f);
+    }
+    let computed = f.operand(0, i);
+    let computed = f.let_(setup_name, setup_ty, computed);
+    let g = f.global(l.global(plan.buffer_of[main.0].expect("roots are stored")));
+    let at = |f: &mut kir::Builder, off: usize| {
+        if off == 0 {
+            i
+        } else {
+            let d = f.u32(off);
+            f.add(i, d)
+        }
+    };
+    if !l.schedule.vec4_out.is_empty() {
+        for &(off, p) in &quads {
+            let index = at(&mut f, off);
+            let two = f.u32(2);
+            let q = f.bin(BinOp::ShiftRight, index, two);
+            let value = f.part(computed, p);
+            f.store(g, q, value);
+        }
+    } else {
+        for &(off, p) in &stores {
+            let index = at(&mut f, off);
+            let value = f.part(computed, p);
+            f.store(g, index, value);
+        }
+    }
+    l.other_roots(&mut f, &others, 1 + sums.len(), j);
+    (
+        map_module(functions.clone(), l.workgroup_size, f, callees),
+        functions,
+    )
+}
+
+/// One invocation per element, every root stored.
+fn elements(l: &Lowering) -> (Module, Vec<Item>) {
+    let (graph, plan) = (l.graph, l.plan);
+    let roots = l.roots();
+    // One invocation per element, every root stored: all kernel IR.
+    let operands: Vec<kir::Ty> = roots
+        .iter()
+        .map(|r| compute::value_ty(graph.ty(*r).dtype))
+        .collect();
+    let mut f = kir::Builder::entry(operands);
+    // `lay_out` checked that every root's elements have u32 indices.
+    let numel: Vec<u32> = roots.iter().map(|r| graph.ty(*r).numel() as u32).collect();
+    let count = *numel.iter().max().expect("map kernels have a root");
+    let (x, y) = (f.global_id(0), f.global_id(1));
+    let row = f.u32(l.row());
+    let t = f.mul(y, row);
+    let t = f.add(x, t);
+    let i = f.let_("i", kir::Ty::U32, t);
+    let end = f.lit(kir::Literal::U32(count));
+    let past = f.bin(BinOp::Ge, i, end);
+    f.if_(past, |f| f.return_());
+    for (k, r) in roots.iter().enumerate() {
+        let g = f.global(l.global(plan.buffer_of[r.0].expect("roots are stored")));
+        let store = |f: &mut kir::Builder| {
+            let value = f.operand(k, i);
+            f.store(g, i, value);
+        };
+        if roots.len() == 1 {
+            store(&mut f);
+        } else {
+            let n = f.lit(kir::Literal::U32(numel[k]));
+            let inside = f.bin(BinOp::Lt, i, n);
+            f.if_(inside, store);
+        }
+    }
+    let callees = roots.iter().map(|r| Callee::Call(v(*r))).collect();
+    (
+        map_module(l.items.clone(), l.workgroup_size, f, callees),
+        l.items.clone(),
+    )
+}
+
+/// One invocation per element, summing chunk by chunk or cut into image chunks.
+fn chunked_elements(l: &Lowering) -> (Module, Vec<Item>) {
+    let graph = l.graph;
+    let sums = l.bound.sums.as_slice();
+    let roots = l.roots();
+    let mut functions = l.items.clone();
+    // One invocation per element, summing chunk by chunk or cut into image chunks.
+    let mut operands: Vec<kir::Ty> = vec![kir::Ty::F32; sums.len()];
+    let mut callees: Vec<Callee> = sums
+        .iter()
+        .map(|(red, _)| Callee::Call(crate::text::chunk_part(&v(*red))))
+        .collect();
+    for &(red, _) in sums {
+        functions.extend(l.loaders(red, Vec::new(), None, false));
+    }
+    // `lay_out` checked that every root's elements have u32 indices.
+    let numel = roots
+        .iter()
+        .map(|r| graph.ty(*r).numel() as u32)
+        .max()
+        .unwrap_or(0);
+    element_operands(graph, roots, (&mut operands, &mut callees));
+    let mut f = kir::Builder::entry(operands);
+    let row = l.row();
+    let i = invocation(&mut f, "i", row, (!l.chunked).then_some(numel as usize));
+    for (k, &(red, root)) in sums.iter().enumerate() {
+        let value = f.operand(k, i);
+        chunks::element_running_sum(&mut f, red, i, value, graph.ty(root).numel());
+    }
+    if !sums.is_empty() {
+        l.last_chunk_only(&mut f);
+    }
+    if roots.len() == 1 {
+        l.store_root(&mut f, roots[0], sums.len(), i);
+    } else {
+        l.other_roots(&mut f, roots, sums.len(), i);
+    }
+    (
+        map_module(functions.clone(), l.workgroup_size, f, callees),
+        functions,
+    )
+}
+
+/// Appends each of `nodes`' element functions `v<id>` to an entry point's operands.
+fn element_operands(
+    graph: &Graph,
+    nodes: &[NodeId],
+    (operands, callees): (&mut Vec<kir::Ty>, &mut Vec<Callee>),
+) {
+    for &n in nodes {
+        operands.push(compute::value_ty(graph.ty(n).dtype));
+        callees.push(Callee::Call(v(n)));
+    }
+}
+
+/// A map kernel's module: its functions and, from `f`, its entry point.
+fn map_module(
+    items: Vec<Item>,
+    workgroup_size: u32,
+    f: kir::Builder,
+    callees: Vec<Callee>,
+) -> kir::module::Module {
+    kir::module::Module {
+        items,
+        entry: kir::module::Entry {
+            workgroup_size,
+            function: f.finish(),
+            callees,
+            workgroup: Vec::new(),
+            spans: Vec::new(),
+        },
+    }
+}
+
+/// The invocation's index `var`: `gid.x + gid.y * row`, returning past `count`; or, in an
+/// image chunk (`count` `None`), plus the chunk's first invocation, returning past its end.
+fn invocation(f: &mut kir::Builder, var: &str, row: usize, count: Option<usize>) -> kir::Expr {
+    let (x, y) = (f.global_id(0), f.global_id(1));
+    let r = f.u32(row);
+    let t = f.mul(y, r);
+    let mut at = f.add(x, t);
+    if count.is_none() {
+        let first = f.chunk(kir::ChunkBound::FirstInvocation);
+        at = f.add(at, first);
+    }
+    let j = f.let_(var, kir::Ty::U32, at);
+    let end = match count {
+        Some(n) => f.u32(n),
+        None => f.chunk(kir::ChunkBound::EndInvocation),
+    };
+    let past = f.bin(BinOp::Ge, j, end);
+    f.if_(past, |f| f.return_());
+    j
+}
+
+/// `array<vec4<f32>, n>`.
+fn vec4s_ty(n: usize) -> kir::Ty {
+    kir::Ty::array(kir::Ty::VEC4_F32, n as u32).expect("one deep")
+}
