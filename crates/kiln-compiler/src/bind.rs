@@ -21,7 +21,7 @@ pub enum Access {
     /// A small read-only parameter bound as `var<uniform>` (`array<vec4<f32>, N>`).
     Uniform,
     /// A batched operand read through a uniform window over the images of each chunk
-    /// (see [`Chunks`]).
+    /// (see [`Chunks`](crate::Chunks)).
     Window,
     /// A read-only value too large for one uniform binding, bound as `parts` consecutive
     /// uniform bindings of `part_bytes` each (the last one the rest), from `binding` on; a

@@ -38,6 +38,7 @@ pub use plan::{
     MAX_INLINE_REUSE, Placement, Plan, fuse, is_anchor,
 };
 pub use report::{KernelCost, describe, kernel_cost, node_flops};
+pub use schedule::recipes;
 pub use target::{DeviceClass, LAVAPIPE_LOOP_ITERATIONS, Target};
 pub use verify_plan::{PlanError, verify_plan};
 pub use wgsl::{

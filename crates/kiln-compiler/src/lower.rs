@@ -154,6 +154,7 @@ pub(crate) fn lower(l: &Lowering) -> (Module, Vec<Item>) {
             // A workgroup's barriers: printed from the kernel IR, not interpreted.
             let global = |b: usize| l.global(b);
             let module = Module {
+                declarations: Vec::new(),
                 items: l.items.clone(),
                 entry: head_main(l.graph, l.plan, h, &global, l.head_workgroup),
             };
@@ -617,6 +618,7 @@ fn map_module(
     callees: Vec<Callee>,
 ) -> kir::module::Module {
     kir::module::Module {
+        declarations: Vec::new(),
         items,
         entry: kir::module::Entry {
             workgroup_size,

@@ -131,6 +131,16 @@ pub(crate) const RULES: &[Rule] = &[
     },
 ];
 
+/// The recipes map kernels may take on `class`, in the order they are tried: the names the
+/// module header's `// recipe:` line gives.
+pub fn recipes(class: DeviceClass) -> Vec<&'static str> {
+    RULES
+        .iter()
+        .filter(|r| r.classes.contains(&class))
+        .map(|r| r.name)
+        .collect()
+}
+
 /// A map kernel's main root: its largest (the first of those), which decides its schedule.
 pub(crate) fn main_root(graph: &Graph, roots: &[NodeId]) -> NodeId {
     *roots

@@ -23,9 +23,9 @@
 use std::collections::HashSet;
 
 use crate::chunks::{Chunks, Span};
-use crate::kir::module::{Item, Module, print_items};
-use crate::kir::wgsl::Callee;
-use crate::kir::{ExprKind, Function};
+use crate::kir::module::{Declaration, Item, Module, print_items};
+use crate::kir::wgsl::{Callee, span_suffix};
+use crate::kir::{self, ExprKind, Function};
 
 /// Most bytes of WGSL the copies may add to a module. Every copy is JIT-compiled again at
 /// the first dispatch, and a copy with loops costs far more than its size suggests (first
@@ -115,8 +115,8 @@ fn for_span(
 /// Repeats a chunked module's span-dependent functions so that one dispatch runs up to
 /// [`MAX_SPANS`] chunks, as many as the free binding slots allow (each span takes one
 /// uniform slot per window and for its bases, one storage slot for its range) and
-/// [`MAX_COPIED_BYTES`] of printed copies. Adds the copies to `module` and sets
-/// `chunks.spans`; a module that gains nothing is left as it is.
+/// [`MAX_COPIED_BYTES`] of printed copies. Adds the copies and the spans' declarations to
+/// `module` and sets `chunks.spans`; a module that gains nothing is left as it is.
 pub(crate) fn repeat(module: &mut Module, chunks: &mut Chunks, free: FreeSlots) {
     let sum_words: usize = chunks.sums.iter().map(|s| s.words).sum();
     if sum_words > MAX_SPAN_SUM_WORDS || chunks.count < MIN_CHUNKS {
@@ -221,6 +221,31 @@ pub(crate) fn repeat(module: &mut Module, chunks: &mut Chunks, free: FreeSlots) 
                 function,
                 callees,
             });
+        }
+    }
+    // Each further span's windows, chunk range and window bases.
+    for (k, span) in all.iter().enumerate().skip(1) {
+        let k = k as u32;
+        for (w, &slot) in chunks.windows.iter().zip(&span.windows) {
+            module.declarations.push(Declaration {
+                slot,
+                global: kir::Global {
+                    name: format!("buf{}{}", w.binding, span_suffix(k)),
+                    space: kir::Space::Uniform,
+                    elem: kir::Ty::VEC4_F32,
+                },
+                len: Some(w.vec4s as u32),
+            });
+        }
+        module
+            .declarations
+            .push(Declaration::chunk_range(span.table, k));
+        if !chunks.windows.is_empty() {
+            module.declarations.push(Declaration::window_bases(
+                span.bases,
+                k,
+                chunks.bases_vec4s() as u32,
+            ));
         }
     }
     let entry = &module.entry;

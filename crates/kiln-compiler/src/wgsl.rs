@@ -10,12 +10,12 @@
 
 use std::fmt::Write as _;
 
-use kiln_ir::{DType, Graph, NodeId, TensorType};
+use kiln_ir::{Graph, NodeId, TensorType};
 
 use crate::bind::{bind_buffers, part_len};
 use crate::chunks::{self, Chunks, Window};
 use crate::interface::{self, LayoutEntry, Slot};
-use crate::kir;
+use crate::kir::{self, module::Declaration};
 use crate::lower::{Lowering, lower};
 use crate::plan::{Kernel, KernelKind, Plan};
 use crate::report::node_label;
@@ -336,14 +336,6 @@ pub fn emit_validated(
     })
 }
 
-fn wgsl_type(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "f32",
-        DType::U8 | DType::U32 => "u32",
-        DType::I32 => "i32",
-    }
-}
-
 fn numel_u32(kernel: &str, ty: &TensorType) -> Result<u32, CodegenError> {
     u32::try_from(ty.numel()).map_err(|_| CodegenError::Unsupported {
         kernel: kernel.to_string(),
@@ -450,6 +442,7 @@ fn emit_kernel_with(
     );
     let (mut module, functions) = lower(&l);
     let mut chunking = layout.chunks;
+    module.declarations = declarations(&l, chunking.as_ref());
     // Several chunks per dispatch where binding slots and code size allow.
     if let Some(c) = chunking.as_mut() {
         let storage = bound
@@ -655,7 +648,7 @@ fn lay_out(
     }))
 }
 
-/// The module's header and binding declarations, once its chunks (and spans) are known.
+/// The module's header comments, once its chunks (and spans) are known.
 fn header(l: &Lowering, target: &Target, schedule: &str, c_opt: Option<&Chunks>) -> String {
     let (graph, plan, kernel) = (l.graph, l.plan, l.kernel);
     let (workgroup_size, dispatch) = (l.workgroup_size, l.dispatch);
@@ -750,99 +743,62 @@ fn header(l: &Lowering, target: &Target, schedule: &str, c_opt: Option<&Chunks>)
         );
     }
     s.push('\n');
-    for b in bindings {
-        let buf = &plan.buffers[b.buffer];
-        let elem = if buf.packed_u8 {
-            "u32"
-        } else {
-            wgsl_type(buf.ty.dtype)
-        };
-        let elem = if vec4_out.contains(&b.buffer) {
-            "vec4<f32>"
-        } else {
-            elem
-        };
-        let decl = match b.access {
-            Access::ReadWrite => {
-                format!("var<storage, read_write> buf{}: array<{elem}>", b.binding)
-            }
-            Access::Read => format!("var<storage, read> buf{}: array<{elem}>", b.binding),
-            Access::Uniform => format!(
-                "var<uniform> buf{}: array<vec4<f32>, {}>",
-                b.binding,
-                buf.bytes() / 16
-            ),
-            Access::Window => format!(
-                "var<uniform> buf{}: array<vec4<f32>, {}>",
-                b.binding,
+    s
+}
+
+/// The module's binding declarations: each binding (a split value one per part), then a
+/// chunked kernel's table (range and window bases) and running sums. `spans::repeat` adds
+/// the further spans'.
+fn declarations(l: &Lowering, c_opt: Option<&Chunks>) -> Vec<Declaration> {
+    let mut out = Vec::new();
+    for b in &l.bound.bindings {
+        let buf = &l.plan.buffers[b.buffer];
+        let global = l.bound.global(l.plan, b.buffer, &l.schedule.vec4_out);
+        let len = match b.access {
+            Access::Read | Access::ReadWrite => None,
+            Access::Uniform => Some(buf.bytes() / 16),
+            Access::Window => Some(
                 c_opt
                     .and_then(|c| c.windows.iter().find(|w| w.binding == b.binding))
                     .expect("windows are chunked")
-                    .vec4s
+                    .vec4s as u64,
             ),
             Access::Split { parts, part_bytes } => {
                 for k in 0..parts {
-                    let bytes = part_len(buf.bytes(), part_bytes, k);
-                    let _ = writeln!(
-                        s,
-                        "@group(0) @binding({}) var<uniform> buf{}_{k}: array<vec4<f32>, {}>;",
-                        b.binding + k,
-                        b.binding,
-                        bytes / 16
-                    );
+                    out.push(Declaration {
+                        slot: b.binding + k,
+                        global: kir::Global {
+                            name: format!("{}_{k}", global.name),
+                            ..global.clone()
+                        },
+                        len: Some((part_len(buf.bytes(), part_bytes, k) / 16) as u32),
+                    });
                 }
                 continue;
             }
         };
-        let _ = writeln!(s, "@group(0) @binding({}) {decl};", b.binding);
+        out.push(Declaration {
+            slot: b.binding,
+            global,
+            len: len.map(|n| n as u32),
+        });
     }
     if let Some(c) = c_opt {
-        let _ = writeln!(
-            s,
-            "@group(0) @binding({}) var<storage, read> chunk: array<vec4<u32>, 1>;",
-            c.table_binding
-        );
+        out.push(Declaration::chunk_range(c.table_binding, 0));
         if c.bases_vec4s() > 0 {
-            let _ = writeln!(
-                s,
-                "@group(0) @binding({}) var<uniform> bases: array<vec4<u32>, {}>;",
+            out.push(Declaration::window_bases(
                 c.table_binding + 1,
-                c.bases_vec4s()
-            );
+                0,
+                c.bases_vec4s() as u32,
+            ));
         }
         for sum in &c.sums {
-            let _ = writeln!(
-                s,
-                "@group(0) @binding({}) var<storage, read_write> sum{}: array<{}>;",
-                sum.binding,
-                sum.node.0,
-                if sum.quads { "vec4<f32>" } else { "f32" }
-            );
-        }
-        // Each further span's windows, chunk range and window bases.
-        for (k, span) in c.spans.iter().enumerate().skip(1) {
-            for (w, b) in c.windows.iter().zip(&span.windows) {
-                let _ = writeln!(
-                    s,
-                    "@group(0) @binding({b}) var<uniform> buf{}_s{k}: array<vec4<f32>, {}>;",
-                    w.binding, w.vec4s
-                );
-            }
-            let _ = writeln!(
-                s,
-                "@group(0) @binding({}) var<storage, read> chunk_s{k}: array<vec4<u32>, 1>;",
-                span.table
-            );
-            if !c.windows.is_empty() {
-                let _ = writeln!(
-                    s,
-                    "@group(0) @binding({}) var<uniform> bases_s{k}: array<vec4<u32>, {}>;",
-                    span.bases,
-                    c.bases_vec4s()
-                );
-            }
+            out.push(Declaration {
+                slot: sum.binding,
+                global: chunks::sum_global(sum.node, sum.quads),
+                len: None,
+            });
         }
     }
-    s.push('\n');
-    s
+    out
 }

@@ -11,10 +11,12 @@
 
 mod common;
 
+use std::collections::BTreeSet;
+
 use common::{bind, close, feeds, words, zoo};
 use kiln_autodiff::{Optimizer, evaluation_graph, read_batches_from_dataset, training_step_with};
 use kiln_compiler::kir::interp::{Buffers, ChunkTable, Runner, Value};
-use kiln_compiler::{KernelKind, Target, compile};
+use kiln_compiler::{KernelKind, Target, compile, recipes};
 use kiln_ir::{DType, Graph, LenetVariant, Model, NodeId, TensorType};
 use kiln_reference::execute;
 
@@ -154,8 +156,14 @@ fn unwritten(dtype: DType) -> Value {
 /// lanes and rows, uniform windows over image chunks, running sums carried from chunk to
 /// chunk, one chunk per dispatch as the launch lays them out — over buffers of reference
 /// values, sampled invocations of every chunk, and compares each element the kernel wrote
-/// with the reference. Returns how many kernels ran and how many of them were chunked.
-fn check_schedules(what: &str, g: &Graph, target: &Target) -> (usize, usize) {
+/// with the reference. Returns how many kernels ran and how many of them were chunked, and
+/// adds the recipe of each (its header's `// recipe:` line) to `recipes`.
+fn check_schedules(
+    what: &str,
+    g: &Graph,
+    target: &Target,
+    recipes: &mut BTreeSet<String>,
+) -> (usize, usize) {
     let compiled = compile(g, target).unwrap();
     let (inputs, params) = feeds(g, 7, 10);
     let values = execute(g, &inputs, &params).unwrap();
@@ -168,6 +176,12 @@ fn check_schedules(what: &str, g: &Graph, target: &Target) -> (usize, usize) {
             continue;
         };
         let name = &kernel.name;
+        let recipe = module
+            .wgsl
+            .lines()
+            .find_map(|l| l.strip_prefix("// recipe: "))
+            .unwrap_or_else(|| panic!("{what}: {name} names no recipe"));
+        recipes.insert(recipe.to_string());
         // Each binding's data, whole; a window is cut from it chunk by chunk.
         let (mut buffers, whole) = bind(&compiled, k, &|n| value_of(n).clone(), &unwritten);
         let runner = Runner::new(ir).unwrap_or_else(|e| panic!("{what}: {name}: {e}"));
@@ -273,33 +287,55 @@ fn check_schedules(what: &str, g: &Graph, target: &Target) -> (usize, usize) {
     (ran, chunked)
 }
 
+/// Every recipe `target`'s rules can choose ran on the interpreter.
+fn assert_every_recipe_ran(what: &str, target: &Target, ran: &BTreeSet<String>) {
+    for recipe in recipes(target.class) {
+        assert!(
+            ran.contains(recipe),
+            "{what} on {target}: no kernel took the recipe `{recipe}` (took {ran:?})"
+        );
+    }
+}
+
 #[test]
 fn lenet_blocked_and_chunked_schedules_match_reference_on_the_interpreter() {
-    for v in LenetVariant::ALL {
-        let batch = if v == LenetVariant::Lenet { 256 } else { 96 };
-        let [step, eval] = graphs(&v.model().into(), "lenet", batch, &Optimizer::from(0.9));
-        for target in [Target::lavapipe(), Target::portable()] {
+    let lavapipe = Target::lavapipe();
+    for target in [lavapipe.clone(), Target::portable_for(&lavapipe)] {
+        let mut ran_recipes = BTreeSet::new();
+        for v in LenetVariant::ALL {
+            let batch = if v == LenetVariant::Lenet { 256 } else { 96 };
+            let [step, eval] = graphs(&v.model().into(), "lenet", batch, &Optimizer::from(0.9));
             let what = format!("{v:?} on {target}");
-            let (ran, chunked) = check_schedules(&what, &step, &target);
+            let (ran, chunked) = check_schedules(&what, &step, &target, &mut ran_recipes);
             assert!(ran >= 8, "{what}: only {ran} kernels on the kernel IR");
             if target.class == kiln_compiler::DeviceClass::Cpu {
                 assert!(chunked >= 3, "{what}: only {chunked} chunked kernels ran");
             }
-            assert!(check_schedules(&what, &eval, &target).0 > 0);
+            assert!(check_schedules(&what, &eval, &target, &mut ran_recipes).0 > 0);
+        }
+        // The portable schedules with lavapipe's loop limit chunk the weight gradients
+        // that would loop too long, so every portable recipe runs; LeNet on lavapipe has no
+        // kernel left to one invocation per element (the zoo's test covers that one).
+        if target.class != kiln_compiler::DeviceClass::Cpu {
+            assert_every_recipe_ran("LeNet variants", &target, &ran_recipes);
         }
     }
 }
 
 #[test]
 fn zoo_blocked_and_chunked_schedules_match_reference_on_the_interpreter() {
-    for (name, model) in zoo() {
-        let [step, _] = graphs(&model, &name, 64, &Optimizer::adamw(1e-3));
-        for target in [Target::lavapipe(), Target::portable()] {
+    for target in [Target::lavapipe(), Target::portable()] {
+        let mut ran_recipes = BTreeSet::new();
+        for (name, model) in zoo() {
+            let [step, _] = graphs(&model, &name, 64, &Optimizer::adamw(1e-3));
             let what = format!("{name} on {target}");
             assert!(
-                check_schedules(&what, &step, &target).0 > 0,
+                check_schedules(&what, &step, &target, &mut ran_recipes).0 > 0,
                 "{what}: no kernel ran"
             );
+        }
+        if target.class == kiln_compiler::DeviceClass::Cpu {
+            assert_every_recipe_ran("the zoo", &target, &ran_recipes);
         }
     }
 }

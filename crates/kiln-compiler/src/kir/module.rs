@@ -1,11 +1,12 @@
-//! A kernel's code as data: its functions in order and its entry point. Each item is a kernel
-//! IR function with the callees its operands name; a module runs on the interpreter
-//! (`interp::Runner`) and prints as WGSL in one pass.
+//! A kernel's code as data: its binding declarations, its functions in order and its entry
+//! point. Each item is a kernel IR function with the callees its operands name; a module runs
+//! on the interpreter (`interp::Runner`) and prints as WGSL in one pass, after checking that
+//! every buffer a function reads or writes is declared as the function uses it.
 
 use std::fmt::Write as _;
 
 use super::wgsl::{self, Callee};
-use super::{Function, Ty, ValidationError};
+use super::{ExprKind, Function, Global, Scalar, Space, Ty, ValidationError};
 
 /// One top-level item of a module.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,10 +35,73 @@ pub struct Entry {
     pub spans: Vec<(Function, Vec<Callee>)>,
 }
 
-/// A kernel's functions and entry point (its header and binding declarations are the
+/// A resource bound at module scope: `@group(0) @binding(slot) var<space> name:
+/// array<elem, len>;`, runtime-sized where `len` is `None` (storage only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Declaration {
+    pub slot: u32,
+    pub global: Global,
+    pub len: Option<u32>,
+}
+
+impl Declaration {
+    /// The chunk table's range of span `span` (`chunk`, `chunk_s1`, ...): one `vec4<u32>` of
+    /// read-only storage (it steers control flow: `uniform_control.rs`).
+    pub fn chunk_range(slot: u32, span: u32) -> Declaration {
+        Declaration {
+            slot,
+            global: Global {
+                name: format!("chunk{}", wgsl::span_suffix(span)),
+                space: Space::Storage { read_only: true },
+                elem: Ty::Vec4(Scalar::U32),
+            },
+            len: Some(1),
+        }
+    }
+
+    /// The window bases of span `span` (`bases`, `bases_s1`, ...): `vec4s` uniform
+    /// `vec4<u32>`s, four bases to each.
+    pub fn window_bases(slot: u32, span: u32, vec4s: u32) -> Declaration {
+        Declaration {
+            slot,
+            global: Global {
+                name: format!("bases{}", wgsl::span_suffix(span)),
+                space: Space::Uniform,
+                elem: Ty::Vec4(Scalar::U32),
+            },
+            len: Some(vec4s),
+        }
+    }
+
+    fn print(&self) -> Result<String, ValidationError> {
+        let Global { name, space, elem } = &self.global;
+        let space = match space {
+            Space::Storage { read_only: true } => "storage, read",
+            Space::Storage { read_only: false } => "storage, read_write",
+            Space::Uniform if self.len.is_some() => "uniform",
+            Space::Uniform => {
+                return Err(ValidationError(format!("uniform `{name}` has no length")));
+            }
+            Space::Workgroup => {
+                return Err(ValidationError(format!(
+                    "workgroup array `{name}` is declared by its entry point"
+                )));
+            }
+        };
+        let len = self.len.map(|n| format!(", {n}")).unwrap_or_default();
+        Ok(format!(
+            "@group(0) @binding({}) var<{space}> {name}: array<{}{len}>;",
+            self.slot,
+            wgsl::ty(*elem)
+        ))
+    }
+}
+
+/// A kernel's binding declarations, functions and entry point (its header comments are the
 /// generator's).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Module {
+    pub declarations: Vec<Declaration>,
     pub items: Vec<Item>,
     pub entry: Entry,
 }
@@ -146,13 +210,88 @@ impl Entry {
 }
 
 impl Module {
-    /// The items, a blank line, the entry point.
+    /// The declarations, a blank line, the items, a blank line, the entry point.
     pub fn print(&self) -> Result<String, ValidationError> {
-        Ok(format!(
+        self.check_declarations()?;
+        let mut out = String::new();
+        for d in &self.declarations {
+            let _ = writeln!(out, "{}", d.print()?);
+        }
+        if !self.declarations.is_empty() {
+            out.push('\n');
+        }
+        let _ = write!(
+            out,
             "{}\n{}",
             print_items(&self.items)?,
             self.entry.print()?
-        ))
+        );
+        Ok(out)
+    }
+
+    /// Every function's functions in the module: items, entry point, its spans.
+    fn functions(&self) -> impl Iterator<Item = (&str, &Function)> {
+        self.items
+            .iter()
+            .map(|i| {
+                let (name, f, _) = i.function();
+                (name, f)
+            })
+            .chain(std::iter::once(("main", &self.entry.function)))
+            .chain(self.entry.spans.iter().map(|(f, _)| ("main", f)))
+    }
+
+    /// Slots and names are unique, and every buffer a function uses is declared as it uses
+    /// it, the chunk tables its chunk bounds and window bases read included.
+    fn check_declarations(&self) -> Result<(), ValidationError> {
+        let mut slots = std::collections::BTreeSet::new();
+        let mut names = std::collections::BTreeMap::new();
+        for d in &self.declarations {
+            if !slots.insert(d.slot) {
+                return Err(ValidationError(format!(
+                    "binding {} is declared twice",
+                    d.slot
+                )));
+            }
+            if names.insert(d.global.name.as_str(), d).is_some() {
+                return Err(ValidationError(format!(
+                    "`{}` is declared twice",
+                    d.global.name
+                )));
+            }
+        }
+        let declared = |name: &str, fname: &str| {
+            names.get(name).copied().ok_or_else(|| {
+                ValidationError(format!("`{fname}` uses `{name}`, which is not declared"))
+            })
+        };
+        for (fname, f) in self.functions() {
+            for g in &f.globals {
+                if g.space == Space::Workgroup {
+                    continue;
+                }
+                let d = declared(&g.name, fname)?;
+                if d.global != *g {
+                    return Err(ValidationError(format!(
+                        "`{fname}` uses `{}` as {:?} of {}, declared {:?} of {}",
+                        g.name,
+                        g.space,
+                        wgsl::ty(g.elem),
+                        d.global.space,
+                        wgsl::ty(d.global.elem)
+                    )));
+                }
+            }
+            let suffix = wgsl::span_suffix(f.span);
+            for e in &f.exprs {
+                match e {
+                    ExprKind::Chunk(_) => declared(&format!("chunk{suffix}"), fname)?,
+                    ExprKind::WindowBase(_) => declared(&format!("bases{suffix}"), fname)?,
+                    _ => continue,
+                };
+            }
+        }
+        Ok(())
     }
 }
 
@@ -202,6 +341,15 @@ mod tests {
         let x0 = entry.lane(row0, zero);
         entry.store(out, one, x0);
         Module {
+            declarations: vec![Declaration {
+                slot: 0,
+                global: Global {
+                    name: "out".into(),
+                    space: Space::Storage { read_only: false },
+                    elem: Ty::F32,
+                },
+                len: None,
+            }],
             items: vec![
                 Item::Function {
                     name: "row".into(),
@@ -241,8 +389,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("out[0u] = all[1u].y;"), "{text}");
-        let src =
-            format!("@group(0) @binding(0) var<storage, read_write> out: array<f32>;\n{text}");
+        assert!(
+            text.starts_with("@group(0) @binding(0) var<storage, read_write> out: array<f32>;\n"),
+            "{text}"
+        );
+        let src = text;
         let parsed = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{e}\n{src}"));
         naga::valid::Validator::new(
             naga::valid::ValidationFlags::all(),
@@ -274,5 +425,68 @@ mod tests {
         b.ret_(red);
         let e = super::super::validate(&b.finish()).unwrap_err();
         assert!(e.0.contains("parameter `i` is declared twice"), "{e}");
+    }
+
+    #[test]
+    fn every_buffer_a_function_uses_is_declared_as_it_uses_it() {
+        let module = rows_module();
+        let refused = |m: &Module| m.print().unwrap_err().0;
+        let mut m = module.clone();
+        m.declarations.clear();
+        assert_eq!(refused(&m), "`main` uses `out`, which is not declared");
+        let mut m = module.clone();
+        m.declarations[0].global.space = Space::Storage { read_only: true };
+        assert!(refused(&m).contains("declared Storage { read_only: true }"));
+        let mut m = module.clone();
+        m.declarations[0].global.space = Space::Uniform;
+        m.declarations[0].len = Some(4);
+        assert!(refused(&m).contains("`main` uses `out` as Storage"));
+        let mut m = module.clone();
+        m.declarations.push(Declaration::chunk_range(0, 0));
+        assert_eq!(refused(&m), "binding 0 is declared twice");
+        // A chunk bound reads its span's table.
+        let mut f = Builder::entry(Vec::new());
+        let out = f.global(Global {
+            name: "out".into(),
+            space: Space::Storage { read_only: false },
+            elem: Ty::U32,
+        });
+        let first = f.chunk(super::super::ChunkBound::FirstImage);
+        let zero = f.u32(0);
+        f.store(out, zero, first);
+        let mut function = f.finish();
+        function.span = 2;
+        let mut m = Module {
+            declarations: vec![
+                Declaration {
+                    slot: 0,
+                    global: Global {
+                        name: "out".into(),
+                        space: Space::Storage { read_only: false },
+                        elem: Ty::U32,
+                    },
+                    len: None,
+                },
+                Declaration::chunk_range(1, 0),
+            ],
+            items: Vec::new(),
+            entry: Entry {
+                workgroup_size: 1,
+                function,
+                callees: Vec::new(),
+                workgroup: Vec::new(),
+                spans: Vec::new(),
+            },
+        };
+        assert_eq!(refused(&m), "`main` uses `chunk_s2`, which is not declared");
+        m.declarations.push(Declaration::chunk_range(2, 2));
+        let text = m.print().unwrap();
+        assert!(
+            text.contains(
+                "@group(0) @binding(2) var<storage, read> chunk_s2: array<vec4<u32>, 1>;"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("out[0u] = chunk_s2[0].z;"), "{text}");
     }
 }
