@@ -166,7 +166,6 @@ pub(crate) fn lower(l: &Lowering) -> (Module, Vec<Item>) {
 /// Every value loaded and stored by the entry point itself (`conv_quads.rs`).
 fn conv_quads(l: &Lowering, q: &ConvQuads) -> (Module, Vec<Item>) {
     let (graph, plan) = (l.graph, l.plan);
-    // Every value is loaded and stored in the entry point itself.
     let buffer = |id: NodeId| plan.buffer_of[id.0].expect("bound nodes have buffers");
     let at = |id: NodeId| {
         (
