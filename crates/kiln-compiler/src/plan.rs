@@ -29,7 +29,8 @@
 //!
 //! A logits node read only by softmax cross-entropy (summed over the batch), argmax (counted
 //! against labels) and the cross-entropy gradient becomes one *classifier head* kernel that
-//! writes the loss sum, the correct count and the logits gradient.
+//! writes the loss sum, the correct count and the logits gradient; not where the per-example
+//! loss or the argmax is stored itself (an output), which the head keeps in registers only.
 //!
 //! Parameter updates (an output named like a parameter) are written in place into the
 //! parameter's buffer, after every kernel that reads the old value. An optimizer's state is
@@ -514,6 +515,11 @@ fn find_heads(graph: &Graph, consumers: &Consumers, placement: &[Placement]) -> 
             let op = &graph.node(c).op;
             ok &= k == 0;
             match op {
+                // The loss rows and the argmax live in the head's registers only: one that is
+                // stored itself (an output) leaves the logits to kernels of their own.
+                Op::SoftmaxCrossEntropy | Op::Argmax if placement[c.0] == Placement::Stored => {
+                    ok = false;
+                }
                 Op::SoftmaxCrossEntropy if head.loss.is_none() => match single(c) {
                     Some(r)
                         if graph.node(r).op == (Op::ReduceSum { axes: vec![0] })

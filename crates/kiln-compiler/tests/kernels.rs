@@ -339,3 +339,46 @@ fn zoo_blocked_and_chunked_schedules_match_reference_on_the_interpreter() {
         }
     }
 }
+
+/// A graph that outputs the predicted classes beside the loss and the count (the frontend
+/// fuzzer's finding): no classifier head forms around logits whose argmax is stored, so the
+/// argmax and the loss get kernels of their own over stored logits, and every kernel matches
+/// the reference (one element per invocation, and both targets' schedules).
+#[test]
+fn an_argmax_output_beside_the_loss_compiles_and_matches_reference() {
+    let g = kiln_ir::parse(
+        r#"graph "predict" {
+  %0 = input "x" : f32[256,64]
+  %1 = param "w" : f32[10,64]
+  %2 = matmul(%0, %1) transpose_a=false transpose_b=true : f32[256,10]
+  %3 = input "labels" : u32[256]
+  %4 = softmax_cross_entropy(%2, %3) : f32[256]
+  %5 = reduce_sum(%4) axes=[0] : f32[]
+  %6 = argmax(%2) : u32[256]
+  %7 = count_equal(%6, %3) : u32[]
+  output "loss_sum" = %5
+  output "predicted" = %6
+  output "correct" = %7
+}
+"#,
+    )
+    .unwrap();
+    for target in [unblocked(), Target::lavapipe(), Target::portable()] {
+        let compiled = compile(&g, &target).unwrap_or_else(|e| panic!("{target}: {e}"));
+        assert!(
+            compiled
+                .plan
+                .kernels
+                .iter()
+                .all(|k| matches!(k.kind, KernelKind::Map { .. })),
+            "{target}: a head formed around logits whose argmax is an output"
+        );
+        let what = format!("argmax output on {target}");
+        let ran = if target.block_outputs {
+            check_schedules(&what, &g, &target, &mut BTreeSet::new()).0
+        } else {
+            check(&what, &g, &target)
+        };
+        assert_eq!(ran, compiled.plan.kernels.len(), "{what}");
+    }
+}

@@ -42,6 +42,7 @@ pub fn run_graph_on(
     params: &HashMap<String, Tensor>,
 ) -> Result<GraphRun, RuntimeError> {
     let compiled = compile(graph, target).map_err(|e| RuntimeError::Setup(e.to_string()))?;
+    let launch = compiled.launch();
     let mut external: HashMap<String, Arc<wgpu::Buffer>> = HashMap::new();
     for (id, node) in graph.iter() {
         let (feeds, kind, name) = match &node.op {
@@ -60,7 +61,14 @@ pub fn run_graph_on(
             )));
         }
         let packed = compiled.plan.buffer(id).is_some_and(|b| b.packed_u8);
-        external.insert(name.clone(), upload(gpu, name, &tensor_bytes(t, packed))?);
+        let mut bytes = tensor_bytes(t, packed);
+        // A buffer read through windows extends past its data, so that the last chunk's
+        // aligned window stays inside it (`Chunks::window_slack`).
+        if let Some(b) = compiled.plan.buffer_of[id.0] {
+            let needed = launch.buffer_bytes[b] as usize;
+            bytes.resize(bytes.len().max(needed), 0);
+        }
+        external.insert(name.clone(), upload(gpu, name, &bytes)?);
     }
     let program = Program::new(gpu, compiled, &external)?;
     let mut enc = gpu.device.create_command_encoder(&Default::default());

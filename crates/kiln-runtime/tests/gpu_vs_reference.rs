@@ -102,6 +102,32 @@ fn an_overlapping_max_pool_after_a_convolution_matches_reference() {
     compare(&gpu, &step, 3, 2, TOLERANCE);
 }
 
+/// A graph outputting the predicted classes beside the loss and the correct count: no
+/// classifier head forms around logits whose argmax is stored (the frontend fuzzer found the
+/// plan refused), and every output matches the reference on every schedule.
+#[test]
+fn an_argmax_output_beside_the_loss_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    let g = kiln_ir::parse(
+        r#"graph "predict" {
+  %0 = input "x" : f32[256,64]
+  %1 = param "w" : f32[10,64]
+  %2 = matmul(%0, %1) transpose_a=false transpose_b=true : f32[256,10]
+  %3 = input "labels" : u32[256]
+  %4 = softmax_cross_entropy(%2, %3) : f32[256]
+  %5 = reduce_sum(%4) axes=[0] : f32[]
+  %6 = argmax(%2) : u32[256]
+  %7 = count_equal(%6, %3) : u32[]
+  output "loss_sum" = %5
+  output "predicted" = %6
+  output "correct" = %7
+}
+"#,
+    )
+    .unwrap();
+    compare(&gpu, &g, 3, 10, TOLERANCE);
+}
+
 /// The CPU-class WGSL snapshots (`tests/wgsl.rs` at the root) are of `Target::lavapipe()`:
 /// on lavapipe the runtime must derive exactly that target, or they pin a schedule CI does
 /// not run.
