@@ -346,23 +346,7 @@ fn zoo_blocked_and_chunked_schedules_match_reference_on_the_interpreter() {
 /// the reference (one element per invocation, and both targets' schedules).
 #[test]
 fn an_argmax_output_beside_the_loss_compiles_and_matches_reference() {
-    let g = kiln_ir::parse(
-        r#"graph "predict" {
-  %0 = input "x" : f32[256,64]
-  %1 = param "w" : f32[10,64]
-  %2 = matmul(%0, %1) transpose_a=false transpose_b=true : f32[256,10]
-  %3 = input "labels" : u32[256]
-  %4 = softmax_cross_entropy(%2, %3) : f32[256]
-  %5 = reduce_sum(%4) axes=[0] : f32[]
-  %6 = argmax(%2) : u32[256]
-  %7 = count_equal(%6, %3) : u32[]
-  output "loss_sum" = %5
-  output "predicted" = %6
-  output "correct" = %7
-}
-"#,
-    )
-    .unwrap();
+    let g = kiln_ir::parse(include_str!("../../../tests/graphs/argmax_output.kir")).unwrap();
     for target in [unblocked(), Target::lavapipe(), Target::portable()] {
         let compiled = compile(&g, &target).unwrap_or_else(|e| panic!("{target}: {e}"));
         assert!(

@@ -108,23 +108,7 @@ fn an_overlapping_max_pool_after_a_convolution_matches_reference() {
 #[test]
 fn an_argmax_output_beside_the_loss_matches_reference() {
     let Some(gpu) = gpu() else { return };
-    let g = kiln_ir::parse(
-        r#"graph "predict" {
-  %0 = input "x" : f32[256,64]
-  %1 = param "w" : f32[10,64]
-  %2 = matmul(%0, %1) transpose_a=false transpose_b=true : f32[256,10]
-  %3 = input "labels" : u32[256]
-  %4 = softmax_cross_entropy(%2, %3) : f32[256]
-  %5 = reduce_sum(%4) axes=[0] : f32[]
-  %6 = argmax(%2) : u32[256]
-  %7 = count_equal(%6, %3) : u32[]
-  output "loss_sum" = %5
-  output "predicted" = %6
-  output "correct" = %7
-}
-"#,
-    )
-    .unwrap();
+    let g = kiln_ir::parse(include_str!("../../../tests/graphs/argmax_output.kir")).unwrap();
     compare(&gpu, &g, 3, 10, TOLERANCE);
 }
 
