@@ -85,14 +85,18 @@ pub(crate) fn head_main(
                 f.assign(best, k);
             });
         });
+        // `exp(z[k] - m)`: the softmax's numerator, summed here and divided in the gradient.
+        let shifted_exp = |f: &mut kir::Builder, k: kir::Expr| {
+            let zc = f.element(z, k);
+            let mv = f.get(m);
+            let d = f.sub(zc, mv);
+            f.math(MathFn::Exp, &[d])
+        };
         let zf = f.f32(0.0);
         let s = f.var("s", Ty::F32, zf);
         let (c0, cn) = (f.u32(0), f.u32(c));
         f.for_("c", c0, cn, |f, k| {
-            let zc = f.element(z, k);
-            let mv = f.get(m);
-            let d = f.sub(zc, mv);
-            let e = f.math(MathFn::Exp, &[d]);
+            let e = shifted_exp(f, k);
             f.add_assign(s, e);
         });
         let label = |f: &mut kir::Builder, k: usize, name: &str| {
@@ -127,10 +131,7 @@ pub(crate) fn head_main(
             let out = f.global(global(buffer(g)));
             let (c0, cn) = (f.u32(0), f.u32(c));
             f.for_("c", c0, cn, |f, k| {
-                let zc = f.element(z, k);
-                let mv = f.get(m);
-                let d = f.sub(zc, mv);
-                let e = f.math(MathFn::Exp, &[d]);
+                let e = shifted_exp(f, k);
                 let sv = f.get(s);
                 let p = f.div(e, sv);
                 let p = f.let_("p", Ty::F32, p);

@@ -16,9 +16,20 @@ use std::collections::BTreeSet;
 use common::{bind, close, feeds, words, zoo};
 use kiln_autodiff::{Optimizer, evaluation_graph, read_batches_from_dataset, training_step_with};
 use kiln_compiler::kir::interp::{Buffers, ChunkTable, Runner, Value};
-use kiln_compiler::{KernelKind, Target, compile, recipes};
+use kiln_compiler::{Compiled, KernelKind, Target, compile, recipes};
 use kiln_ir::{DType, Graph, LenetVariant, Model, NodeId, TensorType};
 use kiln_reference::execute;
+
+/// The global kernel `k` stores node `s` through (`buf<binding>`).
+fn stored_global(compiled: &Compiled, k: usize, s: NodeId) -> String {
+    let b = compiled.plan.buffer_of[s.0].expect("stored nodes have buffers");
+    let binding = compiled.modules[k]
+        .bindings
+        .iter()
+        .find(|x| x.buffer == b)
+        .expect("bound");
+    format!("buf{}", binding.binding)
+}
 
 /// Invocations run per kernel at most (evenly spread, the last included).
 const INVOCATIONS: usize = 300;
@@ -59,13 +70,9 @@ fn check(what: &str, g: &Graph, target: &Target) -> usize {
                 .unwrap_or_else(|e| panic!("{what}: {} invocation {id}: {e}", kernel.name));
         }
         for &s in &kernel.stores {
+            let global = stored_global(&compiled, k, s);
             let b = plan.buffer_of[s.0].expect("stored nodes have buffers");
-            let binding = module
-                .bindings
-                .iter()
-                .find(|x| x.buffer == b)
-                .expect("bound");
-            let got = &buffers[&format!("buf{}", binding.binding)];
+            let got = &buffers[&global];
             let want = words(value_of(s), false);
             let numel = g.ty(s).numel();
             // The elements the invocations run computed: element i of each root at
@@ -250,18 +257,9 @@ fn check_schedules(
             }
         }
         for &s in &kernel.stores {
-            let b = plan.buffer_of[s.0].expect("stored nodes have buffers");
-            let binding = module
-                .bindings
-                .iter()
-                .find(|x| x.buffer == b)
-                .expect("bound");
-            let before = &whole
-                .iter()
-                .find(|(n, _)| *n == format!("buf{}", binding.binding))
-                .expect("bound")
-                .1;
-            let got = &buffers[&format!("buf{}", binding.binding)];
+            let global = stored_global(&compiled, k, s);
+            let before = &whole.iter().find(|(n, _)| *n == global).expect("bound").1;
+            let got = &buffers[&global];
             let want = words(value_of(s), false);
             let numel = g.ty(s).numel();
             let written: Vec<usize> = (0..numel).filter(|&e| got[e] != before[e]).collect();
