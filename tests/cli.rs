@@ -659,14 +659,33 @@ fn interrupt_run(dir: &std::path::Path, signals: usize) -> (Output, PathBuf) {
             break;
         }
     }
+    // stderr is read as it comes, so that a further signal waits for the handler to have
+    // taken the one before: two signals sent a fixed time apart either merge into one
+    // delivery or arrive after a quick run has already finished its steps and exited.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in stderr.lines().map_while(Result::ok) {
+            all.push_str(&line);
+            all.push('\n');
+            let _ = tx.send(line);
+        }
+        all
+    });
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    for _ in 0..signals {
+    for k in 0..signals {
         let status = Command::new("kill")
             .args(["-INT", &child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        if k + 1 < signals {
+            let taken = rx
+                .iter()
+                .any(|line| line.starts_with("interrupt: finishing the steps in flight"));
+            assert!(taken, "the run ended without taking the first interrupt");
+        }
     }
     for line in lines {
         seen.push_str(&line.unwrap());
@@ -674,6 +693,7 @@ fn interrupt_run(dir: &std::path::Path, signals: usize) -> (Output, PathBuf) {
     }
     let mut out = child.wait_with_output().unwrap();
     out.stdout = seen.into_bytes();
+    out.stderr = reader.join().unwrap().into_bytes();
     (out, path)
 }
 
