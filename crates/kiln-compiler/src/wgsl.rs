@@ -49,9 +49,9 @@ pub struct KernelModule {
     /// set when the module is validated.
     pub loop_iterations: Option<u64>,
     /// The kernel's functions and entry point as kernel IR, several chunks per dispatch
-    /// included, which the interpreter can run (`kir::interp::Runner`); `None` for the
-    /// classifier head, whose workgroup barriers it cannot.
-    pub kernel_ir: Option<kir::module::Module>,
+    /// included, which the interpreter runs (`kir::interp::Runner`: invocation by
+    /// invocation, or the classifier head's workgroup at once).
+    pub kernel_ir: kir::module::Module,
     /// The kernel's functions in module order before its entry point (the first chunk's of
     /// a dispatch), the head's too: a blocked kernel's lane and rows functions as data, for
     /// tests and tools that call them on the interpreter (`kir::interp::Library`).
@@ -484,8 +484,7 @@ fn emit_kernel_with(
             workgroup_storage_bytes,
             chunks: chunking,
             loop_iterations: None,
-            // The head's barriers are printed, not interpreted.
-            kernel_ir: (!is_head).then_some(module),
+            kernel_ir: module,
             functions,
         }),
         schedule.shares_loads,

@@ -4,6 +4,8 @@
 //! and a schedule's rewrite of it can be checked against the reference executor without a
 //! device.
 
+mod workgroup;
+
 use std::collections::HashMap;
 
 use super::module::{Item, Module};
@@ -92,6 +94,12 @@ pub trait Env {
     fn local_index(&self) -> u32 {
         unreachable!("not a workgroup's environment")
     }
+    /// `workgroupBarrier()`: waits for every invocation of the workgroup.
+    fn barrier(&mut self) -> Result<(), EvalError> {
+        Err(EvalError::Module(
+            "a workgroup barrier outside a workgroup's run (`Runner::run_workgroup`)".into(),
+        ))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -113,6 +121,105 @@ pub enum EvalError {
 /// A module's buffers while it runs: each global's elements as flat scalars (a `vec4` array
 /// holds four per element), by the global's name.
 pub type Buffers = HashMap<String, Vec<Value>>;
+
+/// Where an invocation's loads and stores go: a module's buffers, one invocation at a time,
+/// or a workgroup's memory shared by its invocations (`workgroup::Invocation`).
+trait Memory {
+    /// Element `index` of `global`, `w` scalars wide.
+    fn load(&mut self, global: &str, index: u32, w: usize) -> Result<Lanes, EvalError>;
+    fn store(&mut self, global: &str, index: u32, value: &Lanes, w: usize)
+    -> Result<(), EvalError>;
+    /// The invocation's index in its workgroup, in a workgroup's run.
+    fn local_index(&self) -> Option<u32> {
+        None
+    }
+    fn barrier(&mut self) -> Result<(), EvalError> {
+        Err(EvalError::Module(
+            "a workgroup barrier outside a workgroup's run (`Runner::run_workgroup`)".into(),
+        ))
+    }
+}
+
+impl Memory for Buffers {
+    fn load(&mut self, global: &str, index: u32, w: usize) -> Result<Lanes, EvalError> {
+        read(self.get(global), global, index, w)
+    }
+
+    fn store(
+        &mut self,
+        global: &str,
+        index: u32,
+        value: &Lanes,
+        w: usize,
+    ) -> Result<(), EvalError> {
+        write(self.get_mut(global), global, index, value, w)
+    }
+}
+
+/// Zero of type `ty`, a scalar or four lanes (an array's elements).
+fn zero(ty: Ty) -> Lanes {
+    let (scalar, vec4) = match ty {
+        Ty::Scalar(s) => (s, false),
+        Ty::Vec4(s) => (s, true),
+        Ty::Array { scalar, vec4, .. } => (scalar, vec4),
+    };
+    let z = match scalar {
+        Scalar::F32 => Value::F32(0.0),
+        Scalar::U32 => Value::U32(0),
+        Scalar::I32 => Value::I32(0),
+        Scalar::Bool => Value::Bool(false),
+    };
+    if vec4 {
+        Lanes::Vec4([z; 4])
+    } else {
+        Lanes::Scalar(z)
+    }
+}
+
+/// Element `index` of `data`, the buffer `global` (`None`: no such buffer), bounds-checked.
+fn read(data: Option<&Vec<Value>>, global: &str, index: u32, w: usize) -> Result<Lanes, EvalError> {
+    let Some(data) = data else {
+        return Err(EvalError::Module(format!("no buffer `{global}`")));
+    };
+    let at = index as usize * w;
+    if at + w > data.len() {
+        return Err(EvalError::OutOfBounds {
+            global: global.into(),
+            index,
+            len: data.len() / w,
+        });
+    }
+    Ok(if w == 4 {
+        Lanes::Vec4([data[at], data[at + 1], data[at + 2], data[at + 3]])
+    } else {
+        Lanes::Scalar(data[at])
+    })
+}
+
+/// Writes `value` to element `index` of `data`, as [`read`] reads it.
+fn write(
+    data: Option<&mut Vec<Value>>,
+    global: &str,
+    index: u32,
+    value: &Lanes,
+    w: usize,
+) -> Result<(), EvalError> {
+    let Some(data) = data else {
+        return Err(EvalError::Module(format!("no buffer `{global}`")));
+    };
+    let at = index as usize * w;
+    if at + w > data.len() {
+        return Err(EvalError::OutOfBounds {
+            global: global.into(),
+            index,
+            len: data.len() / w,
+        });
+    }
+    for k in 0..w {
+        data[at + k] = value.lane(k);
+    }
+    Ok(())
+}
 
 /// A module checked once, then run invocation by invocation (`run`).
 pub struct Runner<'a> {
@@ -144,19 +251,68 @@ impl<'a> Runner<'a> {
         buffers: &mut Buffers,
         chunk: Option<&ChunkTable>,
     ) -> Result<(), EvalError> {
-        let mut error = None;
         let entry = &self.module.entry;
+        if !entry.workgroup.is_empty() {
+            return Err(EvalError::Module(
+                "a workgroup's entry point runs all its invocations at once \
+                 (`Runner::run_workgroup`)"
+                    .into(),
+            ));
+        }
+        let mut error = None;
         let mut env = ModuleEnv {
             library: &self.library,
             callees: &entry.callees,
             values: Vec::new(),
-            buffers,
+            memory: buffers,
             gid,
             chunk,
             error: &mut error,
         };
         eval_valid(&entry.function, 0, &mut env)?;
         error.map_or(Ok(()), Err)
+    }
+
+    /// Runs the one workgroup of an entry point over `@builtin(local_invocation_index)` (the
+    /// classifier head) over `buffers`: its invocations run at once, each on its own thread,
+    /// meeting at every barrier, its workgroup arrays zeroed first as WGSL does. Besides the
+    /// bounds, the run checks what a device leaves undefined: a barrier that not every
+    /// invocation reaches, and a data race — an element of workgroup memory that one
+    /// invocation writes and another reads or writes with no barrier between, or an element
+    /// of a storage buffer that one invocation writes and another touches at all.
+    pub fn run_workgroup(&self, buffers: &mut Buffers) -> Result<(), EvalError> {
+        let entry = &self.module.entry;
+        if entry.workgroup.is_empty() {
+            return Err(EvalError::Module(
+                "not a workgroup's entry point: it runs invocation by invocation (`Runner::run`)"
+                    .into(),
+            ));
+        }
+        let shared = workgroup::Shared::new(entry, buffers);
+        std::thread::scope(|scope| {
+            for lid in 0..entry.workgroup_size {
+                let shared = &shared;
+                scope.spawn(move || {
+                    let mut memory = shared.invocation(lid);
+                    let mut error = None;
+                    let ran = eval_valid(
+                        &entry.function,
+                        0,
+                        &mut ModuleEnv {
+                            library: &self.library,
+                            callees: &entry.callees,
+                            values: Vec::new(),
+                            memory: &mut memory,
+                            gid: [lid, 0],
+                            chunk: None,
+                            error: &mut error,
+                        },
+                    );
+                    memory.finish(ran.and_then(|_| error.map_or(Ok(()), Err)));
+                });
+            }
+        });
+        shared.result()
     }
 }
 
@@ -214,7 +370,7 @@ impl<'a> Library<'a> {
             library: self,
             callees: &callees,
             values: Vec::new(),
-            buffers,
+            memory: buffers,
             gid: [0, 0],
             chunk,
             error: &mut error,
@@ -230,7 +386,7 @@ struct ModuleEnv<'a> {
     /// The extra parameters of the function being run, by name, with their values (what a
     /// `Callee::Value` or `Callee::CallWith` names).
     values: Vec<(&'a str, Lanes)>,
-    buffers: &'a mut Buffers,
+    memory: &'a mut dyn Memory,
     gid: [u32; 2],
     chunk: Option<&'a ChunkTable>,
     /// The first error, reported after the invocation (`Env` reads cannot fail).
@@ -288,7 +444,7 @@ impl Env for ModuleEnv<'_> {
                 .map(|(n, _)| n.as_str())
                 .zip(extra.iter().cloned())
                 .collect(),
-            buffers: &mut *self.buffers,
+            memory: &mut *self.memory,
             gid: self.gid,
             chunk: self.chunk,
             error: &mut *self.error,
@@ -319,50 +475,32 @@ impl Env for ModuleEnv<'_> {
 
     fn load(&mut self, global: &str, index: u32) -> Lanes {
         let w = self.width(global);
-        let Some(data) = self.buffers.get(global) else {
-            return self.fail(EvalError::Module(format!("no buffer `{global}`")));
-        };
-        let at = index as usize * w;
-        if at + w > data.len() {
-            let len = data.len() / w;
-            let stand_in = self.fail(EvalError::OutOfBounds {
-                global: global.into(),
-                index,
-                len,
-            });
-            // A stand-in of the element's width: the run goes on to report the error.
-            return if w == 4 {
-                Lanes::Vec4([stand_in.lane(0); 4])
-            } else {
-                stand_in
-            };
-        }
-        if w == 4 {
-            Lanes::Vec4([data[at], data[at + 1], data[at + 2], data[at + 3]])
-        } else {
-            Lanes::Scalar(data[at])
+        match self.memory.load(global, index, w) {
+            Ok(v) => v,
+            Err(e) => {
+                self.fail(e);
+                // A stand-in of the element's type: the run goes on to report the error.
+                let elem = self.library.elems.get(global).copied();
+                zero(elem.unwrap_or(Ty::F32))
+            }
         }
     }
 
     fn store(&mut self, global: &str, index: u32, value: Lanes) {
         let w = self.width(global);
-        let Some(data) = self.buffers.get_mut(global) else {
-            self.fail(EvalError::Module(format!("no buffer `{global}`")));
-            return;
-        };
-        let at = index as usize * w;
-        if at + w > data.len() {
-            let len = data.len() / w;
-            self.fail(EvalError::OutOfBounds {
-                global: global.into(),
-                index,
-                len,
-            });
-            return;
+        if let Err(e) = self.memory.store(global, index, &value, w) {
+            self.fail(e);
         }
-        for k in 0..w {
-            data[at + k] = value.lane(k);
-        }
+    }
+
+    fn local_index(&self) -> u32 {
+        self.memory
+            .local_index()
+            .expect("Runner::run refuses a workgroup's entry point")
+    }
+
+    fn barrier(&mut self) -> Result<(), EvalError> {
+        self.memory.barrier()
     }
 
     fn global_id(&self) -> [u32; 2] {
@@ -597,11 +735,7 @@ impl Machine<'_> {
                 let at = at.min(array.len() - 1);
                 array[at] = v;
             }
-            Stmt::Barrier => {
-                return Err(EvalError::Module(
-                    "a workgroup barrier: the interpreter runs one invocation at a time".into(),
-                ));
-            }
+            Stmt::Barrier => self.env.barrier()?,
             Stmt::Comment(_) => {}
             Stmt::Continue => return Ok(Flow::Continue),
             Stmt::Return(value) => return Ok(Flow::Return(value.map(|v| self.expr(v)))),
