@@ -193,6 +193,8 @@ fn vjp(e: &mut Emitter, id: NodeId, g: NodeId) -> Result<Vec<(usize, NodeId)>, A
         Op::Sigmoid => vec![(0, e.op(Op::SigmoidGrad, &[id, g])?)],
         Op::Relu => vec![(0, e.op(Op::ReluGrad, &[id, g])?)],
         Op::Tanh => vec![(0, e.op(Op::TanhGrad, &[id, g])?)],
+        // From the input: SiLU is not monotonic, so its output does not give it.
+        Op::Silu => vec![(0, e.op(Op::SiluGrad, &[ins[0], g])?)],
         Op::Reshape { .. } => {
             let shape = shape_of(e, 0);
             vec![(0, e.op(Op::Reshape { shape }, &[g])?)]
@@ -291,6 +293,7 @@ fn vjp(e: &mut Emitter, id: NodeId, g: NodeId) -> Result<Vec<(usize, NodeId)>, A
         Op::SigmoidGrad
         | Op::ReluGrad
         | Op::TanhGrad
+        | Op::SiluGrad
         | Op::Conv2dGradInput { .. }
         | Op::Conv2dGradWeight { .. }
         | Op::AvgPool2dGrad { .. }

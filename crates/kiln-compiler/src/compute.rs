@@ -90,6 +90,36 @@ pub fn element(
             let y = b.math(MathFn::Tanh, &[x]);
             b.ret_(y);
         }
+        Op::Silu => {
+            let x = b.operand(0, i);
+            let a = b.let_("a", operands[0], x);
+            let neg = b.unary(UnOp::Neg, a);
+            let e = b.math(MathFn::Exp, &[neg]);
+            let one = b.f32(1.0);
+            let den = b.add(one, e);
+            let y = b.div(a, den);
+            b.ret_(y);
+        }
+        Op::SiluGrad => {
+            let x = b.operand(0, i);
+            let x = b.let_("x", operands[0], x);
+            let neg = b.unary(UnOp::Neg, x);
+            let e = b.math(MathFn::Exp, &[neg]);
+            let one = b.f32(1.0);
+            let den = b.add(one, e);
+            let one = b.f32(1.0);
+            let s = b.div(one, den);
+            let s = b.let_("s", operands[0], s);
+            let one = b.f32(1.0);
+            let rest = b.sub(one, s);
+            let xr = b.mul(x, rest);
+            let one = b.f32(1.0);
+            let slope = b.add(one, xr);
+            let dy = b.operand(1, i);
+            let t = b.mul(dy, s);
+            let r = b.mul(t, slope);
+            b.ret_(r);
+        }
         Op::SigmoidGrad | Op::TanhGrad => {
             let x = b.operand(0, i);
             let y = b.let_("y", operands[0], x);

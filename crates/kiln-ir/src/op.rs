@@ -71,6 +71,8 @@ pub enum Op {
     Sigmoid,
     Relu,
     Tanh,
+    /// `silu(x) = x * sigmoid(x)` (PyTorch's `SiLU`, also called swish).
+    Silu,
     /// Same elements, new shape (row-major); `Flatten` lowers to this.
     Reshape {
         shape: Vec<usize>,
@@ -125,6 +127,9 @@ pub enum Op {
     ReluGrad,
     /// `tanh_grad(y, dy) = dy * (1 - y^2)`, where `y` is the tanh's output.
     TanhGrad,
+    /// `silu_grad(x, dy) = dy * s * (1 + x * (1 - s))` with `s = sigmoid(x)`, where `x` is the
+    /// SiLU's input (its output does not determine it).
+    SiluGrad,
     /// Gradient of `conv2d` with respect to its input: `(dy: f32[N,O,H',W'], w) -> f32[N,C,H,W]`.
     /// `input_size` is `[H, W]`, which strides make ambiguous from `dy` alone.
     Conv2dGradInput {
@@ -223,6 +228,7 @@ const SIGNATURES: &[(&str, &[&str])] = &[
     ("sigmoid", &[]),
     ("relu", &[]),
     ("tanh", &[]),
+    ("silu", &[]),
     ("reshape", &["shape"]),
     ("matmul", &["transpose_a", "transpose_b"]),
     ("softmax_cross_entropy", &[]),
@@ -241,6 +247,7 @@ const SIGNATURES: &[(&str, &[&str])] = &[
     ("sigmoid_grad", &[]),
     ("relu_grad", &[]),
     ("tanh_grad", &[]),
+    ("silu_grad", &[]),
     ("conv2d_grad_input", &["stride", "padding", "input_size"]),
     ("conv2d_grad_weight", &["stride", "padding", "kernel"]),
     ("avg_pool2d_grad", &["kernel", "stride", "input_size"]),
@@ -269,6 +276,7 @@ impl Op {
             Op::Sigmoid => "sigmoid",
             Op::Relu => "relu",
             Op::Tanh => "tanh",
+            Op::Silu => "silu",
             Op::Reshape { .. } => "reshape",
             Op::MatMul { .. } => "matmul",
             Op::SoftmaxCrossEntropy => "softmax_cross_entropy",
@@ -287,6 +295,7 @@ impl Op {
             Op::SigmoidGrad => "sigmoid_grad",
             Op::ReluGrad => "relu_grad",
             Op::TanhGrad => "tanh_grad",
+            Op::SiluGrad => "silu_grad",
             Op::Conv2dGradInput { .. } => "conv2d_grad_input",
             Op::Conv2dGradWeight { .. } => "conv2d_grad_weight",
             Op::AvgPool2dGrad { .. } => "avg_pool2d_grad",
@@ -306,9 +315,11 @@ impl Op {
             Op::Sigmoid
             | Op::Relu
             | Op::Tanh
+            | Op::Silu
             | Op::SigmoidGrad
             | Op::ReluGrad
             | Op::TanhGrad
+            | Op::SiluGrad
             | Op::Add
             | Op::Sub
             | Op::Mul
@@ -356,6 +367,7 @@ impl Op {
             | Op::Sigmoid
             | Op::Relu
             | Op::Tanh
+            | Op::Silu
             | Op::Reshape { .. }
             | Op::ReduceSum { .. }
             | Op::ReduceMean { .. }
@@ -377,6 +389,7 @@ impl Op {
             | Op::SigmoidGrad
             | Op::ReluGrad
             | Op::TanhGrad
+            | Op::SiluGrad
             | Op::Conv2dGradInput { .. }
             | Op::Conv2dGradWeight { .. }
             | Op::MaxPool2dGrad { .. }
@@ -446,6 +459,7 @@ impl Op {
             | Op::Sigmoid
             | Op::Relu
             | Op::Tanh
+            | Op::Silu
             | Op::SoftmaxCrossEntropy
             | Op::ScaleU8
             | Op::Add
@@ -457,6 +471,7 @@ impl Op {
             | Op::SigmoidGrad
             | Op::ReluGrad
             | Op::TanhGrad
+            | Op::SiluGrad
             | Op::SoftmaxCrossEntropyGrad
             | Op::Argmax
             | Op::CountEqual
@@ -502,6 +517,7 @@ impl Op {
             "sigmoid" => Op::Sigmoid,
             "relu" => Op::Relu,
             "tanh" => Op::Tanh,
+            "silu" => Op::Silu,
             "reshape" => Op::Reshape {
                 shape: a.ints("shape")?,
             },
@@ -537,6 +553,7 @@ impl Op {
             "sigmoid_grad" => Op::SigmoidGrad,
             "relu_grad" => Op::ReluGrad,
             "tanh_grad" => Op::TanhGrad,
+            "silu_grad" => Op::SiluGrad,
             "conv2d_grad_input" => Op::Conv2dGradInput {
                 stride: a.pair("stride")?,
                 padding: a.pair("padding")?,
@@ -635,7 +652,7 @@ impl Op {
                     )),
                 }
             }
-            Op::Sigmoid | Op::Relu | Op::Tanh | Op::Sqrt | Op::Exp => {
+            Op::Sigmoid | Op::Relu | Op::Tanh | Op::Silu | Op::Sqrt | Op::Exp => {
                 expect_f32(operands[0], "input")?;
                 Ok(operands[0].clone())
             }
@@ -737,7 +754,8 @@ impl Op {
             | Op::Div
             | Op::SigmoidGrad
             | Op::ReluGrad
-            | Op::TanhGrad => {
+            | Op::TanhGrad
+            | Op::SiluGrad => {
                 let (a, b) = (operands[0], operands[1]);
                 expect_f32(a, "first operand")?;
                 expect_f32(b, "second operand")?;
@@ -1181,6 +1199,7 @@ mod tests {
             Op::Sigmoid,
             Op::Relu,
             Op::Tanh,
+            Op::Silu,
             Op::Reshape { shape: vec![4, 5] },
             Op::MatMul {
                 transpose_a: false,
@@ -1210,6 +1229,7 @@ mod tests {
             Op::SigmoidGrad,
             Op::ReluGrad,
             Op::TanhGrad,
+            Op::SiluGrad,
             Op::Conv2dGradInput {
                 stride: [1, 2],
                 padding: [0, 1],

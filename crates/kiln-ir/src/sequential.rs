@@ -56,6 +56,8 @@ pub enum Layer {
     Sigmoid,
     ReLU,
     Tanh,
+    /// `nn.SiLU()`: `x * sigmoid(x)`.
+    SiLU,
     /// Flattens every dimension after the batch dimension, like `nn.Flatten()`.
     Flatten,
     Linear {
@@ -103,6 +105,7 @@ impl Layer {
             Layer::Sigmoid => "Sigmoid",
             Layer::ReLU => "ReLU",
             Layer::Tanh => "Tanh",
+            Layer::SiLU => "SiLU",
             Layer::Flatten => "Flatten",
             Layer::Linear { .. } => "Linear",
         }
@@ -161,7 +164,7 @@ impl fmt::Display for Layer {
                 f,
                 "Linear(in_features={in_features}, out_features={out_features})"
             ),
-            Layer::Sigmoid | Layer::ReLU | Layer::Tanh | Layer::Flatten => {
+            Layer::Sigmoid | Layer::ReLU | Layer::Tanh | Layer::SiLU | Layer::Flatten => {
                 write!(f, "{}()", self.kind())
             }
         }
@@ -459,6 +462,7 @@ fn lower_layer(
         Layer::Sigmoid => graph.add_in_layer(Op::Sigmoid, &[x], tag)?,
         Layer::ReLU => graph.add_in_layer(Op::Relu, &[x], tag)?,
         Layer::Tanh => graph.add_in_layer(Op::Tanh, &[x], tag)?,
+        Layer::SiLU => graph.add_in_layer(Op::Silu, &[x], tag)?,
         Layer::Flatten => {
             if x_ty.rank() < 2 {
                 return Err(LowerError::Layer(

@@ -17,6 +17,7 @@ pub fn random_layer() -> impl Strategy<Value = Layer> {
         Just(Layer::Sigmoid),
         Just(Layer::ReLU),
         Just(Layer::Tanh),
+        Just(Layer::SiLU),
     ]
 }
 
@@ -52,7 +53,8 @@ pub fn random_model(
     let mut features = probe.nodes().last()?.ty.shape[1];
     for (width, act) in hidden {
         model = model.append(Layer::linear(features, width));
-        model = model.append([Layer::Sigmoid, Layer::ReLU, Layer::Tanh][act as usize % 3].clone());
+        let acts = [Layer::Sigmoid, Layer::ReLU, Layer::Tanh, Layer::SiLU];
+        model = model.append(acts[act as usize % acts.len()].clone());
         features = width;
     }
     Some(model.append(Layer::linear(features, classes)))

@@ -96,7 +96,7 @@ fn build(name: &str, leaf_names: &[String], steps: &[Step]) -> Graph {
                 g.add_in_layer(op, &[x], layer)
             }
             5 => {
-                let op = [Op::Sigmoid, Op::Relu, Op::Tanh][s.b % 3].clone();
+                let op = [Op::Sigmoid, Op::Relu, Op::Tanh, Op::Silu][s.b % 4].clone();
                 g.add_in_layer(op, &[x], layer)
             }
             6 => {
@@ -266,6 +266,7 @@ fn layer() -> impl Strategy<Value = Layer> {
         Just(Layer::Sigmoid),
         Just(Layer::ReLU),
         Just(Layer::Tanh),
+        Just(Layer::SiLU),
         Just(Layer::Flatten),
         (0usize..200, small).prop_map(|(i, o)| Layer::linear(i, o)),
         Just(Layer::from(Conv2d::new(1, usize::MAX, 3))),

@@ -217,9 +217,14 @@ pub fn eval<T: Real>(
         Op::Sigmoid => unary(|x| 1.0 / (1.0 + (-x).exp())),
         Op::Relu => unary(|x| if x < 0.0 { 0.0 } else { x }),
         Op::Tanh => unary(f64::tanh),
+        Op::Silu => unary(|x| x / (1.0 + (-x).exp())),
         Op::SigmoidGrad => binary(|y, dy| dy * y * (1.0 - y)),
         Op::ReluGrad => binary(|y, dy| if y > 0.0 { dy } else { 0.0 }),
         Op::TanhGrad => binary(|y, dy| dy * (1.0 - y * y)),
+        Op::SiluGrad => binary(|x, dy| {
+            let s = 1.0 / (1.0 + (-x).exp());
+            dy * s * (1.0 + x * (1.0 - s))
+        }),
         Op::Add => binary(|a, b| a + b),
         Op::Sub => binary(|a, b| a - b),
         Op::Mul => binary(|a, b| a * b),

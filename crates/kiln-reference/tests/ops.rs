@@ -188,6 +188,14 @@ fn activations() {
     );
     let t = values(&run(Op::Tanh, vec![x]).unwrap());
     assert_close(&t, &[0.0, 0.964_027_6, -0.995_054_8, 0.462_117_16], 1e-7);
+    // torch.nn.functional.silu(torch.tensor([1., -2., 0., 3.5], dtype=torch.float64)).
+    let x = f(&[4], &[1.0, -2.0, 0.0, 3.5]);
+    let s = values(&run(Op::Silu, vec![x.clone()]).unwrap());
+    assert_close(&s, &[0.731_058_6, -0.238_405_84, 0.0, 3.397_407_2], 1e-7);
+    // Its gradient at x for dy = 2: 2 * sigmoid(x) * (1 + x * (1 - sigmoid(x))).
+    let dy = f(&[4], &[2.0; 4]);
+    let g = values(&run(Op::SiluGrad, vec![x, dy]).unwrap());
+    assert_close(&g, &[1.855_341, -0.181_568_5, 1.0, 2.140_546_7], 1e-6);
 }
 
 #[test]

@@ -36,7 +36,7 @@ fn block() -> impl Strategy<Value = Vec<Layer>> {
         0usize..=3,
     )
         .prop_map(|(o, k, s, p)| Layer::from(Conv2d::new(0, o, k).stride(s).padding(p)));
-    let act = prop::sample::select(vec![Layer::Sigmoid, Layer::ReLU, Layer::Tanh]);
+    let act = prop::sample::select(vec![Layer::Sigmoid, Layer::ReLU, Layer::Tanh, Layer::SiLU]);
     let pool = prop::option::of((
         any::<bool>(),
         prop::sample::select(vec![(2usize, 2usize), (3, 2), (3, 3)]),

@@ -133,6 +133,7 @@ fn the_zoo_covers_what_it_promises() {
         "sigmoid(",
         "tanh(",
         "relu(",
+        "silu(",
         "max_pool2d(",
         "avg_pool2d(",
     ] {
