@@ -145,8 +145,7 @@ pub(crate) fn lower(l: &Lowering) -> (Module, Vec<Item>) {
         Recipe::ConvQuads(q) => conv_quads(l, q),
         Recipe::Columns(c) => columns(l, c),
         Recipe::Blocked(b) => blocked(l, b),
-        Recipe::Elements if l.bound.sums.is_empty() && !l.chunked => elements(l),
-        Recipe::Elements => chunked_elements(l),
+        Recipe::Elements => elements(l),
         Recipe::Head => {
             let KernelKind::Head(h) = &l.kernel.kind else {
                 unreachable!("the head recipe is the head's")
@@ -234,42 +233,19 @@ fn columns(l: &Lowering, c: &Columns) -> (Module, Vec<Item>) {
     for &(r, _) in sums {
         functions.extend(l.loaders(r, Vec::new(), None, false));
     }
-    // Operand 0: the kernel columns' chunk part; 1: the main root; then the chunk
-    // parts of the other sums and the other roots.
-    let others: Vec<NodeId> = roots.iter().copied().filter(|&r| r != main).collect();
-    let other_sums: Vec<(NodeId, NodeId)> =
-        sums.iter().copied().filter(|&(r, _)| r != red).collect();
-    let mut operands = vec![
-        kir::Ty::array(kir::Ty::F32, offsets.len() as u32).expect("one deep"),
-        compute::value_ty(graph.ty(main).dtype),
-    ];
-    let mut callees = vec![
-        Callee::Call(crate::text::chunk_part(&format!("v{}_columns", red.0))),
-        Callee::Call(v(main)),
-    ];
-    for &(r, _) in &other_sums {
-        operands.push(kir::Ty::F32);
-        callees.push(Callee::Call(crate::text::chunk_part(&v(r))));
-    }
-    element_operands(graph, &others, (&mut operands, &mut callees));
-    let mut f = kir::Builder::entry(operands);
-    let j = invocation(&mut f, "j", l.row(), None);
     // Invocation j covers channels `channels * (j / per_set) ..` at kernel row
     // `j % per_set` (an (input channel, kernel row) pair).
     let per_set = channel_words / kw;
     let first = if channels > 1 {
-        let (per, block, kwu) = (f.u32(per_set), f.u32(channels * channel_words), f.u32(kw));
-        let set = f.div(j, per);
-        let set = f.mul(set, block);
-        let row = f.rem(j, per);
-        let row = f.mul(row, kwu);
-        f.add(set, row)
+        First::Sets {
+            per_set,
+            block: channels * channel_words,
+            kw,
+        }
     } else {
-        let kwu = f.u32(kw);
-        f.mul(j, kwu)
+        First::Scaled(kw)
     };
-    let i = f.let_("i", kir::Ty::U32, first);
-    let stores: Vec<(usize, kir::Part)> = offsets
+    let stores = offsets
         .iter()
         .enumerate()
         .map(|(k, &off)| {
@@ -282,29 +258,28 @@ fn columns(l: &Lowering, c: &Columns) -> (Module, Vec<Item>) {
             )
         })
         .collect();
-    let mut other = 0;
-    for &(r, root) in sums {
-        if r == red {
-            let columns = f.operand(0, i);
-            let ty = f.operand_ty(0);
-            chunks::running_sum(&mut f, red, ("rows", ty, columns), i, &stores, false);
-        } else {
-            let part = f.operand(2 + other, j);
-            other += 1;
-            chunks::element_running_sum(&mut f, r, j, part, graph.ty(root).numel());
-        }
-    }
-    l.last_chunk_only(&mut f);
-    for &k in &offsets {
-        let at = if k == 0 {
-            i
-        } else {
-            let d = f.u32(k);
-            f.add(i, d)
-        };
-        l.store_root(&mut f, main, 1, at);
-    }
-    l.other_roots(&mut f, &others, 2 + other_sums.len(), j);
+    let nest = Nest {
+        var: "j",
+        count: None,
+        first,
+        computed: None,
+        carried: Some(Carried {
+            red,
+            name: "rows",
+            part: (
+                Callee::Call(crate::text::chunk_part(&format!("v{}_columns", red.0))),
+                kir::Ty::array(kir::Ty::F32, offsets.len() as u32).expect("one deep"),
+            ),
+            stores,
+            quads: false,
+        }),
+        stores: Stores::Root {
+            root: main,
+            offsets,
+        },
+        others: roots.iter().copied().filter(|&r| r != main).collect(),
+    };
+    let (f, callees) = entry(l, &nest);
     (
         map_module(functions.clone(), l.workgroup_size, f, callees),
         functions,
@@ -314,7 +289,7 @@ fn columns(l: &Lowering, c: &Columns) -> (Module, Vec<Item>) {
 /// Register blocking: the lanes (or rows of lanes) of the main root per invocation, carried
 /// into running sums where the kernel sums over the batch.
 fn blocked(l: &Lowering, blocked: &Blocked) -> (Module, Vec<Item>) {
-    let (graph, plan) = (l.graph, l.plan);
+    let graph = l.graph;
     let sums = l.bound.sums.as_slice();
     let roots = l.roots();
     let Blocked {
@@ -334,70 +309,70 @@ fn blocked(l: &Lowering, blocked: &Blocked) -> (Module, Vec<Item>) {
     // by their blocks, and how far one grid step moves in the root's flat index; what
     // the invocation computes (`rows` of lanes, or one `value` of four), its lanes'
     // offsets from `i`, and its vec4s' offsets.
-    type Stores = Vec<(usize, kir::Part)>;
-    let (grid, steps, setup, stores, quads): (Vec<usize>, Vec<usize>, _, Stores, Stores) =
-        match rows {
-            Some((r, rows_fn)) => {
-                let shape = &graph.ty(r.top()).shape;
-                let st = strides(shape);
-                let block = |d: usize| {
-                    if d == r.lane_axis {
-                        LANES
-                    } else if d == r.row_axis {
-                        r.count
-                    } else if d == r.inner_axis {
-                        r.inner
-                    } else {
-                        1
-                    }
-                };
-                let offsets = r.offsets(&st);
-                (
-                    (0..shape.len()).map(|d| shape[d] / block(d)).collect(),
-                    (0..shape.len())
-                        .map(|d| {
-                            // Along the lanes: four apart, or one where the lanes lie a
-                            // quarter of the axis apart.
-                            if d == r.lane_axis {
-                                b.step()
-                            } else {
-                                block(d) * st[d]
-                            }
-                        })
-                        .collect(),
-                    (
-                        "rows",
-                        vec4s_ty(r.accumulators()),
-                        Callee::Call(rows_fn.clone()),
-                    ),
-                    offsets
-                        .iter()
-                        .enumerate()
-                        .flat_map(|(q, &at)| {
-                            (0..LANES).map(move |k| (at + k * b.stride, part(Some(q), Some(k))))
-                        })
-                        .collect(),
-                    offsets
-                        .iter()
-                        .enumerate()
-                        .map(|(q, &at)| (at, part(Some(q), None)))
-                        .collect(),
-                )
-            }
-            None => (
-                vec![main_numel / b.span(), b.extent / LANES, b.base()],
-                vec![b.span(), b.step(), 1],
-                (
-                    "value",
-                    kir::Ty::VEC4_F32,
-                    Callee::Call(lane_fn(*main, b.stride)),
-                ),
-                (0..LANES)
-                    .map(|k| (k * b.stride, part(None, Some(k))))
+    type Parts = Vec<(usize, kir::Part)>;
+    let (grid, steps, setup, stores, quads): (Vec<usize>, Vec<usize>, _, Parts, Parts) = match rows
+    {
+        Some((r, rows_fn)) => {
+            let shape = &graph.ty(r.top()).shape;
+            let st = strides(shape);
+            let block = |d: usize| {
+                if d == r.lane_axis {
+                    LANES
+                } else if d == r.row_axis {
+                    r.count
+                } else if d == r.inner_axis {
+                    r.inner
+                } else {
+                    1
+                }
+            };
+            let offsets = r.offsets(&st);
+            (
+                (0..shape.len()).map(|d| shape[d] / block(d)).collect(),
+                (0..shape.len())
+                    .map(|d| {
+                        // Along the lanes: four apart, or one where the lanes lie a
+                        // quarter of the axis apart.
+                        if d == r.lane_axis {
+                            b.step()
+                        } else {
+                            block(d) * st[d]
+                        }
+                    })
                     .collect(),
-                vec![(0, part(None, None))],
+                (
+                    "rows",
+                    vec4s_ty(r.accumulators()),
+                    Callee::Call(rows_fn.clone()),
+                ),
+                offsets
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(q, &at)| {
+                        (0..LANES).map(move |k| (at + k * b.stride, part(Some(q), Some(k))))
+                    })
+                    .collect(),
+                offsets
+                    .iter()
+                    .enumerate()
+                    .map(|(q, &at)| (at, part(Some(q), None)))
+                    .collect(),
+            )
+        }
+        None => (
+            vec![main_numel / b.span(), b.extent / LANES, b.base()],
+            vec![b.span(), b.step(), 1],
+            (
+                "value",
+                kir::Ty::VEC4_F32,
+                Callee::Call(lane_fn(*main, b.stride)),
             ),
-        };
+            (0..LANES)
+                .map(|k| (k * b.stride, part(None, Some(k))))
+                .collect(),
+            vec![(0, part(None, None))],
+        ),
+    };
     // Every chunk adds its part to the running sums; the last then runs the epilogue,
     // which loads the finished sums.
     let summed_lanes = |red: NodeId| -> Vec<usize> {
@@ -407,12 +382,9 @@ fn blocked(l: &Lowering, blocked: &Blocked) -> (Module, Vec<Item>) {
             .map(|(_, s)| *s)
             .collect()
     };
-    // Operand 0: what the invocation computes; then each sum's chunk part; then the
-    // other roots.
     let (setup_name, setup_ty, setup_fn) = setup;
-    let others: Vec<NodeId> = roots.iter().copied().filter(|&r| r != *main).collect();
-    let mut operands = vec![setup_ty];
-    let mut callees = vec![setup_fn];
+    let quad_sum = |red: NodeId| l.schedule.quad_sum == Some(red);
+    let mut carried = None;
     for &(red, root) in sums {
         if root == *main {
             let part = match rows {
@@ -426,62 +398,234 @@ fn blocked(l: &Lowering, blocked: &Blocked) -> (Module, Vec<Item>) {
                     kir::Ty::VEC4_F32,
                 ),
             };
-            operands.push(part.1);
-            callees.push(Callee::Call(part.0));
-        } else {
-            operands.push(kir::Ty::F32);
-            callees.push(Callee::Call(crate::text::chunk_part(&v(red))));
-        }
-    }
-    element_operands(graph, &others, (&mut operands, &mut callees));
-    let mut f = kir::Builder::entry(operands);
-    let count = grid.iter().product::<usize>();
-    let row = l.row();
-    let j = invocation(&mut f, "j", row, (!l.chunked).then_some(count));
-    let names: Vec<String> = (0..grid.len()).map(|d| format!("g{d}")).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let coords = f.decode(j, &refs, &grid);
-    let mut first = None;
-    for (d, &c) in coords.iter().enumerate() {
-        let step = f.u32(steps[d]);
-        let term = f.mul(c, step);
-        first = Some(match first {
-            None => term,
-            Some(sum) => f.add(sum, term),
-        });
-    }
-    let i = f.let_("i", kir::Ty::U32, first.expect("a grid has axes"));
-    for (k, &(red, root)) in sums.iter().enumerate() {
-        if root == *main {
-            let value = f.operand(1 + k, i);
-            let ty = f.operand_ty(1 + k);
-            if l.schedule.quad_sum == Some(red) {
-                chunks::running_sum(&mut f, red, (setup_name, ty, value), i, &quads, true);
-            } else {
-                chunks::running_sum(&mut f, red, (setup_name, ty, value), i, &stores, false);
-            }
+            carried = Some(Carried {
+                red,
+                name: setup_name,
+                part: (Callee::Call(part.0), part.1),
+                stores: if quad_sum(red) {
+                    quads.clone()
+                } else {
+                    stores.clone()
+                },
+                quads: quad_sum(red),
+            });
             let rows_offsets = rows
                 .as_ref()
                 .filter(|(r, _)| r.reduction == red)
                 .map(|_| stores.iter().map(|(off, _)| *off).collect());
-            functions.extend(l.loaders(
-                red,
-                summed_lanes(red),
-                rows_offsets,
-                l.schedule.quad_sum == Some(red),
-            ));
+            functions.extend(l.loaders(red, summed_lanes(red), rows_offsets, quad_sum(red)));
         } else {
-            let value = f.operand(1 + k, j);
-            chunks::element_running_sum(&mut f, red, j, value, graph.ty(root).numel());
             functions.extend(l.loaders(red, summed_lanes(red), None, false));
+        }
+    }
+    let vec4_out = !l.schedule.vec4_out.is_empty();
+    let nest = Nest {
+        var: "j",
+        count: (!l.chunked).then_some(grid.iter().product::<usize>()),
+        first: First::Grid { grid, steps },
+        computed: Some((setup_name, setup_ty, setup_fn)),
+        carried,
+        stores: Stores::Parts {
+            root: *main,
+            parts: if vec4_out { quads } else { stores },
+            vec4: vec4_out,
+        },
+        others: roots.iter().copied().filter(|&r| r != *main).collect(),
+    };
+    let (f, callees) = entry(l, &nest);
+    (
+        map_module(functions.clone(), l.workgroup_size, f, callees),
+        functions,
+    )
+}
+
+/// One invocation per element, every root stored; summing chunk by chunk or cut into image
+/// chunks where the layout chunks it.
+fn elements(l: &Lowering) -> (Module, Vec<Item>) {
+    let graph = l.graph;
+    let roots = l.roots();
+    let mut functions = l.items.clone();
+    for &(red, _) in &l.bound.sums {
+        functions.extend(l.loaders(red, Vec::new(), None, false));
+    }
+    // `lay_out` checked that every root's elements have u32 indices.
+    let numel = roots
+        .iter()
+        .map(|r| graph.ty(*r).numel())
+        .max()
+        .expect("map kernels have a root");
+    let (stores, others) = match roots {
+        [root] => (
+            Stores::Root {
+                root: *root,
+                offsets: vec![0],
+            },
+            Vec::new(),
+        ),
+        _ => (Stores::Nothing, roots.to_vec()),
+    };
+    let nest = Nest {
+        var: "i",
+        count: (!l.chunked).then_some(numel),
+        first: First::Invocation,
+        computed: None,
+        carried: None,
+        stores,
+        others,
+    };
+    let (f, callees) = entry(l, &nest);
+    (
+        map_module(functions.clone(), l.workgroup_size, f, callees),
+        functions,
+    )
+}
+
+/// A map kernel's entry point as data: its invocations, where each one's elements start,
+/// the running sums it carries and what it stores. Every map recipe but the convolutions over
+/// quads (whose entry point loads and stores everything itself) describes its entry point so,
+/// and [`entry`] lowers the description.
+struct Nest {
+    /// The invocation index's name: `i` where it is the first element's index itself.
+    var: &'static str,
+    /// How many invocations run, or `None` for the image chunk's (the chunk table's range).
+    count: Option<usize>,
+    first: First,
+    /// What the invocation computes (operand 0, read at `i`): its name, type and function.
+    computed: Option<(&'static str, kir::Ty, Callee)>,
+    /// The running sum of the invocation's own elements; every other sum of the kernel is
+    /// carried one element per invocation.
+    carried: Option<Carried>,
+    stores: Stores,
+    /// Roots stored one element per invocation, at the invocation index, below their size.
+    others: Vec<NodeId>,
+}
+
+/// How the invocation's first element `i` follows from its index `j`.
+enum First {
+    /// `i` is `j`.
+    Invocation,
+    /// `j`'s coordinates in `grid` (row-major), each times its step.
+    Grid { grid: Vec<usize>, steps: Vec<usize> },
+    /// `j / per_set * block + j % per_set * kw`: kernel columns of several output channels.
+    Sets {
+        per_set: usize,
+        block: usize,
+        kw: usize,
+    },
+    /// `j * kw`: kernel columns of one output channel.
+    Scaled(usize),
+}
+
+/// The running sum of reduction `red` over the invocation's own elements: its chunk's part
+/// (the function and its type), read at `i` into the `var` named `name`, carried to the sum
+/// buffer at each `(offset from i, part)`, a `vec4` at a time where `quads`.
+struct Carried {
+    red: NodeId,
+    name: &'static str,
+    part: (Callee, kir::Ty),
+    stores: Vec<(usize, kir::Part)>,
+    quads: bool,
+}
+
+/// What the invocation stores of its own elements.
+enum Stores {
+    /// Parts of the computed value into `root`'s buffer at each offset from `i`; with `vec4`,
+    /// whole `vec4`s at `(i + offset) >> 2`.
+    Parts {
+        root: NodeId,
+        parts: Vec<(usize, kir::Part)>,
+        vec4: bool,
+    },
+    /// `root`'s element function at each offset from `i`.
+    Root {
+        root: NodeId,
+        offsets: Vec<usize>,
+    },
+    Nothing,
+}
+
+/// The entry point `nest` describes, and the callees of its operands: the computed value,
+/// each running sum's chunk part (in the kernel's order of sums), the stored root's
+/// function, then the other roots'.
+fn entry(l: &Lowering, nest: &Nest) -> (kir::Builder, Vec<Callee>) {
+    let graph = l.graph;
+    let sums = l.bound.sums.as_slice();
+    let mut operands = Vec::new();
+    let mut callees = Vec::new();
+    if let Some((_, ty, callee)) = &nest.computed {
+        operands.push(*ty);
+        callees.push(callee.clone());
+    }
+    let carried = |red: NodeId| nest.carried.as_ref().filter(|c| c.red == red);
+    let first_sum = operands.len();
+    for &(red, _) in sums {
+        match carried(red) {
+            Some(c) => {
+                operands.push(c.part.1);
+                callees.push(c.part.0.clone());
+            }
+            None => {
+                operands.push(kir::Ty::F32);
+                callees.push(Callee::Call(crate::text::chunk_part(&v(red))));
+            }
+        }
+    }
+    let stored_root = operands.len();
+    if let Stores::Root { root, .. } = &nest.stores {
+        element_operands(graph, &[*root], (&mut operands, &mut callees));
+    }
+    let first_other = operands.len();
+    element_operands(graph, &nest.others, (&mut operands, &mut callees));
+    let mut f = kir::Builder::entry(operands);
+    let j = invocation(&mut f, nest.var, l.row(), nest.count);
+    let i = match &nest.first {
+        First::Invocation => j,
+        First::Grid { grid, steps } => {
+            let names: Vec<String> = (0..grid.len()).map(|d| format!("g{d}")).collect();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let coords = f.decode(j, &refs, grid);
+            let mut first = None;
+            for (d, &c) in coords.iter().enumerate() {
+                let step = f.u32(steps[d]);
+                let term = f.mul(c, step);
+                first = Some(match first {
+                    None => term,
+                    Some(sum) => f.add(sum, term),
+                });
+            }
+            f.let_("i", kir::Ty::U32, first.expect("a grid has axes"))
+        }
+        &First::Sets { per_set, block, kw } => {
+            let (per, block, kwu) = (f.u32(per_set), f.u32(block), f.u32(kw));
+            let set = f.div(j, per);
+            let set = f.mul(set, block);
+            let row = f.rem(j, per);
+            let row = f.mul(row, kwu);
+            let first = f.add(set, row);
+            f.let_("i", kir::Ty::U32, first)
+        }
+        &First::Scaled(kw) => {
+            let kwu = f.u32(kw);
+            let first = f.mul(j, kwu);
+            f.let_("i", kir::Ty::U32, first)
+        }
+    };
+    for (k, &(red, root)) in sums.iter().enumerate() {
+        match carried(red) {
+            Some(c) => {
+                let value = f.operand(first_sum + k, i);
+                let ty = f.operand_ty(first_sum + k);
+                chunks::running_sum(&mut f, red, (c.name, ty, value), i, &c.stores, c.quads);
+            }
+            None => {
+                let value = f.operand(first_sum + k, j);
+                chunks::element_running_sum(&mut f, red, j, value, graph.ty(root).numel());
+            }
         }
     }
     if !sums.is_empty() {
         l.last_chunk_only(&mut f);
     }
-    let computed = f.operand(0, i);
-    let computed = f.let_(setup_name, setup_ty, computed);
-    let g = f.global(l.global(plan.buffer_of[main.0].expect("roots are stored")));
     let at = |f: &mut kir::Builder, off: usize| {
         if off == 0 {
             i
@@ -490,111 +634,32 @@ fn blocked(l: &Lowering, blocked: &Blocked) -> (Module, Vec<Item>) {
             f.add(i, d)
         }
     };
-    if !l.schedule.vec4_out.is_empty() {
-        for &(off, p) in &quads {
-            let index = at(&mut f, off);
-            let two = f.u32(2);
-            let q = f.bin(BinOp::ShiftRight, index, two);
-            let value = f.part(computed, p);
-            f.store(g, q, value);
+    match &nest.stores {
+        Stores::Parts { root, parts, vec4 } => {
+            let (name, ty, _) = nest.computed.as_ref().expect("parts of the computed value");
+            let computed = f.operand(0, i);
+            let computed = f.let_(name, *ty, computed);
+            let g = f.global(l.global(l.plan.buffer_of[root.0].expect("roots are stored")));
+            for &(off, p) in parts {
+                let mut index = at(&mut f, off);
+                if *vec4 {
+                    let two = f.u32(2);
+                    index = f.bin(BinOp::ShiftRight, index, two);
+                }
+                let value = f.part(computed, p);
+                f.store(g, index, value);
+            }
         }
-    } else {
-        for &(off, p) in &stores {
-            let index = at(&mut f, off);
-            let value = f.part(computed, p);
-            f.store(g, index, value);
+        Stores::Root { root, offsets } => {
+            for &off in offsets {
+                let index = at(&mut f, off);
+                l.store_root(&mut f, *root, stored_root, index);
+            }
         }
+        Stores::Nothing => {}
     }
-    l.other_roots(&mut f, &others, 1 + sums.len(), j);
-    (
-        map_module(functions.clone(), l.workgroup_size, f, callees),
-        functions,
-    )
-}
-
-/// One invocation per element, every root stored.
-fn elements(l: &Lowering) -> (Module, Vec<Item>) {
-    let (graph, plan) = (l.graph, l.plan);
-    let roots = l.roots();
-    // One invocation per element, every root stored: all kernel IR.
-    let operands: Vec<kir::Ty> = roots
-        .iter()
-        .map(|r| compute::value_ty(graph.ty(*r).dtype))
-        .collect();
-    let mut f = kir::Builder::entry(operands);
-    // `lay_out` checked that every root's elements have u32 indices.
-    let numel: Vec<u32> = roots.iter().map(|r| graph.ty(*r).numel() as u32).collect();
-    let count = *numel.iter().max().expect("map kernels have a root");
-    let (x, y) = (f.global_id(0), f.global_id(1));
-    let row = f.u32(l.row());
-    let t = f.mul(y, row);
-    let t = f.add(x, t);
-    let i = f.let_("i", kir::Ty::U32, t);
-    let end = f.lit(kir::Literal::U32(count));
-    let past = f.bin(BinOp::Ge, i, end);
-    f.if_(past, |f| f.return_());
-    for (k, r) in roots.iter().enumerate() {
-        let g = f.global(l.global(plan.buffer_of[r.0].expect("roots are stored")));
-        let store = |f: &mut kir::Builder| {
-            let value = f.operand(k, i);
-            f.store(g, i, value);
-        };
-        if roots.len() == 1 {
-            store(&mut f);
-        } else {
-            let n = f.lit(kir::Literal::U32(numel[k]));
-            let inside = f.bin(BinOp::Lt, i, n);
-            f.if_(inside, store);
-        }
-    }
-    let callees = roots.iter().map(|r| Callee::Call(v(*r))).collect();
-    (
-        map_module(l.items.clone(), l.workgroup_size, f, callees),
-        l.items.clone(),
-    )
-}
-
-/// One invocation per element, summing chunk by chunk or cut into image chunks.
-fn chunked_elements(l: &Lowering) -> (Module, Vec<Item>) {
-    let graph = l.graph;
-    let sums = l.bound.sums.as_slice();
-    let roots = l.roots();
-    let mut functions = l.items.clone();
-    // One invocation per element, summing chunk by chunk or cut into image chunks.
-    let mut operands: Vec<kir::Ty> = vec![kir::Ty::F32; sums.len()];
-    let mut callees: Vec<Callee> = sums
-        .iter()
-        .map(|(red, _)| Callee::Call(crate::text::chunk_part(&v(*red))))
-        .collect();
-    for &(red, _) in sums {
-        functions.extend(l.loaders(red, Vec::new(), None, false));
-    }
-    // `lay_out` checked that every root's elements have u32 indices.
-    let numel = roots
-        .iter()
-        .map(|r| graph.ty(*r).numel() as u32)
-        .max()
-        .unwrap_or(0);
-    element_operands(graph, roots, (&mut operands, &mut callees));
-    let mut f = kir::Builder::entry(operands);
-    let row = l.row();
-    let i = invocation(&mut f, "i", row, (!l.chunked).then_some(numel as usize));
-    for (k, &(red, root)) in sums.iter().enumerate() {
-        let value = f.operand(k, i);
-        chunks::element_running_sum(&mut f, red, i, value, graph.ty(root).numel());
-    }
-    if !sums.is_empty() {
-        l.last_chunk_only(&mut f);
-    }
-    if roots.len() == 1 {
-        l.store_root(&mut f, roots[0], sums.len(), i);
-    } else {
-        l.other_roots(&mut f, roots, sums.len(), i);
-    }
-    (
-        map_module(functions.clone(), l.workgroup_size, f, callees),
-        functions,
-    )
+    l.other_roots(&mut f, &nest.others, first_other, j);
+    (f, callees)
 }
 
 /// Appends each of `nodes`' element functions `v<id>` to an entry point's operands.
