@@ -31,6 +31,26 @@ fn stored_global(compiled: &Compiled, k: usize, s: NodeId) -> String {
     format!("buf{}", binding.binding)
 }
 
+/// Elements `elements` of node `s` as a kernel stored them (`got`) are the reference's.
+fn assert_elements(
+    what: &str,
+    g: &Graph,
+    s: NodeId,
+    got: &[Value],
+    want: &[Value],
+    elements: impl IntoIterator<Item = usize>,
+) {
+    for e in elements {
+        assert!(
+            close(got[e], want[e]),
+            "{what} stores {s} = {} element {e}: interpreter {:?}, reference {:?}",
+            g.node(s).op.name(),
+            got[e],
+            want[e]
+        );
+    }
+}
+
 /// Invocations run per kernel at most (evenly spread, the last included).
 const INVOCATIONS: usize = 300;
 
@@ -92,16 +112,14 @@ fn check(what: &str, g: &Graph, target: &Target) -> usize {
                 "{what}: {}: nothing of {s} computed",
                 kernel.name
             );
-            for i in checked {
-                assert!(
-                    close(got[i], want[i]),
-                    "{what}: {} stores {s} = {} element {i}: interpreter {:?}, reference {:?}",
-                    kernel.name,
-                    g.node(s).op.name(),
-                    got[i],
-                    want[i]
-                );
-            }
+            assert_elements(
+                &format!("{what}: {}", kernel.name),
+                g,
+                s,
+                got,
+                &want,
+                checked,
+            );
         }
         ran += 1;
     }
@@ -129,15 +147,8 @@ fn check_head<'v>(
     for &s in &kernel.stores {
         let got = &buffers[&stored_global(compiled, k, s)];
         let want = words(value_of(s), false);
-        for e in 0..g.ty(s).numel() {
-            assert!(
-                close(got[e], want[e]),
-                "{what}: {name} stores {s} = {} element {e}: interpreter {:?}, reference {:?}",
-                g.node(s).op.name(),
-                got[e],
-                want[e]
-            );
-        }
+        let all = 0..g.ty(s).numel();
+        assert_elements(&format!("{what}: {name}"), g, s, got, &want, all);
     }
 }
 
@@ -308,15 +319,7 @@ fn check_schedules(
                 !written.is_empty() || !roots.contains(&s),
                 "{what}: {name}: nothing of {s} written"
             );
-            for e in written {
-                assert!(
-                    close(got[e], want[e]),
-                    "{what}: {name} stores {s} = {} element {e}: interpreter {:?}, reference {:?}",
-                    g.node(s).op.name(),
-                    got[e],
-                    want[e]
-                );
-            }
+            assert_elements(&format!("{what}: {name}"), g, s, got, &want, written);
         }
         ran += 1;
     }

@@ -176,8 +176,14 @@ fn zero(ty: Ty) -> Lanes {
     }
 }
 
-/// Element `index` of `data`, the buffer `global` (`None`: no such buffer), bounds-checked.
-fn read(data: Option<&Vec<Value>>, global: &str, index: u32, w: usize) -> Result<Lanes, EvalError> {
+/// The buffer `global` (`data`, `None` if there is none) and where its element `index`, `w`
+/// scalars wide, starts: bounds-checked.
+fn locate<D: std::ops::Deref<Target = Vec<Value>>>(
+    data: Option<D>,
+    global: &str,
+    index: u32,
+    w: usize,
+) -> Result<(D, usize), EvalError> {
     let Some(data) = data else {
         return Err(EvalError::Module(format!("no buffer `{global}`")));
     };
@@ -189,6 +195,12 @@ fn read(data: Option<&Vec<Value>>, global: &str, index: u32, w: usize) -> Result
             len: data.len() / w,
         });
     }
+    Ok((data, at))
+}
+
+/// Element `index` of `data`, the buffer `global` (`None`: no such buffer), bounds-checked.
+fn read(data: Option<&Vec<Value>>, global: &str, index: u32, w: usize) -> Result<Lanes, EvalError> {
+    let (data, at) = locate(data, global, index, w)?;
     Ok(if w == 4 {
         Lanes::Vec4([data[at], data[at + 1], data[at + 2], data[at + 3]])
     } else {
@@ -204,17 +216,7 @@ fn write(
     value: &Lanes,
     w: usize,
 ) -> Result<(), EvalError> {
-    let Some(data) = data else {
-        return Err(EvalError::Module(format!("no buffer `{global}`")));
-    };
-    let at = index as usize * w;
-    if at + w > data.len() {
-        return Err(EvalError::OutOfBounds {
-            global: global.into(),
-            index,
-            len: data.len() / w,
-        });
-    }
+    let (data, at) = locate(data, global, index, w)?;
     for k in 0..w {
         data[at + k] = value.lane(k);
     }
