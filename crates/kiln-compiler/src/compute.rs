@@ -391,10 +391,12 @@ pub fn element(
             let (oh, ow) = (dy_shape[2], dy_shape[3]);
             let (h, w) = (out[2], out[3]);
             let [nc, hh, ww] = coords3(b, i, ["nc", "h", "w"], &[out[0] * out[1], h, w]);
-            if !max && kernel == stride {
+            if kernel == stride {
                 // Windows that tile the input: each element is in at most one window, so its
-                // gradient is that window's, shared evenly (no loop over the taps; the tap
-                // loop's divergent tests were most of the kernels that upsample gradients).
+                // gradient is that window's, shared evenly or, for the maximum, all of it where
+                // the element is the window's first maximum (no loop over the windows that
+                // could hold it: their divergent tests were most of the kernels that upsample
+                // gradients).
                 if h != oh * kernel[0] || w != ow * kernel[1] {
                     let (lh, lw) = (b.u32(oh * kernel[0]), b.u32(ow * kernel[1]));
                     let (a, c) = (b.bin(BinOp::Ge, hh, lh), b.bin(BinOp::Ge, ww, lw));
@@ -403,15 +405,27 @@ pub fn element(
                 }
                 let (ohu, owu, khu, kwu) =
                     (b.u32(oh), b.u32(ow), b.u32(kernel[0]), b.u32(kernel[1]));
-                let t = b.mul(nc, ohu);
                 let y = b.div(hh, khu);
+                let x = b.div(ww, kwu);
+                let (y, x) = if max {
+                    (b.let_("oy", Ty::U32, y), b.let_("ox", Ty::U32, x))
+                } else {
+                    (y, x)
+                };
+                let t = b.mul(nc, ohu);
                 let t = b.add(t, y);
                 let t = b.mul(t, owu);
-                let x = b.div(ww, kwu);
                 let at = b.add(t, x);
-                let g = b.operand(0, at);
-                let d = b.f32((kernel[0] * kernel[1]) as f32);
-                let r = b.div(g, d);
+                let g = b.operand(usize::from(max), at);
+                let r = if max {
+                    let (ky, kx) = (b.rem(hh, khu), b.rem(ww, kwu));
+                    let hit =
+                        first_max_at(b, operands[0], [nc, y, x], (h, w), kernel, kernel, [ky, kx]);
+                    b.select(hit, g, zero)
+                } else {
+                    let d = b.f32((kernel[0] * kernel[1]) as f32);
+                    b.div(g, d)
+                };
                 b.ret_(r);
             } else {
                 let acc = b.var("acc", ret, zero);
@@ -435,44 +449,9 @@ pub fn element(
                             return;
                         }
                         // Recompute the window's first maximum; the gradient goes to it alone.
-                        let base = {
-                            let (hu, sy, wu, sx) =
-                                (b.u32(h), b.u32(stride[0]), b.u32(w), b.u32(stride[1]));
-                            let t = b.mul(nc, hu);
-                            let y = b.mul(oy, sy);
-                            let t = b.add(t, y);
-                            let t = b.mul(t, wu);
-                            let x = b.mul(ox, sx);
-                            let t = b.add(t, x);
-                            b.let_("base", Ty::U32, t)
-                        };
-                        let first = b.operand(0, base);
-                        let best = b.var("best", operands[0], first);
-                        let z = b.u32(0);
-                        let by = b.var("by", Ty::U32, z);
-                        let bx = b.var("bx", Ty::U32, z);
-                        let (w0, wn) = (b.u32(0), b.u32(kernel[0]));
-                        b.for_("wy", w0, wn, |b, wy| {
-                            let (w0, wn) = (b.u32(0), b.u32(kernel[1]));
-                            b.for_("wx", w0, wn, |b, wx| {
-                                let wu = b.u32(w);
-                                let t = b.mul(wy, wu);
-                                let t = b.add(base, t);
-                                let t = b.add(t, wx);
-                                let x = b.operand(0, t);
-                                let a = b.let_("a", operands[0], x);
-                                let bv = b.get(best);
-                                let takes = first_max_takes(b, bv, a, BinOp::And);
-                                b.if_(takes, |b| {
-                                    b.assign(best, a);
-                                    b.assign(by, wy);
-                                    b.assign(bx, wx);
-                                });
-                            });
-                        });
-                        let (byv, bxv) = (b.get(by), b.get(bx));
-                        let (y_eq, x_eq) = (b.bin(BinOp::Eq, byv, ky), b.bin(BinOp::Eq, bxv, kx));
-                        let hit = b.bin(BinOp::And, y_eq, x_eq);
+                        let window = [nc, oy, ox];
+                        let hit =
+                            first_max_at(b, operands[0], window, (h, w), kernel, stride, [ky, kx]);
                         b.if_(hit, |b| {
                             let t = g(b, 1);
                             b.add_assign(acc, t);
@@ -687,6 +666,57 @@ pub(crate) fn clamped_label(b: &mut Builder, label: Expr, classes: usize) -> Exp
 /// Whether `a` replaces `best` as a window's first maximum: `!(best != best) op !(a <= best)`
 /// (NaN wins and stays; ties keep the first), with `&&` for scalars that branch and `&` for
 /// lanes.
+/// Whether the window `(oy, ox)` of image-channel `nc` (`kernel` in size, `stride` apart, over
+/// an input of `size`, read through operand 0 of type `ty`) has its first maximum (row-major,
+/// NaN wins) at offset `(ky, kx)`.
+fn first_max_at(
+    b: &mut Builder,
+    ty: Ty,
+    [nc, oy, ox]: [Expr; 3],
+    (h, w): (usize, usize),
+    kernel: &[usize; 2],
+    stride: &[usize; 2],
+    [ky, kx]: [Expr; 2],
+) -> Expr {
+    let base = {
+        let (hu, sy, wu, sx) = (b.u32(h), b.u32(stride[0]), b.u32(w), b.u32(stride[1]));
+        let t = b.mul(nc, hu);
+        let y = b.mul(oy, sy);
+        let t = b.add(t, y);
+        let t = b.mul(t, wu);
+        let x = b.mul(ox, sx);
+        let t = b.add(t, x);
+        b.let_("base", Ty::U32, t)
+    };
+    let first = b.operand(0, base);
+    let best = b.var("best", ty, first);
+    let z = b.u32(0);
+    let by = b.var("by", Ty::U32, z);
+    let bx = b.var("bx", Ty::U32, z);
+    let (w0, wn) = (b.u32(0), b.u32(kernel[0]));
+    b.for_("wy", w0, wn, |b, wy| {
+        let (w0, wn) = (b.u32(0), b.u32(kernel[1]));
+        b.for_("wx", w0, wn, |b, wx| {
+            let wu = b.u32(w);
+            let t = b.mul(wy, wu);
+            let t = b.add(base, t);
+            let t = b.add(t, wx);
+            let x = b.operand(0, t);
+            let a = b.let_("a", ty, x);
+            let bv = b.get(best);
+            let takes = first_max_takes(b, bv, a, BinOp::And);
+            b.if_(takes, |b| {
+                b.assign(best, a);
+                b.assign(by, wy);
+                b.assign(bx, wx);
+            });
+        });
+    });
+    let (byv, bxv) = (b.get(by), b.get(bx));
+    let (y_eq, x_eq) = (b.bin(BinOp::Eq, byv, ky), b.bin(BinOp::Eq, bxv, kx));
+    b.bin(BinOp::And, y_eq, x_eq)
+}
+
 pub(crate) fn first_max_takes(b: &mut Builder, best: Expr, a: Expr, op: BinOp) -> Expr {
     let nan = b.bin(BinOp::Ne, best, best);
     let not_nan = b.unary(UnOp::Not, nan);
