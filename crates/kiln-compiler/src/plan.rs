@@ -11,7 +11,8 @@
 //!   in the reads of the kernels that consume them (XLA's input fusion). One exception, chosen
 //!   by profiling on lavapipe: a cheap value that *computes* something (not a plain data read)
 //!   and that a convolution or matmul would re-read [`MAX_INLINE_REUSE`] or more times per
-//!   element is stored once by its own kernel instead (the upsampled, activation-differentiated
+//!   element (directly or through reshapes: a flattened input of a linear layer) is stored
+//!   once by its own kernel instead (the upsampled, activation-differentiated
 //!   gradient that a convolution's input- and weight-gradient kernels both sweep hundreds of
 //!   times): recomputing it inside the reduction loops cost 2-3x their time. The u8 scaling of
 //!   the batch counts as computing: the first convolution reads each pixel 150 times, and
@@ -258,6 +259,18 @@ fn reuse(graph: &Graph, consumer: NodeId, k: usize) -> usize {
 /// plain data read (gather, u8 scaling, reshape, constants).
 pub const MAX_INLINE_REUSE: usize = 8;
 
+/// Whether an anchor reads `id` [`MAX_INLINE_REUSE`] or more times per element, directly or
+/// through reshapes (a flatten between the u8 scaling or an activation and a linear layer
+/// hides no reuse: the matmul re-read the gathered, scaled pixel once per output feature).
+fn reread_by_anchor(graph: &Graph, consumers: &Consumers, id: NodeId) -> bool {
+    consumers[id.0]
+        .iter()
+        .any(|&(c, k)| match graph.node(c).op {
+            Op::Reshape { .. } => reread_by_anchor(graph, consumers, c),
+            ref op => is_anchor(op) && reuse(graph, c, k) >= MAX_INLINE_REUSE,
+        })
+}
+
 /// Whether inlining `id` recomputes real work (pool gradients, activation derivatives) rather
 /// than just reading data.
 fn computes(graph: &Graph, id: NodeId) -> bool {
@@ -393,10 +406,7 @@ fn place(
         } else if is_output[id.0] || forced.contains(&id) || cons.is_empty() {
             Placement::Stored
         } else if !heavy[id.0] {
-            let reread = computes(graph, id)
-                && cons.iter().any(|&(c, k)| {
-                    is_anchor(&graph.node(c).op) && reuse(graph, c, k) >= MAX_INLINE_REUSE
-                });
+            let reread = computes(graph, id) && reread_by_anchor(graph, consumers, id);
             if cost[id.0] <= MAX_INLINE_READS && !reread {
                 Placement::Inline
             } else {

@@ -1025,3 +1025,30 @@ fn a_window_gradient_recomputed_past_the_loop_limit_is_stored() {
         assert!(m.loop_iterations.unwrap() <= 65_535, "{}", m.name);
     }
 }
+
+/// A linear layer straight on the flattened batch (no convolution) reads each scaled pixel
+/// once per output feature through the flatten: the batch is gathered and scaled once by its
+/// own kernel, and no matmul kernel recomputes the gather (measured: the first layer's kernel
+/// of a 784-256-10 MLP 55-64 -> 19-26 ms per step on lavapipe).
+#[test]
+fn a_linear_layer_on_the_flattened_batch_reads_it_stored() {
+    let mlp = Sequential::new()
+        .append(kiln_ir::Layer::Flatten)
+        .append(kiln_ir::Layer::linear(784, 256))
+        .append(kiln_ir::Layer::ReLU)
+        .append(kiln_ir::Layer::linear(256, 10));
+    let g = step_graph(&mlp, 256, 60_000);
+    for t in [Target::portable(), Target::lavapipe()] {
+        let plan = fuse(&g, &t).unwrap();
+        verify_plan(&g, &plan, &t).unwrap();
+        assert_eq!(ops_of(&g, &plan, 0), ["gather", "scale_u8"], "{t}");
+        for k in 1..plan.kernels.len() {
+            let ops = ops_of(&g, &plan, k);
+            assert!(
+                !ops.contains(&"scale_u8"),
+                "{t}: kernel {k} recomputes the scaled batch: {ops:?}\n{}",
+                describe(&g, &plan)
+            );
+        }
+    }
+}
