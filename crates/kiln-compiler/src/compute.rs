@@ -429,12 +429,14 @@ pub fn element(
                 b.ret_(r);
             } else {
                 let acc = b.var("acc", ret, zero);
-                let (k0, kn) = (b.u32(0), b.u32(kernel[0]));
-                b.for_("ky", k0, kn, |b, ky| {
-                    let oy = strided_source(b, ["ty", "oy"], hh, ky, 0, stride[0], oh);
-                    let (k0, kn) = (b.u32(0), b.u32(kernel[1]));
-                    b.for_("kx", k0, kn, |b, kx| {
-                        let ox = strided_source(b, ["tx", "ox"], ww, kx, 0, stride[1], ow);
+                // Only the windows that can hold the element: ceil(kernel / stride) along
+                // each axis (2 x 2 of a 3x3/2 pool, where a loop over the taps tried 3 x 3).
+                let (t0, tn) = (b.u32(0), b.u32(kernel[0].div_ceil(stride[0])));
+                b.for_("ty", t0, tn, |b, t| {
+                    let (oy, ky) = window_of(b, ["oy", "ky"], hh, t, kernel[0], stride[0], oh);
+                    let (t0, tn) = (b.u32(0), b.u32(kernel[1].div_ceil(stride[1])));
+                    b.for_("tx", t0, tn, |b, t| {
+                        let (ox, kx) = window_of(b, ["ox", "kx"], ww, t, kernel[1], stride[1], ow);
                         let g = |b: &mut Builder, k: usize| {
                             let (ohu, owu) = (b.u32(oh), b.u32(ow));
                             let t = b.mul(nc, ohu);
@@ -807,6 +809,36 @@ pub(crate) fn tap(
     let outside = b.bin(BinOp::Or, lo, hi);
     b.continue_if(outside);
     b.cast(Scalar::U32, v)
+}
+
+/// The `t`-th window (counting back) that may hold input coordinate `at` along an axis of
+/// `out` windows, `kernel` wide and `stride` apart: the window `names[0]` and the element's
+/// offset in it `names[1]`, `continue` where that window does not exist or does not reach `at`.
+fn window_of(
+    b: &mut Builder,
+    names: [&str; 2],
+    at: Expr,
+    t: Expr,
+    kernel: usize,
+    stride: usize,
+    out: usize,
+) -> (Expr, Expr) {
+    let s = b.u32(stride);
+    let last = b.div(at, s);
+    let before = b.bin(BinOp::Lt, last, t);
+    b.continue_if(before);
+    let o = b.sub(last, t);
+    let o = b.let_(names[0], Ty::U32, o);
+    let n = b.u32(out);
+    let past = b.bin(BinOp::Ge, o, n);
+    b.continue_if(past);
+    let start = b.mul(o, s);
+    let k = b.sub(at, start);
+    let k = b.let_(names[1], Ty::U32, k);
+    let kn = b.u32(kernel);
+    let outside = b.bin(BinOp::Ge, k, kn);
+    b.continue_if(outside);
+    (o, k)
 }
 
 /// The output coordinate `names[1]` a strided gradient tap `k` of input coordinate `at`
