@@ -989,7 +989,9 @@ fn a_factorised_layer_stores_its_updates_deltas_and_trains() {
 
 /// A 3x3/2 max pooling's gradient, inlined into the convolution's weight gradient, recomputes
 /// each window's maximum per product: on lavapipe's loop limit that kernel cannot run, so the
-/// compiler stores the pool gradient instead (found by the random-model GPU test).
+/// compiler stores the pool gradient instead (found by the random-model GPU test on 7x7
+/// images; since the gradient loops over only the windows that can hold an element, it takes
+/// 15x15 images at batch 8 to pass the limit).
 #[test]
 fn a_window_gradient_recomputed_past_the_loop_limit_is_stored() {
     use kiln_compiler::compile;
@@ -998,9 +1000,9 @@ fn a_window_gradient_recomputed_past_the_loop_limit_is_stored() {
         .append(Layer::from(Conv2d::new(1, 1, 2)))
         .append(Layer::max_pool2d(3, 2))
         .append(Layer::Flatten)
-        .append(Layer::linear(4, 2));
+        .append(Layer::linear(36, 2));
     let fwd = model
-        .build("random", TensorType::new(DType::U8, [4, 1, 7, 7]))
+        .build("random", TensorType::new(DType::U8, [8, 1, 15, 15]))
         .unwrap();
     let step = read_batches_from_dataset(&training_step(&fwd, 0.5).unwrap(), 9).unwrap();
     // Without the loop limit the pool gradient is inlined into the weight gradient.
