@@ -665,11 +665,8 @@ pub(crate) fn clamped_label(b: &mut Builder, label: Expr, classes: usize) -> Exp
     b.math(MathFn::Min, &[l, last])
 }
 
-/// Whether `a` replaces `best` as a window's first maximum: `!(best != best) op !(a <= best)`
-/// (NaN wins and stays; ties keep the first), with `&&` for scalars that branch and `&` for
-/// lanes.
 /// Whether the window `(oy, ox)` of image-channel `nc` (`kernel` in size, `stride` apart, over
-/// an input of `size`, read through operand 0 of type `ty`) has its first maximum (row-major,
+/// an input of `(h, w)`, read through operand 0 of type `ty`) has its first maximum (row-major,
 /// NaN wins) at offset `(ky, kx)`.
 fn first_max_at(
     b: &mut Builder,
@@ -719,6 +716,9 @@ fn first_max_at(
     b.bin(BinOp::And, y_eq, x_eq)
 }
 
+/// Whether `a` replaces `best` as a window's first maximum: `!(best != best) op !(a <= best)`
+/// (NaN wins and stays; ties keep the first), with `&&` for scalars that branch and `&` for
+/// lanes.
 pub(crate) fn first_max_takes(b: &mut Builder, best: Expr, a: Expr, op: BinOp) -> Expr {
     let nan = b.bin(BinOp::Ne, best, best);
     let not_nan = b.unary(UnOp::Not, nan);
