@@ -84,15 +84,6 @@ impl Blocking {
         }
     }
 
-    /// Flat distance between the first lanes of neighbouring invocations along the axis.
-    pub fn step(&self) -> usize {
-        if self.quarter {
-            self.base()
-        } else {
-            LANES * self.base()
-        }
-    }
-
     /// Flat length of the whole axis.
     pub fn span(&self) -> usize {
         self.extent * self.base()

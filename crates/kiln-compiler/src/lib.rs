@@ -16,6 +16,7 @@ mod interface;
 pub mod kir;
 mod launch;
 mod lower;
+mod nest;
 mod plan;
 mod report;
 mod schedule;

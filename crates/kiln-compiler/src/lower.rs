@@ -6,7 +6,7 @@
 use kiln_ir::{Graph, NodeId};
 
 use crate::bind::KernelBindings;
-use crate::blocking::{LANES, lane_fn};
+use crate::blocking::lane_fn;
 use crate::chunks;
 use crate::compute;
 use crate::conv_quads::ConvQuads;
@@ -15,9 +15,10 @@ use crate::head::head_main;
 use crate::kir::module::{Item, Module};
 use crate::kir::wgsl::Callee;
 use crate::kir::{self, BinOp};
+use crate::nest::{Held, Invocations, first_element};
 use crate::plan::{Kernel, KernelKind, Plan};
 use crate::schedule::{Blocked, Columns, Recipe, Schedule};
-use crate::text::{strides, v};
+use crate::text::v;
 
 /// What lowering a kernel's schedule needs.
 pub(crate) struct Lowering<'a> {
@@ -131,6 +132,17 @@ impl<'a> Lowering<'a> {
         chunks::sum_loaders(red, &forms, quads)
     }
 
+    /// The schedule's loop nest, split.
+    fn invocations(&self) -> Invocations {
+        let nest = self
+            .schedule
+            .nest
+            .as_ref()
+            .expect("map recipes have a nest");
+        nest.invocations()
+            .unwrap_or_else(|e| panic!("{}: the recipe's nest {nest}: {e}", self.kernel.name))
+    }
+
     fn roots(&self) -> &'a [NodeId] {
         match &self.kernel.kind {
             KernelKind::Map { roots } => roots,
@@ -192,7 +204,7 @@ fn columns(l: &Lowering, c: &Columns) -> (Module, Vec<Item>) {
     let Columns {
         main,
         reduction: red,
-        kw,
+        kw: _,
         channels,
         operands,
         vec4,
@@ -200,12 +212,6 @@ fn columns(l: &Lowering, c: &Columns) -> (Module, Vec<Item>) {
     let mut functions = l.items.clone();
     let ins = &graph.node(red).inputs;
     let (xv, dyv) = (v(ins[0]), v(ins[1]));
-    // Offsets from `i` of the values an invocation computes: kernel columns of each of
-    // its output channels.
-    let channel_words = graph.ty(red).numel() / graph.ty(red).shape[0];
-    let offsets: Vec<usize> = (0..channels)
-        .flat_map(|k| (0..kw).map(move |kx| k * channel_words + kx))
-        .collect();
     if channels > 1 {
         let (x, dy) = operands.expect("whole rows read uniform bindings");
         let window = |b: usize| l.bound.uniform_at(b).expect("read from a uniform binding");
@@ -233,18 +239,14 @@ fn columns(l: &Lowering, c: &Columns) -> (Module, Vec<Item>) {
     for &(r, _) in sums {
         functions.extend(l.loaders(r, Vec::new(), None, false));
     }
-    // Invocation j covers channels `channels * (j / per_set) ..` at kernel row
-    // `j % per_set` (an (input channel, kernel row) pair).
-    let per_set = channel_words / kw;
-    let first = if channels > 1 {
-        First::Sets {
-            per_set,
-            block: channels * channel_words,
-            kw,
-        }
-    } else {
-        First::Scaled(kw)
-    };
+    // The invocation's kernel columns of each of its output channels, as the nest holds
+    // them (rows: channels, then columns).
+    let inv = l.invocations();
+    let offsets: Vec<usize> = inv
+        .offsets(&[Held::Rows, Held::Columns])
+        .into_iter()
+        .map(|(_, off)| off)
+        .collect();
     let stores = offsets
         .iter()
         .enumerate()
@@ -258,10 +260,9 @@ fn columns(l: &Lowering, c: &Columns) -> (Module, Vec<Item>) {
             )
         })
         .collect();
-    let nest = Nest {
-        var: "j",
+    let nest = EntryPoint {
         count: None,
-        first,
+        invocations: inv,
         computed: None,
         carried: Some(Carried {
             red,
@@ -289,7 +290,6 @@ fn columns(l: &Lowering, c: &Columns) -> (Module, Vec<Item>) {
 /// Register blocking: the lanes (or rows of lanes) of the main root per invocation, carried
 /// into running sums where the kernel sums over the batch.
 fn blocked(l: &Lowering, blocked: &Blocked) -> (Module, Vec<Item>) {
-    let graph = l.graph;
     let sums = l.bound.sums.as_slice();
     let roots = l.roots();
     let Blocked {
@@ -304,71 +304,38 @@ fn blocked(l: &Lowering, blocked: &Blocked) -> (Module, Vec<Item>) {
         index: index.map(|k| k as u32),
         lane: lane.map(|l| l as u32),
     };
-    let main_numel = graph.ty(*main).numel();
-    // The invocation grid: the main root's index space with its blocked axes divided
-    // by their blocks, and how far one grid step moves in the root's flat index; what
-    // the invocation computes (`rows` of lanes, or one `value` of four), its lanes'
-    // offsets from `i`, and its vec4s' offsets.
+    // What the invocation computes (`rows` of lanes, or one `value` of four), its lanes'
+    // offsets from `i` as the nest holds them, and its vec4s' offsets (accumulators in
+    // the order rows, then inner rows).
+    let inv = l.invocations();
+    let inner = inv.factor(Held::Inner);
+    let accumulator = |c: &[usize]| c[0] * inner + c[1];
     type Parts = Vec<(usize, kir::Part)>;
-    let (grid, steps, setup, stores, quads): (Vec<usize>, Vec<usize>, _, Parts, Parts) = match rows
-    {
-        Some((r, rows_fn)) => {
-            let shape = &graph.ty(r.top()).shape;
-            let st = strides(shape);
-            let block = |d: usize| {
-                if d == r.lane_axis {
-                    LANES
-                } else if d == r.row_axis {
-                    r.count
-                } else if d == r.inner_axis {
-                    r.inner
-                } else {
-                    1
-                }
-            };
-            let offsets = r.offsets(&st);
+    let (setup, stores, quads): (_, Parts, Parts) = match rows {
+        Some((r, rows_fn)) => (
             (
-                (0..shape.len()).map(|d| shape[d] / block(d)).collect(),
-                (0..shape.len())
-                    .map(|d| {
-                        // Along the lanes: four apart, or one where the lanes lie a
-                        // quarter of the axis apart.
-                        if d == r.lane_axis {
-                            b.step()
-                        } else {
-                            block(d) * st[d]
-                        }
-                    })
-                    .collect(),
-                (
-                    "rows",
-                    vec4s_ty(r.accumulators()),
-                    Callee::Call(rows_fn.clone()),
-                ),
-                offsets
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(q, &at)| {
-                        (0..LANES).map(move |k| (at + k * b.stride, part(Some(q), Some(k))))
-                    })
-                    .collect(),
-                offsets
-                    .iter()
-                    .enumerate()
-                    .map(|(q, &at)| (at, part(Some(q), None)))
-                    .collect(),
-            )
-        }
+                "rows",
+                vec4s_ty(r.accumulators()),
+                Callee::Call(rows_fn.clone()),
+            ),
+            inv.offsets(&[Held::Rows, Held::Inner, Held::Lanes])
+                .into_iter()
+                .map(|(c, off)| (off, part(Some(accumulator(&c)), Some(c[2]))))
+                .collect(),
+            inv.offsets(&[Held::Rows, Held::Inner])
+                .into_iter()
+                .map(|(c, off)| (off, part(Some(accumulator(&c)), None)))
+                .collect(),
+        ),
         None => (
-            vec![main_numel / b.span(), b.extent / LANES, b.base()],
-            vec![b.span(), b.step(), 1],
             (
                 "value",
                 kir::Ty::VEC4_F32,
                 Callee::Call(lane_fn(*main, b.stride)),
             ),
-            (0..LANES)
-                .map(|k| (k * b.stride, part(None, Some(k))))
+            inv.offsets(&[Held::Lanes])
+                .into_iter()
+                .map(|(c, off)| (off, part(None, Some(c[0]))))
                 .collect(),
             vec![(0, part(None, None))],
         ),
@@ -419,10 +386,9 @@ fn blocked(l: &Lowering, blocked: &Blocked) -> (Module, Vec<Item>) {
         }
     }
     let vec4_out = !l.schedule.vec4_out.is_empty();
-    let nest = Nest {
-        var: "j",
-        count: (!l.chunked).then_some(grid.iter().product::<usize>()),
-        first: First::Grid { grid, steps },
+    let nest = EntryPoint {
+        count: (!l.chunked).then_some(inv.count()),
+        invocations: inv,
         computed: Some((setup_name, setup_ty, setup_fn)),
         carried,
         stores: Stores::Parts {
@@ -442,18 +408,11 @@ fn blocked(l: &Lowering, blocked: &Blocked) -> (Module, Vec<Item>) {
 /// One invocation per element, every root stored; summing chunk by chunk or cut into image
 /// chunks where the layout chunks it.
 fn elements(l: &Lowering) -> (Module, Vec<Item>) {
-    let graph = l.graph;
     let roots = l.roots();
     let mut functions = l.items.clone();
     for &(red, _) in &l.bound.sums {
         functions.extend(l.loaders(red, Vec::new(), None, false));
     }
-    // `lay_out` checked that every root's elements have u32 indices.
-    let numel = roots
-        .iter()
-        .map(|r| graph.ty(*r).numel())
-        .max()
-        .expect("map kernels have a root");
     let (stores, others) = match roots {
         [root] => (
             Stores::Root {
@@ -464,10 +423,10 @@ fn elements(l: &Lowering) -> (Module, Vec<Item>) {
         ),
         _ => (Stores::Nothing, roots.to_vec()),
     };
-    let nest = Nest {
-        var: "i",
-        count: (!l.chunked).then_some(numel),
-        first: First::Invocation,
+    let inv = l.invocations();
+    let nest = EntryPoint {
+        count: (!l.chunked).then_some(inv.count()),
+        invocations: inv,
         computed: None,
         carried: None,
         stores,
@@ -484,12 +443,11 @@ fn elements(l: &Lowering) -> (Module, Vec<Item>) {
 /// the running sums it carries and what it stores. Every map recipe but the convolutions over
 /// quads (whose entry point loads and stores everything itself) describes its entry point so,
 /// and [`entry`] lowers the description.
-struct Nest {
-    /// The invocation index's name: `i` where it is the first element's index itself.
-    var: &'static str,
+struct EntryPoint {
     /// How many invocations run, or `None` for the image chunk's (the chunk table's range).
     count: Option<usize>,
-    first: First,
+    /// The schedule's loop nest, split: the grid that places an invocation's first element.
+    invocations: Invocations,
     /// What the invocation computes (operand 0, read at `i`): its name, type and function.
     computed: Option<(&'static str, kir::Ty, Callee)>,
     /// The running sum of the invocation's own elements; every other sum of the kernel is
@@ -498,22 +456,6 @@ struct Nest {
     stores: Stores,
     /// Roots stored one element per invocation, at the invocation index, below their size.
     others: Vec<NodeId>,
-}
-
-/// How the invocation's first element `i` follows from its index `j`.
-enum First {
-    /// `i` is `j`.
-    Invocation,
-    /// `j`'s coordinates in `grid` (row-major), each times its step.
-    Grid { grid: Vec<usize>, steps: Vec<usize> },
-    /// `j / per_set * block + j % per_set * kw`: kernel columns of several output channels.
-    Sets {
-        per_set: usize,
-        block: usize,
-        kw: usize,
-    },
-    /// `j * kw`: kernel columns of one output channel.
-    Scaled(usize),
 }
 
 /// The running sum of reduction `red` over the invocation's own elements: its chunk's part
@@ -547,7 +489,7 @@ enum Stores {
 /// The entry point `nest` describes, and the callees of its operands: the computed value,
 /// each running sum's chunk part (in the kernel's order of sums), the stored root's
 /// function, then the other roots'.
-fn entry(l: &Lowering, nest: &Nest) -> (kir::Builder, Vec<Callee>) {
+fn entry(l: &Lowering, nest: &EntryPoint) -> (kir::Builder, Vec<Callee>) {
     let graph = l.graph;
     let sums = l.bound.sums.as_slice();
     let mut operands = Vec::new();
@@ -577,39 +519,13 @@ fn entry(l: &Lowering, nest: &Nest) -> (kir::Builder, Vec<Callee>) {
     let first_other = operands.len();
     element_operands(graph, &nest.others, (&mut operands, &mut callees));
     let mut f = kir::Builder::entry(operands);
-    let j = invocation(&mut f, nest.var, l.row(), nest.count);
-    let i = match &nest.first {
-        First::Invocation => j,
-        First::Grid { grid, steps } => {
-            let names: Vec<String> = (0..grid.len()).map(|d| format!("g{d}")).collect();
-            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            let coords = f.decode(j, &refs, grid);
-            let mut first = None;
-            for (d, &c) in coords.iter().enumerate() {
-                let step = f.u32(steps[d]);
-                let term = f.mul(c, step);
-                first = Some(match first {
-                    None => term,
-                    Some(sum) => f.add(sum, term),
-                });
-            }
-            f.let_("i", kir::Ty::U32, first.expect("a grid has axes"))
-        }
-        &First::Sets { per_set, block, kw } => {
-            let (per, block, kwu) = (f.u32(per_set), f.u32(block), f.u32(kw));
-            let set = f.div(j, per);
-            let set = f.mul(set, block);
-            let row = f.rem(j, per);
-            let row = f.mul(row, kwu);
-            let first = f.add(set, row);
-            f.let_("i", kir::Ty::U32, first)
-        }
-        &First::Scaled(kw) => {
-            let kwu = f.u32(kw);
-            let first = f.mul(j, kwu);
-            f.let_("i", kir::Ty::U32, first)
-        }
+    // The invocation index is `i` itself where it is the first element's.
+    let var = match nest.invocations.grid.as_slice() {
+        [a] if a.step == 1 => "i",
+        _ => "j",
     };
+    let j = invocation(&mut f, var, l.row(), nest.count);
+    let i = first_element(&mut f, j, &nest.invocations);
     for (k, &(red, root)) in sums.iter().enumerate() {
         match carried(red) {
             Some(c) => {

@@ -16,6 +16,7 @@ use crate::bind::KernelBindings;
 use crate::blocking::{self, Blocking, LANES, LaneFns, Rows, SplitOf};
 use crate::chunks;
 use crate::conv_quads::{self, ConvQuads};
+use crate::nest::{Held, Nest, Split};
 use crate::plan::{Kernel, KernelKind, Plan};
 use crate::target::{DeviceClass, Target};
 use crate::text::{UniformAt, strides};
@@ -85,6 +86,10 @@ pub(crate) struct Schedule<'a> {
     pub quad_sum: Option<NodeId>,
     /// Whether the register blocking shares loads between outputs (blocks a reduction).
     pub shares_loads: bool,
+    /// The loop nest the entry point enumerates and the recipe's splits of it; `None` for
+    /// the convolutions over quads and the classifier head, whose entry points decode their
+    /// own indices.
+    pub nest: Option<Nest>,
 }
 
 /// One recipe's rule: the device classes it serves and whether (and how) it applies to a
@@ -300,6 +305,7 @@ pub(crate) fn choose_schedule<'a>(cx: &Context<'a>) -> Schedule<'a> {
                 vec4_out: Vec::new(),
                 quad_sum: None,
                 shares_loads: false,
+                nest: None,
             };
         }
         KernelKind::Map { roots } => roots,
@@ -362,12 +368,70 @@ pub(crate) fn choose_schedule<'a>(cx: &Context<'a>) -> Schedule<'a> {
         Recipe::Blocked(b) => b.fns.shares_loads || b.rows.is_some(),
         _ => false,
     };
+    let nest = nest_of(graph, &recipe, roots);
     Schedule {
         recipe,
         rule,
         vec4_out,
         quad_sum,
         shares_loads,
+        nest,
+    }
+}
+
+/// The loop nest `recipe` enumerates and its splits.
+fn nest_of(graph: &Graph, recipe: &Recipe, roots: &[NodeId]) -> Option<Nest> {
+    match recipe {
+        Recipe::ConvQuads(_) | Recipe::Head => None,
+        // Every root, one element per invocation of the largest.
+        Recipe::Elements => {
+            let numel = roots.iter().map(|r| graph.ty(*r).numel()).max();
+            Some(Nest::elements(&[numel.expect("map kernels have a root")]))
+        }
+        // The weight gradient's [O, C, KH, KW]: every kernel column, and output channels as
+        // rows.
+        Recipe::Columns(c) => {
+            let shape = graph.ty(c.reduction).shape.clone();
+            let mut splits = Vec::new();
+            if c.channels > 1 {
+                splits.push(Split::block(0, c.channels, Held::Rows));
+            }
+            splits.push(Split::block(3, c.kw, Held::Columns));
+            Some(Nest { shape, splits })
+        }
+        Recipe::Blocked(b) => Some(match &b.rows {
+            // The rows' node: its rows, inner rows and lanes.
+            Some((r, _)) => {
+                let mut splits = vec![Split::block(r.row_axis, r.count, Held::Rows)];
+                if r.inner > 1 {
+                    splits.push(Split::block(r.inner_axis, r.inner, Held::Inner));
+                }
+                splits.push(if r.lane_gap > 1 {
+                    Split::parts(r.lane_axis, LANES, Held::Lanes)
+                } else {
+                    Split::block(r.lane_axis, LANES, Held::Lanes)
+                });
+                Nest {
+                    shape: graph.ty(r.top()).shape.clone(),
+                    splits,
+                }
+            }
+            // The main root's flat index around the blocked axis (which may be an axis of
+            // the value it flattens): [outer, axis, inner].
+            None => {
+                let k = &b.blocking;
+                let numel = graph.ty(b.main).numel();
+                let lanes = if k.quarter {
+                    Split::parts(1, LANES, Held::Lanes)
+                } else {
+                    Split::block(1, LANES, Held::Lanes)
+                };
+                Nest {
+                    shape: vec![numel / k.span(), k.extent, k.base()],
+                    splits: vec![lanes],
+                }
+            }
+        }),
     }
 }
 
@@ -375,42 +439,40 @@ impl Schedule<'_> {
     /// Invocations of a map kernel whose largest root has `numel` elements, and the
     /// schedule's line of the module header (`root` names the roots).
     pub fn describe(&self, graph: &Graph, numel: u32, root: &str) -> (u32, String) {
+        // The nest's grid, where the recipe has one.
+        let n = self.nest.as_ref().map_or(numel, |nest| {
+            let inv = nest.invocations().expect("the recipes make valid nests");
+            inv.count() as u32
+        });
         match &self.recipe {
             Recipe::ConvQuads(q) => (q.invocations(graph) as u32, q.describe(graph)),
-            Recipe::Columns(c) if c.channels > 1 => {
-                let n = numel / (c.kw * c.channels) as u32;
-                (
-                    n,
-                    format!(
-                        "{} kernel columns x {} output channels of {} per invocation, in whole rows (vec4 rows of the input and dy, each pixel serving {} multiply-adds; {n} invocations; {} conv2d_grad_weight)",
-                        c.kw,
-                        c.channels,
-                        c.main,
-                        c.kw * c.channels,
-                        c.reduction
-                    ),
-                )
-            }
-            Recipe::Columns(c) => {
-                let n = numel / c.kw as u32;
-                (
-                    n,
-                    format!(
-                        "{} kernel columns of {} per invocation, sliding along the input rows{} ({n} invocations; {} conv2d_grad_weight)",
-                        c.kw,
-                        c.main,
-                        if c.vec4 {
-                            " four output columns a step (vec4 loads)"
-                        } else {
-                            ""
-                        },
-                        c.reduction
-                    ),
-                )
-            }
+            Recipe::Columns(c) if c.channels > 1 => (
+                n,
+                format!(
+                    "{} kernel columns x {} output channels of {} per invocation, in whole rows (vec4 rows of the input and dy, each pixel serving {} multiply-adds; {n} invocations; {} conv2d_grad_weight)",
+                    c.kw,
+                    c.channels,
+                    c.main,
+                    c.kw * c.channels,
+                    c.reduction
+                ),
+            ),
+            Recipe::Columns(c) => (
+                n,
+                format!(
+                    "{} kernel columns of {} per invocation, sliding along the input rows{} ({n} invocations; {} conv2d_grad_weight)",
+                    c.kw,
+                    c.main,
+                    if c.vec4 {
+                        " four output columns a step (vec4 loads)"
+                    } else {
+                        ""
+                    },
+                    c.reduction
+                ),
+            ),
             Recipe::Blocked(b) => {
                 let per = LANES * b.rows.as_ref().map_or(1, |(r, _)| r.accumulators());
-                let n = numel / per as u32;
                 let what = if b.fns.blocked.is_empty() {
                     "no reduction to block: vec4 reads".to_string()
                 } else {
@@ -425,8 +487,8 @@ impl Schedule<'_> {
                 )
             }
             Recipe::Elements | Recipe::Head => (
-                numel,
-                format!("one invocation per element of {root} ({numel} invocations)"),
+                n,
+                format!("one invocation per element of {root} ({n} invocations)"),
             ),
         }
     }

@@ -675,6 +675,9 @@ fn header(l: &Lowering, target: &Target, schedule: &str, c_opt: Option<&Chunks>)
         "// schedule: {schedule}, workgroup size {workgroup_size}"
     );
     let _ = writeln!(s, "// recipe: {}", l.schedule.rule);
+    if let Some(nest) = &l.schedule.nest {
+        let _ = writeln!(s, "// nest: {nest}");
+    }
     let _ = writeln!(
         s,
         "// dispatch: {} x {} x {} workgroups",

@@ -646,7 +646,8 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "            let xat = ((n * 6u + c) * 14u + oy + ky - 0u) * 14u - bases[0].x;",
             "                let dat = ((n * 16u + o + 3u) * 10u + oy) * 10u - bases[0].y;",
             "                a3_4 += d0 * x4 + d1 * x5 + d2 * x6 + d3 * x7 + d4 * x8 + d5 * x9 + d6 * x10 + d7 * x11 + d8 * x12 + d9 * x13;",
-            "    let i = j / 30u * 600u + (j % 30u) * 5u;",
+            "// nest: [16, 6, 5, 5], axis 0 / 4 rows, axis 3 / 5 columns: grid 4 x 30",
+            "    let g0 = j / 30u;\n    let g1 = j % 30u;\n    let i = g0 * 600u + g1 * 5u;",
             "            rows[19u] += sum55[i + 454u];",
             "    buf1[i + 454u] = v65(i + 454u);",
             // The batch loop covers the chunk's images only.
@@ -771,7 +772,7 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "fn v17_x4s12000(i: u32) -> vec4<f32> {\n    return vec4<f32>(buf1_0[i >> 2u][i & 3u], buf1_1[i >> 2u][i & 3u], buf1_2[i >> 2u][i & 3u], buf1_3[i >> 2u][i & 3u]);",
             "        let bb = v17_x4s12000(c * 400u + p);",
             "    return red + v18_x4s30((i / 1u) % 120u);",
-            "    let g0 = j / 30u;\n    let g1 = j % 30u;\n    let i = g0 * 960u + g1 * 1u;",
+            "    let g0 = j / 30u;\n    let g1 = j % 30u;\n    let i = g0 * 960u + g1;",
             "    buf6[i + 90u] = rows[0u].w;\n    buf6[i + 120u] = rows[1u].x;",
         ],
     );
