@@ -34,6 +34,7 @@
 use kiln_ir::{DType, Graph, NodeId, Op};
 
 use crate::kir;
+use crate::nest::{Held, Invocations, Nest, Split, coordinates};
 use crate::plan::Kernel;
 use crate::text::lanes_formula;
 
@@ -87,6 +88,34 @@ impl ConvQuads {
     /// Invocations of the whole batch.
     pub fn invocations(&self, graph: &Graph) -> usize {
         graph.ty(self.conv).shape[0] * self.per_image
+    }
+
+    /// The loop nest the invocations enumerate: the convolution's output (an input
+    /// gradient's, for its rows) with each invocation's channels, rows and columns; whole
+    /// rows take the channel sets fastest, so that the lanes of a SIMD group read the same
+    /// pixels.
+    pub fn nest(&self, graph: &Graph) -> Nest {
+        let shape = graph.ty(self.conv).shape.clone();
+        let [_, channels, _, width] = crate::compute::rank4(&shape);
+        match self.cover {
+            Cover::Quads => {
+                let mut splits = vec![Split::block(1, channels, Held::Channels)];
+                if self.rows > 1 {
+                    splits.push(Split::block(2, self.rows, Held::Rows));
+                }
+                splits.push(Split::block(3, 4, Held::Lanes));
+                Nest::new(shape, splits)
+            }
+            Cover::WholeRows | Cover::GradInputRows => Nest {
+                shape,
+                splits: vec![
+                    Split::block(1, self.channels, Held::Channels),
+                    Split::block(2, self.rows, Held::Rows),
+                    Split::block(3, width, Held::Columns),
+                ],
+                order: vec![0, 2, 1, 3],
+            },
+        }
     }
 
     /// The schedule line of the kernel's header.
@@ -583,13 +612,34 @@ fn dims(graph: &Graph, conv: NodeId) -> Dims {
 /// and the chunk window a read goes through, if any.
 pub(crate) type Bound<'a> = &'a dyn Fn(NodeId) -> (kir::Global, Option<usize>);
 
-/// The statements of the entry point after invocation `j` is known: the accumulation, the
-/// epilogue and the stores, in the kernel IR.
-pub(crate) fn body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::Expr, at: Bound) {
+/// The statements of the entry point after invocation `j` is known: its coordinates in the
+/// nest (`inv`, from [`ConvQuads::nest`]), the accumulation, the epilogue and the stores, in
+/// the kernel IR.
+pub(crate) fn body(
+    f: &mut kir::Builder,
+    graph: &Graph,
+    q: &ConvQuads,
+    (j, inv): (kir::Expr, &Invocations),
+    at: Bound,
+) {
     match q.cover {
-        Cover::Quads => quads_body(f, graph, q, j, at),
-        Cover::WholeRows => rows_body(f, graph, q, j, at),
-        Cover::GradInputRows => grad_input_body(f, graph, q, j, at),
+        Cover::Quads => {
+            let c = coordinates(f, j, inv, &["n", "o", "g", "q"]);
+            quads_body(f, graph, q, (c[0], c[2], c[3]), at)
+        }
+        Cover::WholeRows | Cover::GradInputRows => {
+            // The invocation's first channel: its set's.
+            let c = coordinates(f, j, inv, &["n", "s", "g", "x"]);
+            let per = f.u32(q.channels);
+            let first = f.mul(c[1], per);
+            if q.cover == Cover::WholeRows {
+                let o0 = let_u32(f, "o0", first);
+                rows_body(f, graph, q, (c[0], c[2], o0), at)
+            } else {
+                let c0 = let_u32(f, "c0", first);
+                grad_input_body(f, graph, q, (c[0], c[2], c0), at)
+            }
+        }
     }
 }
 
@@ -680,7 +730,14 @@ fn inside(f: &mut kir::Builder, iy: kir::Expr, size: usize) -> kir::Expr {
     f.bin(kir::BinOp::And, lo, hi)
 }
 
-fn quads_body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::Expr, at: Bound) {
+/// `n`, `g` and `q`: the invocation's image, row group and column quad.
+fn quads_body(
+    f: &mut kir::Builder,
+    graph: &Graph,
+    q: &ConvQuads,
+    (n, g, qq): (kir::Expr, kir::Expr, kir::Expr),
+    at: Bound,
+) {
     let Dims {
         c,
         h,
@@ -696,14 +753,6 @@ fn quads_body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::Expr, 
     let (x, w) = (graph.node(q.conv).inputs[0], graph.node(q.conv).inputs[1]);
     let rows = q.rows;
     let quads = ow / 4;
-    let (pi, qu, g_n) = (f.u32(q.per_image), f.u32(quads), f.u32(oh / rows));
-    let n = f.div(j, pi);
-    let n = let_u32(f, "n", n);
-    let g = f.div(j, qu);
-    let g = f.rem(g, g_n);
-    let g = let_u32(f, "g", g);
-    let qq = f.rem(j, qu);
-    let qq = let_u32(f, "q", qq);
     let qi = f.cast(kir::Scalar::I32, qq);
     let qi = f.let_("qi", kir::Ty::I32, qi);
     let (lo, hi) = quad_blocks(kw, px);
@@ -825,7 +874,14 @@ fn quads_body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::Expr, 
     }
 }
 
-fn rows_body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::Expr, at: Bound) {
+/// `n`, `g` and `o0`: the invocation's image, row group and first output channel.
+fn rows_body(
+    f: &mut kir::Builder,
+    graph: &Graph,
+    q: &ConvQuads,
+    (n, g, o0): (kir::Expr, kir::Expr, kir::Expr),
+    at: Bound,
+) {
     let Dims {
         c,
         h,
@@ -840,19 +896,7 @@ fn rows_body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::Expr, a
     } = dims(graph, q.conv);
     let (x, w) = (graph.node(q.conv).inputs[0], graph.node(q.conv).inputs[1]);
     let rows = q.rows;
-    let groups = oh / rows;
     let per = q.channels;
-    let sets = o / per;
-    // Channels fastest: the lanes of a SIMD group read the same pixels.
-    let (pi, su, gu, pu) = (f.u32(q.per_image), f.u32(sets), f.u32(groups), f.u32(per));
-    let n = f.div(j, pi);
-    let n = let_u32(f, "n", n);
-    let g = f.div(j, su);
-    let g = f.rem(g, gu);
-    let g = let_u32(f, "g", g);
-    let o0 = f.rem(j, su);
-    let o0 = f.mul(o0, pu);
-    let o0 = let_u32(f, "o0", o0);
     let accs = accumulators(f, per, rows, ow);
     let ((xglobal, xwindow), (wglobal, _)) = (at(x), at(w));
     let (xg, wg) = (f.global(xglobal), f.global(wglobal));
@@ -962,7 +1006,14 @@ fn rows_body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::Expr, a
     }
 }
 
-fn grad_input_body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::Expr, at: Bound) {
+/// `n`, `g` and `c0`: the invocation's image, row pair and first input channel.
+fn grad_input_body(
+    f: &mut kir::Builder,
+    graph: &Graph,
+    q: &ConvQuads,
+    (n, g, c0): (kir::Expr, kir::Expr, kir::Expr),
+    at: Bound,
+) {
     let node = graph.node(q.conv);
     let Op::Conv2dGradInput { padding, .. } = &node.op else {
         unreachable!("grad-input rows are an input gradient's")
@@ -972,16 +1023,6 @@ fn grad_input_body(f: &mut kir::Builder, graph: &Graph, q: &ConvQuads, j: kir::E
     let [_, o, oh, ow] = crate::compute::rank4(&graph.ty(dy).shape);
     let [_, _, kh, kw] = crate::compute::rank4(&graph.ty(w).shape);
     let per = q.channels;
-    let sets = c / per;
-    let (pi, su, hu, pu) = (f.u32(q.per_image), f.u32(sets), f.u32(h / 2), f.u32(per));
-    let n = f.div(j, pi);
-    let n = let_u32(f, "n", n);
-    let g = f.div(j, su);
-    let g = f.rem(g, hu);
-    let g = let_u32(f, "g", g);
-    let c0 = f.rem(j, su);
-    let c0 = f.mul(c0, pu);
-    let c0 = let_u32(f, "c0", c0);
     let accs = accumulators(f, per, 2, wi);
     let ((dglobal, dwindow), (wglobal, _)) = (at(dy), at(w));
     let (dg, wg) = (f.global(dglobal), f.global(wglobal));

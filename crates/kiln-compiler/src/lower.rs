@@ -185,10 +185,10 @@ fn conv_quads(l: &Lowering, q: &ConvQuads) -> (Module, Vec<Item>) {
         )
     };
     let mut f = kir::Builder::entry(Vec::new());
-    let row = l.row();
-    let count = (!l.chunked).then_some(q.invocations(graph));
-    let j = invocation(&mut f, "j", row, count);
-    crate::conv_quads::body(&mut f, graph, q, j, &at);
+    let inv = l.invocations();
+    let count = (!l.chunked).then_some(inv.count());
+    let j = invocation(&mut f, "j", l.row(), count);
+    crate::conv_quads::body(&mut f, graph, q, (j, &inv), &at);
     (
         map_module(Vec::new(), l.workgroup_size, f, Vec::new()),
         Vec::new(),

@@ -26,8 +26,10 @@ pub(crate) enum Held {
     Rows,
     /// A second rows axis (adjacent columns per row).
     Inner,
-    /// Kernel columns of a weight gradient.
+    /// Kernel columns of a weight gradient, or every column of a row.
     Columns,
+    /// Channels of a convolution, accumulated one after another.
+    Channels,
 }
 
 /// Which coordinates of the split axis an invocation takes.
@@ -68,11 +70,13 @@ impl Split {
     }
 }
 
-/// A kernel's loop nest: the space its invocations enumerate and the splits of it.
+/// A kernel's loop nest: the space its invocations enumerate, the splits of it, and the
+/// order of the grid's axes (outermost first; empty for the shape's own order).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Nest {
     pub shape: Vec<usize>,
     pub splits: Vec<Split>,
+    pub order: Vec<usize>,
 }
 
 /// One axis of an invocation grid: `extent` coordinates, `step` apart in the flat index.
@@ -96,6 +100,9 @@ pub(crate) struct Invocations {
     /// The grid an invocation's index is decoded in (row-major; empty for one invocation),
     /// and how far each coordinate moves its first element.
     pub grid: Vec<Axis>,
+    /// The grid before merging: each axis of more than one coordinate, by its axis of the
+    /// nest, in the grid's order.
+    pub axes: Vec<(usize, Axis)>,
     /// The split axes, in the splits' order.
     pub held: Vec<HeldAxis>,
 }
@@ -106,6 +113,9 @@ pub(crate) enum NestError {
     NoAxis {
         axis: usize,
         rank: usize,
+    },
+    NotAnOrder {
+        order: Vec<usize>,
     },
     SplitTwice {
         axis: usize,
@@ -126,6 +136,7 @@ impl fmt::Display for NestError {
             NestError::NoAxis { axis, rank } => {
                 write!(f, "axis {axis} split in a nest of {rank} axes")
             }
+            NestError::NotAnOrder { order } => write!(f, "{order:?} orders no grid"),
             NestError::SplitTwice { axis } => write!(f, "axis {axis} split twice"),
             NestError::HeldTwice { held } => write!(f, "two splits held as {held}"),
             NestError::Uneven {
@@ -140,9 +151,24 @@ impl fmt::Display for NestError {
 impl Nest {
     /// The space with no splits: one invocation per element.
     pub fn elements(shape: &[usize]) -> Nest {
+        Nest::new(shape.to_vec(), Vec::new())
+    }
+
+    /// `shape` split by `splits`, its grid in the shape's order.
+    pub fn new(shape: Vec<usize>, splits: Vec<Split>) -> Nest {
         Nest {
-            shape: shape.to_vec(),
-            splits: Vec::new(),
+            shape,
+            splits,
+            order: Vec::new(),
+        }
+    }
+
+    /// The grid's axes, outermost first.
+    fn order(&self) -> Vec<usize> {
+        if self.order.is_empty() {
+            (0..self.shape.len()).collect()
+        } else {
+            self.order.clone()
         }
     }
 
@@ -201,8 +227,19 @@ impl Nest {
                 gap,
             });
         }
+        let order = self.order();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        if sorted != (0..rank).collect::<Vec<_>>() {
+            return Err(NestError::NotAnOrder { order });
+        }
+        let axes: Vec<(usize, Axis)> = order
+            .into_iter()
+            .map(|d| (d, grid[d]))
+            .filter(|(_, a)| a.extent > 1)
+            .collect();
         let mut merged: Vec<Axis> = Vec::new();
-        for a in grid.into_iter().filter(|a| a.extent > 1) {
+        for &(_, a) in &axes {
             match merged.last_mut() {
                 Some(last) if last.step == a.extent * a.step => {
                     *last = Axis {
@@ -213,7 +250,11 @@ impl Nest {
                 _ => merged.push(a),
             }
         }
-        Ok(Invocations { grid: merged, held })
+        Ok(Invocations {
+            grid: merged,
+            axes,
+            held,
+        })
     }
 }
 
@@ -267,6 +308,25 @@ impl Invocations {
     }
 }
 
+/// Invocation `j`'s coordinate on each axis of the nest (`names[axis]`), decoded from the
+/// grid before merging; an axis of one coordinate left (held whole) is at 0.
+pub(crate) fn coordinates(
+    f: &mut kir::Builder,
+    j: kir::Expr,
+    inv: &Invocations,
+    names: &[&str],
+) -> Vec<kir::Expr> {
+    let extents: Vec<usize> = inv.axes.iter().map(|(_, a)| a.extent).collect();
+    let refs: Vec<&str> = inv.axes.iter().map(|(d, _)| names[*d]).collect();
+    let decoded = f.decode(j, &refs, &extents);
+    (0..names.len())
+        .map(|d| match inv.axes.iter().position(|(a, _)| *a == d) {
+            Some(k) => decoded[k],
+            None => f.u32(0),
+        })
+        .collect()
+}
+
 /// `i`, the first element of invocation `j`: `j` itself where the grid is one axis of
 /// consecutive elements, `j * step` for one axis, else `j`'s grid coordinates (`g0`, ...)
 /// each times its step.
@@ -309,6 +369,7 @@ impl fmt::Display for Held {
             Held::Rows => "rows",
             Held::Inner => "inner rows",
             Held::Columns => "columns",
+            Held::Channels => "channels",
         })
     }
 }
@@ -325,6 +386,10 @@ impl fmt::Display for Nest {
                 Spread::Parts => " one per part",
             };
             write!(f, ", axis {} / {} {}{parts}", s.axis, s.factor, s.held)?;
+        }
+        if !self.order.is_empty() {
+            let order: Vec<String> = self.order.iter().map(|d| d.to_string()).collect();
+            write!(f, ", grid order {}", order.join(" "))?;
         }
         match self.invocations() {
             Ok(inv) => {
@@ -361,10 +426,7 @@ mod tests {
 
     #[test]
     fn a_block_of_lanes_steps_four_coordinates() {
-        let nest = Nest {
-            shape: vec![2, 8, 3],
-            splits: vec![Split::block(1, 4, Held::Lanes)],
-        };
+        let nest = Nest::new(vec![2, 8, 3], vec![Split::block(1, 4, Held::Lanes)]);
         let inv = nest.invocations().unwrap();
         // [2, 2 (step 12), 3 (step 1)]: the outer two merge (24 = 2 * 12).
         assert_eq!(
@@ -385,13 +447,13 @@ mod tests {
 
     #[test]
     fn lanes_one_per_part_are_a_quarter_of_the_axis_apart() {
-        let nest = Nest {
-            shape: vec![256, 120],
-            splits: vec![
+        let nest = Nest::new(
+            vec![256, 120],
+            vec![
                 Split::parts(1, 4, Held::Lanes),
                 Split::block(0, 8, Held::Rows),
             ],
-        };
+        );
         let inv = nest.invocations().unwrap();
         assert_eq!(
             inv.grid,
@@ -418,10 +480,7 @@ mod tests {
     #[test]
     fn whole_axes_leave_the_grid_and_the_rest_merges() {
         // Kernel columns: a [16, 6, 5, 5] weight gradient, 5 columns per invocation.
-        let nest = Nest {
-            shape: vec![16, 6, 5, 5],
-            splits: vec![Split::block(3, 5, Held::Columns)],
-        };
+        let nest = Nest::new(vec![16, 6, 5, 5], vec![Split::block(3, 5, Held::Columns)]);
         let inv = nest.invocations().unwrap();
         assert_eq!(
             inv.grid,
@@ -437,20 +496,14 @@ mod tests {
                 step: 1
             }]
         );
-        let one = Nest {
-            shape: vec![4],
-            splits: vec![Split::block(0, 4, Held::Lanes)],
-        };
+        let one = Nest::new(vec![4], vec![Split::block(0, 4, Held::Lanes)]);
         assert_eq!(one.invocations().unwrap().count(), 1);
         assert!(one.invocations().unwrap().grid.is_empty());
     }
 
     #[test]
     fn bad_splits_are_errors() {
-        let nest = |splits| Nest {
-            shape: vec![6, 4],
-            splits,
-        };
+        let nest = |splits| Nest::new(vec![6, 4], splits);
         assert_eq!(
             nest(vec![Split::block(0, 4, Held::Rows)]).invocations(),
             Err(NestError::Uneven {
@@ -471,6 +524,12 @@ mod tests {
             nest(twice).invocations(),
             Err(NestError::SplitTwice { axis: 1 })
         );
+        let mut unordered = nest(vec![]);
+        unordered.order = vec![0, 0];
+        assert_eq!(
+            unordered.invocations(),
+            Err(NestError::NotAnOrder { order: vec![0, 0] })
+        );
         let both_rows = vec![
             Split::block(0, 2, Held::Rows),
             Split::block(1, 2, Held::Rows),
@@ -482,7 +541,7 @@ mod tests {
     }
 
     /// A nest with up to three splits of distinct axes, each dividing its axis and held as
-    /// its own kind.
+    /// its own kind, and its grid in any order.
     fn nests() -> impl Strategy<Value = Nest> {
         prop::collection::vec(1usize..5, 1..5).prop_flat_map(|blocks| {
             let rank = blocks.len();
@@ -491,8 +550,9 @@ mod tests {
                 prop::collection::vec(1usize..4, rank),
                 prop::collection::vec(any::<bool>(), rank),
                 Just([Held::Lanes, Held::Rows, Held::Inner, Held::Columns]).prop_shuffle(),
+                Just((0..rank).collect::<Vec<usize>>()).prop_shuffle(),
             )
-                .prop_map(|(blocks, outer, how, held)| {
+                .prop_map(|(blocks, outer, how, held, order)| {
                     let shape: Vec<usize> = blocks.iter().zip(&outer).map(|(b, o)| b * o).collect();
                     let splits = how
                         .iter()
@@ -507,7 +567,11 @@ mod tests {
                             held,
                         })
                         .collect();
-                    Nest { shape, splits }
+                    Nest {
+                        shape,
+                        splits,
+                        order,
+                    }
                 })
         })
     }
@@ -543,6 +607,32 @@ mod tests {
             let j = f.index();
             let i = first_element(&mut f, j, &inv);
             f.ret_(i);
+            let function = f.finish();
+            for j in 0..inv.count() {
+                let got = kir::interp::eval(&function, j as u32, &mut NoReads).unwrap();
+                let want = kir::interp::Lanes::Scalar(kir::interp::Value::U32(inv.first(j) as u32));
+                prop_assert_eq!(got, Some(want), "invocation {}", j);
+            }
+        }
+
+        /// Each axis's coordinate, decoded on the interpreter, places the invocation's first
+        /// element where the merged grid does.
+        #[test]
+        fn coordinates_place_the_first_element_as_the_grid_does(nest in nests()) {
+            let inv = nest.invocations().unwrap();
+            let names: Vec<String> = (0..nest.shape.len()).map(|d| format!("c{d}")).collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let mut f = kir::Builder::new(kir::Ty::U32, vec![]);
+            let j = f.index();
+            let coords = coordinates(&mut f, j, &inv, &names);
+            let mut at = f.u32(0);
+            for (d, c) in coords.into_iter().enumerate() {
+                let step = inv.axes.iter().find(|(a, _)| *a == d).map_or(0, |(_, a)| a.step);
+                let step = f.u32(step);
+                let term = f.mul(c, step);
+                at = f.add(at, term);
+            }
+            f.ret_(at);
             let function = f.finish();
             for j in 0..inv.count() {
                 let got = kir::interp::eval(&function, j as u32, &mut NoReads).unwrap();

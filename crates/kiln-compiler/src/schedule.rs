@@ -87,8 +87,7 @@ pub(crate) struct Schedule<'a> {
     /// Whether the register blocking shares loads between outputs (blocks a reduction).
     pub shares_loads: bool,
     /// The loop nest the entry point enumerates and the recipe's splits of it; `None` for
-    /// the convolutions over quads and the classifier head, whose entry points decode their
-    /// own indices.
+    /// the classifier head, whose one workgroup loops over the rows.
     pub nest: Option<Nest>,
 }
 
@@ -382,7 +381,8 @@ pub(crate) fn choose_schedule<'a>(cx: &Context<'a>) -> Schedule<'a> {
 /// The loop nest `recipe` enumerates and its splits.
 fn nest_of(graph: &Graph, recipe: &Recipe, roots: &[NodeId]) -> Option<Nest> {
     match recipe {
-        Recipe::ConvQuads(_) | Recipe::Head => None,
+        Recipe::ConvQuads(q) => Some(q.nest(graph)),
+        Recipe::Head => None,
         // Every root, one element per invocation of the largest.
         Recipe::Elements => {
             let numel = roots.iter().map(|r| graph.ty(*r).numel()).max();
@@ -397,7 +397,7 @@ fn nest_of(graph: &Graph, recipe: &Recipe, roots: &[NodeId]) -> Option<Nest> {
                 splits.push(Split::block(0, c.channels, Held::Rows));
             }
             splits.push(Split::block(3, c.kw, Held::Columns));
-            Some(Nest { shape, splits })
+            Some(Nest::new(shape, splits))
         }
         Recipe::Blocked(b) => Some(match &b.rows {
             // The rows' node: its rows, inner rows and lanes.
@@ -411,10 +411,7 @@ fn nest_of(graph: &Graph, recipe: &Recipe, roots: &[NodeId]) -> Option<Nest> {
                 } else {
                     Split::block(r.lane_axis, LANES, Held::Lanes)
                 });
-                Nest {
-                    shape: graph.ty(r.top()).shape.clone(),
-                    splits,
-                }
+                Nest::new(graph.ty(r.top()).shape.clone(), splits)
             }
             // The main root's flat index around the blocked axis (which may be an axis of
             // the value it flattens): [outer, axis, inner].
@@ -426,10 +423,7 @@ fn nest_of(graph: &Graph, recipe: &Recipe, roots: &[NodeId]) -> Option<Nest> {
                 } else {
                     Split::block(1, LANES, Held::Lanes)
                 };
-                Nest {
-                    shape: vec![numel / k.span(), k.extent, k.base()],
-                    splits: vec![lanes],
-                }
+                Nest::new(vec![numel / k.span(), k.extent, k.base()], vec![lanes])
             }
         }),
     }
