@@ -1015,7 +1015,17 @@ fn profile_prints_each_kernels_time_work_and_rate() {
     let out = stdout(&o);
     assert!(out.contains("\ntiming: "), "{out}");
     let header = out.lines().find(|l| l.starts_with("kernel ")).expect(&out);
-    for column in ["ms/step", "share", "MFLOP", "MB", "GFLOP/s", "GB/s"] {
+    for column in [
+        "ms/step",
+        "share",
+        "MFLOP",
+        "MB",
+        "GFLOP/s",
+        "GB/s",
+        "M ld st+wg",
+        "M ld unif",
+        "G ld/s",
+    ] {
         assert!(header.contains(column), "{header}");
     }
     // One row per kernel of the step, in order; conv1's row counts its multiply-adds:

@@ -215,21 +215,44 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
-/// The `--profile` table: time, share, useful work and traffic of each kernel of the step.
+/// The `--profile` table: time, share, useful work and traffic of each kernel of the step,
+/// and the loads it issues (storage and workgroup loads, the costly ones on lavapipe, apart
+/// from uniform loads).
 fn profile_table(profile: &kiln::runtime::Profile, batch: usize) -> String {
     use std::fmt::Write as _;
     let total = profile.total().as_secs_f64();
     let mut s = format!("timing: {}\n", profile.method);
     let _ = writeln!(
         s,
-        "{:<26} {:>9} {:>6} {:>9} {:>8} {:>8} {:>7}",
-        "kernel", "ms/step", "share", "MFLOP", "MB", "GFLOP/s", "GB/s"
+        "{:<26} {:>9} {:>6} {:>9} {:>8} {:>8} {:>7} {:>10} {:>10} {:>8}",
+        "kernel",
+        "ms/step",
+        "share",
+        "MFLOP",
+        "MB",
+        "GFLOP/s",
+        "GB/s",
+        "M ld st+wg",
+        "M ld unif",
+        "G ld/s"
     );
     for k in &profile.kernels {
         let sec = k.time.as_secs_f64();
+        let loads = match k.loads {
+            Some(l) => {
+                let costly = (l.storage + l.workgroup) as f64;
+                format!(
+                    "{:>10.2} {:>10.2} {:>8.2}",
+                    costly / 1e6,
+                    l.uniform as f64 / 1e6,
+                    (costly + l.uniform as f64) / sec / 1e9
+                )
+            }
+            None => format!("{:>10} {:>10} {:>8}", "?", "?", "?"),
+        };
         let _ = writeln!(
             s,
-            "{:<26} {:>9.2} {:>5.1}% {:>9.1} {:>8.2} {:>8.2} {:>7.2}",
+            "{:<26} {:>9.2} {:>5.1}% {:>9.1} {:>8.2} {:>8.2} {:>7.2} {loads}",
             k.name,
             sec * 1e3,
             100.0 * sec / total,

@@ -41,6 +41,7 @@ pub use plan::{
 pub use report::{KernelCost, describe, kernel_cost, node_flops};
 pub use schedule::recipes;
 pub use target::{DeviceClass, LAVAPIPE_LOOP_ITERATIONS, Target};
+pub use trips::Loads;
 pub use verify_plan::{PlanError, verify_plan};
 pub use wgsl::{
     Access, Binding, CodegenError, KernelModule, NagaModule, emit_kernel, emit_validated,

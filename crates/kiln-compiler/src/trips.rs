@@ -18,16 +18,32 @@
 //! (an image chunk's range) runs at most the chunk's images; a call adds the callee's bound
 //! times the iterations around it; of an `if` or `switch` the larger branch counts. A loop
 //! the walk cannot bound makes the whole bound `None`.
+//!
+//! The same walk bounds the loads an invocation issues ([`loads`]), by address space: every
+//! `Load` of a global the code evaluates, times the loops around it. On lavapipe each
+//! storage or workgroup load is a loop over the SIMD lanes and a uniform load one gather, so
+//! these counts, not bytes, are what a kernel's time there follows; the profiler reports
+//! them beside its GFLOP/s and GB/s.
 
 use naga::{
-    BinaryOperator, Block, Expression, Function, Handle, Literal, LocalVariable, MathFunction,
-    Module, Statement,
+    AddressSpace, BinaryOperator, Block, Expression, Function, Handle, Literal, LocalVariable,
+    MathFunction, Module, Statement,
 };
 
 /// The most loop iterations one invocation of `module`'s entry point can run, or `None` when
 /// a loop's trip count cannot be bounded. `chunk_images` bounds loops over a chunk's image
 /// range (`chunk[k].z .. chunk[k].w`).
 pub(crate) fn loop_iterations(module: &Module, chunk_images: Option<u64>) -> Option<u64> {
+    cost(module, chunk_images).map(|c| c.iterations)
+}
+
+/// The most loads of globals one invocation of `module`'s entry point issues, by address
+/// space (a `vec4` load counts once), or `None` where a loop cannot be bounded.
+pub(crate) fn loads(module: &Module, chunk_images: Option<u64>) -> Option<Loads> {
+    cost(module, chunk_images).map(|c| c.loads)
+}
+
+fn cost(module: &Module, chunk_images: Option<u64>) -> Option<Cost> {
     let entry = module.entry_points.first()?;
     let mut walk = Walk {
         module,
@@ -37,18 +53,77 @@ pub(crate) fn loop_iterations(module: &Module, chunk_images: Option<u64>) -> Opt
     walk.function(&entry.function)
 }
 
+/// Loads of globals, by address space.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Loads {
+    pub storage: u64,
+    pub uniform: u64,
+    pub workgroup: u64,
+}
+
+impl Loads {
+    fn add(self, o: Loads) -> Loads {
+        Loads {
+            storage: self.storage.saturating_add(o.storage),
+            uniform: self.uniform.saturating_add(o.uniform),
+            workgroup: self.workgroup.saturating_add(o.workgroup),
+        }
+    }
+
+    fn max(self, o: Loads) -> Loads {
+        Loads {
+            storage: self.storage.max(o.storage),
+            uniform: self.uniform.max(o.uniform),
+            workgroup: self.workgroup.max(o.workgroup),
+        }
+    }
+
+    /// `n` times as many.
+    pub fn times(self, n: u64) -> Loads {
+        Loads {
+            storage: self.storage.saturating_mul(n),
+            uniform: self.uniform.saturating_mul(n),
+            workgroup: self.workgroup.saturating_mul(n),
+        }
+    }
+}
+
+/// What one run of some code costs at most: loop iterations and loads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Cost {
+    iterations: u64,
+    loads: Loads,
+}
+
+impl Cost {
+    fn add(self, o: Cost) -> Cost {
+        Cost {
+            iterations: self.iterations.saturating_add(o.iterations),
+            loads: self.loads.add(o.loads),
+        }
+    }
+
+    /// The larger of two branches, each count on its own.
+    fn max(self, o: Cost) -> Cost {
+        Cost {
+            iterations: self.iterations.max(o.iterations),
+            loads: self.loads.max(o.loads),
+        }
+    }
+}
+
 struct Walk<'a> {
     module: &'a Module,
     chunk_images: Option<u64>,
-    memo: Vec<(Handle<Function>, Option<u64>)>,
+    memo: Vec<(Handle<Function>, Option<Cost>)>,
 }
 
 impl Walk<'_> {
-    fn function(&mut self, f: &Function) -> Option<u64> {
+    fn function(&mut self, f: &Function) -> Option<Cost> {
         self.block(f, &f.body)
     }
 
-    fn callee(&mut self, h: Handle<Function>) -> Option<u64> {
+    fn callee(&mut self, h: Handle<Function>) -> Option<Cost> {
         if let Some((_, v)) = self.memo.iter().find(|(k, _)| *k == h) {
             return *v;
         }
@@ -58,37 +133,69 @@ impl Walk<'_> {
         v
     }
 
-    /// Iterations one run of `block` costs.
-    fn block(&mut self, f: &Function, block: &Block) -> Option<u64> {
-        let mut total = 0u64;
+    /// What one run of `block` costs.
+    fn block(&mut self, f: &Function, block: &Block) -> Option<Cost> {
+        let mut total = Cost::default();
         for (k, s) in block.iter().enumerate() {
             let cost = match s {
+                Statement::Emit(range) => Cost {
+                    iterations: 0,
+                    loads: range
+                        .clone()
+                        .fold(Loads::default(), |l, e| l.add(self.load(f, e))),
+                },
                 Statement::Loop {
                     body, continuing, ..
                 } => {
                     let trips = self.trips(f, &block[..k], body, continuing)?;
-                    let per = self
-                        .block(f, body)?
-                        .saturating_add(self.block(f, continuing)?);
-                    trips.saturating_mul(per.saturating_add(1))
+                    let per = self.block(f, body)?.add(self.block(f, continuing)?);
+                    Cost {
+                        iterations: trips.saturating_mul(per.iterations.saturating_add(1)),
+                        loads: per.loads.times(trips),
+                    }
                 }
                 Statement::Block(b) => self.block(f, b)?,
                 Statement::If { accept, reject, .. } => {
                     self.block(f, accept)?.max(self.block(f, reject)?)
                 }
                 Statement::Switch { cases, .. } => {
-                    let mut most = 0;
+                    let mut most = Cost::default();
                     for c in cases {
                         most = most.max(self.block(f, &c.body)?);
                     }
                     most
                 }
                 Statement::Call { function, .. } => self.callee(*function)?,
-                _ => 0,
+                _ => Cost::default(),
             };
-            total = total.saturating_add(cost);
+            total = total.add(cost);
         }
         Some(total)
+    }
+
+    /// One load of a global if `e` is one, by the global's address space.
+    fn load(&self, f: &Function, e: Handle<Expression>) -> Loads {
+        let Expression::Load { pointer } = f.expressions[e] else {
+            return Loads::default();
+        };
+        let mut at = pointer;
+        let global = loop {
+            match f.expressions[at] {
+                Expression::Access { base, .. } | Expression::AccessIndex { base, .. } => at = base,
+                Expression::GlobalVariable(g) => break g,
+                _ => return Loads::default(),
+            }
+        };
+        let one = Loads::default();
+        match self.module.global_variables[global].space {
+            AddressSpace::Storage { .. } => Loads { storage: 1, ..one },
+            AddressSpace::Uniform => Loads { uniform: 1, ..one },
+            AddressSpace::WorkGroup => Loads {
+                workgroup: 1,
+                ..one
+            },
+            _ => one,
+        }
     }
 
     /// The trip count of a `for` loop whose statements before it in its block are `before`.
@@ -289,6 +396,10 @@ mod tests {
     use super::*;
 
     fn bound(body: &str, chunk_images: Option<u64>) -> Option<u64> {
+        loop_iterations(&module(body), chunk_images)
+    }
+
+    fn module(body: &str) -> Module {
         let src = format!(
             "@group(0) @binding(0) var<storage, read_write> y: array<f32>;
 @group(0) @binding(1) var<storage, read> chunk: array<vec4<u32>, 1>;
@@ -304,8 +415,53 @@ fn main(@builtin(local_invocation_index) lid: u32) {{
     y[lid] = c;
 }}"
         );
-        let module = naga::front::wgsl::parse_str(&src).unwrap();
-        loop_iterations(&module, chunk_images)
+        naga::front::wgsl::parse_str(&src).unwrap()
+    }
+
+    #[test]
+    fn loads_count_each_global_read_times_the_loops_around_it_by_space() {
+        let loads = |body: &str| super::loads(&module(body), Some(3)).unwrap();
+        // Each read is a load, two components of one `vec4` two.
+        assert_eq!(
+            loads("    c = f32(chunk[0].x + chunk[0].y) + y[1];"),
+            Loads {
+                storage: 3,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            loads("    for (var p = 0u; p < 10u; p++) { c += y[p] * y[p + 1u]; }").storage,
+            20
+        );
+        // Only the larger branch of an `if` counts. The chunk's images bound its loop, whose
+        // condition loads the chunk's end on every trip (and its start once).
+        assert_eq!(
+            loads("    if (lid > 3u) { c = y[0] + y[1]; } else { c = y[2]; }").storage,
+            2
+        );
+        assert_eq!(
+            loads("    for (var r = chunk[0].z; r < chunk[0].w; r++) { c += y[r]; }").storage,
+            1 + 3 * 2
+        );
+        let src = "@group(0) @binding(0) var<uniform> u: array<vec4<f32>, 4>;
+var<workgroup> w: array<f32, 64>;
+@group(0) @binding(1) var<storage, read_write> y: array<f32>;
+fn part(i: u32) -> f32 { return u[i >> 2u][i & 3u]; }
+@compute @workgroup_size(64)
+fn main(@builtin(local_invocation_index) lid: u32) {
+    var c = 0.0f;
+    for (var k = 0u; k < 4u; k++) { c += part(k) + w[k]; }
+    y[lid] = c;
+}";
+        let m = naga::front::wgsl::parse_str(src).unwrap();
+        assert_eq!(
+            super::loads(&m, None),
+            Some(Loads {
+                storage: 0,
+                uniform: 4,
+                workgroup: 4
+            })
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::plan::{Kernel, KernelKind, Plan};
 use crate::report::node_label;
 use crate::schedule::{self, Schedule, choose_schedule};
 use crate::target::{DeviceClass, Target};
-use crate::trips;
+use crate::trips::{self, Loads};
 
 /// Workgroups a map kernel should have at least, shrinking its workgroups (down to 8
 /// invocations) when it has few invocations.
@@ -48,6 +48,11 @@ pub struct KernelModule {
     /// The most loop iterations one invocation runs (`trips.rs`), `None` if unbounded;
     /// set when the module is validated.
     pub loop_iterations: Option<u64>,
+    /// The most loads of globals one invocation issues, by address space (`trips.rs`);
+    /// set when the module is validated.
+    pub loads: Option<Loads>,
+    /// Invocations one dispatch runs (a chunk's, for chunked kernels).
+    pub invocations: u32,
     /// The kernel's functions and entry point as kernel IR, several chunks per dispatch
     /// included, which the interpreter runs (`kir::interp::Runner`: invocation by
     /// invocation, or the classifier head's workgroup at once).
@@ -59,6 +64,17 @@ pub struct KernelModule {
 }
 
 impl KernelModule {
+    /// The most loads of globals one step's dispatches of the kernel issue, by address space
+    /// (every dispatch's invocations times [`KernelModule::loads`]); `None` where a loop of
+    /// the kernel has no bound.
+    pub fn loads_per_step(&self) -> Option<Loads> {
+        let dispatches = self.chunks.as_ref().map_or(1, |c| c.dispatches());
+        Some(
+            self.loads?
+                .times(u64::from(self.invocations) * dispatches as u64),
+        )
+    }
+
     /// Every `@group(0)` slot the kernel's dispatches bind, in binding order: each binding
     /// (a split value one slot per part), and for chunked kernels each span's windows and
     /// table and the running sums. The runtime builds the pipeline's bind group layout from
@@ -238,6 +254,7 @@ fn check_kernel(m: &mut KernelModule, target: &Target) -> Result<NagaModule, Cod
     }
     let images = m.chunks.as_ref().map(|c| c.images as u64);
     m.loop_iterations = trips::loop_iterations(&naga.module, images);
+    m.loads = trips::loads(&naga.module, images);
     if let Some(limit) = target.max_loop_iterations {
         match m.loop_iterations {
             Some(n) if n <= limit => {}
@@ -484,6 +501,8 @@ fn emit_kernel_with(
             workgroup_storage_bytes,
             chunks: chunking,
             loop_iterations: None,
+            loads: None,
+            invocations: layout.invocations,
             kernel_ir: module,
             functions,
         }),
@@ -495,6 +514,8 @@ fn emit_kernel_with(
 /// its chunk table; with the schedule's line of the module header.
 struct Layout {
     workgroup_size: u32,
+    /// Invocations one dispatch runs.
+    invocations: u32,
     dispatch: [u32; 3],
     description: String,
     chunks: Option<Chunks>,
@@ -510,7 +531,7 @@ fn lay_out(
 ) -> Result<Option<Layout>, CodegenError> {
     let (graph, plan, kernel, target, bound) = (cx.graph, cx.plan, cx.kernel, cx.target, cx.bound);
     let mut chunking: Option<Chunks> = None;
-    let (workgroup_size, dispatch, description) = match &kernel.kind {
+    let (workgroup_size, dispatch, description, invocations) = match &kernel.kind {
         KernelKind::Map { roots } => {
             let wg = target.workgroup_size();
             let mut numel = 0;
@@ -624,7 +645,7 @@ fn lay_out(
                     ),
                 });
             }
-            (wg, [gx, gy, 1], description)
+            (wg, [gx, gy, 1], description, numel)
         }
         KernelKind::Head(h) => (
             head_workgroup,
@@ -634,6 +655,7 @@ fn lay_out(
                 graph.ty(h.logits).shape[0],
                 h.logits
             ),
+            head_workgroup,
         ),
     };
     if !schedule.carries(&bound.sums) {
@@ -641,6 +663,7 @@ fn lay_out(
     }
     Ok(Some(Layout {
         workgroup_size,
+        invocations,
         dispatch,
         description,
         chunks: chunking,

@@ -393,6 +393,48 @@ fn the_scaled_batch_is_read_from_the_data_set_only_a_batch_at_a_time() {
     assert_eq!(c.flops, 256 * 784);
 }
 
+#[test]
+fn a_kernels_loads_per_step_follow_its_schedule() {
+    use kiln_compiler::Loads;
+    let g = step_graph(&lenet(), 256, 60_000);
+    // Portable: one invocation per pixel, each loading its image's index and the packed
+    // word holding its byte.
+    let t = Target::portable();
+    let plan = fuse(&g, &t).unwrap();
+    let modules = emit_wgsl(&g, &plan, &t).unwrap();
+    assert_eq!(
+        modules[0].loads_per_step(),
+        Some(Loads {
+            storage: 2 * 256 * 784,
+            uniform: 0,
+            workgroup: 0
+        }),
+        "{}",
+        modules[0].wgsl
+    );
+    // CPU-class: four pixels per invocation from one word (the index too); every loop of
+    // every kernel is bounded, so every kernel has a count, and the classifier head's tree
+    // reduction reads workgroup memory.
+    let t = Target::lavapipe();
+    let plan = fuse(&g, &t).unwrap();
+    let modules = emit_wgsl(&g, &plan, &t).unwrap();
+    assert_eq!(
+        modules[0].loads_per_step().map(|l| l.storage),
+        Some(2 * 256 * 784 / 4),
+        "{}",
+        modules[0].wgsl
+    );
+    for m in &modules {
+        let loads = m.loads_per_step().unwrap_or_else(|| panic!("{}", m.wgsl));
+        assert!(loads.storage + loads.uniform > 0, "{}", m.name);
+        let head = matches!(
+            plan.kernels.iter().find(|k| k.name == m.name).unwrap().kind,
+            KernelKind::Head(_)
+        );
+        assert_eq!(head, loads.workgroup > 0, "{}", m.name);
+    }
+}
+
 /// Asserts that generated `wgsl` contains every needle, showing the module when one is missing.
 fn assert_contains(wgsl: &str, needles: &[&str]) {
     for needle in needles {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_compiler::{
-    BufferKind, Compiled, Launch, Resource, Scratch, ScratchContents, Slot, kernel_cost,
+    BufferKind, Compiled, Launch, Loads, Resource, Scratch, ScratchContents, Slot, kernel_cost,
 };
 use kiln_ir::{DType, TensorType};
 use kiln_reference::{Data, Tensor};
@@ -372,14 +372,16 @@ impl Program {
             .plan
             .kernels
             .iter()
+            .zip(&c.modules)
             .zip(times.0)
-            .map(|(k, time)| {
+            .map(|((k, m), time)| {
                 let cost = kernel_cost(&c.graph, &c.plan, k);
                 KernelTiming {
                     name: k.name.clone(),
                     time,
                     flops: cost.flops,
                     bytes: cost.bytes,
+                    loads: m.loads_per_step(),
                 }
             })
             .collect();
@@ -498,6 +500,9 @@ pub struct KernelTiming {
     /// Useful floating-point operations and compulsory bytes (see `kiln_compiler::KernelCost`).
     pub flops: u64,
     pub bytes: u64,
+    /// The most loads of globals the kernel's dispatches issue in a step, by address space
+    /// (`kiln_compiler::KernelModule::loads_per_step`); `None` where a loop is unbounded.
+    pub loads: Option<Loads>,
 }
 
 /// Per-kernel times of one program run, and how they were taken.
