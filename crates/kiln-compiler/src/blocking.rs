@@ -623,11 +623,13 @@ fn vec4s(n: usize) -> kir::Ty {
 }
 
 /// The blocking of a map kernel's `root` that gives the most reduction work a blocked rule,
-/// with its lane functions; `None` when no candidate blocks a reduction.
+/// with its lane functions, then the other candidates that give as much (for the module's
+/// load count to choose among: `wgsl.rs`); empty when no candidate blocks a reduction.
 ///
 /// Candidates are the root's axes and, through a reshape of the same size, its input's axes
 /// (so `f32[N,400]` can be blocked over the 16 channels of the `f32[N,16,5,5]` it flattens);
-/// channel-like axis 1 is tried first, so it wins ties.
+/// channel-like axis 1 is tried first, so it comes first among equals unless another has
+/// rows and it has none.
 ///
 /// `fresh` makes an empty set of lane functions for the kernel. With `vectorise` (CPU-class
 /// targets), a kernel whose best blocking shares no loads takes four consecutive elements of
@@ -636,12 +638,12 @@ pub fn choose<'a>(
     fresh: &dyn Fn() -> LaneFns<'a>,
     root: NodeId,
     vectorise: bool,
-) -> Option<(Blocking, LaneFns<'a>)> {
+) -> Vec<(Blocking, LaneFns<'a>)> {
     let probe = fresh();
     let (graph, kernel) = (probe.graph, probe.kernel);
     let ty = graph.ty(root);
     if ty.dtype != DType::F32 {
-        return None;
+        return Vec::new();
     }
     let numel = ty.numel();
     let axes_of = |shape: &[usize]| -> Vec<Blocking> {
@@ -668,6 +670,8 @@ pub fn choose<'a>(
     }
     candidates.extend(axes_of(&ty.shape));
     let mut best: Option<(Blocking, LaneFns<'a>)> = None;
+    // Candidates that did as much blocked work as the best when tried.
+    let mut equals: Vec<(Blocking, LaneFns<'a>)> = Vec::new();
     let mut seen = Vec::new();
     for c in candidates {
         if seen.contains(&c) || numel % (c.stride * c.extent) != 0 {
@@ -685,9 +689,16 @@ pub fn choose<'a>(
                     && b.rows_for(root, bc.stride).is_none())
         });
         if fns.blocked_work > 0 && better {
+            if let Some(old) = best.take() {
+                equals.push(old);
+            }
             best = Some((c, fns));
+        } else if fns.blocked_work > 0 {
+            equals.push((c, fns));
         }
     }
+    let work = best.as_ref().map_or(0, |(_, b)| b.blocked_work);
+    equals.retain(|(_, f)| f.blocked_work == work);
     // A value split over four uniform parts (fc1's weights on CPU-class targets) is read
     // from every part and selected per load, unless the lanes lie a part apart: lanes in the
     // four quarters of an axis then read one part each. Taken when that does as much
@@ -710,6 +721,7 @@ pub fn choose<'a>(
                 .is_none_or(|(_, b)| fns.blocked_work >= b.blocked_work);
             if fns.direct_parts > 0 && fns.blocked_work > 0 && as_much {
                 best = Some((c, fns));
+                equals.clear();
             }
         }
     }
@@ -719,9 +731,11 @@ pub fn choose<'a>(
         // lanes in one image, so its chunks stay small). Where that axis is not in fours but
         // an image is, four consecutive elements of the image: ops with a rule for an axis
         // then evaluate their lanes one by one, elementwise ops and reads stay vec4.
-        let inner = *ty.shape.last()?;
+        let inner = ty.shape.last().copied().unwrap_or(1);
         let image = numel / ty.shape.first().copied().unwrap_or(1).max(1);
-        let extent = if inner % LANES == 0 {
+        let extent = if ty.shape.is_empty() {
+            None
+        } else if inner % LANES == 0 {
             Some(inner)
         } else {
             (ty.shape.len() > 1 && image % LANES == 0).then_some(image)
@@ -738,9 +752,10 @@ pub fn choose<'a>(
                 },
                 fns,
             ));
+            equals.clear();
         }
     }
-    best
+    best.into_iter().chain(equals).collect()
 }
 
 /// A second blocked axis: `count` rows of four lanes per invocation, along an axis of the

@@ -96,7 +96,9 @@ pub(crate) struct Schedule<'a> {
 pub(crate) struct Rule {
     pub name: &'static str,
     pub classes: &'static [DeviceClass],
-    applies: for<'a> fn(&Context<'a>, &[NodeId]) -> Option<Recipe<'a>>,
+    /// The recipes the rule gives the kernel: none where it does not apply, else its
+    /// choice, then alternatives it holds as good (for the module's loads to decide).
+    applies: for<'a> fn(&Context<'a>, &[NodeId]) -> Vec<Recipe<'a>>,
 }
 
 const ALL: &[DeviceClass] = &[
@@ -131,7 +133,7 @@ pub(crate) const RULES: &[Rule] = &[
     Rule {
         name: "elements",
         classes: ALL,
-        applies: |_, _| Some(Recipe::Elements),
+        applies: |_, _| vec![Recipe::Elements],
     },
 ];
 
@@ -155,10 +157,10 @@ pub(crate) fn main_root(graph: &Graph, roots: &[NodeId]) -> NodeId {
 
 /// A small stride-1 convolution whose input is a uniform binding (whole or a window), when
 /// the values it stores as `vec4`s are not read here.
-fn conv_quads<'a>(cx: &Context<'a>, roots: &[NodeId]) -> Option<Recipe<'a>> {
+fn conv_quads<'a>(cx: &Context<'a>, roots: &[NodeId]) -> Vec<Recipe<'a>> {
     let (graph, plan, kernel) = (cx.graph, cx.plan, cx.kernel);
     if !cx.target.block_outputs || !cx.bound.sums.is_empty() {
-        return None;
+        return Vec::new();
     }
     let main = main_root(graph, roots);
     let uniform_of = |id: NodeId| plan.buffer_of[id.0].and_then(cx.uniform_at);
@@ -170,6 +172,8 @@ fn conv_quads<'a>(cx: &Context<'a>, roots: &[NodeId]) -> Option<Recipe<'a>> {
             })
         })
         .map(Recipe::ConvQuads)
+        .into_iter()
+        .collect()
 }
 
 /// The buffer of `id` where the kernel reads it straight from a uniform binding.
@@ -219,26 +223,31 @@ fn columns(cx: &Context, roots: &[NodeId]) -> Option<Columns> {
 }
 
 /// Kernel columns of several output channels in whole rows (`conv_quads::weight_rows_fn`).
-fn weight_rows<'a>(cx: &Context<'a>, roots: &[NodeId]) -> Option<Recipe<'a>> {
+fn weight_rows<'a>(cx: &Context<'a>, roots: &[NodeId]) -> Vec<Recipe<'a>> {
     columns(cx, roots)
         .filter(|c| c.channels > 1)
         .map(Recipe::Columns)
+        .into_iter()
+        .collect()
 }
 
 /// Kernel columns of one output channel (`chunks::kernel_columns_fn`).
-fn kernel_columns<'a>(cx: &Context<'a>, roots: &[NodeId]) -> Option<Recipe<'a>> {
+fn kernel_columns<'a>(cx: &Context<'a>, roots: &[NodeId]) -> Vec<Recipe<'a>> {
     columns(cx, roots)
         .filter(|c| c.channels == 1)
         .map(Recipe::Columns)
+        .into_iter()
+        .collect()
 }
 
 /// Register blocking: the largest root, four elements per invocation, when that gives a
 /// reduction a blocked rule and the other roots fit in the fewer invocations; rows too
-/// where they still fit.
-fn blocked<'a>(cx: &Context<'a>, roots: &[NodeId]) -> Option<Recipe<'a>> {
+/// where they still fit. Every blocking that gives as much blocked work is a recipe, the
+/// preferred first (`blocking::choose`).
+fn blocked<'a>(cx: &Context<'a>, roots: &[NodeId]) -> Vec<Recipe<'a>> {
     let graph = cx.graph;
     if !cx.target.block_outputs {
-        return None;
+        return Vec::new();
     }
     let main = main_root(graph, roots);
     let quads = graph.ty(main).numel() / LANES;
@@ -246,7 +255,7 @@ fn blocked<'a>(cx: &Context<'a>, roots: &[NodeId]) -> Option<Recipe<'a>> {
         .iter()
         .all(|r| *r == main || graph.ty(*r).numel() <= quads)
     {
-        return None;
+        return Vec::new();
     }
     let cpu = cx.target.class == DeviceClass::Cpu;
     let summed = cx.bound.summed();
@@ -263,14 +272,28 @@ fn blocked<'a>(cx: &Context<'a>, roots: &[NodeId]) -> Option<Recipe<'a>> {
         fns.inner_rows = cpu;
         fns
     };
-    let (blocking, fns) = blocking::choose(&fresh, main, cpu)?;
+    blocking::choose(&fresh, main, cpu)
+        .into_iter()
+        .map(|(blocking, fns)| blocked_recipe(cx, roots, main, (blocking, fns), &fresh))
+        .collect()
+}
+
+/// The recipe of one blocking of `main`.
+fn blocked_recipe<'a>(
+    cx: &Context<'a>,
+    roots: &[NodeId],
+    main: NodeId,
+    (blocking, fns): (Blocking, LaneFns<'a>),
+    fresh: &dyn Fn() -> LaneFns<'a>,
+) -> Recipe<'a> {
+    let graph = cx.graph;
     let rows = fns.rows_for(main, blocking.stride).filter(|r| {
         let n = graph.ty(main).numel() / (LANES * r.accumulators());
         roots
             .iter()
             .all(|x| *x == main || graph.ty(*x).numel() <= n)
     });
-    Some(Recipe::Blocked(Box::new(match rows {
+    Recipe::Blocked(Box::new(match rows {
         // The rows functions replace the lane functions of the choice: start from none, so
         // the module carries no unused ones.
         Some(r) => {
@@ -290,30 +313,45 @@ fn blocked<'a>(cx: &Context<'a>, roots: &[NodeId]) -> Option<Recipe<'a>> {
             fns,
             rows: None,
         },
-    })))
+    }))
 }
 
-/// Chooses `cx.kernel`'s schedule.
-pub(crate) fn choose_schedule<'a>(cx: &Context<'a>) -> Schedule<'a> {
-    let (graph, plan, kernel) = (cx.graph, cx.plan, cx.kernel);
-    let roots = match &kernel.kind {
+/// The schedules `cx.kernel` may take: the first applicable rule's recipes, its choice
+/// first.
+pub(crate) fn choose_schedules<'a>(cx: &Context<'a>) -> Vec<Schedule<'a>> {
+    let roots = match &cx.kernel.kind {
         KernelKind::Head(_) => {
-            return Schedule {
+            return vec![Schedule {
                 recipe: Recipe::Head,
                 rule: "classifier head",
                 vec4_out: Vec::new(),
                 quad_sum: None,
                 shares_loads: false,
                 nest: None,
-            };
+            }];
         }
         KernelKind::Map { roots } => roots,
     };
-    let (rule, recipe) = RULES
+    let (rule, recipes) = RULES
         .iter()
         .filter(|r| r.classes.contains(&cx.target.class))
-        .find_map(|r| Some((r.name, (r.applies)(cx, roots)?)))
+        .map(|r| (r.name, (r.applies)(cx, roots)))
+        .find(|(_, recipes)| !recipes.is_empty())
         .expect("one invocation per element always applies");
+    recipes
+        .into_iter()
+        .map(|recipe| schedule_of(cx, roots, rule, recipe))
+        .collect()
+}
+
+/// `recipe`'s schedule, with what it decides about stores and sums.
+fn schedule_of<'a>(
+    cx: &Context<'a>,
+    roots: &[NodeId],
+    rule: &'static str,
+    recipe: Recipe<'a>,
+) -> Schedule<'a> {
+    let (graph, plan, kernel) = (cx.graph, cx.plan, cx.kernel);
     let sums = &cx.bound.sums;
     // On CPU-class targets, lanes that are four consecutive elements at offsets in fours
     // (from the invocation's first element, for every row) can be stored and carried a vec4

@@ -19,7 +19,7 @@ use crate::kir::{self, module::Declaration};
 use crate::lower::{Lowering, lower};
 use crate::plan::{Kernel, KernelKind, Plan};
 use crate::report::node_label;
-use crate::schedule::{self, Schedule, choose_schedule};
+use crate::schedule::{self, Schedule, choose_schedules};
 use crate::target::{DeviceClass, Target};
 use crate::trips::{self, Loads};
 
@@ -442,16 +442,132 @@ fn emit_kernel_with(
         uniform_at: &uniform_at,
         split_of: &split_of,
     };
-    let schedule = choose_schedule(&cx);
-    let Some(layout) = lay_out(&cx, &schedule, sizes)? else {
-        return Ok((None, schedule.shares_loads));
+    let schedules = choose_schedules(&cx);
+    let shares_loads = schedules[0].shares_loads;
+    // The rules' choice decides whether the kernel can be laid out (else `emit_kernel_sized`
+    // tries another target); its alternatives only where they can be too.
+    let Some(first) = build(&cx, &schedules[0], sizes)? else {
+        return Ok((None, shares_loads));
+    };
+    let mut built = vec![first];
+    for schedule in &schedules[1..] {
+        if let Some(b) = build(&cx, schedule, sizes)? {
+            built.push(b);
+        }
+    }
+    // Blockings the rules hold as good as each other: the one whose module issues the fewest
+    // loads, weighted by their cost on the device (the first of equals).
+    let mut note = String::new();
+    if built.len() > 1 {
+        let costs: Vec<Option<f64>> = built.iter().map(|b| b.weighted_loads(target)).collect();
+        let first = costs[0];
+        let (k, cost) = costs
+            .iter()
+            .enumerate()
+            .filter_map(|(k, c)| c.map(|c| (k, c)))
+            .fold(None, |best: Option<(usize, f64)>, (k, c)| match best {
+                Some((_, b)) if b <= c => best,
+                _ => Some((k, c)),
+            })
+            .unwrap_or((0, 0.0));
+        let shown: Vec<String> = costs
+            .iter()
+            .map(|c| c.map_or("unbounded".to_string(), |c| format!("{c:.0}")))
+            .collect();
+        let _ = writeln!(
+            note,
+            "// tie: {} blockings do as much blocked work; weighted loads per step {}: the {} ({cost:.0}{})",
+            built.len(),
+            shown.join(", "),
+            if k == 0 { "first" } else { "fewest" },
+            match first {
+                Some(f) if k > 0 => format!(" against the first's {f:.0}"),
+                _ => String::new(),
+            }
+        );
+        built.swap(0, k);
+    }
+    let b = built.swap_remove(0);
+    let is_head = matches!(kernel.kind, KernelKind::Head(_));
+    // The head's two partial-sum arrays (f32 and u32, one entry per invocation).
+    let workgroup_storage_bytes = if is_head {
+        2 * u64::from(head_workgroup) * 4
+    } else {
+        0
+    };
+    Ok((
+        Some(KernelModule {
+            name: kernel.name.clone(),
+            wgsl: b.header.0 + &note + &b.header.1 + &b.printed,
+            bindings: bound.bindings.clone(),
+            dispatch: b.dispatch,
+            workgroup_size: b.workgroup_size,
+            workgroup_storage_bytes,
+            chunks: b.chunks,
+            loop_iterations: None,
+            loads: None,
+            invocations: b.invocations,
+            kernel_ir: b.module,
+            functions: b.functions,
+        }),
+        shares_loads,
+    ))
+}
+
+/// One schedule's module, before validation.
+struct Built {
+    /// The header's lines through the schedule's, and the rest.
+    header: (String, String),
+    printed: String,
+    module: kir::module::Module,
+    functions: Vec<kir::module::Item>,
+    dispatch: [u32; 3],
+    workgroup_size: u32,
+    invocations: u32,
+    chunks: Option<Chunks>,
+}
+
+impl Built {
+    /// The loads a step's dispatches issue (`trips::loads` of the parsed module), storage
+    /// and workgroup loads weighted as the device class pays for them against uniform
+    /// ones; `None` where the module does not parse or a loop has no bound.
+    fn weighted_loads(&self, target: &Target) -> Option<f64> {
+        let module = naga::front::wgsl::parse_str(&self.printed).ok()?;
+        let images = self.chunks.as_ref().map(|c| c.images as u64);
+        let dispatches = self.chunks.as_ref().map_or(1, |c| c.dispatches());
+        let l =
+            trips::loads(&module, images)?.times(u64::from(self.invocations) * dispatches as u64);
+        // lavapipe runs a storage or workgroup load as a loop over the SIMD lanes, a uniform
+        // load as one gather (~0.25 against 2-3 G loads/s, `chunks.rs`).
+        let costly = if target.class == DeviceClass::Cpu {
+            STORAGE_LOAD_WEIGHT
+        } else {
+            1.0
+        };
+        Some((l.storage + l.workgroup) as f64 * costly + l.uniform as f64)
+    }
+}
+
+/// How many uniform loads one storage load costs on a CPU-class device.
+const STORAGE_LOAD_WEIGHT: f64 = 10.0;
+
+/// `schedule`'s module for `cx.kernel`; `None` where the schedule cannot be laid out.
+fn build(
+    cx: &schedule::Context,
+    schedule: &Schedule,
+    sizes: (u32, Option<usize>),
+) -> Result<Option<Built>, CodegenError> {
+    let (graph, plan, kernel, target, bound) = (cx.graph, cx.plan, cx.kernel, cx.target, cx.bound);
+    let head_workgroup = sizes.0;
+    let Some(layout) = lay_out(cx, schedule, sizes)? else {
+        return Ok(None);
     };
     let l = Lowering::new(
         graph,
         plan,
         kernel,
-        &bound,
-        &schedule,
+        bound,
+        schedule,
         (layout.workgroup_size, layout.dispatch),
         layout.chunks.is_some(),
         head_workgroup,
@@ -483,31 +599,17 @@ fn emit_kernel_with(
         kernel: kernel.name.clone(),
         message: format!("generator bug: {e}"),
     })?;
-    let s = header(&l, target, &layout.description, chunking.as_ref()) + &printed;
-    let is_head = matches!(kernel.kind, KernelKind::Head(_));
-    // The head's two partial-sum arrays (f32 and u32, one entry per invocation).
-    let workgroup_storage_bytes = if is_head {
-        2 * u64::from(head_workgroup) * 4
-    } else {
-        0
-    };
-    Ok((
-        Some(KernelModule {
-            name: kernel.name.clone(),
-            wgsl: s,
-            bindings: bound.bindings.clone(),
-            dispatch: layout.dispatch,
-            workgroup_size: layout.workgroup_size,
-            workgroup_storage_bytes,
-            chunks: chunking,
-            loop_iterations: None,
-            loads: None,
-            invocations: layout.invocations,
-            kernel_ir: module,
-            functions,
-        }),
-        schedule.shares_loads,
-    ))
+    let header = header(&l, target, &layout.description, chunking.as_ref());
+    Ok(Some(Built {
+        header,
+        printed,
+        module,
+        functions,
+        dispatch: layout.dispatch,
+        workgroup_size: layout.workgroup_size,
+        invocations: layout.invocations,
+        chunks: chunking,
+    }))
 }
 
 /// How a kernel is launched: its workgroups, its dispatch grid and, cut into image chunks,
@@ -670,8 +772,14 @@ fn lay_out(
     }))
 }
 
-/// The module's header comments, once its chunks (and spans) are known.
-fn header(l: &Lowering, target: &Target, schedule: &str, c_opt: Option<&Chunks>) -> String {
+/// The module's header comments, once its chunks (and spans) are known: the lines through
+/// the schedule's (where a tie between schedules is noted), and the rest.
+fn header(
+    l: &Lowering,
+    target: &Target,
+    schedule: &str,
+    c_opt: Option<&Chunks>,
+) -> (String, String) {
     let (graph, plan, kernel) = (l.graph, l.plan, l.kernel);
     let (workgroup_size, dispatch) = (l.workgroup_size, l.dispatch);
     let bindings = &l.bound.bindings;
@@ -701,6 +809,7 @@ fn header(l: &Lowering, target: &Target, schedule: &str, c_opt: Option<&Chunks>)
     if let Some(nest) = &l.schedule.nest {
         let _ = writeln!(s, "// nest: {nest}");
     }
+    let head = std::mem::take(&mut s);
     let _ = writeln!(
         s,
         "// dispatch: {} x {} x {} workgroups",
@@ -768,7 +877,7 @@ fn header(l: &Lowering, target: &Target, schedule: &str, c_opt: Option<&Chunks>)
         );
     }
     s.push('\n');
-    s
+    (head, s)
 }
 
 /// The module's binding declarations: each binding (a split value one per part), then a

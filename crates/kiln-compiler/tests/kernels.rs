@@ -379,6 +379,43 @@ fn zoo_blocked_and_chunked_schedules_match_reference_on_the_interpreter() {
     }
 }
 
+/// Where blockings do as much blocked work, the kernel takes the one whose module issues the
+/// fewest weighted loads, and says so: every `// tie:` line's choice costs at most each
+/// candidate's, and the strided model's stride-2 convolutions (no convolution over quads),
+/// whose first candidate puts the lanes on channels, take lanes over images for fewer loads.
+#[test]
+fn blockings_doing_as_much_work_take_the_fewest_loads() {
+    let mut cheaper = BTreeSet::new();
+    for (name, model) in zoo() {
+        let [step, _] = graphs(&model, &name, 256, &Optimizer::from(0.9));
+        let compiled = compile(&step, &Target::lavapipe()).unwrap();
+        for m in &compiled.modules {
+            let Some(tie) = m.wgsl.lines().find(|l| l.starts_with("// tie: ")) else {
+                continue;
+            };
+            let number = |s: &str| s.trim_matches(|c: char| !c.is_ascii_digit()).parse::<u64>();
+            let (listed, chosen) = tie.split_once(": the ").expect(tie);
+            let costs: Vec<u64> = listed
+                .rsplit_once("per step ")
+                .expect(tie)
+                .1
+                .split(", ")
+                .map(|c| number(c).expect(tie))
+                .collect();
+            let took = number(chosen.split_whitespace().nth(1).expect(tie)).expect(tie);
+            assert!(costs.len() > 1, "{name} {}: {tie}", m.name);
+            assert!(costs.iter().all(|&c| took <= c), "{name} {}: {tie}", m.name);
+            if took < costs[0] {
+                cheaper.insert(format!("{name} {}", m.name));
+            }
+        }
+    }
+    assert!(
+        cheaper.iter().any(|k| k.starts_with("strided k01")),
+        "no kernel took a cheaper blocking than the first: {cheaper:?}"
+    );
+}
+
 /// A graph that outputs the predicted classes beside the loss and the count (the frontend
 /// fuzzer's finding): no classifier head forms around logits whose argmax is stored, so the
 /// argmax and the loss get kernels of their own over stored logits, and every kernel matches
