@@ -260,7 +260,7 @@ fn columns(l: &Lowering, c: &Columns) -> (Module, Vec<Item>) {
             )
         })
         .collect();
-    let nest = EntryPoint {
+    let point = EntryPoint {
         count: None,
         invocations: inv,
         computed: None,
@@ -280,7 +280,7 @@ fn columns(l: &Lowering, c: &Columns) -> (Module, Vec<Item>) {
         },
         others: roots.iter().copied().filter(|&r| r != main).collect(),
     };
-    let (f, callees) = entry(l, &nest);
+    let (f, callees) = entry(l, &point);
     (
         map_module(functions.clone(), l.workgroup_size, f, callees),
         functions,
@@ -386,7 +386,7 @@ fn blocked(l: &Lowering, blocked: &Blocked) -> (Module, Vec<Item>) {
         }
     }
     let vec4_out = !l.schedule.vec4_out.is_empty();
-    let nest = EntryPoint {
+    let point = EntryPoint {
         count: (!l.chunked).then_some(inv.count()),
         invocations: inv,
         computed: Some((setup_name, setup_ty, setup_fn)),
@@ -398,7 +398,7 @@ fn blocked(l: &Lowering, blocked: &Blocked) -> (Module, Vec<Item>) {
         },
         others: roots.iter().copied().filter(|&r| r != *main).collect(),
     };
-    let (f, callees) = entry(l, &nest);
+    let (f, callees) = entry(l, &point);
     (
         map_module(functions.clone(), l.workgroup_size, f, callees),
         functions,
@@ -424,7 +424,7 @@ fn elements(l: &Lowering) -> (Module, Vec<Item>) {
         _ => (Stores::Nothing, roots.to_vec()),
     };
     let inv = l.invocations();
-    let nest = EntryPoint {
+    let point = EntryPoint {
         count: (!l.chunked).then_some(inv.count()),
         invocations: inv,
         computed: None,
@@ -432,7 +432,7 @@ fn elements(l: &Lowering) -> (Module, Vec<Item>) {
         stores,
         others,
     };
-    let (f, callees) = entry(l, &nest);
+    let (f, callees) = entry(l, &point);
     (
         map_module(functions.clone(), l.workgroup_size, f, callees),
         functions,
@@ -486,19 +486,19 @@ enum Stores {
     Nothing,
 }
 
-/// The entry point `nest` describes, and the callees of its operands: the computed value,
+/// The entry point `point` describes, and the callees of its operands: the computed value,
 /// each running sum's chunk part (in the kernel's order of sums), the stored root's
 /// function, then the other roots'.
-fn entry(l: &Lowering, nest: &EntryPoint) -> (kir::Builder, Vec<Callee>) {
+fn entry(l: &Lowering, point: &EntryPoint) -> (kir::Builder, Vec<Callee>) {
     let graph = l.graph;
     let sums = l.bound.sums.as_slice();
     let mut operands = Vec::new();
     let mut callees = Vec::new();
-    if let Some((_, ty, callee)) = &nest.computed {
+    if let Some((_, ty, callee)) = &point.computed {
         operands.push(*ty);
         callees.push(callee.clone());
     }
-    let carried = |red: NodeId| nest.carried.as_ref().filter(|c| c.red == red);
+    let carried = |red: NodeId| point.carried.as_ref().filter(|c| c.red == red);
     let first_sum = operands.len();
     for &(red, _) in sums {
         match carried(red) {
@@ -513,19 +513,19 @@ fn entry(l: &Lowering, nest: &EntryPoint) -> (kir::Builder, Vec<Callee>) {
         }
     }
     let stored_root = operands.len();
-    if let Stores::Root { root, .. } = &nest.stores {
+    if let Stores::Root { root, .. } = &point.stores {
         element_operands(graph, &[*root], (&mut operands, &mut callees));
     }
     let first_other = operands.len();
-    element_operands(graph, &nest.others, (&mut operands, &mut callees));
+    element_operands(graph, &point.others, (&mut operands, &mut callees));
     let mut f = kir::Builder::entry(operands);
     // The invocation index is `i` itself where it is the first element's.
-    let var = match nest.invocations.grid.as_slice() {
+    let var = match point.invocations.grid.as_slice() {
         [a] if a.step == 1 => "i",
         _ => "j",
     };
-    let j = invocation(&mut f, var, l.row(), nest.count);
-    let i = first_element(&mut f, j, &nest.invocations);
+    let j = invocation(&mut f, var, l.row(), point.count);
+    let i = first_element(&mut f, j, &point.invocations);
     for (k, &(red, root)) in sums.iter().enumerate() {
         match carried(red) {
             Some(c) => {
@@ -550,9 +550,12 @@ fn entry(l: &Lowering, nest: &EntryPoint) -> (kir::Builder, Vec<Callee>) {
             f.add(i, d)
         }
     };
-    match &nest.stores {
+    match &point.stores {
         Stores::Parts { root, parts, vec4 } => {
-            let (name, ty, _) = nest.computed.as_ref().expect("parts of the computed value");
+            let (name, ty, _) = point
+                .computed
+                .as_ref()
+                .expect("parts of the computed value");
             let computed = f.operand(0, i);
             let computed = f.let_(name, *ty, computed);
             let g = f.global(l.global(l.plan.buffer_of[root.0].expect("roots are stored")));
@@ -574,7 +577,7 @@ fn entry(l: &Lowering, nest: &EntryPoint) -> (kir::Builder, Vec<Callee>) {
         }
         Stores::Nothing => {}
     }
-    l.other_roots(&mut f, &nest.others, first_other, j);
+    l.other_roots(&mut f, &point.others, first_other, j);
     (f, callees)
 }
 

@@ -68,11 +68,11 @@ impl KernelModule {
     /// (every dispatch's invocations times [`KernelModule::loads`]); `None` where a loop of
     /// the kernel has no bound.
     pub fn loads_per_step(&self) -> Option<Loads> {
-        let dispatches = self.chunks.as_ref().map_or(1, |c| c.dispatches());
-        Some(
-            self.loads?
-                .times(u64::from(self.invocations) * dispatches as u64),
-        )
+        Some(step_loads(
+            self.loads?,
+            self.invocations,
+            self.chunks.as_ref(),
+        ))
     }
 
     /// Every `@group(0)` slot the kernel's dispatches bind, in binding order: each binding
@@ -546,6 +546,13 @@ impl Built {
         };
         Some((l.storage + l.workgroup) as f64 * costly + l.uniform as f64)
     }
+}
+
+/// A step's loads of a kernel whose invocations issue `per_invocation`: every dispatch runs
+/// `invocations` (a chunked kernel's chunks, several to a dispatch where it has spans).
+fn step_loads(per_invocation: Loads, invocations: u32, chunks: Option<&Chunks>) -> Loads {
+    let dispatches = chunks.map_or(1, |c| c.dispatches());
+    per_invocation.times(u64::from(invocations) * dispatches as u64)
 }
 
 /// How many uniform loads one storage load costs on a CPU-class device.
