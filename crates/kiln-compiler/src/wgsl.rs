@@ -534,9 +534,8 @@ impl Built {
     fn weighted_loads(&self, target: &Target) -> Option<f64> {
         let module = naga::front::wgsl::parse_str(&self.printed).ok()?;
         let images = self.chunks.as_ref().map(|c| c.images as u64);
-        let dispatches = self.chunks.as_ref().map_or(1, |c| c.dispatches());
-        let l =
-            trips::loads(&module, images)?.times(u64::from(self.invocations) * dispatches as u64);
+        let per_invocation = trips::loads(&module, images)?;
+        let l = step_loads(per_invocation, self.invocations, self.chunks.as_ref());
         // lavapipe runs a storage or workgroup load as a loop over the SIMD lanes, a uniform
         // load as one gather (~0.25 against 2-3 G loads/s, `chunks.rs`).
         let costly = if target.class == DeviceClass::Cpu {
