@@ -33,14 +33,20 @@ use naga::{
 /// The most loop iterations one invocation of `module`'s entry point can run, or `None` when
 /// a loop's trip count cannot be bounded. `chunk_images` bounds loops over a chunk's image
 /// range (`chunk[k].z .. chunk[k].w`).
+#[cfg(test)]
 pub(crate) fn loop_iterations(module: &Module, chunk_images: Option<u64>) -> Option<u64> {
-    cost(module, chunk_images).map(|c| c.iterations)
+    bounds(module, chunk_images).map(|(iterations, _)| iterations)
 }
 
 /// The most loads of globals one invocation of `module`'s entry point issues, by address
 /// space (a `vec4` load counts once), or `None` where a loop cannot be bounded.
 pub(crate) fn loads(module: &Module, chunk_images: Option<u64>) -> Option<Loads> {
-    cost(module, chunk_images).map(|c| c.loads)
+    bounds(module, chunk_images).map(|(_, loads)| loads)
+}
+
+/// Both bounds of one invocation from one walk: its loop iterations and its loads.
+pub(crate) fn bounds(module: &Module, chunk_images: Option<u64>) -> Option<(u64, Loads)> {
+    cost(module, chunk_images).map(|c| (c.iterations, c.loads))
 }
 
 fn cost(module: &Module, chunk_images: Option<u64>) -> Option<Cost> {

@@ -253,8 +253,9 @@ fn check_kernel(m: &mut KernelModule, target: &Target) -> Result<NagaModule, Cod
         }
     }
     let images = m.chunks.as_ref().map(|c| c.images as u64);
-    m.loop_iterations = trips::loop_iterations(&naga.module, images);
-    m.loads = trips::loads(&naga.module, images);
+    let bounds = trips::bounds(&naga.module, images);
+    m.loop_iterations = bounds.map(|(iterations, _)| iterations);
+    m.loads = bounds.map(|(_, loads)| loads);
     if let Some(limit) = target.max_loop_iterations {
         match m.loop_iterations {
             Some(n) if n <= limit => {}
