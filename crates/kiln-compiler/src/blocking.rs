@@ -56,6 +56,7 @@ use std::collections::BTreeSet;
 use kiln_ir::{DType, Graph, NodeId, Op};
 
 use crate::compute;
+use crate::kir::unroll::{HeldAxis, unroll};
 use crate::kir::{self, module::Item, wgsl::Callee};
 use crate::plan::{Kernel, Placement, Plan};
 use crate::text::{Operand as Read, UniformAt, chunk_part, definition_over, strides, v};
@@ -325,6 +326,17 @@ impl<'a> LaneFns<'a> {
     /// The blocked body of computed node `id` at `stride`, or `None` where the op has no rule
     /// for that axis.
     fn rule(&mut self, id: NodeId, stride: usize) -> Option<(kir::Function, Vec<Callee>)> {
+        self.blocked_definition(id, stride, true)
+    }
+
+    /// [`LaneFns::rule`]'s body; `count`: whether a blocked reduction counts as this
+    /// kernel's blocked work (not when its rows hold it, [`LaneFns::rows_fn`]).
+    fn blocked_definition(
+        &mut self,
+        id: NodeId,
+        stride: usize,
+        count: bool,
+    ) -> Option<(kir::Function, Vec<Callee>)> {
         let graph = self.graph;
         let node = graph.node(id);
         if node.ty.dtype != DType::F32 {
@@ -425,7 +437,7 @@ impl<'a> LaneFns<'a> {
             })
             .collect();
         let work = reduction_length(graph, id);
-        if work > 1 {
+        if work > 1 && count {
             self.shares_loads |= operands.iter().any(|o| matches!(o, Shared));
             self.blocked_work += work;
             self.blocked.push(format!(
@@ -985,7 +997,7 @@ impl LaneFns<'_> {
 
     /// `fn v<root>_rows(i) -> array<vec4<f32>, R>`: the root's lanes for each row, the
     /// reduction computed once for all rows. Returns the function's name.
-    pub fn rows_fn(&mut self, root: NodeId, lane_stride: usize, rows: Rows) -> String {
+    pub fn rows_fn(&mut self, root: NodeId, lane_stride: usize, rows: Rows) -> Option<String> {
         let graph = self.graph;
         let red = rows.reduction;
         let r = rows.count;
@@ -996,7 +1008,7 @@ impl LaneFns<'_> {
         let red_fn = if fused_taps {
             self.conv_pool_taps(red, rows)
         } else {
-            self.reduction_rows(red, rows)
+            self.reduction_rows(red, rows)?
         };
         let top_fn = match rows.pool {
             None => red_fn,
@@ -1057,7 +1069,7 @@ impl LaneFns<'_> {
             rows.row_axis
         ));
         self.blocked_work += reduction_length(graph, red);
-        name
+        Some(name)
     }
 
     /// The rows of a pooling over the reduction's rows: each window tap evaluates the
@@ -1384,7 +1396,7 @@ impl LaneFns<'_> {
 
     /// The reduction's rows function: one accumulator of four lanes per row, the lanes'
     /// operand loaded once per step for all rows.
-    fn reduction_rows(&mut self, red: NodeId, rows: Rows) -> String {
+    fn reduction_rows(&mut self, red: NodeId, rows: Rows) -> Option<String> {
         let graph = self.graph;
         let node = graph.node(red);
         let out = node.ty.shape.clone();
@@ -1399,6 +1411,11 @@ impl LaneFns<'_> {
         } else {
             name.clone()
         };
+        if !self.slides(red, rows) {
+            let (function, callees) = self.held_rows(red, rows)?;
+            self.push_function(&own, function, callees);
+            return Some(name);
+        }
         let names: Vec<String> = if rows.inner > 1 {
             (0..r)
                 .flat_map(|k| (0..rows.inner).map(move |c| format!("acc{k}_{c}")))
@@ -1418,26 +1435,12 @@ impl LaneFns<'_> {
                 Read::lanes(Callee::Call(self.request(node.inputs[0], in_strides(0)[0]))),
                 Read::scalar(graph, node.inputs[1]),
             ),
-            Op::MatMul { transpose_b, .. } => {
-                let bv = if self.quarter_rows(red, rows).is_some() {
-                    Read::scalar(graph, node.inputs[1])
-                } else {
-                    Read::lanes(Callee::Call(self.request(
-                        node.inputs[1],
-                        in_strides(1)[usize::from(!*transpose_b)] * rows.lane_gap,
-                    )))
-                };
-                (Read::scalar(graph, node.inputs[0]), bv)
-            }
-            Op::Conv2d { .. } if rows.lane_axis == 1 => (
-                Read::lanes(Callee::Call(self.request(node.inputs[1], in_strides(1)[0]))),
+            // The right-hand matrix is read part by part below.
+            Op::MatMul { .. } => (
                 Read::scalar(graph, node.inputs[0]),
-            ),
-            Op::Conv2d { .. } => (
-                Read::lanes(Callee::Call(self.request(node.inputs[0], in_strides(0)[0]))),
                 Read::scalar(graph, node.inputs[1]),
             ),
-            _ => unreachable!("rows_for only picks ops with a rows body"),
+            _ => unreachable!("only these slide"),
         };
         let mut f = kir::Builder::new(ret, vec![first.ty, second.ty]);
         let callees = vec![first.callee, second.callee];
@@ -1450,7 +1453,6 @@ impl LaneFns<'_> {
                 let [oc, cc, ky, kx] = compute::coords4(&mut f, i, ["o", "c", "ky", "kx"], &out);
                 let accs = zeroed(&mut f, &names);
                 let (lo, hi) = compute::batch_range(&mut f, n, chunked);
-                let sliding = stride[1] == 1;
                 f.for_("n", lo, hi, |f, nn| {
                     let (z, ohu) = (f.u32(0), f.u32(oh));
                     f.for_("oy", z, ohu, |f, oy| {
@@ -1459,7 +1461,7 @@ impl LaneFns<'_> {
                         let iy = f.add(iy, ky);
                         let iy = f.let_("iy", kir::Ty::U32, iy);
                         let (z, owu) = (f.u32(0), f.u32(ow));
-                        if sliding {
+                        {
                             // Row k reads pixel ox + kx + k: one step along ox later it is row
                             // k - 1's. A window of the rows' pixels slides along the input
                             // row, one load per step instead of one per row.
@@ -1501,26 +1503,6 @@ impl LaneFns<'_> {
                                     f.assign(pixels[k], next);
                                 }
                             });
-                        } else {
-                            f.for_("ox", z, owu, |f, ox| {
-                                let at = f.flat(&[nn, oc, oy, ox], &[0, o, oh, ow]);
-                                let d = f.operand(1, at);
-                                let d = f.let_("d", kir::Ty::VEC4_F32, d);
-                                let xb = f.flat(&[nn, cc, iy], &[0, c, h]);
-                                let ww = f.u32(w);
-                                let xb = f.mul(xb, ww);
-                                let sx = f.u32(stride[1]);
-                                let col = f.mul(ox, sx);
-                                let xb = f.add(xb, col);
-                                let xb = f.add(xb, kx);
-                                let xb = f.let_("xb", kir::Ty::U32, xb);
-                                for (k, &acc) in accs.iter().enumerate() {
-                                    let at = offset(f, xb, k);
-                                    let x = f.operand(0, at);
-                                    let t = f.mul(x, d);
-                                    f.add_assign(acc, t);
-                                }
-                            });
                         }
                     });
                 });
@@ -1536,29 +1518,6 @@ impl LaneFns<'_> {
                     *padding,
                     rows,
                     &accs,
-                );
-                finish_rows(&mut f, &accs);
-            }
-            Op::Conv2dGradInput { padding, .. } => {
-                let kk = shape(1)[2] * shape(1)[3];
-                let coords = compute::coords4(&mut f, i, ["n", "c", "h", "w"], &out);
-                let accs = zeroed(&mut f, &names);
-                compute::unit_stride_grad_input_taps(
-                    &mut f,
-                    coords,
-                    &shape(0),
-                    &shape(1),
-                    *padding,
-                    &|f, dyi, wi| {
-                        let d = f.operand(0, dyi);
-                        let d = f.let_("d", kir::Ty::VEC4_F32, d);
-                        for (k, &acc) in accs.iter().enumerate() {
-                            let at = offset(f, wi, k * kk);
-                            let w = f.operand(1, at);
-                            let t = f.mul(w, d);
-                            f.add_assign(acc, t);
-                        }
-                    },
                 );
                 finish_rows(&mut f, &accs);
             }
@@ -1603,7 +1562,8 @@ impl LaneFns<'_> {
                         f.add_assign(acc, t);
                     }
                 };
-                if let Some((slot, words)) = self.quarter_rows(red, rows) {
+                {
+                    let (slot, words) = self.quarter_rows(red, rows).expect("it slides");
                     // A right-hand matrix `[K, N]` split in four parts of whole rows along the
                     // reduction: one loop per part, each reading its part's four consecutive
                     // columns as one vec4 (instead of every part per element).
@@ -1625,63 +1585,45 @@ impl LaneFns<'_> {
                             adds(f, p, bb);
                         });
                     }
-                } else {
-                    let (lo, hi) = compute::batch_range(&mut f, k, chunked);
-                    f.for_("p", lo, hi, |f, p| {
-                        let at = b_at(f, p);
-                        let bb = f.operand(1, at);
-                        let bb = f.let_("bb", kir::Ty::VEC4_F32, bb);
-                        adds(f, p, bb);
-                    });
                 }
                 finish_rows(&mut f, &accs);
             }
-            Op::Conv2d { stride, padding } => {
-                let [_, c, h, w] = compute::rank4(&shape(0));
-                let [_, _, kh, kw] = compute::rank4(&shape(1));
-                let [nn, oc, oy, ox] = compute::coords4(&mut f, i, ["n", "o", "oy", "ox"], &out);
-                let accs = zeroed(&mut f, &names);
-                // Lanes over output channels share the pixel; rows over images share the
-                // weights (or the other way round).
-                let step = if rows.lane_axis == 1 {
-                    in_strides(0)[0]
-                } else {
-                    in_strides(1)[0]
-                };
-                let (z, cu) = (f.u32(0), f.u32(c));
-                f.for_("c", z, cu, |f, ci| {
-                    let (z, khu) = (f.u32(0), f.u32(kh));
-                    f.for_("ky", z, khu, |f, ky| {
-                        let iy = compute::tap(f, "iy", oy, ky, stride[0], padding[0], h);
-                        let (z, kwu) = (f.u32(0), f.u32(kw));
-                        f.for_("kx", z, kwu, |f, kx| {
-                            let ix = compute::tap(f, "ix", ox, kx, stride[1], padding[1], w);
-                            let xi = f.flat(&[nn, ci, iy, ix], &[0, c, h, w]);
-                            let xi = f.let_("xi", kir::Ty::U32, xi);
-                            let wi = f.flat(&[oc, ci, ky, kx], &[0, c, kh, kw]);
-                            let wi = f.let_("wi", kir::Ty::U32, wi);
-                            let (shared, per_row) = if rows.lane_axis == 1 {
-                                (wi, xi)
-                            } else {
-                                (xi, wi)
-                            };
-                            let both = f.operand(0, shared);
-                            let both = f.let_("both", kir::Ty::VEC4_F32, both);
-                            for (q, &acc) in accs.iter().enumerate() {
-                                let at = offset(f, per_row, q * step);
-                                let x = f.operand(1, at);
-                                let t = f.mul(x, both);
-                                f.add_assign(acc, t);
-                            }
-                        });
-                    });
-                });
-                finish_rows(&mut f, &accs);
-            }
-            _ => unreachable!("rows_for only picks ops with a rows body"),
+            _ => unreachable!("only these slide"),
         }
         self.push(&own, f, callees);
-        name
+        Some(name)
+    }
+
+    /// Whether the rows of `red` reuse loads the bodies of [`LaneFns::reduction_rows`] write
+    /// out: a window of pixels sliding along the input row (a stride-1 weight gradient's
+    /// kernel columns, an input gradient's inner columns) or a right-hand matrix read part by
+    /// part. Other rows are the op's definition held along the rows' axis
+    /// ([`LaneFns::held_rows`]).
+    fn slides(&self, red: NodeId, rows: Rows) -> bool {
+        match &self.graph.node(red).op {
+            Op::Conv2dGradWeight { stride, .. } => stride[1] == 1,
+            Op::Conv2dGradInput { .. } => rows.inner > 1,
+            Op::MatMul { .. } => self.quarter_rows(red, rows).is_some(),
+            _ => false,
+        }
+    }
+
+    /// The rows of `red`: the definition its lanes take, held along the rows' axis
+    /// (`kir::unroll`), so that each operand read not depending on the row — the lanes'
+    /// operand that the rows share — is made once for all of them. `None` where the
+    /// definition cannot be held (a loop bound or a `continue` depending on the row).
+    fn held_rows(&mut self, red: NodeId, rows: Rows) -> Option<(kir::Function, Vec<Callee>)> {
+        let shape = &self.graph.ty(red).shape;
+        let st = strides(shape);
+        let axis = HeldAxis {
+            stride: st[rows.row_axis],
+            extent: shape[rows.row_axis],
+        };
+        let lanes = st[rows.lane_axis] * rows.lane_gap;
+        let (definition, callees) = self.blocked_definition(red, lanes, false)?;
+        let copies: Vec<Vec<usize>> = (0..rows.count).map(|k| vec![k]).collect();
+        let held = unroll(&definition, &[axis], &copies).ok()?;
+        Some((held, callees))
     }
 
     /// The binding and words per part of a matmul's right-hand matrix `[K, N]` split in four

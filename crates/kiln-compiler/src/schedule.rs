@@ -297,14 +297,22 @@ fn blocked_recipe<'a>(
         // The rows functions replace the lane functions of the choice: start from none, so
         // the module carries no unused ones.
         Some(r) => {
-            let mut fns = fresh();
-            fns.quarter = blocking.quarter;
-            let name = fns.rows_fn(main, blocking.stride, r);
-            Blocked {
-                main,
-                blocking,
-                fns,
-                rows: Some((r, name)),
+            let mut rows_fns = fresh();
+            rows_fns.quarter = blocking.quarter;
+            match rows_fns.rows_fn(main, blocking.stride, r) {
+                Some(name) => Blocked {
+                    main,
+                    blocking,
+                    fns: rows_fns,
+                    rows: Some((r, name)),
+                },
+                // The reduction's definition cannot be held along the rows.
+                None => Blocked {
+                    main,
+                    blocking,
+                    fns,
+                    rows: None,
+                },
             }
         }
         None => Blocked {

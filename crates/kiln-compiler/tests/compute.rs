@@ -13,6 +13,7 @@ use common::{close, feeds, zoo};
 use kiln_autodiff::{Optimizer, read_batches_from_dataset, training_step_with};
 use kiln_compiler::compute::{element, value_ty};
 use kiln_compiler::kir::interp::{Env, Lanes, Value, eval_valid};
+use kiln_compiler::kir::unroll::{HeldAxis, unroll};
 use kiln_compiler::kir::{ChunkBound, Ty, validate};
 use kiln_ir::testing::{random_layer, random_model};
 use kiln_ir::{DType, Graph, LenetVariant, Model, NodeId, Op, TensorType};
@@ -193,4 +194,164 @@ proptest! {
         let g = read_batches_from_dataset(&step, 5).unwrap();
         check_graph("random", &g, seed, 4);
     }
+}
+
+/// Holds each computed node's definition along each of its axes (`kir::unroll`, the rows of
+/// register blocking) and, where it can, along two at once; every copy must be exactly the
+/// definition at its own element. Returns the `(op, axes)` held.
+fn check_held(what: &str, g: &Graph, seed: u64, classes: usize) -> Vec<(String, Vec<usize>)> {
+    let (inputs, params) = feeds(g, seed, classes);
+    let values = execute(g, &inputs, &params).unwrap();
+    let mut held = Vec::new();
+    for (id, node) in g.iter() {
+        if matches!(node.op, Op::Input { .. } | Op::Param { .. }) || node.ty.shape.is_empty() {
+            continue;
+        }
+        let operands: Vec<Ty> = node
+            .inputs
+            .iter()
+            .map(|&n| value_ty(g.ty(n).dtype))
+            .collect();
+        let f = element(g, id, None, &operands, false);
+        let shape = &node.ty.shape;
+        let st = strides(shape);
+        let axes: Vec<usize> = (0..shape.len()).filter(|&a| shape[a] >= 2).collect();
+        let mut choices: Vec<Vec<usize>> = axes.iter().map(|&a| vec![a]).collect();
+        if let [a, .., b] = axes[..] {
+            choices.push(vec![a, b]);
+        }
+        let env_values: Vec<&Tensor> = node.inputs.iter().map(|&x| values.get(x)).collect();
+        for on in choices {
+            let counts: Vec<usize> = on
+                .iter()
+                .map(|&a| {
+                    [4, 3, 2]
+                        .into_iter()
+                        .find(|c| shape[a] % c == 0)
+                        .unwrap_or(1)
+                })
+                .collect();
+            let held_axes: Vec<HeldAxis> = on
+                .iter()
+                .map(|&a| HeldAxis {
+                    stride: st[a],
+                    extent: shape[a],
+                })
+                .collect();
+            let copies: Vec<Vec<usize>> = match counts[..] {
+                [c] => (0..c).map(|k| vec![k]).collect(),
+                [c, d] => (0..c)
+                    .flat_map(|k| (0..d).map(move |l| vec![k, l]))
+                    .collect(),
+                _ => unreachable!(),
+            };
+            let Ok(u) = unroll(&f, &held_axes, &copies) else {
+                continue;
+            };
+            validate(&u).unwrap_or_else(|e| panic!("{what}: {id} held on {on:?}: {e}"));
+            held.push((node.op.name().to_string(), on.clone()));
+            let n = node.ty.numel();
+            let step = n.div_ceil(40).max(1);
+            for e in (0..n).step_by(step).chain([n - 1]) {
+                // The first element of its block of copies.
+                let e = on
+                    .iter()
+                    .zip(&counts)
+                    .fold(e, |e, (&a, &c)| e - (e / st[a] % shape[a] % c) * st[a]);
+                let mut env = Operands {
+                    values: env_values.clone(),
+                    stride: None,
+                };
+                let Some(Lanes::Array(got)) = eval_valid(&u, e as u32, &mut env).unwrap() else {
+                    panic!("{what}: {id} held returned no array")
+                };
+                for (k, copy) in copies.iter().enumerate() {
+                    let at = e + copy.iter().zip(&on).map(|(o, &a)| o * st[a]).sum::<usize>();
+                    let want = eval_valid(&f, at as u32, &mut env).unwrap().unwrap();
+                    assert_eq!(
+                        got[k],
+                        want,
+                        "{what}: {id} = {} : {} held on {on:?}, element {e} copy {copy:?}",
+                        node.op.name(),
+                        node.ty
+                    );
+                }
+            }
+        }
+    }
+    held
+}
+
+/// The operand reads of `f` by operand.
+fn reads_of(f: &kiln_compiler::kir::Function) -> Vec<usize> {
+    let mut reads = vec![0; f.operands.len()];
+    for e in &f.exprs {
+        if let kiln_compiler::kir::ExprKind::Operand { k, .. } = e {
+            reads[*k] += 1;
+        }
+    }
+    reads
+}
+
+#[test]
+fn held_definitions_give_every_copy_its_element() {
+    let mut held = Vec::new();
+    for v in [LenetVariant::Lenet, LenetVariant::ReluMaxPool] {
+        let g = step(&v.model().into(), "lenet", 4, &Optimizer::from(0.9));
+        held.extend(check_held(&format!("{v:?}"), &g, 3, 10));
+    }
+    for (name, model) in zoo() {
+        let g = step(&model, &name, 4, &Optimizer::from(0.9));
+        held.extend(check_held(&name, &g, 4, 10));
+    }
+    // The reductions register blocking holds in rows.
+    for (op, axes) in [
+        ("conv2d", vec![0]),
+        ("conv2d", vec![1]),
+        ("matmul", vec![0]),
+        ("conv2d_grad_input", vec![1]),
+        ("conv2d_grad_weight", vec![3]),
+    ] {
+        assert!(
+            held.iter().any(|(o, a)| *o == op && *a == axes),
+            "{op} held on {axes:?}"
+        );
+    }
+    assert!(held.iter().any(|(_, a)| a.len() == 2), "two axes at once");
+}
+
+/// Held rows share what does not depend on them: a convolution's rows over images read
+/// each weight once for all rows, its rows over output channels each pixel once.
+#[test]
+fn held_rows_share_the_loads_that_do_not_depend_on_them() {
+    let forward = Model::from(LenetVariant::Lenet.model())
+        .forward("lenet", TensorType::new(DType::F32, [8, 1, 28, 28]))
+        .unwrap();
+    let (id, node) = forward
+        .iter()
+        .find(|(_, n)| matches!(n.op, Op::Conv2d { .. }))
+        .unwrap();
+    let f = element(&forward, id, None, &[Ty::F32, Ty::F32], false);
+    assert_eq!(reads_of(&f), [1, 1]);
+    let st = strides(&node.ty.shape);
+    for (axis, want) in [(0, [4, 1]), (1, [1, 4])] {
+        let u = unroll(
+            &f,
+            &[HeldAxis {
+                stride: st[axis],
+                extent: node.ty.shape[axis],
+            }],
+            &(0..4).map(|k| vec![k]).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        assert_eq!(reads_of(&u), want, "conv2d rows on axis {axis}");
+    }
+}
+
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut st = vec![1; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        st[d] = st[d + 1] * shape[d + 1];
+    }
+    st
 }

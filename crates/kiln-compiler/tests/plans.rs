@@ -812,7 +812,9 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
             "//   1: 7.weight f32[120,400] (4 uniform parts)",
             "@group(0) @binding(4) var<uniform> buf1_3: array<vec4<f32>, 3000>;",
             "fn v17_x4s12000(i: u32) -> vec4<f32> {\n    return vec4<f32>(buf1_0[i >> 2u][i & 3u], buf1_1[i >> 2u][i & 3u], buf1_2[i >> 2u][i & 3u], buf1_3[i >> 2u][i & 3u]);",
-            "        let bb = v17_x4s12000(c * 400u + p);",
+            // The rows share the lanes' operand: loaded once per step for all eight.
+            "        let at0 = r * 400u + p;\n        let shared0 = v17_x4s12000(c * 400u + p);\n        acc0 += v16(at0) * shared0;",
+            "        acc7 += v16(at0 + 2800u) * shared0;",
             "    return red + v18_x4s30((i / 1u) % 120u);",
             "    let g0 = j / 30u;\n    let g1 = j % 30u;\n    let i = g0 * 960u + g1;",
             "    buf6[i + 90u] = rows[0u].w;\n    buf6[i + 120u] = rows[1u].x;",
