@@ -11,10 +11,14 @@
 //! A blocked kernel evaluates `v<id>_x4s<s>(i) -> vec4<f32>`: the elements `i`, `i + s`,
 //! `i + 2s` and `i + 3s` of node `id`. The invariant every caller keeps: the four lanes are
 //! elements of the node, and when `s` is the stride of an axis whose size is a multiple of
-//! four, they are four consecutive coordinates of that axis starting at a multiple of four. An op
-//! with a rule for that axis asks for its operands blocked (with their own strides) or shared (a
-//! plain scalar call); any other op falls back to four scalar evaluations, which is always
-//! correct, so blocking never changes what a kernel computes, only how many loads it makes.
+//! four, they are four consecutive coordinates of that axis starting at a multiple of four. Which
+//! operands an op reads in lanes (with their own strides) and which the lanes share (a plain
+//! scalar call) is read off the op's definition (`kir::unroll::lane_reads`: an operand whose
+//! index does not depend on the lane's coordinate is shared); an op whose definition cannot
+//! compute lanes that way (a condition on the lane's coordinate, unevenly spaced reads), and a
+//! plain reduction, whose lanes share no load, falls back to four scalar evaluations. That is
+//! always correct, so blocking never changes what a kernel computes, only how many loads it
+//! makes.
 //!
 //! Where the kernel's reduction reaches the root through elementwise ops and reshapes only
 //! (or through one pooling over images and channels, as in conv + bias + activation + pool), a
@@ -22,7 +26,10 @@
 //! rows sharing the lanes' operand (a matmul's rows share each column block of weights, a
 //! convolution's channels share each pixel or its images each weight, a conv input gradient's
 //! channels and a weight gradient's kernel columns share each `dy` load). The reduction keeps
-//! one `vec4` accumulator per row and each row's epilogue runs on its own lanes. Measured on
+//! one `vec4` accumulator per row and each row's epilogue runs on its own lanes. The rows are
+//! the reduction's lane definition held along the rows' axis (`kir::unroll`: what does not
+//! depend on the row, the lanes' shared load among it, is done once); only the bodies that
+//! slide loads along a row or read a matrix part by part are written out here. Measured on
 //! lavapipe (`--profile`, batch 256, same machine and hour, A/B against the lanes-only build):
 //! conv2's input gradient 295 -> 69 ms, its weight gradient 323 -> 151 ms, fc1 forward 62 ->
 //! 24 ms, conv1 forward 155 -> 41 ms; the whole step 1,480 -> 625 ms. Under a pooling at
@@ -53,10 +60,10 @@
 
 use std::collections::BTreeSet;
 
-use kiln_ir::{DType, Graph, NodeId, Op};
+use kiln_ir::{DType, Graph, NodeId, Op, OpPattern};
 
 use crate::compute;
-use crate::kir::unroll::{HeldAxis, unroll};
+use crate::kir::unroll::{HeldAxis, lane_reads, unroll};
 use crate::kir::{self, module::Item, wgsl::Callee};
 use crate::plan::{Kernel, Placement, Plan};
 use crate::text::{Operand as Read, UniformAt, chunk_part, definition_over, strides, v};
@@ -347,13 +354,6 @@ impl<'a> LaneFns<'a> {
             Some((a, m)) => (Some(a), m),
             None => (None, 1),
         };
-        // Operands' lanes lie `mult` coordinates apart along their own axis too.
-        let in_strides = |k: usize| -> Vec<usize> {
-            strides(&graph.ty(node.inputs[k]).shape)
-                .into_iter()
-                .map(|st| st * mult)
-                .collect()
-        };
         if stride == 1 && axis == Some(3) {
             if let Some(body) = self.tiling_pool_grad_columns(id) {
                 return Some(body);
@@ -390,35 +390,44 @@ impl<'a> LaneFns<'a> {
             }
         }
         use Operand::{Lanes, Shared};
-        let operands: Vec<Operand> = match (&node.op, axis) {
-            (op, _)
-                if (op.is_elementwise() && *op != Op::ScaleU8)
-                    || matches!(op, Op::Reshape { .. } | Op::Full { .. }) =>
-            {
-                node.inputs.iter().map(|_| Lanes(stride)).collect()
-            }
-            (Op::BiasAdd { axis: b }, Some(a)) => {
-                vec![Lanes(stride), if a == *b { Lanes(mult) } else { Shared }]
-            }
-            (Op::Conv2d { .. }, Some(1)) => vec![Shared, Lanes(in_strides(1)[0])],
-            (Op::Conv2d { .. }, Some(0)) => vec![Lanes(in_strides(0)[0]), Shared],
-            (Op::Conv2dGradInput { .. }, Some(1)) => vec![Shared, Lanes(in_strides(1)[1])],
-            (Op::Conv2dGradInput { .. }, Some(0)) => vec![Lanes(in_strides(0)[0]), Shared],
-            (Op::Conv2dGradWeight { .. }, Some(0)) => vec![Shared, Lanes(in_strides(1)[1])],
-            (Op::Conv2dGradWeight { .. }, Some(1)) => vec![Lanes(in_strides(0)[1]), Shared],
-            (Op::AvgPool2d { .. } | Op::MaxPool2d { .. } | Op::AvgPool2dGrad { .. }, Some(a))
-                if a < 2 =>
-            {
-                vec![Lanes(in_strides(0)[a])]
-            }
-            (Op::MatMul { transpose_b, .. }, Some(1)) => {
-                vec![Shared, Lanes(in_strides(1)[usize::from(!*transpose_b)])]
-            }
-            (Op::MatMul { transpose_a, .. }, Some(0)) => {
-                vec![Lanes(in_strides(0)[usize::from(*transpose_a)]), Shared]
-            }
-            _ => return None,
+        // A plain reduction's lanes share no load: four evaluations of its own (specialised)
+        // body do as well.
+        if node.op.pattern() == OpPattern::Reduction {
+            return None;
+        }
+        // Which operands vary along the lanes, and how far apart, read off the op's own
+        // definition: the lanes evaluate it once with `vec4` values.
+        let scalars: Vec<kir::Ty> = node
+            .inputs
+            .iter()
+            .map(|&n| compute::value_ty(graph.ty(n).dtype))
+            .collect();
+        let scalar = compute::element(graph, id, None, &scalars, self.chunked.contains(&id));
+        let (held, gap) = match axis {
+            Some(a) => (
+                HeldAxis {
+                    stride: strides(out)[a],
+                    extent: out[a],
+                },
+                mult,
+            ),
+            None => (
+                HeldAxis {
+                    stride,
+                    extent: node.ty.numel() / stride,
+                },
+                1,
+            ),
         };
+        let operands: Vec<Operand> = lane_reads(&scalar, held, gap)?
+            .into_iter()
+            .map(|s| s.map_or(Shared, Lanes))
+            .collect();
+        // Lanes all reading the same elements are the same value: four scalar evaluations
+        // say so without a `vec4` definition.
+        if !node.inputs.is_empty() && !operands.iter().any(|o| matches!(o, Lanes(_))) {
+            return None;
+        }
         let blocked_input_not_f32 = node
             .inputs
             .iter()
@@ -1395,7 +1404,8 @@ impl LaneFns<'_> {
     }
 
     /// The reduction's rows function: one accumulator of four lanes per row, the lanes'
-    /// operand loaded once per step for all rows.
+    /// operand loaded once per step for all rows. `None` where its definition cannot be
+    /// held along the rows.
     fn reduction_rows(&mut self, red: NodeId, rows: Rows) -> Option<String> {
         let graph = self.graph;
         let node = graph.node(red);

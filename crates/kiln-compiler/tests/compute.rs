@@ -13,10 +13,10 @@ use common::{close, feeds, zoo};
 use kiln_autodiff::{Optimizer, read_batches_from_dataset, training_step_with};
 use kiln_compiler::compute::{element, value_ty};
 use kiln_compiler::kir::interp::{Env, Lanes, Value, eval_valid};
-use kiln_compiler::kir::unroll::{HeldAxis, unroll};
+use kiln_compiler::kir::unroll::{HeldAxis, lane_reads, unroll};
 use kiln_compiler::kir::{ChunkBound, Ty, validate};
 use kiln_ir::testing::{random_layer, random_model};
-use kiln_ir::{DType, Graph, LenetVariant, Model, NodeId, Op, TensorType};
+use kiln_ir::{DType, Graph, LenetVariant, Model, NodeId, Op, OpPattern, TensorType};
 use kiln_reference::{Data, Tensor, execute};
 use proptest::prelude::*;
 
@@ -221,6 +221,11 @@ fn check_held(what: &str, g: &Graph, seed: u64, classes: usize) -> Vec<(String, 
             choices.push(vec![a, b]);
         }
         let env_values: Vec<&Tensor> = node.inputs.iter().map(|&x| values.get(x)).collect();
+        for &a in &axes {
+            if check_lanes_of(what, g, id, &f, &env_values, (a, &st)) {
+                held.push((format!("{} lanes", node.op.name()), vec![a]));
+            }
+        }
         for on in choices {
             let counts: Vec<usize> = on
                 .iter()
@@ -306,6 +311,13 @@ fn held_definitions_give_every_copy_its_element() {
     }
     // The reductions register blocking holds in rows.
     for (op, axes) in [
+        ("conv2d lanes", vec![0]),
+        ("conv2d lanes", vec![1]),
+        ("matmul lanes", vec![1]),
+        ("conv2d_grad_input lanes", vec![0]),
+        ("conv2d_grad_weight lanes", vec![0]),
+        ("bias_add lanes", vec![1]),
+        ("avg_pool2d lanes", vec![1]),
         ("conv2d", vec![0]),
         ("conv2d", vec![1]),
         ("matmul", vec![0]),
@@ -354,4 +366,95 @@ fn strides(shape: &[usize]) -> Vec<usize> {
         st[d] = st[d + 1] * shape[d + 1];
     }
     st
+}
+
+/// Operand `k` read as four lanes `strides[k]` apart, or (`None`) as one shared scalar.
+struct LaneOperands<'a> {
+    values: Vec<&'a Tensor>,
+    strides: Vec<Option<usize>>,
+}
+
+impl Env for LaneOperands<'_> {
+    fn operand(&mut self, k: usize, index: u32) -> Lanes {
+        let t = self.values[k];
+        match self.strides[k] {
+            None => Lanes::Scalar(scalar(t, index)),
+            Some(s) => Lanes::Vec4(std::array::from_fn(|l| scalar(t, index + (s * l) as u32))),
+        }
+    }
+    fn chunk(&self, _: ChunkBound) -> u32 {
+        unreachable!("whole-batch definitions do not read a chunk")
+    }
+}
+
+/// Where `lane_reads` gives node `id` lanes along axis `a` (blocks of four coordinates) and
+/// register blocking would take them (an f32 op that is not a plain reduction, some operand
+/// in lanes, those all f32), the definition evaluated once with `vec4` values is each
+/// lane's element. Returns whether it had lanes.
+fn check_lanes_of(
+    what: &str,
+    g: &Graph,
+    id: NodeId,
+    scalar_def: &kiln_compiler::kir::Function,
+    operands: &[&Tensor],
+    (a, st): (usize, &[usize]),
+) -> bool {
+    let node = g.node(id);
+    let shape = &node.ty.shape;
+    if shape[a] % 4 != 0 || node.ty.dtype != DType::F32 || node.op.pattern() == OpPattern::Reduction
+    {
+        return false;
+    }
+    let axis = HeldAxis {
+        stride: st[a],
+        extent: shape[a],
+    };
+    let Some(reads) = lane_reads(scalar_def, axis, 1) else {
+        return false;
+    };
+    let lanes_f32 = node
+        .inputs
+        .iter()
+        .zip(&reads)
+        .all(|(&n, r)| r.is_none() || g.ty(n).dtype == DType::F32);
+    if !lanes_f32 || !reads.iter().any(Option::is_some) {
+        return false;
+    }
+    let tys: Vec<Ty> = node
+        .inputs
+        .iter()
+        .zip(&reads)
+        .map(|(&n, r)| r.map_or(value_ty(g.ty(n).dtype), |_| Ty::VEC4_F32))
+        .collect();
+    let f = element(g, id, Some(Ty::VEC4_F32), &tys, false);
+    validate(&f).unwrap_or_else(|e| panic!("{what}: {id} lanes on axis {a}: {e}"));
+    let n = node.ty.numel();
+    let mut env = LaneOperands {
+        values: operands.to_vec(),
+        strides: reads.clone(),
+    };
+    let mut scalars = Operands {
+        values: operands.to_vec(),
+        stride: None,
+    };
+    for e in (0..n).step_by(n.div_ceil(30).max(1)).chain([n - 1]) {
+        let e = e - (e / st[a] % shape[a] % 4) * st[a];
+        let Some(Lanes::Vec4(got)) = eval_valid(&f, e as u32, &mut env).unwrap() else {
+            panic!("{what}: {id} lanes returned no vec4")
+        };
+        for (l, got) in got.into_iter().enumerate() {
+            let at = (e + l * st[a]) as u32;
+            let Some(Lanes::Scalar(want)) = eval_valid(scalar_def, at, &mut scalars).unwrap()
+            else {
+                panic!("{what}: {id} returned lanes")
+            };
+            assert!(
+                close(got, want),
+                "{what}: {id} = {} : {} lanes on axis {a} ({reads:?}), element {e} lane {l}: {got:?} vs {want:?}",
+                node.op.name(),
+                node.ty
+            );
+        }
+    }
+    true
 }

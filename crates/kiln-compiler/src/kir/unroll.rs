@@ -22,6 +22,10 @@
 //!
 //! Loops must have shared bounds (one loop serves every copy), and a `continue` may only
 //! depend on shared values. An `if` on a per-copy condition is written once per copy.
+//!
+//! The same classes say how an element function computes four lanes with one evaluation
+//! ([`lane_reads`]): each operand is read at four evenly spaced elements (a `vec4` lane
+//! function) or at one they share, and nothing else depends on the lane.
 
 use std::collections::HashMap;
 
@@ -783,6 +787,143 @@ fn map_children(kind: ExprKind, f: &mut dyn FnMut(Expr) -> Expr) -> ExprKind {
     }
 }
 
+/// How a function's operands are read when it computes four lanes at once, its elements
+/// `i + l * stride` (`l` = 0..4) along one axis: each operand's stride between lanes
+/// (`Some(s)`: four lanes `s` apart, a `vec4` operand) or `None` where every lane reads the
+/// same element (a scalar shared by the lanes). `None` as a whole where the function cannot
+/// compute lanes with the same statements: a condition or a loop bound, or a value other
+/// than an operand's index, depends on the lane, or an operand is read at lanes that are
+/// not evenly spaced. The caller promises what [`unroll`] needs of `axis`: no lane moves
+/// the coordinate past its extent (the lanes are a block of `4 * gap` coordinates).
+///
+/// This is what register blocking asks of an op: its definition, evaluated once with
+/// `vec4` values, is then exactly its four elements.
+pub fn lane_reads(f: &Function, axis: HeldAxis, gap: usize) -> Option<Vec<Option<usize>>> {
+    let copies: Vec<Vec<usize>> = (0..4).map(|l| vec![l * gap]).collect();
+    if copies.iter().any(|c| c[0] >= axis.extent) || f.ret.is_none_or(|t| t.is_array()) {
+        return None;
+    }
+    let mut u = Unroller {
+        types: Vec::new(),
+        reads: vec![None; f.exprs.len()],
+        scopes: Vec::new(),
+        pending: Vec::new(),
+        shared_lets: HashMap::new(),
+        f,
+        axes: std::slice::from_ref(&axis),
+        copies: &copies,
+        locals: HashMap::new(),
+        classes: vec![None; f.exprs.len()],
+        out: f.clone(),
+        copied: HashMap::new(),
+        mapped: HashMap::new(),
+    };
+    u.classify();
+    let mut check = LaneCheck {
+        u,
+        strides: vec![Vec::new(); f.operands.len()],
+        lane_locals: HashMap::new(),
+    };
+    // A local holding a value of the lanes: a fixed point over its definitions.
+    loop {
+        let before = check.lane_locals.clone();
+        if !check.block(&f.body) {
+            return None;
+        }
+        if check.lane_locals == before {
+            break;
+        }
+    }
+    check
+        .strides
+        .into_iter()
+        .map(|s| match s[..] {
+            [] => Some(None),
+            [first, ..] if s.iter().all(|&x| x == first) => Some((first > 0).then_some(first)),
+            _ => None,
+        })
+        .collect()
+}
+
+struct LaneCheck<'a> {
+    u: Unroller<'a>,
+    /// Each read's stride between lanes, by operand.
+    strides: Vec<Vec<usize>>,
+    /// Whether each local assigned a value that differs between lanes holds one the lanes
+    /// compute (from operand reads) rather than a coordinate.
+    lane_locals: HashMap<Local, bool>,
+}
+
+impl LaneCheck<'_> {
+    /// Checks the statements of `block`: shared control, and values the lanes compute.
+    fn block(&mut self, block: &[Stmt]) -> bool {
+        block.iter().all(|s| match s {
+            // A `let` of a coordinate may still index operands: judged where it is read.
+            Stmt::Let { local, value } => {
+                let ok = self.value(*value);
+                self.lane_locals.insert(*local, ok);
+                true
+            }
+            Stmt::Var { local, value } | Stmt::Assign { local, value, .. } => {
+                let ok = self.value(*value);
+                let entry = self.lane_locals.entry(*local).or_insert(true);
+                *entry &= ok;
+                ok
+            }
+            Stmt::For {
+                start, end, body, ..
+            } => self.shared(*start) && self.shared(*end) && self.block(body),
+            Stmt::If {
+                cond,
+                accept,
+                reject,
+            } => self.shared(*cond) && self.block(accept) && self.block(reject),
+            Stmt::Block(b) => self.block(b),
+            Stmt::Return(Some(v)) => self.value(*v),
+            Stmt::Continue | Stmt::Comment(_) => true,
+            _ => false,
+        })
+    }
+
+    /// Whether control value `e` is shared (its reads then shared too).
+    fn shared(&mut self, e: Expr) -> bool {
+        self.u.class(e).is_shared() && self.reads_in(e)
+    }
+
+    /// Whether `e`, used as a value, is shared or computed by the lanes from operand reads
+    /// at evenly spaced elements (recording their strides).
+    fn value(&mut self, e: Expr) -> bool {
+        if self.shared(e) {
+            return true;
+        }
+        match self.u.f.expr(e).clone() {
+            // Reads inside an index are scalars every lane's index is made from.
+            ExprKind::Operand { k, index } => match self.u.class(index) {
+                Class::Affine(o) if o[1] > 0 && (0..4).all(|l| o[l] == l as i64 * o[1]) => {
+                    self.strides[k].push(o[1] as usize);
+                    self.reads_in(index)
+                }
+                _ => false,
+            },
+            ExprKind::Local(l) => self.lane_locals.get(&l).copied().unwrap_or(true),
+            ExprKind::Index | ExprKind::Call { .. } | ExprKind::Load { .. } => false,
+            kind => children(&kind).into_iter().all(|c| self.value(c)),
+        }
+    }
+
+    /// Records the operand reads inside shared `e` (each read by every lane alike).
+    fn reads_in(&mut self, e: Expr) -> bool {
+        match self.u.f.expr(e).clone() {
+            ExprKind::Operand { k, index } => {
+                self.strides[k].push(0);
+                self.reads_in(index)
+            }
+            ExprKind::Call { .. } | ExprKind::Load { .. } => false,
+            kind => children(&kind).into_iter().all(|c| self.reads_in(c)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::interp::{Env, Lanes, Value, eval};
@@ -934,5 +1075,45 @@ mod tests {
                 assert_eq!(got[k], want, "element {first} row {k}");
             }
         }
+    }
+
+    /// Lanes along the middle axis of `[2, 4, 4]`: `x` at the element itself varies with
+    /// the lanes (4 apart), `w` at the first coordinate does not; a condition on the lanes'
+    /// coordinate has no lanes.
+    #[test]
+    fn lane_reads_say_which_operands_vary_along_the_lanes() {
+        let axis = HeldAxis {
+            stride: 4,
+            extent: 4,
+        };
+        let build = |branch: bool| {
+            let mut b = Builder::new(Ty::F32, vec![Ty::F32, Ty::F32]);
+            let i = b.index();
+            let [a, row, _] = b.decode(i, &["a", "b", "c"], &[2, 4, 4])[..] else {
+                unreachable!()
+            };
+            let x = b.operand(0, i);
+            let w = b.operand(1, a);
+            let v = b.mul(x, w);
+            let acc = b.var("acc", Ty::F32, v);
+            if branch {
+                let one = b.u32(1);
+                let odd = b.bin(BinOp::Eq, row, one);
+                b.if_(odd, |b| {
+                    let zero = b.f32(0.0);
+                    b.assign(acc, zero);
+                });
+            }
+            let r = b.get(acc);
+            b.ret_(r);
+            b.finish()
+        };
+        assert_eq!(
+            lane_reads(&build(false), axis, 1),
+            Some(vec![Some(4), None])
+        );
+        assert_eq!(lane_reads(&build(true), axis, 1), None);
+        // Lanes a whole axis apart would leave it.
+        assert_eq!(lane_reads(&build(false), axis, 2), None);
     }
 }
