@@ -397,12 +397,7 @@ impl<'a> LaneFns<'a> {
         }
         // Which operands vary along the lanes, and how far apart, read off the op's own
         // definition: the lanes evaluate it once with `vec4` values.
-        let scalars: Vec<kir::Ty> = node
-            .inputs
-            .iter()
-            .map(|&n| compute::value_ty(graph.ty(n).dtype))
-            .collect();
-        let scalar = compute::element(graph, id, None, &scalars, self.chunked.contains(&id));
+        let scalar = compute::scalar_element(graph, id, self.chunked.contains(&id));
         let (held, gap) = match axis {
             Some(a) => (
                 HeldAxis {

@@ -22,6 +22,18 @@ pub fn value_ty(dtype: DType) -> Ty {
     }
 }
 
+/// [`element`] of node `id` computing one element of its own type, each operand read as a
+/// scalar of its type: the definition schedules transform.
+pub fn scalar_element(graph: &Graph, id: NodeId, chunked: bool) -> Function {
+    let operands: Vec<Ty> = graph
+        .node(id)
+        .inputs
+        .iter()
+        .map(|&n| value_ty(graph.ty(n).dtype))
+        .collect();
+    element(graph, id, None, &operands, chunked)
+}
+
 /// The element function of node `id`: returning `lanes` (`Ty::VEC4_F32`) or, with `None`, one
 /// element of the node's own type; operand `k` read through a function of type
 /// `operands[k]`. `chunked`: a reduction over the batch sums only the images of the kernel's

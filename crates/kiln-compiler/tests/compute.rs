@@ -11,7 +11,7 @@ mod common;
 
 use common::{close, feeds, zoo};
 use kiln_autodiff::{Optimizer, read_batches_from_dataset, training_step_with};
-use kiln_compiler::compute::{element, value_ty};
+use kiln_compiler::compute::{element, scalar_element, value_ty};
 use kiln_compiler::kir::interp::{Env, Lanes, Value, eval_valid};
 use kiln_compiler::kir::unroll::{HeldAxis, lane_reads, unroll};
 use kiln_compiler::kir::{ChunkBound, Ty, validate};
@@ -63,12 +63,7 @@ fn check_graph(what: &str, g: &Graph, seed: u64, classes: usize) -> usize {
         if matches!(node.op, Op::Input { .. } | Op::Param { .. }) {
             continue;
         }
-        let operands: Vec<Ty> = node
-            .inputs
-            .iter()
-            .map(|&n| value_ty(g.ty(n).dtype))
-            .collect();
-        let f = element(g, id, None, &operands, false);
+        let f = scalar_element(g, id, false);
         validate(&f).unwrap_or_else(|e| panic!("{what}: {id}: {e}"));
         let want = values.get(id);
         let n = node.ty.numel();
@@ -207,12 +202,7 @@ fn check_held(what: &str, g: &Graph, seed: u64, classes: usize) -> Vec<(String, 
         if matches!(node.op, Op::Input { .. } | Op::Param { .. }) || node.ty.shape.is_empty() {
             continue;
         }
-        let operands: Vec<Ty> = node
-            .inputs
-            .iter()
-            .map(|&n| value_ty(g.ty(n).dtype))
-            .collect();
-        let f = element(g, id, None, &operands, false);
+        let f = scalar_element(g, id, false);
         let shape = &node.ty.shape;
         let st = strides(shape);
         let axes: Vec<usize> = (0..shape.len()).filter(|&a| shape[a] >= 2).collect();
