@@ -395,6 +395,13 @@ impl<'a> LaneFns<'a> {
         if node.op.pattern() == OpPattern::Reduction {
             return None;
         }
+        // Blocked work is reported, costed and held in rows per output axis; lanes that lie
+        // on no single axis (a flat stride, e.g. a batch-1 matmul's output read 8 apart) stay
+        // scalar there.
+        let work = reduction_length(graph, id);
+        if work > 1 && axis.is_none() {
+            return None;
+        }
         // Which operands vary along the lanes, and how far apart, read off the op's own
         // definition: the lanes evaluate it once with `vec4` values.
         let scalar = compute::scalar_element(graph, id, self.chunked.contains(&id));
@@ -440,7 +447,6 @@ impl<'a> LaneFns<'a> {
                 Shared => Read::scalar(graph, n),
             })
             .collect();
-        let work = reduction_length(graph, id);
         if work > 1 && count {
             self.shares_loads |= operands.iter().any(|o| matches!(o, Shared));
             self.blocked_work += work;
