@@ -28,8 +28,10 @@
 //! channels and a weight gradient's kernel columns share each `dy` load). The reduction keeps
 //! one `vec4` accumulator per row and each row's epilogue runs on its own lanes. The rows are
 //! the reduction's lane definition held along the rows' axis (`kir::unroll`: what does not
-//! depend on the row, the lanes' shared load among it, is done once); only the bodies that
-//! slide loads along a row or read a matrix part by part are written out here. Measured on
+//! depend on the row, the lanes' shared load among it, is done once), then any window of
+//! reads that slides along a loop kept in registers (`kir::slide`); only the bodies that
+//! slide loads under a bounds selection or read a matrix part by part are written out here.
+//! Measured on
 //! lavapipe (`--profile`, batch 256, same machine and hour, A/B against the lanes-only build):
 //! conv2's input gradient 295 -> 69 ms, its weight gradient 323 -> 151 ms, fc1 forward 62 ->
 //! 24 ms, conv1 forward 155 -> 41 ms; the whole step 1,480 -> 625 ms. Under a pooling at
@@ -48,7 +50,8 @@
 //! `conv_pool_taps`): the taps share every weight load, and the two pixel columns a step needs
 //! slide along the input rows (conv2 forward 26 -> 15 ms per step on lavapipe, with less code
 //! for the JIT). A stride-1 weight gradient's rows over kernel columns read pixels `ox + k`:
-//! one step later row `k`'s pixel is row `k + 1`'s, so one load per step feeds all rows.
+//! one step later row `k`'s pixel is row `k + 1`'s, so one load per step feeds all rows (the
+//! held definition slid along `ox` by `kir::slide`).
 //!
 //! CPU-class targets take a second rows axis ([`Rows::inner`]) where it shares loads: a
 //! stride-1 input gradient computes two adjacent columns per row, one `dy` load per step
@@ -63,6 +66,7 @@ use std::collections::BTreeSet;
 use kiln_ir::{DType, Graph, NodeId, Op, OpPattern};
 
 use crate::compute;
+use crate::kir::slide::slide;
 use crate::kir::unroll::{HeldAxis, lane_reads, unroll};
 use crate::kir::{self, module::Item, wgsl::Callee};
 use crate::plan::{Kernel, Placement, Plan};
@@ -1438,10 +1442,6 @@ impl LaneFns<'_> {
         // Operand 0 is read once per step for all rows (lanes, or a split part); operand 1
         // once per row.
         let (first, second) = match &node.op {
-            Op::Conv2dGradWeight { .. } => (
-                Read::scalar(graph, node.inputs[0]),
-                Read::lanes(Callee::Call(self.request(node.inputs[1], in_strides(1)[1]))),
-            ),
             Op::Conv2dGradInput { .. } => (
                 Read::lanes(Callee::Call(self.request(node.inputs[0], in_strides(0)[0]))),
                 Read::scalar(graph, node.inputs[1]),
@@ -1456,69 +1456,7 @@ impl LaneFns<'_> {
         let mut f = kir::Builder::new(ret, vec![first.ty, second.ty]);
         let callees = vec![first.callee, second.callee];
         let i = f.index();
-        let offset = |f: &mut kir::Builder, base: kir::Expr, d: usize| offset_expr(f, base, d);
         match &node.op {
-            Op::Conv2dGradWeight { stride, .. } => {
-                let [n, c, h, w] = compute::rank4(&shape(0));
-                let [_, o, oh, ow] = compute::rank4(&shape(1));
-                let [oc, cc, ky, kx] = compute::coords4(&mut f, i, ["o", "c", "ky", "kx"], &out);
-                let accs = zeroed(&mut f, &names);
-                let (lo, hi) = compute::batch_range(&mut f, n, chunked);
-                f.for_("n", lo, hi, |f, nn| {
-                    let (z, ohu) = (f.u32(0), f.u32(oh));
-                    f.for_("oy", z, ohu, |f, oy| {
-                        let sy = f.u32(stride[0]);
-                        let iy = f.mul(oy, sy);
-                        let iy = f.add(iy, ky);
-                        let iy = f.let_("iy", kir::Ty::U32, iy);
-                        let (z, owu) = (f.u32(0), f.u32(ow));
-                        {
-                            // Row k reads pixel ox + kx + k: one step along ox later it is row
-                            // k - 1's. A window of the rows' pixels slides along the input
-                            // row, one load per step instead of one per row.
-                            let xb = f.flat(&[nn, cc, iy], &[0, c, h]);
-                            let ww = f.u32(w);
-                            let xb = f.mul(xb, ww);
-                            let xb = f.add(xb, kx);
-                            let xb = f.let_("xb", kir::Ty::U32, xb);
-                            let db = f.flat(&[nn, oc, oy], &[0, o, oh]);
-                            let oww = f.u32(ow);
-                            let db = f.mul(db, oww);
-                            let db = f.let_("db", kir::Ty::U32, db);
-                            let pixels: Vec<kir::Local> = (0..r - 1)
-                                .map(|k| {
-                                    let at = offset(f, xb, k);
-                                    let p = f.operand(0, at);
-                                    f.var(&format!("p{k}"), kir::Ty::F32, p)
-                                })
-                                .collect();
-                            f.for_("ox", z, owu, |f, ox| {
-                                let at = f.add(xb, ox);
-                                let at = offset(f, at, r - 1);
-                                let last = f.operand(0, at);
-                                let last = f.let_(&format!("p{}", r - 1), kir::Ty::F32, last);
-                                let at = f.add(db, ox);
-                                let d = f.operand(1, at);
-                                let d = f.let_("d", kir::Ty::VEC4_F32, d);
-                                for k in 0..r {
-                                    let p = if k == r - 1 { last } else { f.get(pixels[k]) };
-                                    let t = f.mul(p, d);
-                                    f.add_assign(accs[k], t);
-                                }
-                                for k in 0..r - 1 {
-                                    let next = if k + 1 == r - 1 {
-                                        last
-                                    } else {
-                                        f.get(pixels[k + 1])
-                                    };
-                                    f.assign(pixels[k], next);
-                                }
-                            });
-                        }
-                    });
-                });
-                finish_rows(&mut f, &accs);
-            }
             Op::Conv2dGradInput { padding, .. } if rows.inner > 1 => {
                 let coords = compute::coords4(&mut f, i, ["n", "c", "h", "w"], &out);
                 let accs = zeroed(&mut f, &names);
@@ -1606,13 +1544,12 @@ impl LaneFns<'_> {
     }
 
     /// Whether the rows of `red` reuse loads the bodies of [`LaneFns::reduction_rows`] write
-    /// out: a window of pixels sliding along the input row (a stride-1 weight gradient's
-    /// kernel columns, an input gradient's inner columns) or a right-hand matrix read part by
-    /// part. Other rows are the op's definition held along the rows' axis
-    /// ([`LaneFns::held_rows`]).
+    /// out: a window of `dy` loads sliding along the row under a bounds selection (an input
+    /// gradient's inner columns, whose definition's loop bounds depend on the column and so
+    /// cannot be held) or a right-hand matrix read part by part. Other rows are the op's
+    /// definition held along the rows' axis ([`LaneFns::held_rows`]).
     fn slides(&self, red: NodeId, rows: Rows) -> bool {
         match &self.graph.node(red).op {
-            Op::Conv2dGradWeight { stride, .. } => stride[1] == 1,
             Op::Conv2dGradInput { .. } => rows.inner > 1,
             Op::MatMul { .. } => self.quarter_rows(red, rows).is_some(),
             _ => false,
@@ -1621,8 +1558,10 @@ impl LaneFns<'_> {
 
     /// The rows of `red`: the definition its lanes take, held along the rows' axis
     /// (`kir::unroll`), so that each operand read not depending on the row — the lanes'
-    /// operand that the rows share — is made once for all of them. `None` where the
-    /// definition cannot be held (a loop bound or a `continue` depending on the row).
+    /// operand that the rows share — is made once for all of them; reads that then line up
+    /// along a loop (row `k`'s this step is row `k + 1`'s the next) slide as a window
+    /// (`kir::slide`). `None` where the definition cannot be held (a loop bound or a
+    /// `continue` depending on the row).
     fn held_rows(&mut self, red: NodeId, rows: Rows) -> Option<(kir::Function, Vec<Callee>)> {
         let shape = &self.graph.ty(red).shape;
         let st = strides(shape);
@@ -1634,7 +1573,8 @@ impl LaneFns<'_> {
         let (definition, callees) = self.blocked_definition(red, lanes, false)?;
         let copies: Vec<Vec<usize>> = (0..rows.count).map(|k| vec![k]).collect();
         let held = unroll(&definition, &[axis], &copies).ok()?;
-        Some((held, callees))
+        let (slid, _) = slide(&held).ok()?;
+        Some((slid, callees))
     }
 
     /// The binding and words per part of a matmul's right-hand matrix `[K, N]` split in four

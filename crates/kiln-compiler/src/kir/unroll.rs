@@ -717,7 +717,7 @@ fn children(kind: &ExprKind) -> Vec<Expr> {
 }
 
 /// `kind` with each expression it reads replaced by `f` of it.
-fn map_children(kind: ExprKind, f: &mut dyn FnMut(Expr) -> Expr) -> ExprKind {
+pub(super) fn map_children(kind: ExprKind, f: &mut dyn FnMut(Expr) -> Expr) -> ExprKind {
     use ExprKind as K;
     match kind {
         K::Literal(_)
