@@ -13,6 +13,7 @@ use common::{close, feeds, zoo};
 use kiln_autodiff::{Optimizer, read_batches_from_dataset, training_step_with};
 use kiln_compiler::compute::{element, scalar_element, value_ty};
 use kiln_compiler::kir::interp::{Env, Lanes, Value, eval_valid};
+use kiln_compiler::kir::slide::slide;
 use kiln_compiler::kir::unroll::{HeldAxis, lane_reads, unroll};
 use kiln_compiler::kir::{ChunkBound, Ty, validate};
 use kiln_ir::testing::{random_layer, random_model};
@@ -192,8 +193,8 @@ proptest! {
 }
 
 /// Holds each computed node's definition along each of its axes (`kir::unroll`, the rows of
-/// register blocking) and, where it can, along two at once; every copy must be exactly the
-/// definition at its own element. Returns the `(op, axes)` held.
+/// register blocking) and, where it can, along two at once, then slides its windows
+/// (`kir::slide`); every copy must be exactly the definition at its own element. Returns the `(op, axes)` held.
 fn check_held(what: &str, g: &Graph, seed: u64, classes: usize) -> Vec<(String, Vec<usize>)> {
     let (inputs, params) = feeds(g, seed, classes);
     let values = execute(g, &inputs, &params).unwrap();
@@ -244,6 +245,12 @@ fn check_held(what: &str, g: &Graph, seed: u64, classes: usize) -> Vec<(String, 
                 continue;
             };
             validate(&u).unwrap_or_else(|e| panic!("{what}: {id} held on {on:?}: {e}"));
+            // Blocking slides what it holds: whatever windows line up must change no value.
+            let (u, windows) =
+                slide(&u).unwrap_or_else(|e| panic!("{what}: {id} slid on {on:?}: {e}"));
+            if windows > 0 {
+                held.push((format!("{} slid", node.op.name()), on.clone()));
+            }
             held.push((node.op.name().to_string(), on.clone()));
             let n = node.ty.numel();
             let step = n.div_ceil(40).max(1);
@@ -313,6 +320,8 @@ fn held_definitions_give_every_copy_its_element() {
         ("matmul", vec![0]),
         ("conv2d_grad_input", vec![1]),
         ("conv2d_grad_weight", vec![3]),
+        // A stride-1 weight gradient's kernel columns read pixels `ox + kx`.
+        ("conv2d_grad_weight slid", vec![3]),
     ] {
         assert!(
             held.iter().any(|(o, a)| *o == op && *a == axes),
