@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::unroll::map_children;
+use super::unroll::{exits, map_children};
 use super::validate;
 use super::{BinOp, Block, Expr, ExprKind, Function, Literal, Local, LocalDecl, Stmt, Ty};
 
@@ -551,26 +551,6 @@ fn top_exprs(s: &Stmt) -> Vec<Expr> {
         Stmt::If { cond, .. } => vec![*cond],
         _ => Vec::new(),
     }
-}
-
-/// Whether `block` may end a step of its loop early (its own `continue`, or a `return`).
-fn exits(block: &[Stmt]) -> bool {
-    block.iter().any(|s| match s {
-        Stmt::Continue | Stmt::Return(_) => true,
-        Stmt::If { accept, reject, .. } => exits(accept) || exits(reject),
-        Stmt::Block(b) => exits(b),
-        Stmt::For { body, .. } | Stmt::Loop { body, .. } => returns(body),
-        _ => false,
-    })
-}
-
-fn returns(block: &[Stmt]) -> bool {
-    block.iter().any(|s| match s {
-        Stmt::Return(_) => true,
-        Stmt::If { accept, reject, .. } => returns(accept) || returns(reject),
-        Stmt::Block(b) | Stmt::For { body: b, .. } | Stmt::Loop { body: b, .. } => returns(b),
-        _ => false,
-    })
 }
 
 /// Every local `block` declares or writes, at any depth.

@@ -686,7 +686,7 @@ impl Unroller<'_> {
 }
 
 /// Whether `block` leaves the loop around it or the function (`continue`, `return`).
-fn exits(block: &[Stmt]) -> bool {
+pub(super) fn exits(block: &[Stmt]) -> bool {
     block.iter().any(|s| match s {
         Stmt::Continue | Stmt::Return(_) => true,
         Stmt::If { accept, reject, .. } => exits(accept) || exits(reject),
