@@ -105,63 +105,30 @@ impl Slider {
     /// `block` with its loops' windows slid, innermost loops first.
     fn block(&mut self, block: Block) -> Block {
         let mut out = Vec::with_capacity(block.len());
-        for s in block {
-            match s {
+        for mut s in block {
+            match &mut s {
                 Stmt::For {
                     counter,
                     start,
                     end,
                     body,
-                    unroll,
+                    ..
                 } => {
-                    let body = self.block(body);
-                    let (before, body) = self.slide_loop(counter, start, end, body);
+                    let inner = self.block(std::mem::take(body));
+                    let (before, slid) = self.slide_loop(*counter, *start, *end, inner);
+                    *body = slid;
                     out.extend(before);
-                    out.push(Stmt::For {
-                        counter,
-                        start,
-                        end,
-                        body,
-                        unroll,
-                    });
                 }
-                Stmt::If {
-                    cond,
-                    accept,
-                    reject,
-                } => {
-                    let accept = self.block(accept);
-                    let reject = self.block(reject);
-                    out.push(Stmt::If {
-                        cond,
-                        accept,
-                        reject,
-                    });
+                Stmt::If { accept, reject, .. } => {
+                    *accept = self.block(std::mem::take(accept));
+                    *reject = self.block(std::mem::take(reject));
                 }
-                Stmt::Block(b) => {
-                    let b = self.block(b);
-                    out.push(Stmt::Block(b));
+                Stmt::Block(b) | Stmt::Loop { body: b, .. } => {
+                    *b = self.block(std::mem::take(b));
                 }
-                Stmt::Loop {
-                    counter,
-                    start,
-                    cond,
-                    step,
-                    halve,
-                    body,
-                } => {
-                    let body = self.block(body);
-                    out.push(Stmt::Loop {
-                        counter,
-                        start,
-                        cond,
-                        step,
-                        halve,
-                        body,
-                    });
-                }
-                s => out.push(s),
+                _ => {}
             }
+            out.push(s);
         }
         out
     }
