@@ -266,7 +266,7 @@ pub(crate) fn bind_buffers(
         // The right-hand matrix of a matmul (fc1's weights) is split into four equal parts
         // of whole rows where they fit, so that no load has to read every part: lanes one in
         // each quarter of the output features read one part each (`blocking::choose`), a
-        // reduction over the rows runs one loop per part (`LaneFns::reduction_rows`). fc1's
+        // reduction over the rows runs one loop per part (`kir::parts`). fc1's
         // forward kernel 3.8-5.1 -> 2.7-3.1 ms per step, its input gradient 4.1-4.9 -> 2.8-3.1
         // (`--profile`, four alternating runs); the input gradient's JIT 155 -> 290 ms.
         let quarter_parts = |b: usize| -> Option<u64> {

@@ -29,8 +29,9 @@
 //! one `vec4` accumulator per row and each row's epilogue runs on its own lanes. The rows are
 //! the reduction's lane definition held along the rows' axis (`kir::unroll`: what does not
 //! depend on the row, the lanes' shared load among it, is done once), then any window of
-//! reads that slides along a loop kept in registers (`kir::slide`); only the bodies that
-//! slide loads under a bounds selection or read a matrix part by part are written out here.
+//! reads that slides along a loop kept in registers (`kir::slide`), and a matrix bound in
+//! uniform parts read from the part each step's row lies in (`kir::parts`); only the bodies
+//! that slide loads under a bounds selection are written out here.
 //! Measured on
 //! lavapipe (`--profile`, batch 256, same machine and hour, A/B against the lanes-only build):
 //! conv2's input gradient 295 -> 69 ms, its weight gradient 323 -> 151 ms, fc1 forward 62 ->
@@ -66,6 +67,7 @@ use std::collections::BTreeSet;
 use kiln_ir::{DType, Graph, NodeId, Op, OpPattern};
 
 use crate::compute;
+use crate::kir::parts::{IndexFacts, Parts, read_parts, reads_operand};
 use crate::kir::slide::slide;
 use crate::kir::unroll::{HeldAxis, lane_reads, unroll};
 use crate::kir::{self, module::Item, wgsl::Callee};
@@ -134,6 +136,11 @@ pub struct LaneFns<'a> {
     split: SplitOf<'a>,
     /// Lane loads that read one split part each (lanes a part apart) instead of every part.
     pub direct_parts: usize,
+    /// A value whose lanes the rows being made read from its parts directly
+    /// ([`LaneFns::held_rows`]): its lane function is made only if some read is left.
+    from_parts: Option<NodeId>,
+    /// That value's lane function at its stride, named but not made.
+    unmade: Option<(NodeId, usize)>,
     /// The lane functions made of reductions in `chunked`, in order: each is a chunk part
     /// (`chunks::chunk_part`), its plain name left for the loader of the finished sums.
     pub summed_lanes: Vec<(NodeId, usize)>,
@@ -179,6 +186,8 @@ impl<'a> LaneFns<'a> {
             split,
             quarter: false,
             direct_parts: 0,
+            from_parts: None,
+            unmade: None,
             done: BTreeSet::new(),
             items: Vec::new(),
             blocked_work: 0,
@@ -447,6 +456,10 @@ impl<'a> LaneFns<'a> {
             .iter()
             .zip(&operands)
             .map(|(&n, o)| match o {
+                Lanes(s) if self.from_parts == Some(n) => {
+                    self.unmade = Some((n, *s));
+                    Read::lanes(Callee::Call(lane_fn(n, *s)))
+                }
                 Lanes(s) => Read::lanes(Callee::Call(self.request(n, *s))),
                 Shared => Read::scalar(graph, n),
             })
@@ -1439,20 +1452,9 @@ impl LaneFns<'_> {
             (0..r).map(|k| format!("acc{k}")).collect()
         };
         let ret = vec4s(names.len());
-        // Operand 0 is read once per step for all rows (lanes, or a split part); operand 1
-        // once per row.
-        let (first, second) = match &node.op {
-            Op::Conv2dGradInput { .. } => (
-                Read::lanes(Callee::Call(self.request(node.inputs[0], in_strides(0)[0]))),
-                Read::scalar(graph, node.inputs[1]),
-            ),
-            // The right-hand matrix is read part by part below.
-            Op::MatMul { .. } => (
-                Read::scalar(graph, node.inputs[0]),
-                Read::scalar(graph, node.inputs[1]),
-            ),
-            _ => unreachable!("only these slide"),
-        };
+        // Operand 0 (`dy`) is read once per step for all rows, operand 1 once per row.
+        let first = Read::lanes(Callee::Call(self.request(node.inputs[0], in_strides(0)[0])));
+        let second = Read::scalar(graph, node.inputs[1]);
         let mut f = kir::Builder::new(ret, vec![first.ty, second.ty]);
         let callees = vec![first.callee, second.callee];
         let i = f.index();
@@ -1470,90 +1472,19 @@ impl LaneFns<'_> {
                 );
                 finish_rows(&mut f, &accs);
             }
-            Op::MatMul {
-                transpose_a,
-                transpose_b,
-            } => {
-                let (a, b) = (shape(0), shape(1));
-                let (ta, tb) = (*transpose_a, *transpose_b);
-                let k = if ta { a[0] } else { a[1] };
-                let [rr, cc] =
-                    <[kir::Expr; 2]>::try_from(f.decode(i, &["r", "c"], &out)).expect("rank 2");
-                let accs = zeroed(&mut f, &names);
-                // Element (rr + q, p) of `a` and (p, cc) of `b`.
-                let a_at = |f: &mut kir::Builder, q: usize, p: kir::Expr| {
-                    let n = f.u32(a[1]);
-                    if ta {
-                        let t = f.mul(p, n);
-                        let t = f.add(t, rr);
-                        offset_expr(f, t, q)
-                    } else {
-                        let row = offset_expr(f, rr, q);
-                        let t = f.mul(row, n);
-                        f.add(t, p)
-                    }
-                };
-                let b_at = |f: &mut kir::Builder, p: kir::Expr| {
-                    let n = f.u32(b[1]);
-                    if tb {
-                        let t = f.mul(cc, n);
-                        f.add(t, p)
-                    } else {
-                        let t = f.mul(p, n);
-                        f.add(t, cc)
-                    }
-                };
-                let adds = |f: &mut kir::Builder, p: kir::Expr, bb: kir::Expr| {
-                    for (q, &acc) in accs.iter().enumerate() {
-                        let at = a_at(f, q, p);
-                        let x = f.operand(0, at);
-                        let t = f.mul(x, bb);
-                        f.add_assign(acc, t);
-                    }
-                };
-                {
-                    let (slot, words) = self.quarter_rows(red, rows).expect("it slides");
-                    // A right-hand matrix `[K, N]` split in four parts of whole rows along the
-                    // reduction: one loop per part, each reading its part's four consecutive
-                    // columns as one vec4 (instead of every part per element).
-                    self.direct_parts += 1;
-                    let per = k / LANES;
-                    for l in 0..LANES {
-                        let g = f.global(uniform_quads(format!("buf{slot}_{l}")));
-                        let (lo, hi) = (f.u32(l * per), f.u32((l + 1) * per));
-                        f.for_("p", lo, hi, |f, p| {
-                            let mut at = b_at(f, p);
-                            if l > 0 {
-                                let d = f.u32(l * words);
-                                at = f.sub(at, d);
-                            }
-                            let two = f.u32(2);
-                            let q = f.bin(kir::BinOp::ShiftRight, at, two);
-                            let bb = f.load(g, q);
-                            let bb = f.let_("bb", kir::Ty::VEC4_F32, bb);
-                            adds(f, p, bb);
-                        });
-                    }
-                }
-                finish_rows(&mut f, &accs);
-            }
             _ => unreachable!("only these slide"),
         }
         self.push(&own, f, callees);
         Some(name)
     }
 
-    /// Whether the rows of `red` reuse loads the bodies of [`LaneFns::reduction_rows`] write
+    /// Whether the rows of `red` reuse loads the body of [`LaneFns::reduction_rows`] writes
     /// out: a window of `dy` loads sliding along the row under a bounds selection (an input
     /// gradient's inner columns, whose definition's loop bounds depend on the column and so
-    /// cannot be held) or a right-hand matrix read part by part. Other rows are the op's
-    /// definition held along the rows' axis ([`LaneFns::held_rows`]).
+    /// cannot be held). Other rows are the op's definition held along the rows' axis
+    /// ([`LaneFns::held_rows`]).
     fn slides(&self, red: NodeId, rows: Rows) -> bool {
-        match &self.graph.node(red).op {
-            Op::Conv2dGradInput { .. } => rows.inner > 1,
-            Op::MatMul { .. } => self.quarter_rows(red, rows).is_some(),
-            _ => false,
-        }
+        matches!(self.graph.node(red).op, Op::Conv2dGradInput { .. }) && rows.inner > 1
     }
 
     /// The rows of `red`: the definition its lanes take, held along the rows' axis
@@ -1570,11 +1501,46 @@ impl LaneFns<'_> {
             extent: shape[rows.row_axis],
         };
         let lanes = st[rows.lane_axis] * rows.lane_gap;
-        let (definition, callees) = self.blocked_definition(red, lanes, false)?;
+        let parts = self.quarter_rows(red, rows);
+        let b = self.graph.node(red).inputs.get(1).copied();
+        self.from_parts = parts.and(b);
+        self.unmade = None;
+        let definition = self.blocked_definition(red, lanes, false);
+        self.from_parts = None;
+        let (definition, callees) = definition?;
         let copies: Vec<Vec<usize>> = (0..rows.count).map(|k| vec![k]).collect();
         let held = unroll(&definition, &[axis], &copies).ok()?;
         let (slid, _) = slide(&held).ok()?;
-        Some((slid, callees))
+        let Some((slot, words)) = parts else {
+            return Some((slid, callees));
+        };
+        // The matmul's right-hand matrix in four parts of whole rows along the reduction: the
+        // loop over them runs in four pieces, each reading its part's four consecutive
+        // columns as one vec4 (instead of every part per element).
+        let parts = Parts {
+            operand: 1,
+            globals: (0..LANES)
+                .map(|l| uniform_quads(format!("buf{slot}_{l}")))
+                .collect(),
+            words,
+        };
+        // The lanes' coordinate is a multiple of four, every other one any coordinate.
+        let multiple = (0..shape.len())
+            .map(|a| {
+                let lanes_from_fours = a == rows.lane_axis && rows.lane_gap == 1;
+                (st[a] * if lanes_from_fours { LANES } else { 1 }) as u64
+            })
+            .fold(0, gcd);
+        let facts = IndexFacts {
+            len: shape.iter().product::<usize>() as u64,
+            multiple,
+        };
+        let (read, split) = read_parts(&slid, &parts, facts).ok()?;
+        self.direct_parts += split;
+        if let Some((n, stride)) = self.unmade.take().filter(|_| reads_operand(&read, 1)) {
+            self.request(n, stride);
+        }
+        Some((read, callees))
     }
 
     /// The binding and words per part of a matmul's right-hand matrix `[K, N]` split in four
@@ -1606,6 +1572,10 @@ impl LaneFns<'_> {
             })
             .map(|(slot, _, words)| (slot, words))
     }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// `var <name> = vec4<f32>(0.0f);` for each accumulator.

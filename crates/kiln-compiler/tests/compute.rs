@@ -13,9 +13,10 @@ use common::{close, feeds, zoo};
 use kiln_autodiff::{Optimizer, read_batches_from_dataset, training_step_with};
 use kiln_compiler::compute::{element, scalar_element, value_ty};
 use kiln_compiler::kir::interp::{Env, Lanes, Value, eval_valid};
+use kiln_compiler::kir::parts::{IndexFacts, Parts, read_parts};
 use kiln_compiler::kir::slide::slide;
 use kiln_compiler::kir::unroll::{HeldAxis, lane_reads, unroll};
-use kiln_compiler::kir::{ChunkBound, Ty, validate};
+use kiln_compiler::kir::{ChunkBound, Global, Space, Ty, validate};
 use kiln_ir::testing::{random_layer, random_model};
 use kiln_ir::{DType, Graph, LenetVariant, Model, NodeId, Op, OpPattern, TensorType};
 use kiln_reference::{Data, Tensor, execute};
@@ -39,6 +40,39 @@ fn scalar(t: &Tensor, at: u32) -> Value {
 struct Operands<'a> {
     values: Vec<&'a Tensor>,
     stride: Option<u32>,
+}
+
+/// [`Operands`], with operand 1 also bound as uniform parts `part<l>` of `words` elements
+/// (`kir::parts`), as `vec4`s.
+struct WithParts<'a> {
+    operands: Operands<'a>,
+    words: usize,
+}
+
+impl Env for WithParts<'_> {
+    fn operand(&mut self, k: usize, index: u32) -> Lanes {
+        self.operands.operand(k, index)
+    }
+    fn chunk(&self, b: ChunkBound) -> u32 {
+        self.operands.chunk(b)
+    }
+    fn load(&mut self, global: &str, index: u32) -> Lanes {
+        let part: usize = global.strip_prefix("part").unwrap().parse().unwrap();
+        let t = self.operands.values[1];
+        assert!(
+            4 * (index as usize) < self.words,
+            "{global}[{index}] is past its part"
+        );
+        let first = part * self.words + 4 * index as usize;
+        Lanes::Vec4(std::array::from_fn(|l| {
+            let at = first + l;
+            if at < t.ty().numel() {
+                scalar(t, at as u32)
+            } else {
+                Value::F32(0.0)
+            }
+        }))
+    }
 }
 
 impl Env for Operands<'_> {
@@ -252,6 +286,38 @@ fn check_held(what: &str, g: &Graph, seed: u64, classes: usize) -> Vec<(String, 
                 held.push((format!("{} slid", node.op.name()), on.clone()));
             }
             held.push((node.op.name().to_string(), on.clone()));
+            // A matmul's right-hand matrix bound in parts of whole rows, read part by part.
+            let parts = match node.op {
+                Op::MatMul { .. } => Some(g.ty(node.inputs[1]).shape.clone()),
+                _ => None,
+            }
+            .and_then(|b| {
+                let rows = (1..=b[0]).find(|r| b[0].div_ceil(*r) <= 4 && r * b[1] % 4 == 0)?;
+                let words = rows * b[1];
+                let globals = (0..b[0].div_ceil(rows))
+                    .map(|l| Global {
+                        name: format!("part{l}"),
+                        space: Space::Uniform,
+                        elem: Ty::VEC4_F32,
+                    })
+                    .collect();
+                let facts = IndexFacts {
+                    len: node.ty.numel() as u64,
+                    multiple: 1,
+                };
+                let parts = Parts {
+                    operand: 1,
+                    globals,
+                    words,
+                };
+                let (read, split) = read_parts(&u, &parts, facts).unwrap_or_else(|e| {
+                    panic!("{what}: {id} held on {on:?}, read from parts: {e}")
+                });
+                (split > 0).then_some((read, words))
+            });
+            if parts.is_some() {
+                held.push((format!("{} parts", node.op.name()), on.clone()));
+            }
             let n = node.ty.numel();
             let step = n.div_ceil(40).max(1);
             for e in (0..n).step_by(step).chain([n - 1]) {
@@ -267,6 +333,21 @@ fn check_held(what: &str, g: &Graph, seed: u64, classes: usize) -> Vec<(String, 
                 let Some(Lanes::Array(got)) = eval_valid(&u, e as u32, &mut env).unwrap() else {
                     panic!("{what}: {id} held returned no array")
                 };
+                if let Some((read, words)) = &parts {
+                    let mut env = WithParts {
+                        operands: Operands {
+                            values: env_values.clone(),
+                            stride: None,
+                        },
+                        words: *words,
+                    };
+                    let from_parts = eval_valid(read, e as u32, &mut env).unwrap();
+                    assert_eq!(
+                        from_parts,
+                        Some(Lanes::Array(got.clone())),
+                        "{what}: {id} held on {on:?} and read from parts, element {e}"
+                    );
+                }
                 for (k, copy) in copies.iter().enumerate() {
                     let at = e + copy.iter().zip(&on).map(|(o, &a)| o * st[a]).sum::<usize>();
                     let want = eval_valid(&f, at as u32, &mut env).unwrap().unwrap();
@@ -318,6 +399,8 @@ fn held_definitions_give_every_copy_its_element() {
         ("conv2d", vec![0]),
         ("conv2d", vec![1]),
         ("matmul", vec![0]),
+        // fc layers' input gradients read `W` (`[out, in]`) row by row.
+        ("matmul parts", vec![0]),
         ("conv2d_grad_input", vec![1]),
         ("conv2d_grad_weight", vec![3]),
         // A stride-1 weight gradient's kernel columns read pixels `ox + kx`.

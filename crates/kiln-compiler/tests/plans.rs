@@ -827,8 +827,8 @@ fn image_local_kernels_read_batches_through_uniform_windows_on_cpus() {
         fc1_dx,
         &[
             "//   0: 7.weight f32[120,400] (4 uniform parts)",
-            "    for (var p = 0u; p < 30u; p++) {\n        let bb = buf0_0[(p * 400u + c) >> 2u];",
-            "    for (var p = 90u; p < 120u; p++) {\n        let bb = buf0_3[(p * 400u + c - 36000u) >> 2u];\n        acc0 += v46(r * 120u + p) * bb;",
+            "    for (var p = 0u; p < 30u; p++) {\n        let at0 = r * 120u + p;\n        let shared0 = buf0_0[(p * 400u + c) >> 2u];",
+            "    for (var p = 90u; p < 120u; p++) {\n        let at0 = r * 120u + p;\n        let shared0 = buf0_3[(p * 400u + c - 36000u) >> 2u];\n        acc0 += v46(at0) * shared0;",
         ],
     );
     // A load that may fall in any part still reads every part and selects (the scalar form).

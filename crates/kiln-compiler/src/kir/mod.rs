@@ -15,6 +15,7 @@
 
 pub mod interp;
 pub mod module;
+pub mod parts;
 pub mod slide;
 pub mod unroll;
 mod validate;
