@@ -215,22 +215,36 @@ impl<'a> LaneFns<'a> {
         if let Some((slot, parts, words)) = (self.split)(id).filter(|_| !computed_here) {
             if parts as usize == LANES && words == stride {
                 // Lanes a part apart: lane k reads part k at the same index, one load each
-                // instead of one from every part.
-                let mut f = kir::Builder::new(kir::Ty::VEC4_F32, Vec::new());
+                // instead of one from every part (the four lanes of the value's element
+                // function, read through `kir::parts`).
+                let mut f = kir::Builder::new(kir::Ty::VEC4_F32, vec![kir::Ty::F32]);
                 let i = f.index();
                 let lanes = [0, 1, 2, 3].map(|k| {
-                    let g = f.global(uniform_quads(format!("buf{slot}_{k}")));
-                    let (two, three) = (f.u32(2), f.u32(3));
-                    let q = f.bin(kir::BinOp::ShiftRight, i, two);
-                    let quad = f.load(g, q);
-                    let l = f.bin(kir::BinOp::BitAnd, i, three);
-                    f.lane(quad, l)
+                    let at = offset_expr(&mut f, i, k * stride);
+                    f.operand(0, at)
                 });
                 let value = f.compose(lanes);
                 f.ret_(value);
-                self.push(&name, f, Vec::new());
-                self.direct_parts += 1;
-                return name;
+                let parts = Parts {
+                    operand: 0,
+                    globals: (0..LANES)
+                        .map(|k| uniform_quads(format!("buf{slot}_{k}")))
+                        .collect(),
+                    words,
+                };
+                // Lane 3 is an element: the first lane lies in the first part.
+                let facts = IndexFacts {
+                    len: words as u64,
+                    multiple: 1,
+                };
+                let read = read_parts(&f.finish(), &parts, facts)
+                    .ok()
+                    .filter(|(read, direct)| *direct == LANES && !reads_operand(read, 0));
+                if let Some((read, _)) = read {
+                    self.push_function(&name, read, vec![Callee::Call(v(id))]);
+                    self.direct_parts += 1;
+                    return name;
+                }
             }
         }
         if let Some((slot, window)) = self.aligned_uniform(id, stride) {

@@ -13,7 +13,9 @@
 //! counters of loops with literal bounds, `let`s, and `+ - * / %`, shifts, masks, `min`,
 //! `max` and `clamp` of them. A read whose range at some step spans two parts, reads of the
 //! value through anything else, or a loop with more pieces than parts' boundaries allow, leave
-//! the loop as it is (its reads still go through the operand). Every read the transformed
+//! the loop as it is (its reads still go through the operand). A read outside such loops
+//! whose range lies in one part is read from it too (four lanes a part apart: lane `k` of
+//! `i + k * words`, `i` below `words`, reads part `k` at `i`). Every read the transformed
 //! function makes is of the element the original read, in the part that holds it.
 
 use std::collections::HashMap;
@@ -44,7 +46,8 @@ pub struct IndexFacts {
 const MAX_STEPS: i64 = 1 << 16;
 
 /// `f` with the reads of `parts.operand` in each loop whose steps decide their part read from
-/// that part directly, and how many loops were split so.
+/// that part directly, and any other read whose index lies in one part read from it; and how
+/// many loops were split plus how many other reads were so resolved.
 pub fn read_parts(
     f: &Function,
     parts: &Parts,
@@ -73,6 +76,7 @@ pub fn read_parts(
         ranges: HashMap::new(),
         globals: Vec::new(),
         split: 0,
+        direct: 0,
         copy: Copier::default(),
     };
     p.globals = parts
@@ -88,12 +92,12 @@ pub fn read_parts(
         .collect();
     let body = std::mem::take(&mut p.f.body);
     p.f.body = p.block(body);
-    if p.split == 0 {
+    if p.split + p.direct == 0 {
         // Nothing to read directly: the function as it was, without the parts' globals.
         return Ok((f.clone(), 0));
     }
     validate(&p.f).map_err(|e| format!("reading parts left invalid kernel IR: {}", e.0))?;
-    Ok((p.f, p.split))
+    Ok((p.f, p.split + p.direct))
 }
 
 /// Whether `f` still reads operand `k` (by index or with arguments).
@@ -137,6 +141,8 @@ struct Parter<'a> {
     /// The parts' globals, by part.
     globals: Vec<usize>,
     split: usize,
+    /// Reads outside split loops that know their part.
+    direct: usize,
     /// The copy of a loop's body being made.
     copy: Copier,
 }
@@ -201,9 +207,52 @@ impl Parter<'_> {
                 }
                 _ => {}
             }
+            self.direct_stmt(&mut s);
             out.push(s);
         }
         out
+    }
+
+    /// `s` with the reads its own expressions make (not those of its blocks) from their part
+    /// where the index's range, with the enclosing loops' counters in theirs, lies in one.
+    fn direct_stmt(&mut self, s: &mut Stmt) {
+        match s {
+            Stmt::Let { value, .. }
+            | Stmt::Var { value, .. }
+            | Stmt::Assign { value, .. }
+            | Stmt::Return(Some(value)) => *value = self.direct(*value),
+            Stmt::AssignElement { index, value, .. } | Stmt::Store { index, value, .. } => {
+                *index = self.direct(*index);
+                *value = self.direct(*value);
+            }
+            Stmt::Update { index, value, .. } => {
+                *index = index.map(|i| self.direct(i));
+                *value = self.direct(*value);
+            }
+            Stmt::If { cond, .. } => *cond = self.direct(*cond),
+            _ => {}
+        }
+    }
+
+    /// `e` with each read of the operand whose part is known read from that part.
+    fn direct(&mut self, e: Expr) -> Expr {
+        let mut reads = Vec::new();
+        let mut through_call = false;
+        self.reads_in(e, &mut HashMap::new(), &mut reads, &mut through_call);
+        let known: Vec<(Expr, usize)> = reads
+            .into_iter()
+            .filter_map(|r| {
+                let part = self.part_of(r)?;
+                (!self.vec4 || self.multiple(r) % 4 == 0).then_some((r, part))
+            })
+            .collect();
+        if known.is_empty() {
+            return e;
+        }
+        self.direct += known.len();
+        self.copy = Copier::default();
+        self.copy.parts.extend(known);
+        self.copy_expr(e)
     }
 
     /// The pieces of the loop over `counter` from `lo` to `hi` in which every read of the
@@ -460,7 +509,9 @@ impl Parter<'_> {
                 Some(&n) => self.push(ExprKind::Local(n)),
                 None => e,
             },
-            ExprKind::Operand { k, index } if k == self.parts.operand => {
+            ExprKind::Operand { k, index }
+                if k == self.parts.operand && self.copy.parts.contains_key(&index) =>
+            {
                 let part = self.copy.parts[&index];
                 let at = self.copy_expr(index);
                 self.read_part(part, at)
@@ -489,8 +540,19 @@ impl Parter<'_> {
     /// Element `at` (four from `at` for a `vec4` operand) read from `part`.
     fn read_part(&mut self, part: usize, at: Expr) -> Expr {
         let base = (part * self.parts.words) as i64;
+        // `x + base - base` is `x` (lanes a part apart: lane `k` at `i + k * words`).
+        let offset = match self.f.expr(at) {
+            ExprKind::Binary {
+                op: BinOp::Add,
+                left,
+                right,
+            } => Some(*left).zip(self.literal(*right)),
+            _ => None,
+        };
         let at = if base == 0 {
             at
+        } else if let Some((x, _)) = offset.filter(|&(_, c)| c == base) {
+            x
         } else {
             let b = self.u32(base);
             self.push(ExprKind::Binary {
@@ -866,5 +928,51 @@ mod tests {
         let (read, split) = read_parts(&f, &parts(2 * N), facts).unwrap();
         assert_eq!((split, &read), (0, &f));
         assert!(reads_operand(&read, 1));
+    }
+
+    #[test]
+    fn lanes_a_part_apart_read_one_part_each() {
+        // Lanes `i`, `i + 16`, `i + 32` of `b` in parts of 16: lane `k` is part `k` at `i`.
+        let mut f = Builder::new(Ty::VEC4_F32, vec![Ty::F32, Ty::F32]);
+        let i = f.index();
+        let lanes = [0, 1, 2, 2].map(|k| {
+            let at = if k == 0 {
+                i
+            } else {
+                let d = f.u32(16 * k);
+                f.add(i, d)
+            };
+            f.operand(1, at)
+        });
+        let v = f.compose(lanes);
+        f.ret_(v);
+        let f = f.finish();
+        let facts = IndexFacts {
+            len: 16,
+            multiple: 1,
+        };
+        let (read, direct) = read_parts(&f, &parts(16), facts).unwrap();
+        assert_eq!(direct, 4);
+        assert!(!reads_operand(&read, 1));
+        let names = [Callee::Call("a".into()), Callee::Call("b".into())];
+        let text = body(&read, &names).unwrap();
+        assert!(text.contains("b1[i >> 2u][i & 3u]"), "{text}");
+        for i in 0..16 {
+            let mut env = Matrices {
+                vec4: false,
+                words: 16,
+                b_reads: 0,
+            };
+            let got = eval(&read, i, &mut env).unwrap();
+            assert_eq!(env.b_reads, 0);
+            assert_eq!(got, eval(&f, i, &mut env).unwrap(), "element {i}");
+        }
+        // One element more and every lane could lie in two parts: nothing is known.
+        let wide = IndexFacts {
+            len: 17,
+            multiple: 1,
+        };
+        let (read, direct) = read_parts(&f, &parts(16), wide).unwrap();
+        assert_eq!((direct, &read), (0, &f));
     }
 }
