@@ -67,7 +67,7 @@ use std::collections::BTreeSet;
 use kiln_ir::{DType, Graph, NodeId, Op, OpPattern};
 
 use crate::compute;
-use crate::kir::parts::{IndexFacts, Parts, read_parts, reads_operand};
+use crate::kir::parts::{IndexFacts, Parts, gcd, read_parts, reads_operand};
 use crate::kir::slide::slide;
 use crate::kir::unroll::{HeldAxis, lane_reads, unroll};
 use crate::kir::{self, module::Item, wgsl::Callee};
@@ -1586,10 +1586,6 @@ impl LaneFns<'_> {
             })
             .map(|(slot, _, words)| (slot, words))
     }
-}
-
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// `var <name> = vec4<f32>(0.0f);` for each accumulator.
