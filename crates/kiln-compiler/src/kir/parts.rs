@@ -186,10 +186,10 @@ impl Parter<'_> {
                 } => {
                     let bounds = self.literal(*start).zip(self.literal(*end));
                     if let Some((lo, hi)) = bounds.filter(|(lo, hi)| lo < hi) {
-                        if let Some(pieces) = self.plan(*counter, lo, hi, body) {
+                        if let Some((reads, pieces)) = self.plan(*counter, lo, hi, body) {
                             self.split += 1;
                             for piece in &pieces {
-                                out.push(self.piece(*counter, body, piece, *unroll));
+                                out.push(self.piece(*counter, body, (&reads, piece), *unroll));
                             }
                             continue;
                         }
@@ -255,10 +255,16 @@ impl Parter<'_> {
         self.copy_expr(e)
     }
 
-    /// The pieces of the loop over `counter` from `lo` to `hi` in which every read of the
-    /// operand in `body` lies in one part, or `None` where it has no such reads or they do
-    /// not split so.
-    fn plan(&mut self, counter: Local, lo: i64, hi: i64, body: &Block) -> Option<Vec<Piece>> {
+    /// The reads of the operand in `body` (by their index expressions) and the pieces of the
+    /// loop over `counter` from `lo` to `hi` in which each lies in one part, or `None` where
+    /// it has no such reads or they do not split so.
+    fn plan(
+        &mut self,
+        counter: Local,
+        lo: i64,
+        hi: i64,
+        body: &Block,
+    ) -> Option<(Vec<Expr>, Vec<Piece>)> {
         let mut reads = Vec::new();
         let mut through_call = false;
         let mut seen = HashMap::new();
@@ -296,7 +302,7 @@ impl Parter<'_> {
         }
         self.ranges = saved;
         let aligned = !self.vec4 || reads.iter().all(|&r| self.multiple(r) % 4 == 0);
-        (ok && aligned && pieces.len() <= self.parts.globals.len()).then_some(pieces)
+        (ok && aligned && pieces.len() <= self.parts.globals.len()).then_some((reads, pieces))
     }
 
     /// The counters of `block`'s loops with literal bounds that run, and their ranges.
@@ -359,15 +365,14 @@ impl Parter<'_> {
     }
 
     /// The loop over `counter` as the piece's steps, its reads of the operand from their part.
-    fn piece(&mut self, counter: Local, body: &Block, piece: &Piece, unroll: bool) -> Stmt {
+    fn piece(
+        &mut self,
+        counter: Local,
+        body: &Block,
+        (reads, piece): (&[Expr], &Piece),
+        unroll: bool,
+    ) -> Stmt {
         self.copy = Copier::default();
-        // The reads, in the order `plan` found them, each to its part.
-        let mut reads = Vec::new();
-        let mut through_call = false;
-        let mut seen = HashMap::new();
-        walk_exprs(body, &mut |e| {
-            self.reads_in(e, &mut seen, &mut reads, &mut through_call)
-        });
         for (&index, &part) in reads.iter().zip(&piece.parts) {
             self.copy.parts.insert(index, part);
         }
