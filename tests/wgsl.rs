@@ -83,3 +83,37 @@ fn lenet_cpu_class_evaluation_wgsl() {
         compiled_for(&cpu, false, 96).wgsl()
     );
 }
+
+/// The zoo's VGG-style model on the CPU-class target, batch 256 (SGD): the kernels whose
+/// input gradient computes two adjacent columns per row, its definition widened over the
+/// whole kernel (`dy` zero outside), held along channels and columns and slid along the row.
+#[test]
+fn vgg_cpu_class_input_gradient_columns_wgsl() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/zoo/vgg.kir");
+    let model: kiln::ir::Model = kiln::ir::parse_file(std::path::Path::new(path))
+        .unwrap()
+        .into();
+    let forward = model
+        .forward("vgg", TensorType::new(DType::U8, [256, 1, 28, 28]))
+        .unwrap();
+    let step = read_batches_from_dataset(&training_step(&forward, 0.9).unwrap(), 60_000).unwrap();
+    let c = compile(&step, &Target::lavapipe()).unwrap();
+    let columns: Vec<String> = c
+        .modules
+        .iter()
+        .filter(|m| {
+            m.wgsl
+                .lines()
+                .any(|l| l.starts_with("// schedule:") && l.contains("on axis 3"))
+        })
+        .map(|m| {
+            validate_wgsl(&m.name, &m.wgsl).unwrap();
+            format!("// ---- {}\n{}", m.name, m.wgsl)
+        })
+        .collect();
+    assert_eq!(columns.len(), 1, "one input gradient in columns");
+    insta::assert_snapshot!(
+        "vgg_step_b256_cpu_input_gradient_columns",
+        columns.join("\n")
+    );
+}

@@ -30,8 +30,10 @@
 //! the reduction's lane definition held along the rows' axis (`kir::unroll`: what does not
 //! depend on the row, the lanes' shared load among it, is done once), then any window of
 //! reads that slides along a loop kept in registers (`kir::slide`), and a matrix bound in
-//! uniform parts read from the part each step's row lies in (`kir::parts`); only the bodies
-//! that slide loads under a bounds selection are written out here.
+//! uniform parts read from the part each step's row lies in (`kir::parts`). A loop whose
+//! bounds differ per row (an input gradient's kernel columns, clipped to the taps whose `dy`
+//! exists) runs its whole range first, `dy` read as zero outside (`kir::widen`). Only the
+//! conv + pool taps are still written out here.
 //! Measured on
 //! lavapipe (`--profile`, batch 256, same machine and hour, A/B against the lanes-only build):
 //! conv2's input gradient 295 -> 69 ms, its weight gradient 323 -> 151 ms, fc1 forward 62 ->
@@ -56,7 +58,8 @@
 //!
 //! CPU-class targets take a second rows axis ([`Rows::inner`]) where it shares loads: a
 //! stride-1 input gradient computes two adjacent columns per row, one `dy` load per step
-//! (sliding along the row) feeding both (conv2's input gradient 28 -> 21.5 ms per step on
+//! (its widened definition held along both axes and slid along the row: each column's
+//! zero-padded `dy` is the other's one step later) feeding both (conv2's input gradient 28 -> 21.5 ms per step on
 //! lavapipe). On lavapipe every load is a per-lane gather while spilled accumulators are
 //! cheap stack traffic, so more accumulators per invocation win even with few invocations,
 //! up to what the driver's JIT can afford at the first dispatch (a weight gradient with 25
@@ -69,7 +72,8 @@ use kiln_ir::{DType, Graph, NodeId, Op, OpPattern};
 use crate::compute;
 use crate::kir::parts::{IndexFacts, Parts, gcd, read_parts, reads_operand};
 use crate::kir::slide::slide;
-use crate::kir::unroll::{HeldAxis, lane_reads, unroll};
+use crate::kir::unroll::{HeldAxis, UnrollError, lane_reads, unroll};
+use crate::kir::widen::widen;
 use crate::kir::{self, module::Item, wgsl::Callee};
 use crate::plan::{Kernel, Placement, Plan};
 use crate::text::{Operand as Read, UniformAt, chunk_part, definition_over, strides, v};
@@ -1439,12 +1443,6 @@ impl LaneFns<'_> {
     /// operand loaded once per step for all rows. `None` where its definition cannot be
     /// held along the rows.
     fn reduction_rows(&mut self, red: NodeId, rows: Rows) -> Option<String> {
-        let graph = self.graph;
-        let node = graph.node(red);
-        let out = node.ty.shape.clone();
-        let r = rows.count;
-        let shape = |k: usize| graph.ty(node.inputs[k]).shape.clone();
-        let in_strides = |k: usize| strides(&graph.ty(node.inputs[k]).shape);
         let name = format!("v{}_rows_of_reduction", red.0);
         let chunked = self.chunked.contains(&red);
         // Summed chunk by chunk: the chunk's part, its plain name left for the finished sums.
@@ -1453,52 +1451,9 @@ impl LaneFns<'_> {
         } else {
             name.clone()
         };
-        if !self.slides(red, rows) {
-            let (function, callees) = self.held_rows(red, rows)?;
-            self.push_function(&own, function, callees);
-            return Some(name);
-        }
-        let names: Vec<String> = if rows.inner > 1 {
-            (0..r)
-                .flat_map(|k| (0..rows.inner).map(move |c| format!("acc{k}_{c}")))
-                .collect()
-        } else {
-            (0..r).map(|k| format!("acc{k}")).collect()
-        };
-        let ret = vec4s(names.len());
-        // Operand 0 (`dy`) is read once per step for all rows, operand 1 once per row.
-        let first = Read::lanes(Callee::Call(self.request(node.inputs[0], in_strides(0)[0])));
-        let second = Read::scalar(graph, node.inputs[1]);
-        let mut f = kir::Builder::new(ret, vec![first.ty, second.ty]);
-        let callees = vec![first.callee, second.callee];
-        let i = f.index();
-        match &node.op {
-            Op::Conv2dGradInput { padding, .. } if rows.inner > 1 => {
-                let coords = compute::coords4(&mut f, i, ["n", "c", "h", "w"], &out);
-                let accs = zeroed(&mut f, &names);
-                grad_input_columns(
-                    &mut f,
-                    coords,
-                    (&shape(0), &shape(1)),
-                    *padding,
-                    rows,
-                    &accs,
-                );
-                finish_rows(&mut f, &accs);
-            }
-            _ => unreachable!("only these slide"),
-        }
-        self.push(&own, f, callees);
+        let (function, callees) = self.held_rows(red, rows)?;
+        self.push_function(&own, function, callees);
         Some(name)
-    }
-
-    /// Whether the rows of `red` reuse loads the body of [`LaneFns::reduction_rows`] writes
-    /// out: a window of `dy` loads sliding along the row under a bounds selection (an input
-    /// gradient's inner columns, whose definition's loop bounds depend on the column and so
-    /// cannot be held). Other rows are the op's definition held along the rows' axis
-    /// ([`LaneFns::held_rows`]).
-    fn slides(&self, red: NodeId, rows: Rows) -> bool {
-        matches!(self.graph.node(red).op, Op::Conv2dGradInput { .. }) && rows.inner > 1
     }
 
     /// The rows of `red`: the definition its lanes take, held along the rows' axis
@@ -1510,9 +1465,23 @@ impl LaneFns<'_> {
     fn held_rows(&mut self, red: NodeId, rows: Rows) -> Option<(kir::Function, Vec<Callee>)> {
         let shape = &self.graph.ty(red).shape;
         let st = strides(shape);
-        let axis = HeldAxis {
-            stride: st[rows.row_axis],
-            extent: shape[rows.row_axis],
+        let held = |a: usize| HeldAxis {
+            stride: st[a],
+            extent: shape[a],
+        };
+        // Rows, then each row's inner rows (one axis where there are none).
+        let (axes, copies): (Vec<HeldAxis>, Vec<Vec<usize>>) = if rows.inner > 1 {
+            (
+                vec![held(rows.row_axis), held(rows.inner_axis)],
+                (0..rows.count)
+                    .flat_map(|k| (0..rows.inner).map(move |c| vec![k, c]))
+                    .collect(),
+            )
+        } else {
+            (
+                vec![held(rows.row_axis)],
+                (0..rows.count).map(|k| vec![k]).collect(),
+            )
         };
         let lanes = st[rows.lane_axis] * rows.lane_gap;
         let parts = self.quarter_rows(red, rows);
@@ -1522,8 +1491,17 @@ impl LaneFns<'_> {
         let definition = self.blocked_definition(red, lanes, false);
         self.from_parts = None;
         let (definition, callees) = definition?;
-        let copies: Vec<Vec<usize>> = (0..rows.count).map(|k| vec![k]).collect();
-        let held = unroll(&definition, &[axis], &copies).ok()?;
+        let held = match unroll(&definition, &axes, &copies) {
+            Ok(held) => held,
+            // A loop clipped per copy (an input gradient's kernel columns, clipped to the
+            // taps whose `dy` exists) runs its whole range for all, `dy` zero outside.
+            Err(UnrollError::LoopBounds(name)) => {
+                let padded = padded_operand(&self.graph.node(red).op)?;
+                let wide = widen(&definition, &name, padded).ok()?;
+                unroll(&wide, &axes, &copies).ok()?
+            }
+            Err(_) => return None,
+        };
         let (slid, _) = slide(&held).ok()?;
         let Some((slot, words)) = parts else {
             return Some((slid, callees));
@@ -1600,124 +1578,12 @@ fn zeroed(f: &mut kir::Builder, names: &[String]) -> Vec<kir::Local> {
         .collect()
 }
 
-/// `return array<vec4<f32>, N>(accumulators);`
-fn finish_rows(f: &mut kir::Builder, accs: &[kir::Local]) {
-    let values: Vec<kir::Expr> = accs.iter().map(|&a| f.get(a)).collect();
-    let all = f.array(values);
-    f.ret_(all);
-}
-
-/// The tap loops of a stride-1 input gradient computing `rows.inner` adjacent columns
-/// (`w`, `w + 1`, ...) of each row: column `k` at kernel column `kx` reads `dy` at
-/// `ox = w + k + px - kx`, which is column `k - 1`'s value one step earlier, so each step
-/// loads one new `dy` (four images) for all columns; `kx` runs over the whole kernel and
-/// loads outside `dy` are selected away (their index clamped). Operand 0 reads `dy`'s lanes,
-/// operand 1 the weights; `accs` are row-major over rows, then columns.
-fn grad_input_columns(
-    f: &mut kir::Builder,
-    [n, c, h, w]: [kir::Expr; 4],
-    (dys, ws): (&[usize], &[usize]),
-    padding: [usize; 2],
-    rows: Rows,
-    accs: &[kir::Local],
-) {
-    let [_, o, oh, ow] = compute::rank4(dys);
-    let [_, cc, kh, kw] = compute::rank4(ws);
-    let cols = rows.inner;
-    let ty = kir::Ty::VEC4_F32;
-    let hi = f.cast(kir::Scalar::I32, h);
-    let py = f.i32(padding[0]);
-    let t = f.add(hi, py);
-    let oh1 = f.i32(oh - 1);
-    let t = f.sub(t, oh1);
-    let z = f.i32(0);
-    let t = f.math(kir::MathFn::Max, &[t, z]);
-    let ky_lo = f.cast(kir::Scalar::U32, t);
-    let ky_lo = f.let_("ky_lo", kir::Ty::U32, ky_lo);
-    let hi = f.cast(kir::Scalar::I32, h);
-    let t = f.add(hi, py);
-    let one = f.i32(1);
-    let t = f.add(t, one);
-    let khi = f.i32(kh);
-    let t = f.math(kir::MathFn::Min, &[t, khi]);
-    let ky_end = f.cast(kir::Scalar::U32, t);
-    let ky_end = f.let_("ky_end", kir::Ty::U32, ky_end);
-    // `dy` at column `x` of the row at `db`, zero outside it.
-    let load = |f: &mut kir::Builder, db: kir::Expr, x: kir::Expr| {
-        let zero = f.f32(0.0);
-        let zero = f.splat(zero);
-        let (z, last) = (f.i32(0), f.i32(ow - 1));
-        let inside_at = f.math(kir::MathFn::Clamp, &[x, z, last]);
-        let at = f.cast(kir::Scalar::U32, inside_at);
-        let at = f.add(db, at);
-        let d = f.operand(0, at);
-        let (z, n) = (f.i32(0), f.i32(ow));
-        let lo = f.bin(kir::BinOp::Ge, x, z);
-        let hi = f.bin(kir::BinOp::Lt, x, n);
-        let inside = f.bin(kir::BinOp::And, lo, hi);
-        f.select(inside, d, zero)
-    };
-    let (z, ou) = (f.u32(0), f.u32(o));
-    f.for_("o", z, ou, |f, oi| {
-        f.for_("ky", ky_lo, ky_end, |f, ky| {
-            let db = f.flat(&[n, oi], &[0, o]);
-            let ohu = f.u32(oh);
-            let db = f.mul(db, ohu);
-            let db = f.add(db, h);
-            let pyu = f.u32(padding[0]);
-            let db = f.add(db, pyu);
-            let db = f.sub(db, ky);
-            let owu = f.u32(ow);
-            let db = f.mul(db, owu);
-            let db = f.let_("db", kir::Ty::U32, db);
-            let wb = f.flat(&[oi, c, ky], &[0, cc, kh]);
-            let kwu = f.u32(kw);
-            let wb = f.mul(wb, kwu);
-            let wb = f.let_("wb", kir::Ty::U32, wb);
-            // Columns 1.. at kx = 0; column 0 is loaded at the top of each step.
-            let mut p: Vec<Option<kir::Local>> = vec![None];
-            for k in 1..cols {
-                let wi = f.cast(kir::Scalar::I32, w);
-                let d = f.i32(k + padding[1]);
-                let x = f.add(wi, d);
-                let x = f.let_(&format!("x{k}"), kir::Ty::I32, x);
-                let v = load(f, db, x);
-                p.push(Some(f.var(&format!("p{k}"), ty, v)));
-            }
-            let (z, kwu) = (f.u32(0), f.u32(kw));
-            f.for_("kx", z, kwu, |f, kx| {
-                let wi = f.cast(kir::Scalar::I32, w);
-                let px = f.i32(padding[1]);
-                let x0 = f.add(wi, px);
-                let kxi = f.cast(kir::Scalar::I32, kx);
-                let x0 = f.sub(x0, kxi);
-                let x0 = f.let_("x0", kir::Ty::I32, x0);
-                let p0 = load(f, db, x0);
-                let p0 = f.let_("p0", ty, p0);
-                let weights: Vec<kir::Expr> = (0..rows.count)
-                    .map(|q| {
-                        let at = f.add(wb, kx);
-                        let at = offset_expr(f, at, q * kh * kw);
-                        let wq = f.operand(1, at);
-                        f.let_(&format!("w{q}"), kir::Ty::F32, wq)
-                    })
-                    .collect();
-                let pixel = |f: &mut kir::Builder, k: usize| match p[k] {
-                    None => p0,
-                    Some(l) => f.get(l),
-                };
-                for (q, &wq) in weights.iter().enumerate() {
-                    for k in 0..cols {
-                        let pk = pixel(f, k);
-                        let t = f.mul(wq, pk);
-                        f.add_assign(accs[q * cols + k], t);
-                    }
-                }
-                for k in (1..cols).rev() {
-                    let before = pixel(f, k - 1);
-                    f.assign(p[k].expect("columns 1.. are vars"), before);
-                }
-            });
-        });
-    });
+/// The operand a reduction reads zero-padded: where its definition clips a loop to the steps
+/// whose read of it exists (a stride-1 input gradient's `dy`), that loop may run its whole
+/// range with the reads outside zero ([`widen`]).
+fn padded_operand(op: &Op) -> Option<usize> {
+    match op {
+        Op::Conv2dGradInput { stride, .. } if *stride == [1, 1] => Some(0),
+        _ => None,
+    }
 }

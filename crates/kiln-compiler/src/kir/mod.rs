@@ -20,6 +20,7 @@ pub mod slide;
 pub mod unroll;
 mod validate;
 pub mod wgsl;
+pub mod widen;
 
 pub use validate::{FunctionInfo, ValidationError, validate};
 

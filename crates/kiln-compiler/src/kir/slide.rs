@@ -16,12 +16,20 @@
 //! expression (sums, constant multiples, `let`s of the loop's body); a value the body
 //! assigns is not followed. Every read the transformed loop makes is one the original loop
 //! made: the window only remembers them.
+//!
+//! Whole values slide too, after the reads: an expression that reads and changes along the
+//! loop (a load selected to zero outside its row, its index and the selection sums of the
+//! counter and a copy's coordinate) is compared with the others as a [`Sig`] — integer sums
+//! (`u32` and `i32`, wrapping) as their terms and constant, the body's `let`s as their
+//! values, anything else as its kind and its operands' values. Where one value at the next
+//! step is another at this one, all of one shape in one chain, they are a window; the
+//! largest values are taken first.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::unroll::{exits, map_children};
 use super::validate;
-use super::{BinOp, Block, Expr, ExprKind, Function, Literal, Local, LocalDecl, Stmt, Ty};
+use super::{BinOp, Block, Expr, ExprKind, Function, Literal, Local, LocalDecl, Scalar, Stmt, Ty};
 
 /// `f` with every window that slides kept in registers, and how many windows it made.
 pub fn slide(f: &Function) -> Result<(Function, usize), String> {
@@ -267,7 +275,270 @@ impl Slider {
             body.insert(at, s);
         }
         body.extend(shifts);
+        self.slide_values(counter, start, &mut body, &mut before);
         (before, body)
+    }
+
+    /// Windows of whole values ([`Sig`]): where an expression that reads (a load selected
+    /// to zero outside the row, say) is, at the next step, another expression of the body at
+    /// this step, the window keeps the values. Run after the reads' windows, on what they
+    /// left.
+    fn slide_values(&mut self, counter: Local, start: Expr, body: &mut Block, before: &mut Block) {
+        let facts = self.facts(counter, start, body);
+        let mut sigs = HashMap::new();
+        let mut seen = HashMap::new();
+        let mut candidates = Vec::new();
+        for s in body.iter() {
+            for root in top_exprs(s) {
+                self.candidates(&facts, root, &mut seen, &mut sigs, &mut candidates);
+            }
+        }
+        // Members by shape (their sums' constants erased), each member with every
+        // expression of its value.
+        let mut groups: BTreeMap<Sig, BTreeMap<Sig, Vec<Expr>>> = BTreeMap::new();
+        let mut size: HashMap<Expr, usize> = HashMap::new();
+        for (e, n) in candidates {
+            let sig = sigs[&e].clone().expect("candidates have a value");
+            groups
+                .entry(sig.shape())
+                .or_default()
+                .entry(sig)
+                .or_default()
+                .push(e);
+            size.insert(e, n);
+        }
+        // Largest values first: a window of a value covers the windows inside it.
+        let counter = facts.counter_sig();
+        let mut chains: Vec<(usize, Vec<Vec<Expr>>)> = groups
+            .into_values()
+            .flat_map(|members| chains(&counter, &members))
+            .map(|chain| {
+                let n = chain.iter().flatten().map(|e| size[e]).max().unwrap_or(0);
+                (n, chain)
+            })
+            .collect();
+        chains.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+        let mut covered: HashSet<Expr> = HashSet::new();
+        let mut news: Vec<(usize, Stmt)> = Vec::new();
+        let mut shifts = Vec::new();
+        for (_, chain) in chains {
+            if chain.iter().flatten().any(|e| covered.contains(e)) {
+                continue;
+            }
+            let Some(ty) = self.types.get(chain[0][0].index()).copied().flatten() else {
+                continue;
+            };
+            for e in chain.iter().flatten() {
+                self.subtree(*e, &mut covered);
+            }
+            let n = self.windows;
+            self.windows += 1;
+            let r = chain.len();
+            let targets: HashSet<Expr> = chain.iter().flatten().copied().collect();
+            let at = body
+                .iter()
+                .position(|s| self.mentions(s, &targets))
+                .expect("the values are the body's");
+            let mut locals = Vec::with_capacity(r);
+            for (j, member) in chain.iter().enumerate() {
+                let stem = if n == 0 {
+                    format!("p{j}")
+                } else {
+                    format!("p{n}_{j}")
+                };
+                let local = self.declare(self.fresh(&stem), ty);
+                locals.push(local);
+                let kind = self.f.expr(member[0]).clone();
+                if j + 1 < r {
+                    let value = self.at_start(&facts, member[0]);
+                    before.push(Stmt::Var { local, value });
+                } else {
+                    let value = self.push(kind);
+                    news.push((at, Stmt::Let { local, value }));
+                }
+            }
+            for (member, &local) in chain.iter().zip(&locals) {
+                for e in member {
+                    self.f.exprs[e.index()] = ExprKind::Local(local);
+                }
+            }
+            for j in 0..r - 1 {
+                let value = self.push(ExprKind::Local(locals[j + 1]));
+                shifts.push(Stmt::Assign {
+                    local: locals[j],
+                    op: None,
+                    value,
+                });
+            }
+        }
+        news.sort_by_key(|(at, _)| *at);
+        for (at, s) in news.into_iter().rev() {
+            body.insert(at, s);
+        }
+        body.extend(shifts);
+    }
+
+    /// What the analysis of a loop's body knows, from the body as it is now.
+    fn facts(&self, counter: Local, start: Expr, body: &Block) -> Body {
+        let mut inner = HashSet::new();
+        declared(body, &mut inner);
+        let lets = body
+            .iter()
+            .filter_map(|s| match s {
+                Stmt::Let { local, value } => Some((*local, *value)),
+                _ => None,
+            })
+            .collect();
+        Body {
+            counter,
+            start,
+            lets,
+            inner,
+        }
+    }
+
+    /// Every expression of `e`'s tree.
+    fn subtree(&self, e: Expr, out: &mut HashSet<Expr>) {
+        if !out.insert(e) {
+            return;
+        }
+        map_children(self.f.expr(e).clone(), &mut |c| {
+            self.subtree(c, out);
+            c
+        });
+    }
+
+    /// The values in `e` that may slide (they read, and change along the loop), with their
+    /// sizes; `seen` keeps each expression's size and whether it reads, `sigs` its [`Sig`].
+    fn candidates(
+        &self,
+        facts: &Body,
+        e: Expr,
+        seen: &mut HashMap<Expr, (usize, bool)>,
+        sigs: &mut HashMap<Expr, Option<Sig>>,
+        out: &mut Vec<(Expr, usize)>,
+    ) -> (usize, bool) {
+        if let Some(&known) = seen.get(&e) {
+            return known;
+        }
+        let kind = self.f.expr(e).clone();
+        let mut n = 1;
+        let mut reads = matches!(kind, ExprKind::Operand { .. } | ExprKind::Load { .. });
+        map_children(kind, &mut |c| {
+            let (m, r) = self.candidates(facts, c, seen, sigs, out);
+            n += m;
+            reads |= r;
+            c
+        });
+        seen.insert(e, (n, reads));
+        if reads {
+            let sig = self.sig(facts, e, sigs);
+            if sig
+                .as_ref()
+                .is_some_and(|s| s.mentions(&facts.counter_sig()))
+            {
+                out.push((e, n));
+            }
+        }
+        (n, reads)
+    }
+
+    /// `e`'s [`Sig`]; `None` where it depends on a value the body assigns, or calls.
+    fn sig(&self, facts: &Body, e: Expr, memo: &mut HashMap<Expr, Option<Sig>>) -> Option<Sig> {
+        if let Some(s) = memo.get(&e) {
+            return s.clone();
+        }
+        let s = self.sig_of(facts, e, memo);
+        memo.insert(e, s.clone());
+        s
+    }
+
+    fn sig_of(&self, facts: &Body, e: Expr, memo: &mut HashMap<Expr, Option<Sig>>) -> Option<Sig> {
+        let kind = self.f.expr(e).clone();
+        let int = self.is_int(e);
+        match &kind {
+            ExprKind::Local(l) if *l == facts.counter => {
+                return Some(Sig::Sum {
+                    terms: vec![(Box::new(facts.counter_sig()), 1)],
+                    constant: 0,
+                });
+            }
+            ExprKind::Local(l) => {
+                if let Some(&v) = facts.lets.get(l) {
+                    return self.sig(facts, v, memo);
+                }
+                if facts.inner.contains(l) {
+                    return None;
+                }
+            }
+            ExprKind::Call { .. } => return None,
+            ExprKind::Literal(Literal::U32(n)) => return Some(Sig::constant(*n)),
+            ExprKind::Literal(Literal::I32(n)) => return Some(Sig::constant(*n as u32)),
+            ExprKind::Cast { to, value }
+                if matches!(to, Scalar::U32 | Scalar::I32) && self.is_int(*value) =>
+            {
+                return self.sig(facts, *value, memo);
+            }
+            ExprKind::Binary { op, left, right } if int => {
+                let (a, b) = (
+                    self.sig(facts, *left, memo)?,
+                    self.sig(facts, *right, memo)?,
+                );
+                let combined = match op {
+                    BinOp::Add => a.plus(&b, 1),
+                    BinOp::Sub => a.plus(&b, u32::MAX),
+                    BinOp::Mul => match (a.as_constant(), b.as_constant()) {
+                        (_, Some(c)) => a.times(c),
+                        (Some(c), _) => b.times(c),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                if combined.is_some() {
+                    return combined;
+                }
+            }
+            _ => {}
+        }
+        let mut children = Vec::new();
+        let mut ok = true;
+        let tag = map_children(kind, &mut |c| {
+            match self.sig(facts, c, memo) {
+                Some(s) => children.push(s),
+                None => ok = false,
+            }
+            Expr(0)
+        });
+        ok.then(|| {
+            let node = Sig::Node {
+                kind: format!("{tag:?}"),
+                children,
+            };
+            // Every integer is a sum (of one term, if need be), so that equal values compare
+            // equal.
+            if int {
+                Sig::Sum {
+                    terms: vec![(Box::new(node), 1)],
+                    constant: 0,
+                }
+            } else {
+                node
+            }
+        })
+    }
+
+    /// Whether `e` is a `u32` or `i32` scalar.
+    fn is_int(&self, e: Expr) -> bool {
+        let ty = match self.types.get(e.index()).copied().flatten() {
+            Some(ty) => Some(ty),
+            None => match self.f.expr(e) {
+                ExprKind::Local(l) => Some(self.f.locals[l.0 as usize].ty),
+                ExprKind::Literal(Literal::U32(_)) => Some(Ty::U32),
+                ExprKind::Literal(Literal::I32(_)) => Some(Ty::I32),
+                _ => None,
+            },
+        };
+        matches!(ty, Some(Ty::U32 | Ty::I32))
     }
 
     /// The reads of a group in window order (each the position of one read of that
@@ -368,6 +639,19 @@ impl Slider {
             }
             kind => {
                 let kind = map_children(kind, &mut |c| self.at_start(facts, c));
+                // A cast of the start is the start of the other type.
+                if let ExprKind::Cast { to, value } = &kind {
+                    if let Some(n) = self.literal(*value) {
+                        let lit = match to {
+                            Scalar::I32 => Some(Literal::I32(n as i32)),
+                            Scalar::U32 => Some(Literal::U32(n as u32)),
+                            _ => None,
+                        };
+                        if let Some(lit) = lit {
+                            return self.push(ExprKind::Literal(lit));
+                        }
+                    }
+                }
                 // The counter's start is often 0: `0 * s + k` is `k`.
                 if let ExprKind::Binary { op, left, right } = kind {
                     let (l, r) = (self.literal(left), self.literal(right));
@@ -489,6 +773,158 @@ impl Slider {
     }
 }
 
+/// A value of a loop's body as the loop sees it, to tell whether one expression at the next
+/// step is another at this one: integer sums (`u32` and `i32` alike, both wrapping at 2^32,
+/// their casts keeping the bits) as their terms and constant; anything else as its kind and
+/// its operands' values. The body's `let`s are their values; the counter is a term.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Sig {
+    Sum {
+        terms: Vec<(Box<Sig>, u32)>,
+        constant: u32,
+    },
+    Node {
+        kind: String,
+        children: Vec<Sig>,
+    },
+}
+
+impl Sig {
+    fn constant(c: u32) -> Sig {
+        Sig::Sum {
+            terms: Vec::new(),
+            constant: c,
+        }
+    }
+
+    fn as_constant(&self) -> Option<u32> {
+        match self {
+            Sig::Sum { terms, constant } if terms.is_empty() => Some(*constant),
+            _ => None,
+        }
+    }
+
+    /// The terms of a sum (any other value is one term).
+    fn sum(&self) -> (Vec<(Box<Sig>, u32)>, u32) {
+        match self {
+            Sig::Sum { terms, constant } => (terms.clone(), *constant),
+            node => (vec![(Box::new(node.clone()), 1)], 0),
+        }
+    }
+
+    /// `self + factor * other`.
+    fn plus(&self, other: &Sig, factor: u32) -> Option<Sig> {
+        let (mut terms, c) = self.sum();
+        let (more, d) = other.sum();
+        for (t, k) in more {
+            let k = k.wrapping_mul(factor);
+            match terms.iter_mut().find(|(u, _)| *u == t) {
+                Some((_, j)) => *j = j.wrapping_add(k),
+                None => terms.push((t, k)),
+            }
+        }
+        terms.retain(|(_, k)| *k != 0);
+        terms.sort();
+        Some(Sig::Sum {
+            terms,
+            constant: c.wrapping_add(d.wrapping_mul(factor)),
+        })
+    }
+
+    fn times(&self, c: u32) -> Option<Sig> {
+        Sig::constant(0).plus(self, c)
+    }
+
+    /// Whether `t` is a term of this value or of a value inside it.
+    fn mentions(&self, t: &Sig) -> bool {
+        match self {
+            Sig::Sum { terms, .. } => terms.iter().any(|(u, _)| **u == *t || u.mentions(t)),
+            Sig::Node { children, .. } => self == t || children.iter().any(|c| c.mentions(t)),
+        }
+    }
+
+    /// The value with every sum's constant erased: values of one shape differ only in those.
+    fn shape(&self) -> Sig {
+        match self {
+            Sig::Sum { terms, .. } => Sig::Sum {
+                terms: terms
+                    .iter()
+                    .map(|(t, k)| (Box::new(t.shape()), *k))
+                    .collect(),
+                constant: 0,
+            },
+            Sig::Node { kind, children } => Sig::Node {
+                kind: kind.clone(),
+                children: children.iter().map(Sig::shape).collect(),
+            },
+        }
+    }
+
+    /// The value at the next step: term `t` (the counter) one more.
+    fn step(&self, t: &Sig) -> Sig {
+        match self {
+            Sig::Sum { terms, constant } => {
+                let mut c = *constant;
+                let terms = terms
+                    .iter()
+                    .map(|(u, k)| {
+                        if **u == *t {
+                            c = c.wrapping_add(*k);
+                            (u.clone(), *k)
+                        } else {
+                            (Box::new(u.step(t)), *k)
+                        }
+                    })
+                    .collect();
+                Sig::Sum { terms, constant: c }
+            }
+            Sig::Node { kind, children } => Sig::Node {
+                kind: kind.clone(),
+                children: children.iter().map(|c| c.step(t)).collect(),
+            },
+        }
+    }
+}
+
+impl Body {
+    /// The counter as a term.
+    fn counter_sig(&self) -> Sig {
+        Sig::Node {
+            kind: format!("{:?}", ExprKind::Local(self.counter)),
+            children: Vec::new(),
+        }
+    }
+}
+
+/// The members of one shape (each value with its expressions) as windows: member `j` of a
+/// window at the next step is member `j + 1` at this one, each window two or more long (the
+/// rows of held copies make one each).
+fn chains(counter: &Sig, members: &BTreeMap<Sig, Vec<Expr>>) -> Vec<Vec<Vec<Expr>>> {
+    // A step adds a constant, so each member is at most one other's next.
+    let next: HashMap<&Sig, &Sig> = members
+        .keys()
+        .filter_map(|m| {
+            let stepped = m.step(counter);
+            members.get_key_value(&stepped).map(|(k, _)| (m, k))
+        })
+        .collect();
+    let targets: HashSet<&Sig> = next.values().copied().collect();
+    let mut out = Vec::new();
+    for head in members.keys().filter(|m| !targets.contains(m)) {
+        let mut order = vec![head];
+        while let Some(&n) = next.get(order[order.len() - 1]) {
+            if order.contains(&n) {
+                break;
+            }
+            order.push(n);
+        }
+        if order.len() >= 2 {
+            out.push(order.into_iter().map(|m| members[m].clone()).collect());
+        }
+    }
+    out
+}
+
 /// Whether an expression is a leaf (nothing to compute once).
 fn is_leaf(kind: &ExprKind) -> bool {
     matches!(
@@ -551,7 +987,7 @@ mod tests {
     use super::super::interp::{Env, Lanes, Value, eval};
     use super::super::unroll::{HeldAxis, unroll};
     use super::super::wgsl::{Callee, body};
-    use super::super::{Builder, ChunkBound};
+    use super::super::{Builder, ChunkBound, MathFn};
     use super::*;
 
     /// Operand `k`'s element `i` is `(k + 1) * i + 0.25`; every read is counted.
@@ -677,7 +1113,7 @@ mod tests {
     #[test]
     fn reads_that_do_not_line_up_with_the_step_stay() {
         // Columns 2 apart, step 1 (a stride-2 weight gradient's kernel columns would step 2).
-        for (step, spacing) in [(1, 2), (2, 1), (3, 2)] {
+        for (step, spacing) in [(1, 2), (3, 2)] {
             let f = weight_gradient(step, spacing, None, 0);
             let h = held(&f);
             let (s, windows) = slide(&h).unwrap();
@@ -689,6 +1125,68 @@ mod tests {
         let (s, windows) = slide(&held(&f)).unwrap();
         assert_eq!(windows, 1);
         check(&f, &s);
+    }
+
+    #[test]
+    fn reads_a_step_of_two_apart_slide_as_two_windows() {
+        // Step 2, columns 1 apart: columns 0, 2, 4 are one window, 1 and 3 another; each
+        // step reads one of each (the others before the loop), and the shared d.
+        let f = weight_gradient(2, 1, None, 0);
+        let (s, windows) = slide(&held(&f)).unwrap();
+        assert_eq!(windows, 2);
+        assert_eq!(check(&f, &s), 3 + 6 * 3);
+    }
+
+    #[test]
+    fn a_value_whose_selection_does_not_move_with_its_read_stays() {
+        // `select(ox < 3, x[min(ox + k, 9)], 0)`: column k's read is column k + 1's a step
+        // later (a value window: the index is no base plus a constant), but the selection
+        // is on the step alone, so the selected values are not.
+        let mut b = Builder::new(Ty::F32, vec![Ty::F32]);
+        let i = b.index();
+        let zero = b.f32(0.0);
+        let acc = b.var("acc", Ty::F32, zero);
+        let (start, end) = (b.u32(0), b.u32(6));
+        b.for_("ox", start, end, |b, ox| {
+            let at = b.add(ox, i);
+            let nine = b.u32(9);
+            let at = b.math(MathFn::Min, &[at, nine]);
+            let x = b.operand(0, at);
+            let three = b.u32(3);
+            let early = b.bin(BinOp::Lt, ox, three);
+            let zero = b.f32(0.0);
+            let v = b.select(early, x, zero);
+            b.add_assign(acc, v);
+        });
+        let r = b.get(acc);
+        b.ret_(r);
+        let f = b.finish();
+        let axis = HeldAxis {
+            stride: 1,
+            extent: 5,
+        };
+        let copies: Vec<Vec<usize>> = (0..5).map(|k| vec![k]).collect();
+        let h = unroll(&f, &[axis], &copies).unwrap();
+        let (s, windows) = slide(&h).unwrap();
+        // The reads slide; the selected values do not.
+        let text = body(&s, &[Callee::Call("x".into())]).unwrap();
+        assert!(
+            text.contains("acc0 += select(0.0f, p0, ox < 3u);"),
+            "{text}"
+        );
+        assert!(text.contains("let p4 = x(min("), "{text}");
+        assert_eq!(windows, 1);
+        let mut env = Counting::default();
+        let Some(Lanes::Array(got)) = eval(&s, 0, &mut env).unwrap() else {
+            panic!("an array")
+        };
+        for (k, got) in got.iter().enumerate() {
+            let want = eval(&f, k as u32, &mut Counting::default())
+                .unwrap()
+                .unwrap();
+            assert_eq!(*got, want, "column {k}");
+        }
+        assert_eq!(env.reads, 4 + 6);
     }
 
     #[test]

@@ -18,7 +18,9 @@
 //! way; the classes only decide what is shared.
 //!
 //! A shared read that copies use (the lanes' operand every row multiplies) is bound to a
-//! `let` where the first copy reads it, so the printed kernel loads it once.
+//! `let` where the first copy reads it, so the printed kernel loads it once; so is a read
+//! that several (not all) copies make at the same element (copies along two axes, the
+//! read's index moving along one).
 //!
 //! Loops must have shared bounds (one loop serves every copy), and a `continue` may only
 //! depend on shared values. An `if` on a per-copy condition is written once per copy.
@@ -411,6 +413,11 @@ impl Unroller<'_> {
         if let Some(&done) = self.copied.get(&(e, k)) {
             return done;
         }
+        if let Some(k) = k {
+            if let Some(read) = self.read_of_equals(e, k) {
+                return read;
+            }
+        }
         let new = match (k, self.class(e)) {
             (Some(_), c) if c.is_shared() && self.reads(e) => self.bind_shared(e, "shared"),
             (Some(k), Class::Affine(offsets)) => {
@@ -502,6 +509,49 @@ impl Unroller<'_> {
         let read = self.push(ExprKind::Local(local));
         self.copied.insert((e, None), read);
         read
+    }
+
+    /// Copy `k` of read `e` where other copies read the same element (copies along two
+    /// held axes, the read's index moving along one): made once for all of them, bound to a
+    /// `let` where the first reads it. `None` for other expressions.
+    fn read_of_equals(&mut self, e: Expr, k: usize) -> Option<Expr> {
+        let index = match self.f.expr(e) {
+            ExprKind::Operand { index, .. } | ExprKind::Load { index, .. } => *index,
+            _ => return None,
+        };
+        let Class::Affine(offsets) = self.class(index) else {
+            return None;
+        };
+        let equals: Vec<usize> = (0..offsets.len())
+            .filter(|&j| offsets[j] == offsets[k])
+            .collect();
+        if equals.len() < 2 || offsets.iter().all(|&d| d == offsets[k]) {
+            return None;
+        }
+        let kind = self.f.expr(e).clone();
+        let value = map_children(kind, &mut |c| self.copy(c, Some(k)));
+        let value = self.push(value);
+        let ty = self.types[e.index()].expect("validated");
+        let count = self.shared_lets.entry("shared").or_insert(0);
+        let n = *count;
+        *count += 1;
+        self.out.locals.push(LocalDecl {
+            name: format!("shared{n}"),
+            ty,
+            array: None,
+        });
+        let local = Local(self.out.locals.len() as u32 - 1);
+        self.pending.push(Stmt::Let { local, value });
+        let read = self.push(ExprKind::Local(local));
+        let scope = self
+            .scopes
+            .last_mut()
+            .expect("copies are made inside a block");
+        for j in equals {
+            self.copied.insert((e, Some(j)), read);
+            scope.push((e, Some(j)));
+        }
+        Some(read)
     }
 
     /// Appends `s` to `out`, after the `let`s of shared reads its expressions made.

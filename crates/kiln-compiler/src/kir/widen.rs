@@ -1,0 +1,560 @@
+//! Widening a loop whose bounds clip a literal range to the whole range, its reads of one
+//! operand predicated: `for c in u32(max(a, L))..u32(min(b, U))` becomes `for c in L..U`, and
+//! each read of the guarded operand is zero where `a <= c < b` fails (its index is then 0,
+//! so the read stays inside the operand).
+//!
+//! Why: copies held along an axis (`kir::unroll`) share their loops, and bounds that depend
+//! on the held coordinate differ per copy; the literal range does not. The bounds of a
+//! stride-1 convolution's input gradient clip its kernel columns to the taps whose `dy`
+//! pixel exists: widened with `dy` guarded, the taps outside read zero, which is the
+//! padding's meaning.
+//!
+//! What widens: the loop's body only accumulates (`let`s, `acc += value`, inner loops of the
+//! same), and every guarded read is a factor of a product it adds, so a step outside the
+//! bounds adds zero, as the narrow loop adds nothing (exactly so where the other factors are
+//! finite). The predicate is written `c - a >= 0 && c - b < 0` (in `i32`; the bounds are
+//! small), so that it is a sum of the counter and the copies' coordinates that
+//! `kir::slide` can follow from step to step.
+
+use std::collections::HashSet;
+
+use super::unroll::map_children;
+use super::{
+    BinOp, Block, Expr, ExprKind, Function, Literal, Local, MathFn, Scalar, Stmt, Ty, validate,
+};
+
+/// `f` with its loop whose counter is named `name` widened, reads of operand `guarded`
+/// predicated; an error saying why where it does not widen.
+pub fn widen(f: &Function, name: &str, guarded: usize) -> Result<Function, String> {
+    let info = validate(f).map_err(|e| e.0)?;
+    let mut w = Widener {
+        f: f.clone(),
+        types: info.types,
+        guarded,
+    };
+    let mut body = std::mem::take(&mut w.f.body);
+    let lets = top_lets(&body);
+    let done = w.block(&mut body, name, &lets)?;
+    if !done {
+        return Err(format!("no loop `{name}`"));
+    }
+    // The bounds' `let`s are left unread: gone, so that no copy computes them.
+    let mut used = HashSet::new();
+    uses(&w.f, &body, &mut used);
+    body.retain(|s| !matches!(s, Stmt::Let { local, .. } if !used.contains(local)));
+    w.f.body = body;
+    validate(&w.f).map_err(|e| format!("widening left invalid kernel IR: {}", e.0))?;
+    Ok(w.f)
+}
+
+struct Widener {
+    f: Function,
+    types: Vec<Option<Ty>>,
+    guarded: usize,
+}
+
+/// The `let`s of a block's top level, by local.
+fn top_lets(block: &Block) -> Vec<(Local, Expr)> {
+    block
+        .iter()
+        .filter_map(|s| match s {
+            Stmt::Let { local, value } => Some((*local, *value)),
+            _ => None,
+        })
+        .collect()
+}
+
+impl Widener {
+    fn push(&mut self, kind: ExprKind) -> Expr {
+        self.f.exprs.push(kind);
+        Expr(self.f.exprs.len() as u32 - 1)
+    }
+
+    /// Widens the loop `name` in `block` (at any depth); whether it was found.
+    fn block(
+        &mut self,
+        block: &mut Block,
+        name: &str,
+        lets: &[(Local, Expr)],
+    ) -> Result<bool, String> {
+        let mut lets = lets.to_vec();
+        lets.extend(top_lets(block));
+        for s in block.iter_mut() {
+            let found = match s {
+                Stmt::For {
+                    counter,
+                    start,
+                    end,
+                    body,
+                    ..
+                } if self.f.local(*counter).name == name => {
+                    let (a, lo) = self.clip(*start, &lets, MathFn::Max)?;
+                    let (b, hi) = self.clip(*end, &lets, MathFn::Min)?;
+                    if lo < 0 || hi <= lo {
+                        return Err(format!("loop `{name}` clips an empty range"));
+                    }
+                    self.accumulates(body)?;
+                    let c = self.push(ExprKind::Local(*counter));
+                    let c = self.push(ExprKind::Cast {
+                        to: Scalar::I32,
+                        value: c,
+                    });
+                    let from = |w: &mut Self, bound: Expr, op: BinOp| {
+                        let d = w.push(ExprKind::Binary {
+                            op: BinOp::Sub,
+                            left: c,
+                            right: bound,
+                        });
+                        let zero = w.push(ExprKind::Literal(Literal::I32(0)));
+                        w.push(ExprKind::Binary {
+                            op,
+                            left: d,
+                            right: zero,
+                        })
+                    };
+                    let (after, before) = (from(self, a, BinOp::Ge), from(self, b, BinOp::Lt));
+                    let inside = self.push(ExprKind::Binary {
+                        op: BinOp::And,
+                        left: after,
+                        right: before,
+                    });
+                    self.guard(body, inside);
+                    *start = self.push(ExprKind::Literal(Literal::U32(lo as u32)));
+                    *end = self.push(ExprKind::Literal(Literal::U32(hi as u32)));
+                    return Ok(true);
+                }
+                Stmt::For { body, .. } | Stmt::Loop { body, .. } | Stmt::Block(body) => {
+                    self.block(body, name, &lets)?
+                }
+                Stmt::If { accept, reject, .. } => {
+                    self.block(accept, name, &lets)? || self.block(reject, name, &lets)?
+                }
+                _ => false,
+            };
+            if found {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// A bound `u32(fun(value, L))` (through a `let`) as `value` and `L`.
+    fn clip(
+        &self,
+        bound: Expr,
+        lets: &[(Local, Expr)],
+        fun: MathFn,
+    ) -> Result<(Expr, i64), String> {
+        let mut e = bound;
+        while let ExprKind::Local(l) = self.f.expr(e) {
+            match lets.iter().find(|(m, _)| m == l) {
+                Some(&(_, v)) => e = v,
+                None => break,
+            }
+        }
+        let ExprKind::Cast {
+            to: Scalar::U32,
+            value,
+        } = self.f.expr(e)
+        else {
+            return Err("a bound is not a clipped i32".into());
+        };
+        match self.f.expr(*value) {
+            ExprKind::Math { fun: g, args } if *g == fun && args.len() == 2 => {
+                match self.f.expr(args[1]) {
+                    ExprKind::Literal(Literal::I32(n)) => Ok((args[0], i64::from(*n))),
+                    _ => Err("a bound clips to no literal".into()),
+                }
+            }
+            _ => Err(format!("a bound is not {fun:?} of a value and a literal")),
+        }
+    }
+
+    /// Whether `body` only accumulates, each guarded read a factor of what it adds.
+    fn accumulates(&self, body: &Block) -> Result<(), String> {
+        for s in body {
+            match s {
+                Stmt::Let { value, .. } => self.unguarded(*value)?,
+                Stmt::Assign {
+                    op: Some(BinOp::Add),
+                    value,
+                    ..
+                } => self.factors(*value)?,
+                Stmt::For {
+                    start, end, body, ..
+                } => {
+                    self.unguarded(*start)?;
+                    self.unguarded(*end)?;
+                    self.accumulates(body)?;
+                }
+                _ => return Err("the loop does more than accumulate".into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn is_guarded(&self, e: Expr) -> bool {
+        matches!(self.f.expr(e), ExprKind::Operand { k, .. } if *k == self.guarded)
+    }
+
+    /// A product: guarded reads may be its factors.
+    fn factors(&self, e: Expr) -> Result<(), String> {
+        match self.f.expr(e) {
+            ExprKind::Binary {
+                op: BinOp::Mul,
+                left,
+                right,
+            } => {
+                self.factors(*left)?;
+                self.factors(*right)
+            }
+            ExprKind::Operand { index, .. } if self.is_guarded(e) => self.unguarded(*index),
+            _ => self.unguarded(e),
+        }
+    }
+
+    /// An expression that reads no guarded operand.
+    fn unguarded(&self, e: Expr) -> Result<(), String> {
+        if self.is_guarded(e) {
+            return Err(format!(
+                "operand {} is read other than as a factor",
+                self.guarded
+            ));
+        }
+        let mut r = Ok(());
+        map_children(self.f.expr(e).clone(), &mut |c| {
+            if r.is_ok() {
+                r = self.unguarded(c);
+            }
+            c
+        });
+        r
+    }
+
+    /// Every guarded read of `body` zero where `inside` fails, its index then 0.
+    fn guard(&mut self, body: &Block, inside: Expr) {
+        let mut reads = Vec::new();
+        let mut seen = HashSet::new();
+        for s in body {
+            self.guarded_reads(s, &mut seen, &mut reads);
+        }
+        for e in reads {
+            let ExprKind::Operand { k, index } = self.f.expr(e).clone() else {
+                unreachable!("guarded reads are operand reads")
+            };
+            let zero_at = self.push(ExprKind::Literal(Literal::U32(0)));
+            let at = self.push(ExprKind::Select {
+                cond: inside,
+                accept: index,
+                reject: zero_at,
+            });
+            let read = self.push(ExprKind::Operand { k, index: at });
+            let zero = self.push(ExprKind::Literal(Literal::F32(0.0)));
+            let zero = match self.types[e.index()] {
+                Some(Ty::Vec4(_)) => self.push(ExprKind::Splat(zero)),
+                _ => zero,
+            };
+            self.f.exprs[e.index()] = ExprKind::Select {
+                cond: inside,
+                accept: read,
+                reject: zero,
+            };
+        }
+    }
+
+    fn guarded_reads(&self, s: &Stmt, seen: &mut HashSet<Expr>, out: &mut Vec<Expr>) {
+        let mut visit = |e: Expr, out: &mut Vec<Expr>| self.reads_in(e, seen, out);
+        match s {
+            Stmt::Assign { value, .. } | Stmt::Let { value, .. } => visit(*value, out),
+            Stmt::For { body, .. } => {
+                for s in body {
+                    self.guarded_reads(s, seen, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn reads_in(&self, e: Expr, seen: &mut HashSet<Expr>, out: &mut Vec<Expr>) {
+        if !seen.insert(e) {
+            return;
+        }
+        if self.is_guarded(e) {
+            out.push(e);
+            return;
+        }
+        map_children(self.f.expr(e).clone(), &mut |c| {
+            self.reads_in(c, seen, out);
+            c
+        });
+    }
+}
+
+/// The locals any expression of `block` reads, at any depth.
+fn uses(f: &Function, block: &Block, out: &mut HashSet<Local>) {
+    fn expr(f: &Function, e: Expr, out: &mut HashSet<Local>) {
+        let kind = f.expr(e).clone();
+        if let ExprKind::Local(l) | ExprKind::Element { local: l, .. } = kind {
+            out.insert(l);
+        }
+        map_children(kind, &mut |c| {
+            expr(f, c, out);
+            c
+        });
+    }
+    for s in block {
+        match s {
+            Stmt::Let { value, .. } | Stmt::Var { value, .. } | Stmt::Assign { value, .. } => {
+                expr(f, *value, out)
+            }
+            Stmt::AssignElement { index, value, .. } => {
+                expr(f, *index, out);
+                expr(f, *value, out);
+            }
+            Stmt::Update { index, value, .. } => {
+                if let Some(i) = index {
+                    expr(f, *i, out);
+                }
+                expr(f, *value, out);
+            }
+            Stmt::Store { index, value, .. } => {
+                expr(f, *index, out);
+                expr(f, *value, out);
+            }
+            Stmt::Return(Some(e)) => expr(f, *e, out),
+            Stmt::For {
+                start, end, body, ..
+            } => {
+                expr(f, *start, out);
+                expr(f, *end, out);
+                uses(f, body, out);
+            }
+            Stmt::Loop {
+                start,
+                cond,
+                step,
+                body,
+                ..
+            } => {
+                for e in [start, cond, step] {
+                    expr(f, *e, out);
+                }
+                uses(f, body, out);
+            }
+            Stmt::If {
+                cond,
+                accept,
+                reject,
+            } => {
+                expr(f, *cond, out);
+                uses(f, accept, out);
+                uses(f, reject, out);
+            }
+            Stmt::Block(b) => uses(f, b, out),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::interp::{Env, Lanes, Value, eval};
+    use super::super::slide::slide;
+    use super::super::unroll::{HeldAxis, unroll};
+    use super::super::{Builder, ChunkBound};
+    use super::*;
+
+    /// Operand `k`'s element `i` is `(k + 1) * i + 0.25`; every read is counted.
+    #[derive(Default)]
+    struct Counting {
+        reads: usize,
+    }
+
+    impl Env for Counting {
+        fn operand(&mut self, k: usize, index: u32) -> Lanes {
+            self.reads += 1;
+            Lanes::Scalar(Value::F32((k as f32 + 1.0) * index as f32 + 0.25))
+        }
+        fn chunk(&self, _: ChunkBound) -> u32 {
+            unreachable!("no chunks here")
+        }
+    }
+
+    const ROWS: usize = 4;
+    const OW: usize = 6;
+    const KW: usize = 3;
+    const PAD: usize = 1;
+    /// A padded stride-1 convolution's input width.
+    const W: usize = OW + KW - 1 - 2 * PAD;
+
+    /// A one-dimensional input gradient over `[ROWS, W]`: `dx[r, w]` sums
+    /// `dy[r, w + PAD - kx] * k[r, kx]` over the kernel columns whose `dy` exists, the loop's
+    /// bounds clipped to them.
+    fn input_gradient() -> Function {
+        let mut b = Builder::new(Ty::F32, vec![Ty::F32, Ty::F32]);
+        let i = b.index();
+        let [r, w] = b.decode(i, &["r", "w"], &[ROWS, W])[..] else {
+            unreachable!()
+        };
+        let wi = b.cast(Scalar::I32, w);
+        let p = b.i32(PAD);
+        let t = b.add(wi, p);
+        let last = b.i32(OW - 1);
+        let t = b.sub(t, last);
+        let z = b.i32(0);
+        let lo = b.math(MathFn::Max, &[t, z]);
+        let lo = b.cast(Scalar::U32, lo);
+        let lo = b.let_("kx_lo", Ty::U32, lo);
+        let wi = b.cast(Scalar::I32, w);
+        let t = b.add(wi, p);
+        let one = b.i32(1);
+        let t = b.add(t, one);
+        let k = b.i32(KW);
+        let end = b.math(MathFn::Min, &[t, k]);
+        let end = b.cast(Scalar::U32, end);
+        let end = b.let_("kx_end", Ty::U32, end);
+        let zero = b.f32(0.0);
+        let acc = b.var("acc", Ty::F32, zero);
+        b.for_("kx", lo, end, |b, kx| {
+            let pu = b.u32(PAD);
+            let t = b.add(w, pu);
+            let ox = b.sub(t, kx);
+            let row = b.u32(OW);
+            let at = b.mul(r, row);
+            let at = b.add(at, ox);
+            let at = b.let_("at", Ty::U32, at);
+            let d = b.operand(0, at);
+            let kw = b.u32(KW);
+            let k = b.mul(r, kw);
+            let k = b.add(k, kx);
+            let k = b.operand(1, k);
+            let t = b.mul(d, k);
+            b.add_assign(acc, t);
+        });
+        let v = b.get(acc);
+        b.ret_(v);
+        b.finish()
+    }
+
+    fn value(f: &Function, i: u32, env: &mut Counting) -> Lanes {
+        eval(f, i, env).unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_widened_loop_reads_zero_outside_its_bounds() {
+        let f = input_gradient();
+        let wide = widen(&f, "kx", 0).unwrap();
+        for i in 0..(ROWS * W) as u32 {
+            let (mut a, mut b) = (Counting::default(), Counting::default());
+            assert_eq!(value(&f, i, &mut a), value(&wide, i, &mut b), "element {i}");
+            // Every kernel column, guarded reads included.
+            assert_eq!(b.reads, 2 * KW);
+        }
+        let text = super::super::wgsl::body(
+            &wide,
+            &[
+                super::super::wgsl::Callee::Call("dy".into()),
+                super::super::wgsl::Callee::Call("k".into()),
+            ],
+        )
+        .unwrap();
+        assert!(text.contains("for (var kx = 0u; kx < 3u; kx++)"), "{text}");
+        assert!(!text.contains("kx_lo"), "{text}");
+    }
+
+    #[test]
+    fn held_columns_of_a_widened_loop_slide_their_guarded_reads() {
+        let f = input_gradient();
+        let wide = widen(&f, "kx", 0).unwrap();
+        let axis = HeldAxis {
+            stride: 1,
+            extent: W,
+        };
+        let copies: Vec<Vec<usize>> = (0..2).map(|k| vec![k]).collect();
+        assert!(unroll(&f, &[axis], &copies).is_err());
+        let held = unroll(&wide, &[axis], &copies).unwrap();
+        let (slid, windows) = slide(&held).unwrap();
+        assert_eq!(windows, 1);
+        for first in (0..(ROWS * W) as u32).step_by(2) {
+            let mut env = Counting::default();
+            let Lanes::Array(got) = value(&slid, first, &mut env) else {
+                panic!("an array")
+            };
+            for (k, got) in got.iter().enumerate() {
+                let want = value(&f, first + k as u32, &mut Counting::default());
+                assert_eq!(*got, want, "element {first} column {k}");
+            }
+            // One `dy` before the loop; per step one `dy` and one weight for both columns.
+            assert_eq!(env.reads, 1 + KW * 2, "element {first}");
+        }
+    }
+
+    #[test]
+    fn rows_and_columns_of_a_widened_loop_slide_a_window_per_row() {
+        let f = input_gradient();
+        let wide = widen(&f, "kx", 0).unwrap();
+        let axes = [
+            HeldAxis {
+                stride: W,
+                extent: ROWS,
+            },
+            HeldAxis {
+                stride: 1,
+                extent: W,
+            },
+        ];
+        let copies: Vec<Vec<usize>> = (0..2)
+            .flat_map(|r| (0..2).map(move |c| vec![r, c]))
+            .collect();
+        let held = unroll(&wide, &axes, &copies).unwrap();
+        let (slid, windows) = slide(&held).unwrap();
+        assert_eq!(windows, 2);
+        for r in (0..ROWS as u32).step_by(2) {
+            for w in (0..W as u32).step_by(2) {
+                let first = r * W as u32 + w;
+                let mut env = Counting::default();
+                let Lanes::Array(got) = value(&slid, first, &mut env) else {
+                    panic!("an array")
+                };
+                for (k, got) in got.iter().enumerate() {
+                    let at = first + (k as u32 / 2) * W as u32 + k as u32 % 2;
+                    let want = value(&f, at, &mut Counting::default());
+                    assert_eq!(*got, want, "element {first} copy {k}");
+                }
+                // Per row: one `dy` before the loop, then per step one `dy` and one weight
+                // (the row's columns share it).
+                assert_eq!(env.reads, 2 * (1 + KW * 2), "element {first}");
+            }
+        }
+    }
+
+    #[test]
+    fn loops_that_do_more_than_accumulate_or_read_outside_a_product_stay() {
+        let mut b = Builder::new(Ty::F32, vec![Ty::F32]);
+        let i = b.index();
+        let ii = b.cast(Scalar::I32, i);
+        let z = b.i32(0);
+        let lo = b.math(MathFn::Max, &[ii, z]);
+        let lo = b.cast(Scalar::U32, lo);
+        let four = b.i32(4);
+        let end = b.math(MathFn::Min, &[ii, four]);
+        let end = b.cast(Scalar::U32, end);
+        let zero = b.f32(0.0);
+        let acc = b.var("acc", Ty::F32, zero);
+        b.for_("kx", lo, end, |b, kx| {
+            let d = b.operand(0, kx);
+            let e = b.math(MathFn::Exp, &[d]);
+            b.add_assign(acc, e);
+        });
+        let v = b.get(acc);
+        b.ret_(v);
+        let f = b.finish();
+        let err = widen(&f, "kx", 0).unwrap_err();
+        assert!(err.contains("other than as a factor"), "{err}");
+        assert!(widen(&f, "ky", 0).unwrap_err().contains("no loop `ky`"));
+        // Literal bounds clip nothing.
+        let wide = widen(&input_gradient(), "kx", 0).unwrap();
+        let err = widen(&wide, "kx", 0).unwrap_err();
+        assert!(err.contains("not a clipped i32"), "{err}");
+    }
+}
