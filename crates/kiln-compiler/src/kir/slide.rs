@@ -19,7 +19,7 @@
 //!
 //! Whole values slide too, after the reads: an expression that reads and changes along the
 //! loop (a load selected to zero outside its row, its index and the selection sums of the
-//! counter and a copy's coordinate) is compared with the others as a [`Sig`] — integer sums
+//! counter and a copy's coordinate) is compared with the others as a `Sig` — integer sums
 //! (`u32` and `i32`, wrapping) as their terms and constant, the body's `let`s as their
 //! values, anything else as its kind and its operands' values. Where one value at the next
 //! step is another at this one, all of one shape in one chain, they are a window; the
