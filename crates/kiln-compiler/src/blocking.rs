@@ -1496,7 +1496,7 @@ impl LaneFns<'_> {
             // A loop clipped per copy (an input gradient's kernel columns, clipped to the
             // taps whose `dy` exists) runs its whole range for all, `dy` zero outside.
             Err(UnrollError::LoopBounds(name)) => {
-                let padded = padded_operand(&self.graph.node(red).op)?;
+                let padded = padded_operand(self.graph, red)?;
                 let wide = widen(&definition, &name, padded).ok()?;
                 unroll(&wide, &axes, &copies).ok()?
             }
@@ -1580,10 +1580,21 @@ fn zeroed(f: &mut kir::Builder, names: &[String]) -> Vec<kir::Local> {
 
 /// The operand a reduction reads zero-padded: where its definition clips a loop to the steps
 /// whose read of it exists (a stride-1 input gradient's `dy`), that loop may run its whole
-/// range with the reads outside zero ([`widen`]).
-fn padded_operand(op: &Op) -> Option<usize> {
-    match op {
-        Op::Conv2dGradInput { stride, .. } if *stride == [1, 1] => Some(0),
-        _ => None,
-    }
+/// range with the reads outside zero ([`widen`]), provided the clipped loops all run (every
+/// input element is under some output: true of stride-1 shapes, and checked, since the
+/// widened reads outside rely on it).
+fn padded_operand(graph: &Graph, red: NodeId) -> Option<usize> {
+    let node = graph.node(red);
+    let Op::Conv2dGradInput {
+        stride, padding, ..
+    } = &node.op
+    else {
+        return None;
+    };
+    let dy = &graph.ty(node.inputs[0]).shape;
+    let w = &graph.ty(node.inputs[1]).shape;
+    let x = &node.ty.shape;
+    let tapped =
+        (0..2).all(|a| compute::every_input_tapped(padding[a], x[2 + a], dy[2 + a], w[2 + a]));
+    (*stride == [1, 1] && tapped).then_some(0)
 }

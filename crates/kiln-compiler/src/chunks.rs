@@ -506,9 +506,18 @@ pub(crate) fn element_running_sum(
 pub(crate) fn kernel_columns(graph: &Graph, red: NodeId) -> Option<usize> {
     let node = graph.node(red);
     match &node.op {
-        Op::Conv2dGradWeight { stride, .. } if *stride == [1, 1] => {
+        Op::Conv2dGradWeight {
+            stride, padding, ..
+        } if *stride == [1, 1] => {
             let kw = node.ty.shape[3];
-            (2..=8).contains(&kw).then_some(kw)
+            // The columns run every output column, pixels in the padding zero: each kernel
+            // column must have an output whose tap lands in the row (`held_columns`).
+            let (w, ow) = (
+                graph.ty(node.inputs[0]).shape[3],
+                graph.ty(node.inputs[1]).shape[3],
+            );
+            let lands = crate::compute::every_tap_lands(padding[1], w, ow, kw);
+            ((2..=8).contains(&kw) && lands).then_some(kw)
         }
         _ => None,
     }
@@ -544,6 +553,56 @@ pub(crate) fn columns_in_vec4s(graph: &Graph, red: NodeId) -> bool {
 /// multiply-adds for two loads, where scalar steps do `KW` for two (lavapipe: a `vec4` load
 /// costs about 1.5 scalar ones).
 pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, loads: ColumnLoads) -> Item {
+    let name = chunk_part(&format!("v{}_columns", red.0));
+    let (function, callees) = match loads {
+        ColumnLoads::Scalar { x, dy } => (
+            held_columns(graph, red),
+            vec![kir::wgsl::Callee::Call(x), kir::wgsl::Callee::Call(dy)],
+        ),
+        ColumnLoads::Vec4 { x, dy } => (quad_columns(graph, red, x, dy), Vec::new()),
+    };
+    Item::Function {
+        name,
+        comment: None,
+        function,
+        callees,
+    }
+}
+
+/// The weight gradient's definition over the chunk's images held along its kernel columns
+/// (`kir::unroll`), each pixel read once per step for all of them (`kir::slide`). Where the
+/// input is padded, the loop over output columns is clipped per kernel column (to the outputs
+/// whose tap lands inside the input); it runs over every output column instead, pixels in the
+/// padding zero (`kir::widen`).
+fn held_columns(graph: &Graph, red: NodeId) -> kir::Function {
+    use kir::unroll::{HeldAxis, UnrollError, unroll};
+    let definition = crate::compute::scalar_element(graph, red, true);
+    let kw = graph.ty(red).shape[3];
+    let axis = HeldAxis {
+        stride: 1,
+        extent: kw,
+    };
+    let copies: Vec<Vec<usize>> = (0..kw).map(|k| vec![k]).collect();
+    let held = match unroll(&definition, &[axis], &copies) {
+        Err(UnrollError::LoopBounds(name)) => kir::widen::widen(&definition, &name, 0)
+            .map_err(|e| e.to_string())
+            .and_then(|wide| unroll(&wide, &[axis], &copies).map_err(|e| e.to_string())),
+        held => held.map_err(|e| e.to_string()),
+    }
+    .expect("a stride-1 weight gradient's definition holds along its kernel columns");
+    kir::slide::slide(&held)
+        .expect("held kernel columns are valid kernel IR")
+        .0
+}
+
+/// [`ColumnLoads::Vec4`]'s body: four output columns per step, pixel `vec4`s sliding along
+/// the row.
+fn quad_columns(
+    graph: &Graph,
+    red: NodeId,
+    (xs, xw): (u32, Option<usize>),
+    (ds, dw): (u32, Option<usize>),
+) -> kir::Function {
     use crate::conv_quads::{quad_blocks, quad_taps, row_quad, uniform_index};
     use kir::{BinOp, Literal, Scalar, Ty};
     let node = graph.node(red);
@@ -554,17 +613,7 @@ pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, loads: ColumnLoads) 
     let [_, o, oh, ow] = crate::compute::rank4(&graph.ty(node.inputs[1]).shape);
     let kw = node.ty.shape[3];
     let ret = Ty::array(Ty::F32, kw as u32).expect("one deep");
-    let (operands, callees) = match &loads {
-        ColumnLoads::Scalar { x, dy } => (
-            vec![Ty::F32, Ty::F32],
-            vec![
-                kir::wgsl::Callee::Call(x.clone()),
-                kir::wgsl::Callee::Call(dy.clone()),
-            ],
-        ),
-        ColumnLoads::Vec4 { .. } => (Vec::new(), Vec::new()),
-    };
-    let mut f = kir::Builder::new(ret, operands);
+    let mut f = kir::Builder::new(ret, Vec::new());
     let i = f.index();
     let [oc, cc, ky, _] =
         crate::compute::coords4(&mut f, i, ["o", "c", "ky", "kx"], &node.ty.shape);
@@ -587,130 +636,62 @@ pub(crate) fn kernel_columns_fn(graph: &Graph, red: NodeId, loads: ColumnLoads) 
             let oww = f.u32(ow);
             let drow = f.mul(drow, oww);
             let drow = f.let_("drow", Ty::U32, drow);
-            match &loads {
-                ColumnLoads::Scalar { .. } => {
-                    // Pixel `ix` of the current input row, zero in the padding.
-                    let pixel = |f: &mut kir::Builder, ix: kir::Expr| {
-                        let (z, wm) = (f.i32(0), f.i32(w - 1));
-                        let at = f.math(kir::MathFn::Clamp, &[ix, z, wm]);
-                        let at = f.cast(Scalar::U32, at);
-                        let at = f.add(row, at);
-                        let p = f.operand(0, at);
-                        let zero = f.f32(0.0);
-                        let (z, wi) = (f.i32(0), f.i32(w));
-                        let lo = f.bin(BinOp::Ge, ix, z);
-                        let hi = f.bin(BinOp::Lt, ix, wi);
-                        let inside = f.bin(BinOp::And, lo, hi);
-                        f.select(inside, p, zero)
-                    };
-                    // The window holds pixels ox - pad .. ox - pad + KW - 1; the first KW - 1
-                    // are loaded before the loop, each step loads the last.
-                    let window: Vec<kir::Local> = (0..kw - 1)
-                        .map(|k| {
-                            let (kk, pp) = (f.i32(k), f.i32(padding[1]));
-                            let ix = f.sub(kk, pp);
-                            let p = pixel(f, ix);
-                            f.var(&format!("p{k}"), Ty::F32, p)
-                        })
-                        .collect();
-                    let (z, owu) = (f.u32(0), f.u32(ow));
-                    f.for_("ox", z, owu, |f, ox| {
-                        let oxi = f.cast(Scalar::I32, ox);
-                        let lk = f.i32(kw - 1);
-                        let last = f.add(oxi, lk);
-                        let pp = f.i32(padding[1]);
-                        let last = f.sub(last, pp);
-                        let last = f.let_("last", Ty::I32, last);
-                        let newest = pixel(f, last);
-                        let newest = f.let_(&format!("p{}", kw - 1), Ty::F32, newest);
-                        let at = f.add(drow, ox);
-                        let d = f.operand(1, at);
-                        let d = f.let_("d", Ty::F32, d);
-                        let p = |f: &mut kir::Builder, k: usize| {
-                            if k == kw - 1 {
-                                newest
-                            } else {
-                                f.get(window[k])
-                            }
-                        };
-                        for (k, &acc) in accs.iter().enumerate() {
-                            let pk = p(f, k);
-                            let t = f.mul(pk, d);
-                            f.add_assign(acc, t);
+            // A step at output column `4 * q` needs pixel vec4s `q + lo ..= q + hi`
+            // of the row (zero outside it), held in `p0 ..= p{hi - lo}`; each step
+            // loads the last.
+            let (lo, hi) = quad_blocks(kw, px);
+            let blocks = (hi - lo + 1) as usize;
+            let xg = f.global(crate::conv_quads::uniform_quads(xs));
+            let dg = f.global(crate::conv_quads::uniform_quads(ds));
+            let xq = uniform_index(f, row, xw);
+            let two = f.u32(2);
+            let xq = f.bin(BinOp::ShiftRight, xq, two);
+            let xq = f.let_("xq", Ty::U32, xq);
+            let dq = uniform_index(f, drow, dw);
+            let dq = f.bin(BinOp::ShiftRight, dq, two);
+            let dq = f.let_("dq", Ty::U32, dq);
+            let window: Vec<kir::Local> = (0..blocks - 1)
+                .map(|b| {
+                    let at = ilit(f, lo + b as i64);
+                    let quad = row_quad(f, (xg, xq), at, w / 4, None);
+                    f.var(&format!("p{b}"), Ty::VEC4_F32, quad)
+                })
+                .collect();
+            let (z, qn) = (f.u32(0), f.u32(ow / 4));
+            f.for_("q", z, qn, |f, q| {
+                let qi = f.cast(Scalar::I32, q);
+                let h = ilit(f, hi);
+                let last = f.add(qi, h);
+                let last = f.let_("last", Ty::I32, last);
+                let newest = row_quad(f, (xg, xq), last, w / 4, None);
+                let newest = f.let_(&format!("p{}", blocks - 1), Ty::VEC4_F32, newest);
+                let at = f.add(dq, q);
+                let d = f.load(dg, at);
+                let d = f.let_("d", Ty::VEC4_F32, d);
+                let blocks_now: Vec<kir::Expr> = (0..blocks)
+                    .map(|b| {
+                        if b == blocks - 1 {
+                            newest
+                        } else {
+                            f.get(window[b])
                         }
-                        for (k, &slot) in window.iter().enumerate() {
-                            let next = p(f, k + 1);
-                            f.assign(slot, next);
-                        }
-                    });
+                    })
+                    .collect();
+                for (k, &acc) in accs.iter().enumerate() {
+                    let taps = quad_taps(f, &blocks_now, k, px, lo);
+                    let t = f.math(kir::MathFn::Dot, &[taps, d]);
+                    f.add_assign(acc, t);
                 }
-                ColumnLoads::Vec4 {
-                    x: (xs, xw),
-                    dy: (ds, dw),
-                } => {
-                    // A step at output column `4 * q` needs pixel vec4s `q + lo ..= q + hi`
-                    // of the row (zero outside it), held in `p0 ..= p{hi - lo}`; each step
-                    // loads the last.
-                    let (lo, hi) = quad_blocks(kw, px);
-                    let blocks = (hi - lo + 1) as usize;
-                    let xg = f.global(crate::conv_quads::uniform_quads(*xs));
-                    let dg = f.global(crate::conv_quads::uniform_quads(*ds));
-                    let xq = uniform_index(f, row, *xw);
-                    let two = f.u32(2);
-                    let xq = f.bin(BinOp::ShiftRight, xq, two);
-                    let xq = f.let_("xq", Ty::U32, xq);
-                    let dq = uniform_index(f, drow, *dw);
-                    let dq = f.bin(BinOp::ShiftRight, dq, two);
-                    let dq = f.let_("dq", Ty::U32, dq);
-                    let window: Vec<kir::Local> = (0..blocks - 1)
-                        .map(|b| {
-                            let at = ilit(f, lo + b as i64);
-                            let quad = row_quad(f, (xg, xq), at, w / 4, None);
-                            f.var(&format!("p{b}"), Ty::VEC4_F32, quad)
-                        })
-                        .collect();
-                    let (z, qn) = (f.u32(0), f.u32(ow / 4));
-                    f.for_("q", z, qn, |f, q| {
-                        let qi = f.cast(Scalar::I32, q);
-                        let h = ilit(f, hi);
-                        let last = f.add(qi, h);
-                        let last = f.let_("last", Ty::I32, last);
-                        let newest = row_quad(f, (xg, xq), last, w / 4, None);
-                        let newest = f.let_(&format!("p{}", blocks - 1), Ty::VEC4_F32, newest);
-                        let at = f.add(dq, q);
-                        let d = f.load(dg, at);
-                        let d = f.let_("d", Ty::VEC4_F32, d);
-                        let blocks_now: Vec<kir::Expr> = (0..blocks)
-                            .map(|b| {
-                                if b == blocks - 1 {
-                                    newest
-                                } else {
-                                    f.get(window[b])
-                                }
-                            })
-                            .collect();
-                        for (k, &acc) in accs.iter().enumerate() {
-                            let taps = quad_taps(f, &blocks_now, k, px, lo);
-                            let t = f.math(kir::MathFn::Dot, &[taps, d]);
-                            f.add_assign(acc, t);
-                        }
-                        for b in 0..blocks - 1 {
-                            f.assign(window[b], blocks_now[b + 1]);
-                        }
-                    });
+                for b in 0..blocks - 1 {
+                    f.assign(window[b], blocks_now[b + 1]);
                 }
-            }
+            });
         });
     });
     let values: Vec<kir::Expr> = accs.iter().map(|&a| f.get(a)).collect();
     let all = f.array(values);
     f.ret_(all);
-    Item::Function {
-        name: chunk_part(&format!("v{}_columns", red.0)),
-        comment: None,
-        function: f.finish(),
-        callees,
-    }
+    f.finish()
 }
 
 /// Whether `id` can be read through a window: batched f32 words.

@@ -922,6 +922,21 @@ pub(crate) fn valid_outputs(
     (lo, end)
 }
 
+/// Whether [`valid_outputs`] is non-empty at every tap `0..k` of an axis: each kernel tap
+/// lands inside the input (`size`, padded by `pad`) for some output (`out`).
+pub(crate) fn every_tap_lands(pad: usize, size: usize, out: usize, k: usize) -> bool {
+    let (pad, size, out) = (pad as i64, size as i64, out as i64);
+    (0..k as i64).all(|t| (pad - t).max(0) < (size + pad - t).min(out))
+}
+
+/// Whether the taps of [`unit_stride_grad_input_taps`] along an axis are non-empty at every
+/// input coordinate `0..size`: each input element is under some output (`out`) for a
+/// kernel `k` wide, padded by `pad`.
+pub(crate) fn every_input_tapped(pad: usize, size: usize, out: usize, k: usize) -> bool {
+    let (pad, out, k) = (pad as i64, out as i64, k as i64);
+    (0..size as i64).all(|x| (x + pad - (out - 1)).max(0) < (x + pad + 1).min(k))
+}
+
 /// The loops of a stride-1 convolution input gradient at `(n, c, h, w)` (dy `[N,O,OH,OW]`,
 /// weights `[O,C,KH,KW]`) over exactly the taps that land inside dy — one range per axis
 /// instead of testing every tap, which was most of the loop — calling `inner` with the flat
@@ -988,4 +1003,21 @@ pub(crate) fn strides(shape: &[usize]) -> Vec<usize> {
         s[d] = s[d + 1] * shape[d + 1];
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn taps_that_land_and_inputs_that_are_tapped() {
+        // LeNet's conv1 (28x28 padded by 2, 5x5 kernel) and a 3x3 kernel padded by 1.
+        assert!(every_tap_lands(2, 28, 28, 5));
+        assert!(every_tap_lands(1, 28, 28, 3));
+        // A one-pixel row padded by 2 under a 4-wide kernel: two outputs, and kernel column
+        // 3 lands in the padding for both.
+        assert!(!every_tap_lands(2, 1, 2, 4));
+        assert!(every_input_tapped(2, 28, 28, 5));
+        assert!(every_input_tapped(2, 1, 2, 4));
+    }
 }

@@ -298,7 +298,7 @@ impl Slider {
         let mut groups: BTreeMap<Sig, BTreeMap<Sig, Vec<Expr>>> = BTreeMap::new();
         let mut size: HashMap<Expr, usize> = HashMap::new();
         for (e, n) in candidates {
-            let sig = sigs[&e].clone().expect("candidates have a value");
+            let sig = sigs[&(e, None)].clone().expect("candidates have a value");
             groups
                 .entry(sig.shape())
                 .or_default()
@@ -415,7 +415,7 @@ impl Slider {
         facts: &Body,
         e: Expr,
         seen: &mut HashMap<Expr, (usize, bool)>,
-        sigs: &mut HashMap<Expr, Option<Sig>>,
+        sigs: &mut Memo,
         out: &mut Vec<(Expr, usize)>,
     ) -> (usize, bool) {
         if let Some(&known) = seen.get(&e) {
@@ -432,7 +432,7 @@ impl Slider {
         });
         seen.insert(e, (n, reads));
         if reads {
-            let sig = self.sig(facts, e, sigs);
+            let sig = self.sig(facts, e, None, sigs);
             if sig
                 .as_ref()
                 .is_some_and(|s| s.mentions(&facts.counter_sig()))
@@ -443,17 +443,21 @@ impl Slider {
         (n, reads)
     }
 
-    /// `e`'s [`Sig`]; `None` where it depends on a value the body assigns, or calls.
-    fn sig(&self, facts: &Body, e: Expr, memo: &mut HashMap<Expr, Option<Sig>>) -> Option<Sig> {
-        if let Some(s) = memo.get(&e) {
+    /// `e`'s [`Sig`] where `assume` (a condition) holds; `None` where it depends on a value the
+    /// body assigns, or calls. A selection's chosen value is taken where its condition holds:
+    /// inside it, a selection on the same condition is its chosen value (a load selected to
+    /// zero outside its row reads, inside it, at the index it would read anyway; what it
+    /// reads outside is never seen).
+    fn sig(&self, facts: &Body, e: Expr, assume: Option<Expr>, memo: &mut Memo) -> Option<Sig> {
+        if let Some(s) = memo.get(&(e, assume)) {
             return s.clone();
         }
-        let s = self.sig_of(facts, e, memo);
-        memo.insert(e, s.clone());
+        let s = self.sig_of(facts, e, assume, memo);
+        memo.insert((e, assume), s.clone());
         s
     }
 
-    fn sig_of(&self, facts: &Body, e: Expr, memo: &mut HashMap<Expr, Option<Sig>>) -> Option<Sig> {
+    fn sig_of(&self, facts: &Body, e: Expr, assume: Option<Expr>, memo: &mut Memo) -> Option<Sig> {
         let kind = self.f.expr(e).clone();
         let int = self.is_int(e);
         match &kind {
@@ -465,24 +469,50 @@ impl Slider {
             }
             ExprKind::Local(l) => {
                 if let Some(&v) = facts.lets.get(l) {
-                    return self.sig(facts, v, memo);
+                    return self.sig(facts, v, assume, memo);
                 }
                 if facts.inner.contains(l) {
                     return None;
                 }
             }
             ExprKind::Call { .. } => return None,
+            ExprKind::Select { cond, accept, .. } if Some(*cond) == assume => {
+                return self.sig(facts, *accept, assume, memo);
+            }
+            ExprKind::Select {
+                cond,
+                accept,
+                reject,
+            } => {
+                let children = vec![
+                    self.sig(facts, *cond, assume, memo)?,
+                    self.sig(facts, *accept, Some(*cond), memo)?,
+                    self.sig(facts, *reject, assume, memo)?,
+                ];
+                let node = Sig::Node {
+                    kind: "select".into(),
+                    children,
+                };
+                return Some(if int {
+                    Sig::Sum {
+                        terms: vec![(Box::new(node), 1)],
+                        constant: 0,
+                    }
+                } else {
+                    node
+                });
+            }
             ExprKind::Literal(Literal::U32(n)) => return Some(Sig::constant(*n)),
             ExprKind::Literal(Literal::I32(n)) => return Some(Sig::constant(*n as u32)),
             ExprKind::Cast { to, value }
                 if matches!(to, Scalar::U32 | Scalar::I32) && self.is_int(*value) =>
             {
-                return self.sig(facts, *value, memo);
+                return self.sig(facts, *value, assume, memo);
             }
             ExprKind::Binary { op, left, right } if int => {
                 let (a, b) = (
-                    self.sig(facts, *left, memo)?,
-                    self.sig(facts, *right, memo)?,
+                    self.sig(facts, *left, assume, memo)?,
+                    self.sig(facts, *right, assume, memo)?,
                 );
                 let combined = match op {
                     BinOp::Add => a.plus(&b, 1),
@@ -503,7 +533,7 @@ impl Slider {
         let mut children = Vec::new();
         let mut ok = true;
         let tag = map_children(kind, &mut |c| {
-            match self.sig(facts, c, memo) {
+            match self.sig(facts, c, assume, memo) {
                 Some(s) => children.push(s),
                 None => ok = false,
             }
@@ -772,6 +802,9 @@ impl Slider {
         });
     }
 }
+
+/// Each expression's [`Sig`] under a condition assumed to hold (or none).
+type Memo = HashMap<(Expr, Option<Expr>), Option<Sig>>;
 
 /// A value of a loop's body as the loop sees it, to tell whether one expression at the next
 /// step is another at this one: integer sums (`u32` and `i32` alike, both wrapping at 2^32,

@@ -1,7 +1,9 @@
 //! Widening a loop whose bounds clip a literal range to the whole range, its reads of one
 //! operand predicated: `for c in u32(max(a, L))..u32(min(b, U))` becomes `for c in L..U`, and
-//! each read of the guarded operand is zero where `a <= c < b` fails (its index is then 0,
-//! so the read stays inside the operand).
+//! each read of the guarded operand is zero where `a <= c < b` fails. Its index there is
+//! the one it had at the narrow loop's first step, so the read stays inside what the narrow
+//! loop read: the caller promises that the narrow loop runs at least once (for every value of
+//! what its bounds depend on).
 //!
 //! Why: copies held along an axis (`kir::unroll`) share their loops, and bounds that depend
 //! on the held coordinate differ per copy; the literal range does not. The bounds of a
@@ -16,7 +18,7 @@
 //! small), so that it is a sum of the counter and the copies' coordinates that
 //! `kir::slide` can follow from step to step.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::unroll::map_children;
 use super::{
@@ -24,7 +26,8 @@ use super::{
 };
 
 /// `f` with its loop whose counter is named `name` widened, reads of operand `guarded`
-/// predicated; an error saying why where it does not widen.
+/// predicated; an error saying why where it does not widen. The loop must run at least once
+/// as it is (see the module's documentation).
 pub fn widen(f: &Function, name: &str, guarded: usize) -> Result<Function, String> {
     let info = validate(f).map_err(|e| e.0)?;
     let mut w = Widener {
@@ -118,7 +121,8 @@ impl Widener {
                         left: after,
                         right: before,
                     });
-                    self.guard(body, inside);
+                    let first = *start;
+                    self.guard(body, inside, *counter, first);
                     *start = self.push(ExprKind::Literal(Literal::U32(lo as u32)));
                     *end = self.push(ExprKind::Literal(Literal::U32(hi as u32)));
                     return Ok(true);
@@ -231,22 +235,24 @@ impl Widener {
         r
     }
 
-    /// Every guarded read of `body` zero where `inside` fails, its index then 0.
-    fn guard(&mut self, body: &Block, inside: Expr) {
+    /// Every guarded read of `body` zero where `inside` fails, its index then the one at the
+    /// narrow loop's first step (`counter` at `first`).
+    fn guard(&mut self, body: &Block, inside: Expr, counter: Local, first: Expr) {
         let mut reads = Vec::new();
         let mut seen = HashSet::new();
         for s in body {
             self.guarded_reads(s, &mut seen, &mut reads);
         }
+        let lets: HashMap<Local, Expr> = top_lets(body).into_iter().collect();
         for e in reads {
             let ExprKind::Operand { k, index } = self.f.expr(e).clone() else {
                 unreachable!("guarded reads are operand reads")
             };
-            let zero_at = self.push(ExprKind::Literal(Literal::U32(0)));
+            let at_first = self.at(index, counter, first, &lets);
             let at = self.push(ExprKind::Select {
                 cond: inside,
                 accept: index,
-                reject: zero_at,
+                reject: at_first,
             });
             let read = self.push(ExprKind::Operand { k, index: at });
             let zero = self.push(ExprKind::Literal(Literal::F32(0.0)));
@@ -259,6 +265,26 @@ impl Widener {
                 accept: read,
                 reject: zero,
             };
+        }
+    }
+
+    /// `e` with `counter` at `value`, the body's `let`s it reads written out.
+    fn at(&mut self, e: Expr, counter: Local, value: Expr, lets: &HashMap<Local, Expr>) -> Expr {
+        match self.f.expr(e).clone() {
+            ExprKind::Local(l) if l == counter => value,
+            ExprKind::Local(l) => match lets.get(&l) {
+                Some(&v) => self.at(v, counter, value, lets),
+                None => e,
+            },
+            kind => {
+                let mut changed = false;
+                let new = map_children(kind, &mut |c| {
+                    let n = self.at(c, counter, value, lets);
+                    changed |= n != c;
+                    n
+                });
+                if changed { self.push(new) } else { e }
+            }
         }
     }
 
@@ -380,6 +406,22 @@ mod tests {
         }
     }
 
+    /// The elements read, by operand.
+    #[derive(Default)]
+    struct Recording {
+        read: HashSet<(usize, u32)>,
+    }
+
+    impl Env for Recording {
+        fn operand(&mut self, k: usize, index: u32) -> Lanes {
+            self.read.insert((k, index));
+            Lanes::Scalar(Value::F32(index as f32))
+        }
+        fn chunk(&self, _: ChunkBound) -> u32 {
+            unreachable!("no chunks here")
+        }
+    }
+
     const ROWS: usize = 4;
     const OW: usize = 6;
     const KW: usize = 3;
@@ -449,6 +491,16 @@ mod tests {
             assert_eq!(value(&f, i, &mut a), value(&wide, i, &mut b), "element {i}");
             // Every kernel column, guarded reads included.
             assert_eq!(b.reads, 2 * KW);
+            // Outside the bounds, only `dy` elements the narrow loop reads (a window over
+            // some images holds no others); the weights' reads are all inside.
+            let (mut narrow, mut widened) = (Recording::default(), Recording::default());
+            eval(&f, i, &mut narrow).unwrap();
+            eval(&wide, i, &mut widened).unwrap();
+            let guarded: HashSet<_> = widened.read.iter().filter(|(k, _)| *k == 0).collect();
+            assert!(
+                guarded.iter().all(|r| narrow.read.contains(r)),
+                "element {i}"
+            );
         }
         let text = super::super::wgsl::body(
             &wide,
@@ -459,7 +511,7 @@ mod tests {
         )
         .unwrap();
         assert!(text.contains("for (var kx = 0u; kx < 3u; kx++)"), "{text}");
-        assert!(!text.contains("kx_lo"), "{text}");
+        assert!(!text.contains("kx_end"), "{text}");
     }
 
     #[test]
