@@ -259,22 +259,9 @@ impl Slider {
                     .expect("every offset is in the window");
                 self.f.exprs[read.expr.index()] = ExprKind::Local(locals[j]);
             }
-            for j in 0..r - 1 {
-                let value = self.push(ExprKind::Local(locals[j + 1]));
-                shifts.push(Stmt::Assign {
-                    local: locals[j],
-                    op: None,
-                    value,
-                });
-            }
+            self.shift(&locals, &mut shifts);
         }
-        // Later positions first, so that earlier ones stay where they were (and, among
-        // equal positions, the groups keep their order).
-        news.sort_by_key(|(at, _)| *at);
-        for (at, s) in news.into_iter().rev() {
-            body.insert(at, s);
-        }
-        body.extend(shifts);
+        finish_step(&mut body, news, shifts);
         self.slide_values(counter, start, &mut body, &mut before);
         (before, body)
     }
@@ -362,20 +349,21 @@ impl Slider {
                     self.f.exprs[e.index()] = ExprKind::Local(local);
                 }
             }
-            for j in 0..r - 1 {
-                let value = self.push(ExprKind::Local(locals[j + 1]));
-                shifts.push(Stmt::Assign {
-                    local: locals[j],
-                    op: None,
-                    value,
-                });
-            }
+            self.shift(&locals, &mut shifts);
         }
-        news.sort_by_key(|(at, _)| *at);
-        for (at, s) in news.into_iter().rev() {
-            body.insert(at, s);
+        finish_step(body, news, shifts);
+    }
+
+    /// The statements that move window `locals` one step along: each takes its successor.
+    fn shift(&mut self, locals: &[Local], shifts: &mut Vec<Stmt>) {
+        for pair in locals.windows(2) {
+            let value = self.push(ExprKind::Local(pair[1]));
+            shifts.push(Stmt::Assign {
+                local: pair[0],
+                op: None,
+                value,
+            });
         }
-        body.extend(shifts);
     }
 
     /// What the analysis of a loop's body knows, from the body as it is now.
@@ -958,6 +946,18 @@ fn chains(counter: &Sig, members: &BTreeMap<Sig, Vec<Expr>>) -> Vec<Vec<Vec<Expr
     out
 }
 
+/// The windows' newest values inserted into `body` where they are first used, and their
+/// shifts at its end.
+fn finish_step(body: &mut Block, mut news: Vec<(usize, Stmt)>, shifts: Vec<Stmt>) {
+    // Later positions first, so that earlier ones stay where they were (and, among equal
+    // positions, the groups keep their order).
+    news.sort_by_key(|(at, _)| *at);
+    for (at, s) in news.into_iter().rev() {
+        body.insert(at, s);
+    }
+    body.extend(shifts);
+}
+
 /// Whether an expression is a leaf (nothing to compute once).
 fn is_leaf(kind: &ExprKind) -> bool {
     matches!(
@@ -1016,7 +1016,7 @@ fn declared(block: &[Stmt], out: &mut HashSet<Local>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::interp::{Env, Lanes, Value, eval};
     use super::super::unroll::{HeldAxis, unroll};
     use super::super::wgsl::{Callee, body};
@@ -1025,8 +1025,8 @@ mod tests {
 
     /// Operand `k`'s element `i` is `(k + 1) * i + 0.25`; every read is counted.
     #[derive(Default)]
-    struct Counting {
-        reads: usize,
+    pub(crate) struct Counting {
+        pub(crate) reads: usize,
     }
 
     impl Env for Counting {

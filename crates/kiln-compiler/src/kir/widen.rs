@@ -386,25 +386,10 @@ fn uses(f: &Function, block: &Block, out: &mut HashSet<Local>) {
 mod tests {
     use super::super::interp::{Env, Lanes, Value, eval};
     use super::super::slide::slide;
+    use super::super::slide::tests::Counting;
     use super::super::unroll::{HeldAxis, unroll};
     use super::super::{Builder, ChunkBound};
     use super::*;
-
-    /// Operand `k`'s element `i` is `(k + 1) * i + 0.25`; every read is counted.
-    #[derive(Default)]
-    struct Counting {
-        reads: usize,
-    }
-
-    impl Env for Counting {
-        fn operand(&mut self, k: usize, index: u32) -> Lanes {
-            self.reads += 1;
-            Lanes::Scalar(Value::F32((k as f32 + 1.0) * index as f32 + 0.25))
-        }
-        fn chunk(&self, _: ChunkBound) -> u32 {
-            unreachable!("no chunks here")
-        }
-    }
 
     /// The elements read, by operand.
     #[derive(Default)]
