@@ -161,21 +161,7 @@ impl Slider {
         if !runs || exits(&body) {
             return (Vec::new(), body);
         }
-        let mut inner = HashSet::new();
-        declared(&body, &mut inner);
-        let lets = body
-            .iter()
-            .filter_map(|s| match s {
-                Stmt::Let { local, value } => Some((*local, *value)),
-                _ => None,
-            })
-            .collect();
-        let facts = Body {
-            counter,
-            start,
-            lets,
-            inner,
-        };
+        let facts = self.facts(counter, start, &body);
         // The reads of the top-level statements, by group.
         let mut groups: BTreeMap<(Source, Base), Vec<Read>> = BTreeMap::new();
         let mut seen = HashSet::new();
