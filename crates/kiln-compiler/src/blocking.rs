@@ -58,9 +58,9 @@
 //!
 //! CPU-class targets take a second rows axis ([`Rows::inner`]) where it shares loads: a
 //! stride-1 input gradient computes two adjacent columns per row, one `dy` load per step
-//! (its widened definition held along both axes and slid along the row: each column's
-//! zero-padded `dy` is the other's one step later) feeding both (conv2's input gradient 28 -> 21.5 ms per step on
-//! lavapipe). On lavapipe every load is a per-lane gather while spilled accumulators are
+//! feeding both (its widened definition held along both axes and slid along the row: each
+//! column's zero-padded `dy` is the other's one step later; conv2's input gradient 28 ->
+//! 21.5 ms per step on lavapipe). On lavapipe every load is a per-lane gather while spilled accumulators are
 //! cheap stack traffic, so more accumulators per invocation win even with few invocations,
 //! up to what the driver's JIT can afford at the first dispatch (a weight gradient with 25
 //! accumulators was 17% faster and cost 3.7 s of cold start).
