@@ -495,6 +495,14 @@ impl Unroller<'_> {
             }
         }
         let value = self.copy(e, None);
+        let read = self.bind(e, value, prefix);
+        self.copied.insert((e, None), read);
+        read
+    }
+
+    /// `value` (a copy of `e`) bound to the next `let` named `prefix<n>` before the statement
+    /// being made; its local.
+    fn bind(&mut self, e: Expr, value: Expr, prefix: &'static str) -> Expr {
         let ty = self.types[e.index()].expect("validated");
         let count = self.shared_lets.entry(prefix).or_insert(0);
         let n = *count;
@@ -506,9 +514,7 @@ impl Unroller<'_> {
         });
         let local = Local(self.out.locals.len() as u32 - 1);
         self.pending.push(Stmt::Let { local, value });
-        let read = self.push(ExprKind::Local(local));
-        self.copied.insert((e, None), read);
-        read
+        self.push(ExprKind::Local(local))
     }
 
     /// Copy `k` of read `e` where other copies read the same element (copies along two
@@ -531,18 +537,7 @@ impl Unroller<'_> {
         let kind = self.f.expr(e).clone();
         let value = map_children(kind, &mut |c| self.copy(c, Some(k)));
         let value = self.push(value);
-        let ty = self.types[e.index()].expect("validated");
-        let count = self.shared_lets.entry("shared").or_insert(0);
-        let n = *count;
-        *count += 1;
-        self.out.locals.push(LocalDecl {
-            name: format!("shared{n}"),
-            ty,
-            array: None,
-        });
-        let local = Local(self.out.locals.len() as u32 - 1);
-        self.pending.push(Stmt::Let { local, value });
-        let read = self.push(ExprKind::Local(local));
+        let read = self.bind(e, value, "shared");
         let scope = self
             .scopes
             .last_mut()
