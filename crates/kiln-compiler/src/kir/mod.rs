@@ -992,3 +992,14 @@ impl Builder {
         at
     }
 }
+
+/// The `let`s of a block's top level, by local.
+pub(crate) fn top_lets(block: &Block) -> Vec<(Local, Expr)> {
+    block
+        .iter()
+        .filter_map(|s| match s {
+            Stmt::Let { local, value } => Some((*local, *value)),
+            _ => None,
+        })
+        .collect()
+}

@@ -28,8 +28,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::unroll::{exits, map_children};
-use super::validate;
 use super::{BinOp, Block, Expr, ExprKind, Function, Literal, Local, LocalDecl, Scalar, Stmt, Ty};
+use super::{top_lets, validate};
 
 /// `f` with every window that slides kept in registers, and how many windows it made.
 pub fn slide(f: &Function) -> Result<(Function, usize), String> {
@@ -356,13 +356,7 @@ impl Slider {
     fn facts(&self, counter: Local, start: Expr, body: &Block) -> Body {
         let mut inner = HashSet::new();
         declared(body, &mut inner);
-        let lets = body
-            .iter()
-            .filter_map(|s| match s {
-                Stmt::Let { local, value } => Some((*local, *value)),
-                _ => None,
-            })
-            .collect();
+        let lets = top_lets(body).into_iter().collect();
         Body {
             counter,
             start,

@@ -20,6 +20,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::top_lets;
 use super::unroll::map_children;
 use super::{
     BinOp, Block, Expr, ExprKind, Function, Literal, Local, MathFn, Scalar, Stmt, Ty, validate,
@@ -54,17 +55,6 @@ struct Widener {
     f: Function,
     types: Vec<Option<Ty>>,
     guarded: usize,
-}
-
-/// The `let`s of a block's top level, by local.
-fn top_lets(block: &Block) -> Vec<(Local, Expr)> {
-    block
-        .iter()
-        .filter_map(|s| match s {
-            Stmt::Let { local, value } => Some((*local, *value)),
-            _ => None,
-        })
-        .collect()
 }
 
 impl Widener {
