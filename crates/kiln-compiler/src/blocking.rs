@@ -73,7 +73,7 @@ use crate::compute;
 use crate::kir::parts::{IndexFacts, Parts, gcd, read_parts, reads_operand};
 use crate::kir::slide::slide;
 use crate::kir::unroll::{HeldAxis, UnrollError, lane_reads, unroll};
-use crate::kir::widen::widen;
+use crate::kir::widen::{predicate, widen};
 use crate::kir::{self, module::Item, wgsl::Callee};
 use crate::plan::{Kernel, Placement, Plan};
 use crate::text::{Operand as Read, UniformAt, chunk_part, definition_over, strides, v};
@@ -1049,11 +1049,14 @@ impl LaneFns<'_> {
         let red_strides = strides(&graph.ty(red).shape);
         let red_lanes = red_strides[rows.lane_axis] * rows.lane_gap;
         // A stride-1 convolution under a 2x2 pooling computes its four window taps together.
-        let fused_taps = rows.pool.is_some_and(|p| self.pool_taps_fusable(red, p));
-        let red_fn = if fused_taps {
-            self.conv_pool_taps(red, rows)
-        } else {
-            self.reduction_rows(red, rows)?
+        let taps = rows
+            .pool
+            .filter(|&p| self.pool_taps_fusable(red, p))
+            .and_then(|_| self.pool_taps(red, rows));
+        let fused_taps = taps.is_some();
+        let red_fn = match taps {
+            Some(taps) => taps,
+            None => self.reduction_rows(red, rows)?,
         };
         let top_fn = match rows.pool {
             None => red_fn,
@@ -1139,11 +1142,7 @@ impl LaneFns<'_> {
             .collect();
         // Operand 0: the reduction's rows at a tap (or, fused, at all four taps); operand 1:
         // the path from the reduction up to the pool's input, per row.
-        let red_ty = if fused_taps {
-            kir::Ty::array(rows_ty, 4).expect("two deep")
-        } else {
-            rows_ty
-        };
+        let red_ty = if fused_taps { vec4s(4 * r) } else { rows_ty };
         let through_path = input != rows.reduction;
         let mut operands = vec![red_ty];
         let mut callees = vec![Callee::Call(red_fn.to_string())];
@@ -1174,23 +1173,24 @@ impl LaneFns<'_> {
             None
         };
         let mut at = Vec::new();
+        // Each tap's rows, and where its `q`-th row is: (`let`, lane).
         let mut tap = Vec::new();
         for (k, (ky, kx)) in taps.iter().enumerate() {
             let here = offset_expr(&mut f, base, ky * w + kx);
             let here = f.let_(&format!("at{k}"), kir::Ty::U32, here);
-            let value = match all {
-                Some(all) => {
-                    let kk = f.u32(k);
-                    f.lane(all, kk)
+            tap.push(match all {
+                Some(all) => (all, k * r),
+                None => {
+                    let value = f.operand(0, here);
+                    (f.let_(&format!("tap{k}"), rows_ty, value), 0)
                 }
-                None => f.operand(0, here),
-            };
-            tap.push(f.let_(&format!("tap{k}"), rows_ty, value));
+            });
             at.push(here);
         }
         let value = |f: &mut kir::Builder, k: usize, q: usize| {
-            let qq = f.u32(q);
-            let row = f.lane(tap[k], qq);
+            let (rows, first) = tap[k];
+            let qq = f.u32(first + q);
+            let row = f.lane(rows, qq);
             if through_path {
                 let here = offset_expr(f, at[k], q * in_t);
                 f.call(1, vec![here, row])
@@ -1247,196 +1247,19 @@ impl LaneFns<'_> {
         pool_2x2 && conv_stride_1
     }
 
-    /// `fn v<red>_rows_at_pool_taps(i) -> array<array<vec4<f32>, R>, 4>`: the convolution's
-    /// rows at the four taps of a 2x2 pooling window whose first tap is flat index `i` (in the
-    /// order (0,0), (0,1), (1,0), (1,1)). The taps share every weight load, and the two
-    /// columns of pixels a step needs slide along the input rows, so a step loads two pixels
-    /// per patch row instead of one per tap: about 2.5x fewer loads than evaluating the four
-    /// taps apart. Pixels in the zero padding are selected away (their index is clamped).
-    fn conv_pool_taps(&mut self, red: NodeId, rows: Rows) -> String {
-        let graph = self.graph;
-        let node = graph.node(red);
-        let Op::Conv2d { padding, .. } = &node.op else {
-            unreachable!("pool_taps_fusable picks convolutions")
-        };
-        let out = node.ty.shape.clone();
-        let xs = graph.ty(node.inputs[0]).shape.clone();
-        let ws = graph.ty(node.inputs[1]).shape.clone();
-        let [_, c, h, w] = compute::rank4(&xs);
-        let [_, _, kh, kw] = compute::rank4(&ws);
-        let (x_st, w_st) = (strides(&xs), strides(&ws));
-        let r = rows.count;
-        // Lanes over output channels share the pixels and rows over images the weights, or
-        // lanes over images and rows over channels. Operand 0 reads pixels, operand 1 weights.
-        let lanes_on_channels = rows.lane_axis == 1;
-        let (pixels, weights) = if lanes_on_channels {
-            (
-                Read::scalar(graph, node.inputs[0]),
-                Read::lanes(Callee::Call(self.request(node.inputs[1], w_st[0]))),
-            )
-        } else {
-            (
-                Read::lanes(Callee::Call(self.request(node.inputs[0], x_st[0]))),
-                Read::scalar(graph, node.inputs[1]),
-            )
-        };
-        let pixel_ty = pixels.ty;
-        let ret = kir::Ty::array(vec4s(r), 4).expect("two deep");
-        let mut f = kir::Builder::new(ret, vec![pixels.ty, weights.ty]);
-        let callees = vec![pixels.callee, weights.callee];
-        let padded = *padding != [0, 0];
-        let i = f.index();
-        let [nn, oc, oy, ox] = compute::coords4(&mut f, i, ["n", "o", "oy", "ox"], &out);
-        // Accumulator (tap t, row q): taps row-major over the 2x2 window.
-        let names: Vec<String> = (0..4)
-            .flat_map(|t| (0..r).map(move |q| format!("a{t}_{q}")))
-            .collect();
-        let accs = zeroed(&mut f, &names);
-        // Pixel (row `dy` of the patch, column `col` an i32) for row `q`.
-        let pixel =
-            |f: &mut kir::Builder, (row, ok): (kir::Expr, kir::Expr), col: kir::Expr, q: usize| {
-                let image_row = if lanes_on_channels {
-                    offset_expr(f, row, q * x_st[0])
-                } else {
-                    row
-                };
-                if padded {
-                    let (z, wm) = (f.i32(0), f.i32(w - 1));
-                    let at = f.math(kir::MathFn::Clamp, &[col, z, wm]);
-                    let at = f.cast(kir::Scalar::U32, at);
-                    let at = f.add(image_row, at);
-                    let p = f.operand(0, at);
-                    let zero = f.f32(0.0);
-                    let zero = if pixel_ty == kir::Ty::F32 {
-                        zero
-                    } else {
-                        f.splat(zero)
-                    };
-                    let (z, wi) = (f.i32(0), f.i32(w));
-                    let lo = f.bin(kir::BinOp::Ge, col, z);
-                    let inside = f.bin(kir::BinOp::And, ok, lo);
-                    let hi = f.bin(kir::BinOp::Lt, col, wi);
-                    let inside = f.bin(kir::BinOp::And, inside, hi);
-                    f.select(inside, p, zero)
-                } else {
-                    let at = f.cast(kir::Scalar::U32, col);
-                    let at = f.add(image_row, at);
-                    f.operand(0, at)
-                }
-            };
-        // The pixels' rows: one per image row of the lanes (or the shared image).
-        let pix_rows = if lanes_on_channels { r } else { 1 };
-        let (z, cu) = (f.u32(0), f.u32(c));
-        f.for_("c", z, cu, |f, ci| {
-            let (z, khu) = (f.u32(0), f.u32(kh));
-            f.for_("ky", z, khu, |f, ky| {
-                let patch: Vec<(kir::Expr, kir::Expr)> = (0..2)
-                    .map(|dy| {
-                        let t = f.add(oy, ky);
-                        let d = f.u32(dy);
-                        let t = f.add(t, d);
-                        let t = f.cast(kir::Scalar::I32, t);
-                        let py = f.i32(padding[0]);
-                        let iy = f.sub(t, py);
-                        let iy = f.let_(&format!("iy{dy}"), kir::Ty::I32, iy);
-                        let (z, hi) = (f.i32(0), f.i32(h));
-                        let lo = f.bin(kir::BinOp::Ge, iy, z);
-                        let up = f.bin(kir::BinOp::Lt, iy, hi);
-                        let ok = f.bin(kir::BinOp::And, lo, up);
-                        let ok = f.let_(&format!("ok{dy}"), kir::Ty::BOOL, ok);
-                        let (z, hm) = (f.i32(0), f.i32(h - 1));
-                        let y = f.math(kir::MathFn::Clamp, &[iy, z, hm]);
-                        let y = f.cast(kir::Scalar::U32, y);
-                        let row = f.flat(&[nn, ci], &[0, c]);
-                        let hu = f.u32(h);
-                        let row = f.mul(row, hu);
-                        let row = f.add(row, y);
-                        let wu = f.u32(w);
-                        let row = f.mul(row, wu);
-                        let row = f.let_(&format!("row{dy}"), kir::Ty::U32, row);
-                        (row, ok)
-                    })
-                    .collect();
-                let mut before: Vec<Vec<kir::Local>> = Vec::new();
-                for (dy, &at) in patch.iter().enumerate() {
-                    let mut row = Vec::new();
-                    for q in 0..pix_rows {
-                        let oxi = f.cast(kir::Scalar::I32, ox);
-                        let px = f.i32(padding[1]);
-                        let col = f.sub(oxi, px);
-                        let p = pixel(f, at, col, q);
-                        row.push(f.var(&format!("p{dy}_{q}"), pixel_ty, p));
-                    }
-                    before.push(row);
-                }
-                let (z, kwu) = (f.u32(0), f.u32(kw));
-                f.for_("kx", z, kwu, |f, kx| {
-                    let t = f.add(ox, kx);
-                    let one = f.u32(1);
-                    let t = f.add(t, one);
-                    let t = f.cast(kir::Scalar::I32, t);
-                    let px = f.i32(padding[1]);
-                    let col = f.sub(t, px);
-                    let col = f.let_("col", kir::Ty::I32, col);
-                    let wi = f.flat(&[oc, ci, ky, kx], &[0, c, kh, kw]);
-                    let wi = f.let_("wi", kir::Ty::U32, wi);
-                    let next: Vec<Vec<kir::Expr>> = patch
-                        .iter()
-                        .enumerate()
-                        .map(|(dy, &at)| {
-                            (0..pix_rows)
-                                .map(|q| {
-                                    let p = pixel(f, at, col, q);
-                                    f.let_(&format!("n{dy}_{q}"), pixel_ty, p)
-                                })
-                                .collect()
-                        })
-                        .collect();
-                    let weights: Vec<kir::Expr> = if lanes_on_channels {
-                        let wv = f.operand(1, wi);
-                        vec![f.let_("wv", kir::Ty::VEC4_F32, wv)]
-                    } else {
-                        (0..r)
-                            .map(|q| {
-                                let at = offset_expr(f, wi, q * w_st[0]);
-                                let wq = f.operand(1, at);
-                                f.let_(&format!("w{q}"), kir::Ty::F32, wq)
-                            })
-                            .collect()
-                    };
-                    for t in 0..4 {
-                        let (dy, dx) = (t / 2, t % 2);
-                        for q in 0..r {
-                            let pq = if lanes_on_channels { q } else { 0 };
-                            let p = if dx == 0 {
-                                f.get(before[dy][pq])
-                            } else {
-                                next[dy][pq]
-                            };
-                            let wt = weights[if lanes_on_channels { 0 } else { q }];
-                            let term = f.mul(p, wt);
-                            f.add_assign(accs[t * r + q], term);
-                        }
-                    }
-                    for dy in 0..2 {
-                        for q in 0..pix_rows {
-                            f.assign(before[dy][q], next[dy][q]);
-                        }
-                    }
-                });
-            });
-        });
-        let taps: Vec<kir::Expr> = (0..4)
-            .map(|t| {
-                let values: Vec<kir::Expr> = (0..r).map(|q| f.get(accs[t * r + q])).collect();
-                f.array(values)
-            })
-            .collect();
-        let all = f.array(taps);
-        f.ret_(all);
+    /// `fn v<red>_rows_at_pool_taps(i) -> array<vec4<f32>, 4 * R>`: the convolution's rows
+    /// at the four taps of a 2x2 pooling window whose first tap is flat index `i`, tap by tap
+    /// in the order (0,0), (0,1), (1,0), (1,1), each tap's rows in order. Its definition held
+    /// along the window's two axes and the rows' (taps in the padding predicated first,
+    /// `kir::widen::predicate`), so the taps share every weight load, and slid along the
+    /// kernel's columns: a tap's pixel is its left neighbour's one step later, so a step
+    /// loads two pixels per patch row instead of one per tap (about 2.5x fewer loads than
+    /// evaluating the taps apart). `None` where the definition cannot be held so.
+    fn pool_taps(&mut self, red: NodeId, rows: Rows) -> Option<String> {
+        let (function, callees) = self.held(red, rows, true)?;
         let name = format!("v{}_rows_at_pool_taps", red.0);
-        self.push(&name, f, callees);
-        name
+        self.push_function(&name, function, callees);
+        Some(name)
     }
 
     /// The reduction's rows function: one accumulator of four lanes per row, the lanes'
@@ -1451,18 +1274,24 @@ impl LaneFns<'_> {
         } else {
             name.clone()
         };
-        let (function, callees) = self.held_rows(red, rows)?;
+        let (function, callees) = self.held(red, rows, false)?;
         self.push_function(&own, function, callees);
         Some(name)
     }
 
-    /// The rows of `red`: the definition its lanes take, held along the rows' axis
-    /// (`kir::unroll`), so that each operand read not depending on the row — the lanes'
-    /// operand that the rows share — is made once for all of them; reads that then line up
-    /// along a loop (row `k`'s this step is row `k + 1`'s the next) slide as a window
-    /// (`kir::slide`). `None` where the definition cannot be held (a loop bound or a
-    /// `continue` depending on the row).
-    fn held_rows(&mut self, red: NodeId, rows: Rows) -> Option<(kir::Function, Vec<Callee>)> {
+    /// The rows of `red` (with `window`, at each tap of a 2x2 pooling window in turn): the
+    /// definition its lanes take, held along the rows' axis (`kir::unroll`), so that each
+    /// operand read not depending on the row — the lanes' operand that the rows share — is
+    /// made once for all of them; reads that then line up along a loop (row `k`'s this step
+    /// is row `k + 1`'s the next) slide as a window (`kir::slide`). `None` where the
+    /// definition cannot be held (a loop bound or a `continue` depending on the row that
+    /// neither widening nor predication removes).
+    fn held(
+        &mut self,
+        red: NodeId,
+        rows: Rows,
+        window: bool,
+    ) -> Option<(kir::Function, Vec<Callee>)> {
         let shape = &self.graph.ty(red).shape;
         let st = strides(shape);
         let held = |a: usize| HeldAxis {
@@ -1470,7 +1299,7 @@ impl LaneFns<'_> {
             extent: shape[a],
         };
         // Rows, then each row's inner rows (one axis where there are none).
-        let (axes, copies): (Vec<HeldAxis>, Vec<Vec<usize>>) = if rows.inner > 1 {
+        let (mut axes, mut copies): (Vec<HeldAxis>, Vec<Vec<usize>>) = if rows.inner > 1 {
             (
                 vec![held(rows.row_axis), held(rows.inner_axis)],
                 (0..rows.count)
@@ -1483,6 +1312,17 @@ impl LaneFns<'_> {
                 (0..rows.count).map(|k| vec![k]).collect(),
             )
         };
+        // A 2x2 pooling window's taps (rows and columns of the image) before them.
+        if window {
+            axes.splice(0..0, [held(2), held(3)]);
+            copies = (0..4)
+                .flat_map(|t| {
+                    copies
+                        .iter()
+                        .map(move |c| [vec![t / 2, t % 2], c.clone()].concat())
+                })
+                .collect();
+        }
         let lanes = st[rows.lane_axis] * rows.lane_gap;
         let parts = self.quarter_rows(red, rows);
         let b = self.graph.node(red).inputs.get(1).copied();
@@ -1499,6 +1339,13 @@ impl LaneFns<'_> {
                 let padded = padded_operand(self.graph, red)?;
                 let wide = widen(&definition, &name, padded).ok()?;
                 unroll(&wide, &axes, &copies).ok()?
+            }
+            // A tap in the padding, skipped per copy (a pooling window's taps), reads zero.
+            Err(UnrollError::VaryingExit)
+                if matches!(self.graph.node(red).op, Op::Conv2d { .. }) =>
+            {
+                let predicated = predicate(&definition, 0).ok()?;
+                unroll(&predicated, &axes, &copies).ok()?
             }
             Err(_) => return None,
         };
@@ -1564,18 +1411,6 @@ impl LaneFns<'_> {
             })
             .map(|(slot, _, words)| (slot, words))
     }
-}
-
-/// `var <name> = vec4<f32>(0.0f);` for each accumulator.
-fn zeroed(f: &mut kir::Builder, names: &[String]) -> Vec<kir::Local> {
-    names
-        .iter()
-        .map(|n| {
-            let z = f.f32(0.0);
-            let z = f.splat(z);
-            f.var(n, kir::Ty::VEC4_F32, z)
-        })
-        .collect()
 }
 
 /// The operand a reduction reads zero-padded: where its definition clips a loop to the steps

@@ -613,12 +613,24 @@ impl Unroller<'_> {
         for s in block {
             match s {
                 Stmt::Let { local, value } | Stmt::Var { local, value } => {
+                    let mut made: Vec<(Expr, Local)> = Vec::new();
                     for k in self.writers(self.per_copy(*local), only) {
                         let v = match k {
                             Some(k) => self.copy(*value, Some(k)),
                             None => self.copy(*value, None),
                         };
+                        // Copies whose `let` has the same value (a row's coordinate, shared
+                        // by the copies along another axis) bind one: fewer names, and
+                        // `kir::slide` sees the copies' expressions over the same locals.
+                        let same = matches!(s, Stmt::Let { .. })
+                            .then(|| made.iter().find(|(m, _)| same_value(&self.out, *m, v)))
+                            .flatten();
+                        if let Some(&(_, l)) = same {
+                            self.mapped.insert((*local, k), l);
+                            continue;
+                        }
                         let l = self.declare(*local, k);
+                        made.push((v, l));
                         let s = match s {
                             Stmt::Let { .. } => Stmt::Let { local: l, value: v },
                             _ => Stmt::Var { local: l, value: v },
@@ -762,6 +774,23 @@ fn children(kind: &ExprKind) -> Vec<Expr> {
 }
 
 /// `kind` with each expression it reads replaced by `f` of it.
+/// Whether `a` and `b` are the same expression of `f`, operand for operand.
+fn same_value(f: &Function, a: Expr, b: Expr) -> bool {
+    if a == b {
+        return true;
+    }
+    let (mut left, mut right) = (Vec::new(), Vec::new());
+    let shape = |e: Expr, children: &mut Vec<Expr>| {
+        map_children(f.expr(e).clone(), &mut |c| {
+            children.push(c);
+            Expr(0)
+        })
+    };
+    shape(a, &mut left) == shape(b, &mut right)
+        && left.len() == right.len()
+        && left.iter().zip(&right).all(|(&l, &r)| same_value(f, l, r))
+}
+
 pub(super) fn map_children(kind: ExprKind, f: &mut dyn FnMut(Expr) -> Expr) -> ExprKind {
     use ExprKind as K;
     match kind {

@@ -51,6 +51,49 @@ pub fn widen(f: &Function, name: &str, guarded: usize) -> Result<Function, Strin
     Ok(w.f)
 }
 
+/// `f` with every padding test, `if v < 0 || v >= n { continue; }` at the top level of a
+/// loop's body (`v` an `i32` `let`, `n` a literal: a convolution's tap that lands in the
+/// padding), removed: each read of operand `guarded` after it, at any depth, is zero where
+/// `0 <= v < n` fails, and reads at `u32(v)` clamped into `0..n`. An error saying why where
+/// a test does not go (the statements after it must only accumulate, each addition with a
+/// guarded factor; no other operand's index may depend on `v`), or where there is none.
+///
+/// Why: copies held along an axis (`kir::unroll`) share their `continue`s, and a tap's test
+/// differs per output column or row. The caller promises that `v` is a coordinate of the
+/// guarded operand along an axis of `n` (so the clamped reads are its elements), as a
+/// convolution's input coordinate is.
+pub fn predicate(f: &Function, guarded: usize) -> Result<Function, String> {
+    let info = validate(f).map_err(|e| e.0)?;
+    let mut w = Widener {
+        f: f.clone(),
+        types: info.types,
+        guarded,
+    };
+    let mut body = std::mem::take(&mut w.f.body);
+    let mut seen = HashSet::new();
+    let tests = w.skips(&mut body, &[], &HashMap::new(), &mut seen)?;
+    if tests == 0 {
+        return Err("no padding test".into());
+    }
+    w.f.body = body;
+    validate(&w.f).map_err(|e| format!("predication left invalid kernel IR: {}", e.0))?;
+    Ok(w.f)
+}
+
+/// `if cond { continue; }`.
+fn is_skip(accept: &Block, reject: &Block) -> bool {
+    matches!(accept.as_slice(), [Stmt::Continue]) && reject.is_empty()
+}
+
+/// A padding test in force: its coordinate, the axis's length, and the condition that every
+/// test in force passes (this one and those of the loops around it).
+#[derive(Clone, Copy)]
+struct Skip {
+    v: Local,
+    n: i64,
+    inside: Expr,
+}
+
 struct Widener {
     f: Function,
     types: Vec<Option<Ty>>,
@@ -86,7 +129,7 @@ impl Widener {
                     if lo < 0 || hi <= lo {
                         return Err(format!("loop `{name}` clips an empty range"));
                     }
-                    self.accumulates(body)?;
+                    self.accumulates(body, false)?;
                     let c = self.push(ExprKind::Local(*counter));
                     let c = self.push(ExprKind::Cast {
                         to: Scalar::I32,
@@ -132,6 +175,208 @@ impl Widener {
         Ok(false)
     }
 
+    /// Removes the padding tests of `block` (and of the loops inside), predicating the guarded
+    /// reads after each; `outer` are the tests in force around it. How many it removed.
+    fn skips(
+        &mut self,
+        block: &mut Block,
+        outer: &[Skip],
+        lets: &HashMap<Local, Expr>,
+        seen: &mut HashSet<Expr>,
+    ) -> Result<usize, String> {
+        let mut skips = outer.to_vec();
+        let mut lets = lets.clone();
+        lets.extend(top_lets(block));
+        let statements = std::mem::take(block);
+        let mut removed = 0;
+        for (at, s) in statements.iter().enumerate() {
+            if let Stmt::If {
+                cond,
+                accept,
+                reject,
+            } = s
+            {
+                if is_skip(accept, reject) {
+                    let (v, n) = self.padding_test(*cond, &lets)?;
+                    self.accumulates(&statements[at + 1..], true)?;
+                    let inside = self.inside(*cond);
+                    let inside = match skips.last() {
+                        Some(o) => self.push(ExprKind::Binary {
+                            op: BinOp::And,
+                            left: o.inside,
+                            right: inside,
+                        }),
+                        None => inside,
+                    };
+                    skips.push(Skip { v, n, inside });
+                    removed += 1;
+                    continue;
+                }
+            }
+            let mut s = s.clone();
+            match &mut s {
+                Stmt::For { body, .. } => removed += self.skips(body, &skips, &lets, seen)?,
+                Stmt::Let { value, .. } | Stmt::Assign { value, .. } if !skips.is_empty() => {
+                    let mut reads = Vec::new();
+                    self.all_reads(*value, seen, &mut reads);
+                    for e in reads {
+                        self.predicate_read(e, &skips, &lets)?;
+                    }
+                }
+                _ => {}
+            }
+            block.push(s);
+        }
+        Ok(removed)
+    }
+
+    /// A padding test `v < 0 || v >= n` as `v` and `n`.
+    fn padding_test(
+        &self,
+        cond: Expr,
+        lets: &HashMap<Local, Expr>,
+    ) -> Result<(Local, i64), String> {
+        let not_a_test = || "a `continue` that is not a padding test".to_string();
+        let ExprKind::Binary {
+            op: BinOp::Or,
+            left,
+            right,
+        } = self.f.expr(cond)
+        else {
+            return Err(not_a_test());
+        };
+        let side = |e: Expr, want: BinOp| match self.f.expr(e) {
+            ExprKind::Binary { op, left, right } if *op == want => {
+                match (self.f.expr(*left), self.f.expr(*right)) {
+                    (ExprKind::Local(v), ExprKind::Literal(Literal::I32(n))) => {
+                        Some((*v, i64::from(*n)))
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        match (side(*left, BinOp::Lt), side(*right, BinOp::Ge)) {
+            (Some((v, 0)), Some((u, n)))
+                if v == u && n > 0 && lets.contains_key(&v) && self.f.local(v).ty == Ty::I32 =>
+            {
+                Ok((v, n))
+            }
+            _ => Err(not_a_test()),
+        }
+    }
+
+    /// `v >= 0 && v < n` of a padding test `v < 0 || v >= n`.
+    fn inside(&mut self, test: Expr) -> Expr {
+        let ExprKind::Binary { left, right, .. } = self.f.expr(test).clone() else {
+            unreachable!("a padding test")
+        };
+        let flip = |w: &mut Self, e: Expr, to: BinOp| {
+            let ExprKind::Binary { left, right, .. } = w.f.expr(e).clone() else {
+                unreachable!("a comparison")
+            };
+            w.push(ExprKind::Binary {
+                op: to,
+                left,
+                right,
+            })
+        };
+        let (after, before) = (flip(self, left, BinOp::Ge), flip(self, right, BinOp::Lt));
+        self.push(ExprKind::Binary {
+            op: BinOp::And,
+            left: after,
+            right: before,
+        })
+    }
+
+    /// Every operand read in `e` not seen before.
+    fn all_reads(&self, e: Expr, seen: &mut HashSet<Expr>, out: &mut Vec<Expr>) {
+        if !seen.insert(e) {
+            return;
+        }
+        if matches!(self.f.expr(e), ExprKind::Operand { .. }) {
+            out.push(e);
+        }
+        map_children(self.f.expr(e).clone(), &mut |c| {
+            self.all_reads(c, seen, out);
+            c
+        });
+    }
+
+    /// Read `e` under the padding tests `skips`: a guarded read zero outside and at its
+    /// coordinates clamped; an error for another operand's read that depends on them.
+    fn predicate_read(
+        &mut self,
+        e: Expr,
+        skips: &[Skip],
+        lets: &HashMap<Local, Expr>,
+    ) -> Result<(), String> {
+        let ExprKind::Operand { k, index } = self.f.expr(e).clone() else {
+            unreachable!("reads are operand reads")
+        };
+        let clamped = self.clamped(index, skips, lets);
+        if k != self.guarded {
+            return if clamped == index {
+                Ok(())
+            } else {
+                Err(format!(
+                    "operand {k}'s index depends on a padding test's coordinate"
+                ))
+            };
+        }
+        let read = self.push(ExprKind::Operand { k, index: clamped });
+        let zero = self.push(ExprKind::Literal(Literal::F32(0.0)));
+        let zero = match self.types[e.index()] {
+            Some(Ty::Vec4(_)) => self.push(ExprKind::Splat(zero)),
+            _ => zero,
+        };
+        let inside = skips
+            .last()
+            .expect("reads are predicated under tests")
+            .inside;
+        self.f.exprs[e.index()] = ExprKind::Select {
+            cond: inside,
+            accept: read,
+            reject: zero,
+        };
+        Ok(())
+    }
+
+    /// `e` with each test's coordinate clamped into its axis (`let`s that read one written
+    /// out); `e` itself where it reads none.
+    fn clamped(&mut self, e: Expr, skips: &[Skip], lets: &HashMap<Local, Expr>) -> Expr {
+        match self.f.expr(e).clone() {
+            ExprKind::Local(l) => {
+                if let Some(s) = skips.iter().find(|s| s.v == l) {
+                    let (z, last) = (
+                        self.push(ExprKind::Literal(Literal::I32(0))),
+                        self.push(ExprKind::Literal(Literal::I32((s.n - 1) as i32))),
+                    );
+                    return self.push(ExprKind::Math {
+                        fun: MathFn::Clamp,
+                        args: vec![e, z, last],
+                    });
+                }
+                match lets.get(&l) {
+                    Some(&v) => {
+                        let c = self.clamped(v, skips, lets);
+                        if c == v { e } else { c }
+                    }
+                    None => e,
+                }
+            }
+            kind => {
+                let mut changed = false;
+                let new = map_children(kind, &mut |c| {
+                    let n = self.clamped(c, skips, lets);
+                    changed |= n != c;
+                    n
+                });
+                if changed { self.push(new) } else { e }
+            }
+        }
+    }
+
     /// A bound `u32(fun(value, L))` (through a `let`) as `value` and `L`.
     fn clip(
         &self,
@@ -164,8 +409,10 @@ impl Widener {
         }
     }
 
-    /// Whether `body` only accumulates, each guarded read a factor of what it adds.
-    fn accumulates(&self, body: &Block) -> Result<(), String> {
+    /// Whether `body` only accumulates, each addition a product with a guarded read among its
+    /// factors (so that it adds zero where the read is zero). Padding tests
+    /// ([`predicate`]'s) may stand among the statements where `skips` allows them.
+    fn accumulates(&self, body: &[Stmt], skips: bool) -> Result<(), String> {
         for s in body {
             match s {
                 Stmt::Let { value, .. } => self.unguarded(*value)?,
@@ -173,14 +420,26 @@ impl Widener {
                     op: Some(BinOp::Add),
                     value,
                     ..
-                } => self.factors(*value)?,
+                } => {
+                    if !self.factors(*value)? {
+                        return Err(format!(
+                            "an accumulation has no factor read from operand {}",
+                            self.guarded
+                        ));
+                    }
+                }
                 Stmt::For {
                     start, end, body, ..
                 } => {
                     self.unguarded(*start)?;
                     self.unguarded(*end)?;
-                    self.accumulates(body)?;
+                    self.accumulates(body, skips)?;
                 }
+                Stmt::If {
+                    cond,
+                    accept,
+                    reject,
+                } if skips && is_skip(accept, reject) => self.unguarded(*cond)?,
                 _ => return Err("the loop does more than accumulate".into()),
             }
         }
@@ -191,19 +450,20 @@ impl Widener {
         matches!(self.f.expr(e), ExprKind::Operand { k, .. } if *k == self.guarded)
     }
 
-    /// A product: guarded reads may be its factors.
-    fn factors(&self, e: Expr) -> Result<(), String> {
+    /// A product: guarded reads may be its factors (also splat to four lanes); whether one is.
+    fn factors(&self, e: Expr) -> Result<bool, String> {
         match self.f.expr(e) {
             ExprKind::Binary {
                 op: BinOp::Mul,
                 left,
                 right,
-            } => {
-                self.factors(*left)?;
-                self.factors(*right)
+            } => Ok(self.factors(*left)? | self.factors(*right)?),
+            ExprKind::Splat(value) if self.is_guarded(*value) => self.factors(*value),
+            ExprKind::Operand { index, .. } if self.is_guarded(e) => {
+                self.unguarded(*index)?;
+                Ok(true)
             }
-            ExprKind::Operand { index, .. } if self.is_guarded(e) => self.unguarded(*index),
-            _ => self.unguarded(e),
+            _ => self.unguarded(e).map(|()| false),
         }
     }
 
@@ -583,5 +843,193 @@ mod tests {
         let wide = widen(&input_gradient(), "kx", 0).unwrap();
         let err = widen(&wide, "kx", 0).unwrap_err();
         assert!(err.contains("not a clipped i32"), "{err}");
+    }
+
+    /// Operand `k`'s element `i` is `(k + 1) * i + 0.25`, read only below `len[k]`.
+    struct Bounded {
+        len: [u32; 2],
+        reads: usize,
+    }
+
+    impl Env for Bounded {
+        fn operand(&mut self, k: usize, index: u32) -> Lanes {
+            assert!(index < self.len[k], "operand {k} read at {index}");
+            self.reads += 1;
+            Lanes::Scalar(Value::F32((k as f32 + 1.0) * index as f32 + 0.25))
+        }
+        fn chunk(&self, _: ChunkBound) -> u32 {
+            unreachable!("no chunks here")
+        }
+    }
+
+    const H: usize = 6;
+    const KH: usize = 3;
+    /// A padded convolution's input width (and its output's, padded by one).
+    const IW: usize = 8;
+
+    fn bounded() -> Bounded {
+        Bounded {
+            len: [(H * IW) as u32, (KH * KW) as u32],
+            reads: 0,
+        }
+    }
+
+    /// `i32(outer + k) - PAD`, and `continue` where it lies outside `0..size`: a tap.
+    fn tap(b: &mut Builder, name: &str, outer: Expr, k: Expr, size: usize) -> Expr {
+        let t = b.add(outer, k);
+        let t = b.cast(Scalar::I32, t);
+        let p = b.i32(PAD);
+        let t = b.sub(t, p);
+        let v = b.let_(name, Ty::I32, t);
+        let (z, n) = (b.i32(0), b.i32(size));
+        let (lo, hi) = (b.bin(BinOp::Lt, v, z), b.bin(BinOp::Ge, v, n));
+        let outside = b.bin(BinOp::Or, lo, hi);
+        b.continue_if(outside);
+        b.cast(Scalar::U32, v)
+    }
+
+    /// A stride-1 convolution of a `[H, IW]` image with a `[KH, KW]` kernel, padded by
+    /// `PAD` (the output is `[H, IW]`), skipping the taps in the padding; `term` makes what
+    /// a tap adds from its pixel and weight.
+    fn padded_convolution(term: fn(&mut Builder, Expr, Expr) -> Expr) -> Function {
+        let mut b = Builder::new(Ty::F32, vec![Ty::F32, Ty::F32]);
+        let i = b.index();
+        let [oy, ox] = b.decode(i, &["oy", "ox"], &[H, IW])[..] else {
+            unreachable!()
+        };
+        let zero = b.f32(0.0);
+        let acc = b.var("acc", Ty::F32, zero);
+        let (z, kh) = (b.u32(0), b.u32(KH));
+        b.for_("ky", z, kh, |b, ky| {
+            let iy = tap(b, "iy", oy, ky, H);
+            let (z, kw) = (b.u32(0), b.u32(KW));
+            b.for_("kx", z, kw, |b, kx| {
+                let ix = tap(b, "ix", ox, kx, IW);
+                let w = b.u32(IW);
+                let at = b.mul(iy, w);
+                let at = b.add(at, ix);
+                let x = b.operand(0, at);
+                let kwu = b.u32(KW);
+                let k = b.mul(ky, kwu);
+                let k = b.add(k, kx);
+                let k = b.operand(1, k);
+                let t = term(b, x, k);
+                b.add_assign(acc, t);
+            });
+        });
+        let v = b.get(acc);
+        b.ret_(v);
+        b.finish()
+    }
+
+    fn product(b: &mut Builder, x: Expr, k: Expr) -> Expr {
+        b.mul(x, k)
+    }
+
+    #[test]
+    fn predicated_padding_reads_zero_and_stays_inside() {
+        let f = padded_convolution(product);
+        let p = predicate(&f, 0).unwrap();
+        for i in 0..(H * IW) as u32 {
+            let (mut a, mut b) = (bounded(), bounded());
+            assert_eq!(
+                eval(&f, i, &mut a).unwrap(),
+                eval(&p, i, &mut b).unwrap(),
+                "element {i}"
+            );
+            // Every tap, those in the padding included.
+            assert_eq!(b.reads, 2 * KH * KW, "element {i}");
+        }
+        let text = super::super::wgsl::body(
+            &p,
+            &[
+                super::super::wgsl::Callee::Call("x".into()),
+                super::super::wgsl::Callee::Call("k".into()),
+            ],
+        )
+        .unwrap();
+        assert!(!text.contains("continue"), "{text}");
+        assert!(text.contains("clamp(ix, 0i, 7i)"), "{text}");
+    }
+
+    #[test]
+    fn the_taps_of_a_pooling_window_held_and_slid_share_their_pixels() {
+        let f = padded_convolution(product);
+        let axes = [
+            HeldAxis {
+                stride: IW,
+                extent: H,
+            },
+            HeldAxis {
+                stride: 1,
+                extent: IW,
+            },
+        ];
+        let copies: Vec<Vec<usize>> = (0..2)
+            .flat_map(|dy| (0..2).map(move |dx| vec![dy, dx]))
+            .collect();
+        assert_eq!(
+            unroll(&f, &axes, &copies).unwrap_err(),
+            super::super::unroll::UnrollError::VaryingExit
+        );
+        let held = unroll(&predicate(&f, 0).unwrap(), &axes, &copies).unwrap();
+        let (slid, windows) = slide(&held).unwrap();
+        // One window of pixels per row of the window.
+        assert_eq!(windows, 2);
+        for oy in (0..H as u32).step_by(2) {
+            for ox in (0..IW as u32).step_by(2) {
+                let first = oy * IW as u32 + ox;
+                let mut env = bounded();
+                let Lanes::Array(got) = eval(&slid, first, &mut env).unwrap().unwrap() else {
+                    panic!("an array")
+                };
+                for (t, got) in got.iter().enumerate() {
+                    let at = first + (t as u32 / 2) * IW as u32 + t as u32 % 2;
+                    let want = eval(&f, at, &mut bounded()).unwrap().unwrap();
+                    assert_eq!(*got, want, "element {first} tap {t}");
+                }
+                // Per kernel row: a pixel per window row before the loop, then per step a
+                // pixel per window row and one weight for all four taps.
+                assert_eq!(env.reads, KH * (2 + 3 * KW), "element {first}");
+            }
+        }
+    }
+
+    #[test]
+    fn padding_tests_stay_where_a_skipped_step_would_add() {
+        // What a tap adds does not vanish with its pixel.
+        fn plus(b: &mut Builder, x: Expr, k: Expr) -> Expr {
+            b.add(x, k)
+        }
+        let err = predicate(&padded_convolution(plus), 0).unwrap_err();
+        assert!(err.contains("other than as a factor"), "{err}");
+        // Guarding the weights would leave the pixels read in the padding.
+        let err = predicate(&padded_convolution(product), 1).unwrap_err();
+        assert!(
+            err.contains("operand 0's index depends on a padding test's coordinate"),
+            "{err}"
+        );
+        let err = predicate(&input_gradient(), 0).unwrap_err();
+        assert!(err.contains("no padding test"), "{err}");
+        // Widening, too, needs each addition to vanish with its guarded read.
+        let mut b = Builder::new(Ty::F32, vec![Ty::F32]);
+        let i = b.index();
+        let ii = b.cast(Scalar::I32, i);
+        let z = b.i32(0);
+        let lo = b.math(MathFn::Max, &[ii, z]);
+        let lo = b.cast(Scalar::U32, lo);
+        let four = b.i32(4);
+        let end = b.math(MathFn::Min, &[ii, four]);
+        let end = b.cast(Scalar::U32, end);
+        let zero = b.f32(0.0);
+        let acc = b.var("taps", Ty::F32, zero);
+        b.for_("kx", lo, end, |b, _| {
+            let one = b.f32(1.0);
+            b.add_assign(acc, one);
+        });
+        let v = b.get(acc);
+        b.ret_(v);
+        let err = widen(&b.finish(), "kx", 0).unwrap_err();
+        assert!(err.contains("no factor read from operand 0"), "{err}");
     }
 }
