@@ -993,6 +993,55 @@ impl Builder {
     }
 }
 
+impl Stmt {
+    /// The expressions the statement evaluates itself (a loop's bounds, an `if`'s condition),
+    /// not those of the blocks inside it.
+    pub fn exprs(&self) -> Vec<Expr> {
+        match self {
+            Stmt::Let { value, .. } | Stmt::Var { value, .. } | Stmt::Assign { value, .. } => {
+                vec![*value]
+            }
+            Stmt::AssignElement { index, value, .. } | Stmt::Store { index, value, .. } => {
+                vec![*index, *value]
+            }
+            Stmt::Update { index, value, .. } => index.iter().copied().chain([*value]).collect(),
+            Stmt::For { start, end, .. } => vec![*start, *end],
+            Stmt::Loop {
+                start, cond, step, ..
+            } => vec![*start, *cond, *step],
+            Stmt::If { cond, .. } => vec![*cond],
+            Stmt::Return(value) => value.iter().copied().collect(),
+            Stmt::Block(_)
+            | Stmt::Continue
+            | Stmt::VarArray { .. }
+            | Stmt::Barrier
+            | Stmt::Comment(_) => Vec::new(),
+        }
+    }
+
+    /// The blocks inside the statement, in order.
+    pub fn blocks(&self) -> Vec<&Block> {
+        match self {
+            Stmt::For { body, .. } | Stmt::Loop { body, .. } | Stmt::Block(body) => vec![body],
+            Stmt::If { accept, reject, .. } => vec![accept, reject],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Calls `f` on every expression the statements of `block` evaluate, at any depth, in order
+/// (each statement's own, then its blocks').
+pub(crate) fn walk_exprs(block: &[Stmt], f: &mut dyn FnMut(Expr)) {
+    for s in block {
+        for e in s.exprs() {
+            f(e);
+        }
+        for b in s.blocks() {
+            walk_exprs(b, f);
+        }
+    }
+}
+
 /// The `let`s of a block's top level, by local.
 pub(crate) fn top_lets(block: &Block) -> Vec<(Local, Expr)> {
     block

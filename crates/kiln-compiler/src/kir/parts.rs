@@ -22,7 +22,7 @@ use std::collections::HashMap;
 
 use super::unroll::map_children;
 use super::{BinOp, Block, Expr, ExprKind, Function, Global, Literal, Local, MathFn, Scalar, Stmt};
-use super::{Ty, validate};
+use super::{Ty, validate, walk_exprs};
 
 /// Operand `operand` of a function, bound as `globals.len()` uniform arrays of `vec4`s of
 /// `words` consecutive elements each (the last may hold fewer). An `f32` operand is one
@@ -717,62 +717,6 @@ fn collect_lets(block: &[Stmt], out: &mut HashMap<Local, Expr>) {
                 collect_lets(reject, out);
             }
             _ => {}
-        }
-    }
-}
-
-/// Calls `f` with each expression the statements of `block` evaluate, at any depth.
-fn walk_exprs(block: &[Stmt], f: &mut dyn FnMut(Expr)) {
-    for s in block {
-        match s {
-            Stmt::Let { value, .. }
-            | Stmt::Var { value, .. }
-            | Stmt::Assign { value, .. }
-            | Stmt::Return(Some(value)) => f(*value),
-            Stmt::AssignElement { index, value, .. } | Stmt::Store { index, value, .. } => {
-                f(*index);
-                f(*value);
-            }
-            Stmt::Update { index, value, .. } => {
-                if let Some(i) = index {
-                    f(*i);
-                }
-                f(*value);
-            }
-            Stmt::For {
-                start, end, body, ..
-            } => {
-                f(*start);
-                f(*end);
-                walk_exprs(body, f);
-            }
-            Stmt::Loop {
-                start,
-                cond,
-                step,
-                body,
-                ..
-            } => {
-                f(*start);
-                f(*cond);
-                f(*step);
-                walk_exprs(body, f);
-            }
-            Stmt::If {
-                cond,
-                accept,
-                reject,
-            } => {
-                f(*cond);
-                walk_exprs(accept, f);
-                walk_exprs(reject, f);
-            }
-            Stmt::Block(b) => walk_exprs(b, f),
-            Stmt::Return(None)
-            | Stmt::VarArray { .. }
-            | Stmt::Continue
-            | Stmt::Barrier
-            | Stmt::Comment(_) => {}
         }
     }
 }

@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::unroll::{exits, map_children};
 use super::{BinOp, Block, Expr, ExprKind, Function, Literal, Local, LocalDecl, Scalar, Stmt, Ty};
-use super::{top_lets, validate};
+use super::{top_lets, validate, walk_exprs};
 
 /// `f` with every window that slides kept in registers, and how many windows it made.
 pub fn slide(f: &Function) -> Result<(Function, usize), String> {
@@ -166,7 +166,7 @@ impl Slider {
         let mut groups: BTreeMap<(Source, Base), Vec<Read>> = BTreeMap::new();
         let mut seen = HashSet::new();
         for s in &body {
-            for root in top_exprs(s) {
+            for root in s.exprs() {
                 let mut reads = Vec::new();
                 self.reads_in(root, &mut seen, &mut reads);
                 for (source, (expr, index)) in reads {
@@ -262,7 +262,7 @@ impl Slider {
         let mut seen = HashMap::new();
         let mut candidates = Vec::new();
         for s in body.iter() {
-            for root in top_exprs(s) {
+            for root in s.exprs() {
                 self.candidates(&facts, root, &mut seen, &mut sigs, &mut candidates);
             }
         }
@@ -682,28 +682,11 @@ impl Slider {
 
     /// Whether `s` (its expressions, at any depth of its blocks) evaluates one of `targets`.
     fn mentions(&self, s: &Stmt, targets: &HashSet<Expr>) -> bool {
-        let in_expr = |e: Expr| self.expr_mentions(e, targets);
-        let in_block = |b: &Block| b.iter().any(|s| self.mentions(s, targets));
-        match s {
-            Stmt::For {
-                start, end, body, ..
-            } => in_expr(*start) || in_expr(*end) || in_block(body),
-            Stmt::Loop {
-                start,
-                cond,
-                step,
-                body,
-                ..
-            } => in_expr(*start) || in_expr(*cond) || in_expr(*step) || in_block(body),
-            Stmt::If {
-                cond,
-                accept,
-                reject,
-            } => in_expr(*cond) || in_block(accept) || in_block(reject),
-            Stmt::Block(b) => in_block(b),
-            Stmt::Return(Some(e)) => in_expr(*e),
-            s => top_exprs(s).into_iter().any(in_expr),
-        }
+        let mut found = false;
+        walk_exprs(std::slice::from_ref(s), &mut |e| {
+            found = found || self.expr_mentions(e, targets)
+        });
+        found
     }
 
     fn expr_mentions(&self, e: Expr, targets: &HashSet<Expr>) -> bool {
@@ -952,20 +935,6 @@ fn with_index(kind: ExprKind, index: Expr) -> ExprKind {
         ExprKind::Operand { k, .. } => ExprKind::Operand { k, index },
         ExprKind::Load { global, .. } => ExprKind::Load { global, index },
         _ => unreachable!("only reads slide"),
-    }
-}
-
-/// The expressions a statement evaluates whenever it runs (not those of its blocks).
-fn top_exprs(s: &Stmt) -> Vec<Expr> {
-    match s {
-        Stmt::Let { value, .. }
-        | Stmt::Var { value, .. }
-        | Stmt::Assign { value, .. }
-        | Stmt::AssignElement { value, .. } => vec![*value],
-        Stmt::Update { index, value, .. } => index.iter().copied().chain([*value]).collect(),
-        Stmt::Store { index, value, .. } => vec![*index, *value],
-        Stmt::If { cond, .. } => vec![*cond],
-        _ => Vec::new(),
     }
 }
 

@@ -20,11 +20,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::top_lets;
 use super::unroll::map_children;
 use super::{
     BinOp, Block, Expr, ExprKind, Function, Literal, Local, MathFn, Scalar, Stmt, Ty, validate,
 };
+use super::{top_lets, walk_exprs};
 
 /// `f` with its loop whose counter is named `name` widened, reads of operand `guarded`
 /// predicated; an error saying why where it does not widen. The loop must run at least once
@@ -578,58 +578,7 @@ fn uses(f: &Function, block: &Block, out: &mut HashSet<Local>) {
             c
         });
     }
-    for s in block {
-        match s {
-            Stmt::Let { value, .. } | Stmt::Var { value, .. } | Stmt::Assign { value, .. } => {
-                expr(f, *value, out)
-            }
-            Stmt::AssignElement { index, value, .. } => {
-                expr(f, *index, out);
-                expr(f, *value, out);
-            }
-            Stmt::Update { index, value, .. } => {
-                if let Some(i) = index {
-                    expr(f, *i, out);
-                }
-                expr(f, *value, out);
-            }
-            Stmt::Store { index, value, .. } => {
-                expr(f, *index, out);
-                expr(f, *value, out);
-            }
-            Stmt::Return(Some(e)) => expr(f, *e, out),
-            Stmt::For {
-                start, end, body, ..
-            } => {
-                expr(f, *start, out);
-                expr(f, *end, out);
-                uses(f, body, out);
-            }
-            Stmt::Loop {
-                start,
-                cond,
-                step,
-                body,
-                ..
-            } => {
-                for e in [start, cond, step] {
-                    expr(f, *e, out);
-                }
-                uses(f, body, out);
-            }
-            Stmt::If {
-                cond,
-                accept,
-                reject,
-            } => {
-                expr(f, *cond, out);
-                uses(f, accept, out);
-                uses(f, reject, out);
-            }
-            Stmt::Block(b) => uses(f, b, out),
-            _ => {}
-        }
-    }
+    walk_exprs(block, &mut |e| expr(f, e, out));
 }
 
 #[cfg(test)]
