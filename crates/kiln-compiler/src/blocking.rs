@@ -130,6 +130,9 @@ pub struct LaneFns<'a> {
     pub shares_loads: bool,
     /// Whether rows may take a second axis ([`Rows::inner`]); set for CPU-class targets.
     pub inner_rows: bool,
+    /// The most images rows over the images may take where their reduction reads a chunk's
+    /// window: what the windows hold (more would leave the kernel reading from storage).
+    pub max_image_rows: usize,
     /// Lanes are four consecutive flat elements starting at a multiple of four, on no axis
     /// (see [`choose`]): every operand read at the root's index is aligned.
     flat: bool,
@@ -199,6 +202,7 @@ impl<'a> LaneFns<'a> {
             chunked: Vec::new(),
             shares_loads: false,
             inner_rows: false,
+            max_image_rows: usize::MAX,
             flat: false,
             summed_lanes: Vec::new(),
         }
@@ -935,6 +939,20 @@ impl LaneFns<'_> {
                 MAX_ROWS / 2
             } else {
                 MAX_ROWS
+            };
+            // Rows over images whose reduction reads a chunk's window (a convolution's
+            // pixels, gathered many times each) take no more images than the windows hold:
+            // more would read them from storage. (Capping rows whose windows only feed the
+            // epilogue made conv7's matmul kernel 1.4x slower on lavapipe: more weight loads
+            // for the few elementwise reads that left storage.)
+            let reads_window = graph.node(red).inputs.iter().any(|&x| {
+                self.plan.buffer_of[x.0]
+                    .is_some_and(|b| matches!((self.uniform_at)(b), Some(Some(_))))
+            });
+            let most = if row_axis == 0 && lane_axis != 0 && reads_window {
+                most.min(self.max_image_rows)
+            } else {
+                most
             };
             let count = (1..=most.min(size))
                 .rev()

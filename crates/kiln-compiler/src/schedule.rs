@@ -270,12 +270,37 @@ fn blocked<'a>(cx: &Context<'a>, roots: &[NodeId]) -> Vec<Recipe<'a>> {
         let mut fns = LaneFns::new(graph, plan, kernel, binding_of, uniform_at, split_of);
         fns.chunked = summed.clone();
         fns.inner_rows = cpu;
+        fns.max_image_rows = window_images(cx);
         fns
     };
     blocking::choose(&fresh, main, cpu)
         .into_iter()
         .map(|(blocking, fns)| blocked_recipe(cx, roots, main, (blocking, fns), &fresh))
         .collect()
+}
+
+/// The most images a chunk's uniform windows hold (no limit for a kernel without them, or
+/// one summing over the batch, whose invocations each take one image of the chunk).
+fn window_images(cx: &Context) -> usize {
+    let Some(n) = cx.bound.batch.filter(|_| cx.bound.sums.is_empty()) else {
+        return usize::MAX;
+    };
+    let align = cx.target.uniform_offset_alignment();
+    let max = cx.target.max_uniform_buffer_binding_size;
+    let words: Vec<usize> = cx
+        .bound
+        .windowed
+        .iter()
+        .map(|&b| cx.plan.buffers[b].ty.numel() / n)
+        .collect();
+    (1..=n)
+        .take_while(|&m| {
+            words
+                .iter()
+                .all(|&w| chunks::window_vec4s(m, w, align) as u64 * 16 <= max)
+        })
+        .last()
+        .unwrap_or(0)
 }
 
 /// The recipe of one blocking of `main`.
