@@ -84,11 +84,9 @@ fn lenet_cpu_class_evaluation_wgsl() {
     );
 }
 
-/// The zoo's VGG-style model on the CPU-class target, batch 256 (SGD): the kernels whose
-/// input gradient computes two adjacent columns per row, its definition widened over the
-/// whole kernel (`dy` zero outside), held along channels and columns and slid along the row.
-#[test]
-fn vgg_cpu_class_input_gradient_columns_wgsl() {
+/// The zoo's VGG-style model's training step at batch 256 (SGD), compiled for the CPU-class
+/// target.
+fn vgg_cpu_class_step() -> Compiled {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/zoo/vgg.kir");
     let model: kiln::ir::Model = kiln::ir::parse_file(std::path::Path::new(path))
         .unwrap()
@@ -97,7 +95,15 @@ fn vgg_cpu_class_input_gradient_columns_wgsl() {
         .forward("vgg", TensorType::new(DType::U8, [256, 1, 28, 28]))
         .unwrap();
     let step = read_batches_from_dataset(&training_step(&forward, 0.9).unwrap(), 60_000).unwrap();
-    let c = compile(&step, &Target::lavapipe()).unwrap();
+    compile(&step, &Target::lavapipe()).unwrap()
+}
+
+/// The zoo's VGG-style model on the CPU-class target, batch 256 (SGD): the kernels whose
+/// input gradient computes two adjacent columns per row, its definition widened over the
+/// whole kernel (`dy` zero outside), held along channels and columns and slid along the row.
+#[test]
+fn vgg_cpu_class_input_gradient_columns_wgsl() {
+    let c = vgg_cpu_class_step();
     let columns: Vec<String> = c
         .modules
         .iter()
@@ -116,4 +122,38 @@ fn vgg_cpu_class_input_gradient_columns_wgsl() {
         "vgg_step_b256_cpu_input_gradient_columns",
         columns.join("\n")
     );
+}
+
+/// VGG's second convolution with its pooling on the CPU-class target (8 -> 8 channels, 3x3,
+/// padded, at 28x28): the four taps of each pooling window are its definition, the taps in
+/// the padding predicated, held along the window, lanes over channels and rows over as many
+/// images as a chunk's uniform window holds (two: four would need 100 KB, over the 64 KiB a
+/// uniform binding holds, and read the pixels from storage).
+#[test]
+fn vgg_cpu_class_pooled_convolution_wgsl() {
+    let c = vgg_cpu_class_step();
+    let pooled: Vec<_> = c
+        .modules
+        .iter()
+        .filter(|m| m.wgsl.contains("_rows_at_pool_taps(") && m.wgsl.contains("%11 conv2d,"))
+        .collect();
+    assert_eq!(
+        pooled.len(),
+        1,
+        "one kernel of the second convolution's taps"
+    );
+    let m = pooled[0];
+    validate_wgsl(&m.name, &m.wgsl).unwrap();
+    assert!(
+        m.wgsl.contains("x 2 rows on axis 0"),
+        "rows over two images:\n{}",
+        m.wgsl
+    );
+    let input = m
+        .wgsl
+        .lines()
+        .find(|l| l.starts_with("//   0: %8 f32[256,8,28,28]"))
+        .expect("the convolution's input is binding 0");
+    assert!(input.ends_with("(uniform window)"), "{input}");
+    insta::assert_snapshot!("vgg_step_b256_cpu_pooled_convolution", m.wgsl);
 }

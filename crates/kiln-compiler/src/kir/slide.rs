@@ -191,13 +191,7 @@ impl Slider {
             self.windows += 1;
             let ty = self.types[reads[0].expr.index()].expect("validated");
             let r = window.len();
-            let stem = |j: usize| {
-                if n == 0 {
-                    format!("p{j}")
-                } else {
-                    format!("p{n}_{j}")
-                }
-            };
+            let stem = |j: usize| window_name(n, j);
             // The base at the first step, computed once before the loop.
             let base_expr = match base {
                 Base::Local(l) => self.push(ExprKind::Local(Local(l))),
@@ -314,11 +308,7 @@ impl Slider {
                 .expect("the values are the body's");
             let mut locals = Vec::with_capacity(r);
             for (j, member) in chain.iter().enumerate() {
-                let stem = if n == 0 {
-                    format!("p{j}")
-                } else {
-                    format!("p{n}_{j}")
-                };
+                let stem = window_name(n, j);
                 let local = self.declare(self.fresh(&stem), ty);
                 locals.push(local);
                 let kind = self.f.expr(member[0]).clone();
@@ -964,6 +954,12 @@ fn declared(block: &[Stmt], out: &mut HashSet<Local>) {
     }
 }
 
+/// The name of value `j` of the function's `n`-th window (`p<n>_<j>`: a window's values
+/// read apart from another's).
+fn window_name(n: usize, j: usize) -> String {
+    format!("p{n}_{j}")
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::super::interp::{Env, Lanes, Value, eval};
@@ -1078,8 +1074,8 @@ pub(crate) mod tests {
         assert_eq!(check(&f, &s), 4 + 6 * 2);
         let names = [Callee::Call("x".into()), Callee::Call("d".into())];
         let text = body(&s, &names).unwrap();
-        assert!(text.contains("var p0 = "), "{text}");
-        assert!(text.contains("p3 = p4;"), "{text}");
+        assert!(text.contains("var p0_0 = "), "{text}");
+        assert!(text.contains("p0_3 = p0_4;"), "{text}");
     }
 
     #[test]
@@ -1153,10 +1149,10 @@ pub(crate) mod tests {
         // The reads slide; the selected values do not.
         let text = body(&s, &[Callee::Call("x".into())]).unwrap();
         assert!(
-            text.contains("acc0 += select(0.0f, p0, ox < 3u);"),
+            text.contains("acc0 += select(0.0f, p0_0, ox < 3u);"),
             "{text}"
         );
-        assert!(text.contains("let p4 = x(min("), "{text}");
+        assert!(text.contains("let p0_4 = x(min("), "{text}");
         assert_eq!(windows, 1);
         let mut env = Counting::default();
         let Some(Lanes::Array(got)) = eval(&s, 0, &mut env).unwrap() else {
