@@ -32,8 +32,9 @@
 //! reads that slides along a loop kept in registers (`kir::slide`), and a matrix bound in
 //! uniform parts read from the part each step's row lies in (`kir::parts`). A loop whose
 //! bounds differ per row (an input gradient's kernel columns, clipped to the taps whose `dy`
-//! exists) runs its whole range first, `dy` read as zero outside (`kir::widen`). Only the
-//! conv + pool taps are still written out here.
+//! exists) runs its whole range first, `dy` read as zero outside (`kir::widen`); a tap that
+//! skips the padding per copy (`continue`) reads zero there instead
+//! (`kir::widen::predicate`). No body is written out here.
 //! Measured on
 //! lavapipe (`--profile`, batch 256, same machine and hour, A/B against the lanes-only build):
 //! conv2's input gradient 295 -> 69 ms, its weight gradient 323 -> 151 ms, fc1 forward 62 ->
@@ -50,9 +51,13 @@
 //!
 //! Two rows bodies reuse loads along the input row. A stride-1 convolution under a 2x2 pooling
 //! of stride 2 computes the window's four taps in one pass ([`LaneFns::rows_fn`] via
-//! `conv_pool_taps`): the taps share every weight load, and the two pixel columns a step needs
-//! slide along the input rows (conv2 forward 26 -> 15 ms per step on lavapipe, with less code
-//! for the JIT). A stride-1 weight gradient's rows over kernel columns read pixels `ox + k`:
+//! `pool_taps`: its definition, taps in the padding predicated, held along the window's two
+//! axes and the rows'): the taps share every weight load, and the two pixel columns a step
+//! needs slide along the input rows (conv2 forward 26 -> 15 ms per step on lavapipe, with
+//! less code for the JIT). Rows over images whose convolution reads a chunk's uniform window
+//! take no more images than the window holds (`LaneFns::max_image_rows`): VGG's second
+//! convolution (8 channels at 28x28) would need 100 KB for four, and read its pixels from
+//! storage instead. A stride-1 weight gradient's rows over kernel columns read pixels `ox + k`:
 //! one step later row `k`'s pixel is row `k + 1`'s, so one load per step feeds all rows (the
 //! held definition slid along `ox` by `kir::slide`).
 //!

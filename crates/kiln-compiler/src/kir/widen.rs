@@ -17,6 +17,11 @@
 //! finite). The predicate is written `c - a >= 0 && c - b < 0` (in `i32`; the bounds are
 //! small), so that it is a sum of the counter and the copies' coordinates that
 //! `kir::slide` can follow from step to step.
+//!
+//! [`predicate`] is the same for a step that skips itself: a convolution's tap in the
+//! padding (`if v < 0 || v >= n { continue; }`) runs, its reads of the guarded operand zero
+//! there and at `v` clamped into `0..n` (the row or column the tap lands nearest), with the
+//! same rule on what the steps add.
 
 use std::collections::{HashMap, HashSet};
 
