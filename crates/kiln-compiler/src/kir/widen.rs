@@ -35,13 +35,7 @@ use super::{top_lets, walk_exprs};
 /// predicated; an error saying why where it does not widen. The loop must run at least once
 /// as it is (see the module's documentation).
 pub fn widen(f: &Function, name: &str, guarded: usize) -> Result<Function, String> {
-    let info = validate(f).map_err(|e| e.0)?;
-    let mut w = Widener {
-        f: f.clone(),
-        types: info.types,
-        guarded,
-    };
-    let mut body = std::mem::take(&mut w.f.body);
+    let (mut w, mut body) = Widener::new(f, guarded)?;
     let lets = top_lets(&body);
     let done = w.block(&mut body, name, &lets)?;
     if !done {
@@ -68,13 +62,7 @@ pub fn widen(f: &Function, name: &str, guarded: usize) -> Result<Function, Strin
 /// guarded operand along an axis of `n` (so the clamped reads are its elements), as a
 /// convolution's input coordinate is.
 pub fn predicate(f: &Function, guarded: usize) -> Result<Function, String> {
-    let info = validate(f).map_err(|e| e.0)?;
-    let mut w = Widener {
-        f: f.clone(),
-        types: info.types,
-        guarded,
-    };
-    let mut body = std::mem::take(&mut w.f.body);
+    let (mut w, mut body) = Widener::new(f, guarded)?;
     let mut seen = HashSet::new();
     let tests = w.skips(&mut body, &[], &HashMap::new(), &mut seen)?;
     if tests == 0 {
@@ -106,6 +94,18 @@ struct Widener {
 }
 
 impl Widener {
+    /// A widener of `f`, and `f`'s body taken out of it to be rewritten.
+    fn new(f: &Function, guarded: usize) -> Result<(Self, Block), String> {
+        let info = validate(f).map_err(|e| e.0)?;
+        let mut w = Widener {
+            f: f.clone(),
+            types: info.types,
+            guarded,
+        };
+        let body = std::mem::take(&mut w.f.body);
+        Ok((w, body))
+    }
+
     fn push(&mut self, kind: ExprKind) -> Expr {
         self.f.exprs.push(kind);
         Expr(self.f.exprs.len() as u32 - 1)
@@ -730,23 +730,29 @@ mod tests {
         }
     }
 
+    /// The axes of a `[rows, width]` space and the copies of a 2x2 block of it, row-major.
+    fn two_by_two(rows: usize, width: usize) -> ([HeldAxis; 2], Vec<Vec<usize>>) {
+        let axes = [
+            HeldAxis {
+                stride: width,
+                extent: rows,
+            },
+            HeldAxis {
+                stride: 1,
+                extent: width,
+            },
+        ];
+        let copies = (0..2)
+            .flat_map(|r| (0..2).map(move |c| vec![r, c]))
+            .collect();
+        (axes, copies)
+    }
+
     #[test]
     fn rows_and_columns_of_a_widened_loop_slide_a_window_per_row() {
         let f = input_gradient();
         let wide = widen(&f, "kx", 0).unwrap();
-        let axes = [
-            HeldAxis {
-                stride: W,
-                extent: ROWS,
-            },
-            HeldAxis {
-                stride: 1,
-                extent: W,
-            },
-        ];
-        let copies: Vec<Vec<usize>> = (0..2)
-            .flat_map(|r| (0..2).map(move |c| vec![r, c]))
-            .collect();
+        let (axes, copies) = two_by_two(ROWS, W);
         let held = unroll(&wide, &axes, &copies).unwrap();
         let (slid, windows) = slide(&held).unwrap();
         assert_eq!(windows, 2);
@@ -769,8 +775,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn loops_that_do_more_than_accumulate_or_read_outside_a_product_stay() {
+    /// `sum over kx in u32(max(i, 0))..u32(min(i, 4)) of term(kx)`.
+    fn clipped_sum(term: fn(&mut Builder, Expr) -> Expr) -> Function {
         let mut b = Builder::new(Ty::F32, vec![Ty::F32]);
         let i = b.index();
         let ii = b.cast(Scalar::I32, i);
@@ -783,13 +789,20 @@ mod tests {
         let zero = b.f32(0.0);
         let acc = b.var("acc", Ty::F32, zero);
         b.for_("kx", lo, end, |b, kx| {
-            let d = b.operand(0, kx);
-            let e = b.math(MathFn::Exp, &[d]);
-            b.add_assign(acc, e);
+            let t = term(b, kx);
+            b.add_assign(acc, t);
         });
         let v = b.get(acc);
         b.ret_(v);
-        let f = b.finish();
+        b.finish()
+    }
+
+    #[test]
+    fn loops_that_do_more_than_accumulate_or_read_outside_a_product_stay() {
+        let f = clipped_sum(|b, kx| {
+            let d = b.operand(0, kx);
+            b.math(MathFn::Exp, &[d])
+        });
         let err = widen(&f, "kx", 0).unwrap_err();
         assert!(err.contains("other than as a factor"), "{err}");
         assert!(widen(&f, "ky", 0).unwrap_err().contains("no loop `ky`"));
@@ -909,19 +922,7 @@ mod tests {
     #[test]
     fn the_taps_of_a_pooling_window_held_and_slid_share_their_pixels() {
         let f = padded_convolution(product);
-        let axes = [
-            HeldAxis {
-                stride: IW,
-                extent: H,
-            },
-            HeldAxis {
-                stride: 1,
-                extent: IW,
-            },
-        ];
-        let copies: Vec<Vec<usize>> = (0..2)
-            .flat_map(|dy| (0..2).map(move |dx| vec![dy, dx]))
-            .collect();
+        let (axes, copies) = two_by_two(H, IW);
         assert_eq!(
             unroll(&f, &axes, &copies).unwrap_err(),
             super::super::unroll::UnrollError::VaryingExit
@@ -966,24 +967,7 @@ mod tests {
         let err = predicate(&input_gradient(), 0).unwrap_err();
         assert!(err.contains("no padding test"), "{err}");
         // Widening, too, needs each addition to vanish with its guarded read.
-        let mut b = Builder::new(Ty::F32, vec![Ty::F32]);
-        let i = b.index();
-        let ii = b.cast(Scalar::I32, i);
-        let z = b.i32(0);
-        let lo = b.math(MathFn::Max, &[ii, z]);
-        let lo = b.cast(Scalar::U32, lo);
-        let four = b.i32(4);
-        let end = b.math(MathFn::Min, &[ii, four]);
-        let end = b.cast(Scalar::U32, end);
-        let zero = b.f32(0.0);
-        let acc = b.var("taps", Ty::F32, zero);
-        b.for_("kx", lo, end, |b, _| {
-            let one = b.f32(1.0);
-            b.add_assign(acc, one);
-        });
-        let v = b.get(acc);
-        b.ret_(v);
-        let err = widen(&b.finish(), "kx", 0).unwrap_err();
+        let err = widen(&clipped_sum(|b, _| b.f32(1.0)), "kx", 0).unwrap_err();
         assert!(err.contains("no factor read from operand 0"), "{err}");
     }
 }
